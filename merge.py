@@ -1,0 +1,875 @@
+"""Merging of neural networks (Pasen and Boza), a reference reproduction in one file.
+
+Two networks of one architecture, trained from different seeds (the *teachers*), are
+concatenated layer by layer into a k-times-wider *big student* that outputs their mean
+(section 2.1). Stochastic L0 gates learn which units to keep under the auxiliary loss
+L_half (section 2.2); the big student is compressed back to the teachers' width
+(section 2.3) and fine-tuned. The paper's claim: under the same epoch budget the student
+beats the best of three models (bo3) and one model trained for the whole budget.
+
+    pip install -r requirements.txt
+    python merge.py --task sine --runs 50      # Table 1, Figs. 5, 8a, 9, 10 -> runs/sine/
+
+The file reads top to bottom in the paper's order: gates and L_half (2.2), concatenation
+(2.1), compression (2.3), architectures, training, strategies (3.1), the sine experiment
+(3.2), the command line. Results, machine and budget are in README.md.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class InputError(ValueError):
+    """Bad input from the user: the command line reports it as one line and exit code 2."""
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# =============================================================================
+# 2.2  Gates and the auxiliary loss L_half
+# =============================================================================
+
+class Gate(nn.Module):
+    """Hard-concrete gates over n units (Louizos et al. 2018, "Learning sparse neural
+    networks through L0 regularization"), the stochastic gates of section 2.2.
+
+    Training mode draws one gate value per example and unit; eval mode uses the
+    deterministic test-time value. `x * gate.sample(x)` gates x; one sample may be applied
+    at several points of a forward pass (the shared gate of a ResNet stage, Fig. 6c).
+    """
+    beta, gamma, zeta = 2 / 3, -0.1, 1.1  # temperature and stretch, fixed as in the paper's scripts
+
+    def __init__(self, n):
+        super().__init__()
+        self.loc = nn.Parameter(1 + 0.01 * torch.randn(n))  # loc ~ N(1, 0.01^2), P[g > 0] ~ 0.93
+
+    def sample(self, x):
+        """Gate values shaped to multiply x: (B, n) for x (B, n), (B, n, 1, 1) for x (B, n, H, W)."""
+        B, n = x.shape[0], len(self.loc)
+        if self.training:
+            # s = sigmoid((log u - log(1 - u) + loc) / beta),  u ~ U(0, 1)
+            u = torch.rand(B, n, device=x.device, dtype=self.loc.dtype).clamp(1e-6, 1 - 1e-6)
+            s = torch.sigmoid((u.log() - (-u).log1p() + self.loc) / self.beta)
+        else:  # test time: s = sigmoid(loc), the same for every example
+            s = torch.sigmoid(self.loc).expand(B, n)
+        # g = clamp(s (zeta - gamma) + gamma, 0, 1): stretching then clamping gives P[g = 0] > 0 and P[g = 1] > 0
+        g = (s * (self.zeta - self.gamma) + self.gamma).clamp(0, 1)
+        return g.view(B, n, *[1] * (x.dim() - 2))
+
+    def forward(self, x):
+        return x * self.sample(x)  # (B, n, H, W) * (B, n, 1, 1), or (B, n) * (B, n)
+
+    def p_open(self):
+        """P[g > 0] per unit = sigmoid(loc - beta log(-gamma / zeta))."""
+        return torch.sigmoid(self.loc - self.beta * math.log(-self.gamma / self.zeta))
+
+
+def gates(model):
+    return [m for m in model.modules() if isinstance(m, Gate)]
+
+
+def l_half(model, keep=0.5):
+    """sum over gate layers l of L_half^l = (keep - 1/n sum_i P[g_i > 0])^2   (section 2.2, keep = 1/2).
+
+    With k teachers the big student keeps 1/k of each layer, so keep = 1/k."""
+    return sum((keep - gate.p_open().mean()) ** 2 for gate in gates(model))
+
+
+def lambda_schedule(epochs, start, step, paper_epochs=None):
+    """lambda for each epoch of the importance phase: lambda_{t+1} = lambda_t + step sqrt(lambda_t),
+    applied once before every epoch (Fig. 5).
+
+    A phase of another length than the paper's (`paper_epochs`) gets the step that ends
+    at the paper's final lambda (about 15 for the sine), found by bisection, so that a
+    short run still presses the gates to keep exactly 1/k."""
+    def schedule(step, n):
+        lam, lambdas = start, []
+        for _ in range(n):
+            lam += step * math.sqrt(lam)
+            lambdas.append(lam)
+        return lambdas
+
+    if paper_epochs is None or paper_epochs == epochs or epochs == 0:
+        return schedule(step, epochs)
+    target = schedule(step, paper_epochs)[-1]
+    low, high = 0.0, step * paper_epochs / epochs * 4
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if schedule(mid, epochs)[-1] < target else (low, mid)
+    return schedule((low + high) / 2, epochs)
+
+
+# =============================================================================
+# 2.1  Layerwise concatenation of the teachers into a big student (Figs. 3-4)
+# =============================================================================
+
+def concat_weight(weights, position):
+    """The big student's weight from k teachers' weights, each (out, in, *kernel):
+
+    first   outputs stacked, the input shared  -> (k out, in, ...)
+    middle  block-diagonal, zero elsewhere     -> (k out, k in, ...)  (Fig. 3: the gray zeros may
+                                                  become non-zero in training and join the flows)
+    last    inputs stacked, divided by k       -> (out, k in, ...)    so the output is the mean
+    Teacher i's units occupy block i."""
+    k = len(weights)
+    if position == "first":
+        return torch.cat(weights, 0)
+    if position == "last":
+        return torch.cat(weights, 1) / k
+    out, inp = weights[0].shape[:2]
+    big = weights[0].new_zeros(k * out, k * inp, *weights[0].shape[2:])
+    for i, w in enumerate(weights):
+        big[i * out:(i + 1) * out, i * inp:(i + 1) * inp] = w
+    return big
+
+
+def concat_layer(teachers, position):
+    """State of the big student's nn.Linear or nn.Conv2d from the teachers' ones (Fig. 4)."""
+    state = {"weight": concat_weight([t.weight.detach() for t in teachers], position)}
+    if teachers[0].bias is not None:
+        biases = torch.stack([t.bias.detach() for t in teachers])
+        state["bias"] = biases.mean(0) if position == "last" else biases.flatten()
+    return state
+
+
+def concat_batchnorm(teachers):
+    """State of the big student's nn.BatchNorm2d: weight, bias, running mean and variance stacked.
+    (The authors' scripts skip the running statistics, so their big student is not the
+    teachers' mean in eval mode.)"""
+    state = {name: torch.cat([t.state_dict()[name] for t in teachers])
+             for name in ("weight", "bias", "running_mean", "running_var")}
+    state["num_batches_tracked"] = teachers[0].num_batches_tracked.clone()
+    return state
+
+
+def concat_network(teachers, first=None, last=None):
+    """State of the big student of any module: every Linear, Conv2d and BatchNorm2d inside
+    it, Linear/Conv2d named `first` and `last` in those positions, all others in the middle.
+    For a ResNet BasicBlock every layer, shortcut included, is in the middle: concat_network(blocks)."""
+    state = {}
+    for name, module in teachers[0].named_modules():
+        parts = [t.get_submodule(name) for t in teachers]
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            position = "first" if name == first else "last" if name == last else "middle"
+            layer = concat_layer(parts, position)
+        elif isinstance(module, nn.BatchNorm2d):
+            layer = concat_batchnorm(parts)
+        else:
+            continue
+        state.update({f"{name}.{key}" if name else key: value for key, value in layer.items()})
+    return state
+
+
+def variant(model, **changes):
+    """A fresh network of model's class with some constructor arguments changed (k, gated)."""
+    return type(model)(**{**model.hparams, **changes}).to(next(model.parameters()).device)
+
+
+def make_big_student(teachers):
+    """Concatenate k >= 2 teachers of one architecture into a gated network k times as wide
+    whose output is the mean of theirs (exactly, in eval mode with the gates open)."""
+    if len(teachers) < 2:
+        raise InputError(f"make_big_student needs at least 2 teachers, got {len(teachers)}")
+    t0 = teachers[0]
+    shapes = {name: p.shape for name, p in t0.state_dict().items()}
+    for i, t in enumerate(teachers[1:], 1):
+        other = {name: p.shape for name, p in t.state_dict().items()}
+        if type(t) is not type(t0) or other != shapes or t.hparams != t0.hparams:
+            diff = next((n for n in shapes if shapes[n] != other.get(n)), "the architecture")
+            raise InputError(f"teachers 0 and {i} differ in shape ({diff}): merging needs one architecture")
+    big_student = variant(t0, k=len(teachers), gated=True)
+    layers = [name for name, m in t0.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    missing, unexpected = big_student.load_state_dict(
+        concat_network(teachers, first=layers[0], last=layers[-1]), strict=False)
+    assert not unexpected and all(name.endswith("loc") for name in missing), (missing, unexpected)
+    return big_student
+
+
+# =============================================================================
+# 2.3  Compression of the big student (Fig. 7)
+# =============================================================================
+
+def slice_layer(module, out_units=None, in_features=None):
+    """State of a Linear, Conv2d or BatchNorm2d keeping only some outputs and inputs."""
+    state = {}
+    for name, tensor in module.state_dict().items():
+        if tensor.dim() >= 1 and out_units is not None:
+            tensor = tensor[out_units]
+        if tensor.dim() >= 2 and in_features is not None:
+            tensor = tensor[:, in_features]
+        state[name] = tensor.clone()
+    return state
+
+
+def top_units(big_student):
+    """The kept units of every unit group: the top 1/k by gate importance loc (the test-time
+    gate value clamp(sigmoid(loc) (zeta - gamma) + gamma, 0, 1) ranks the same, with ties)."""
+    k = big_student.hparams["k"]
+    return [gate.loc.detach().topk(len(gate.loc) // k).indices.sort().values
+            for gate, _, _ in big_student.unit_groups()]
+
+
+def compress(big_student, keep=None):
+    """The teachers' architecture holding the kept units of every gated layer (section 2.3).
+
+    keep: one index tensor per unit group (in `unit_groups()` order); top_units() by
+    default. Producers lose their dropped outputs (weights, biases, BatchNorm statistics),
+    consumers their dropped inputs (a flattened feature map drops all its positions). It
+    preserves the gated function exactly when the kept gates are 1 and the dropped are 0
+    at test time; the hard-concrete gates under L_half end mostly at those values."""
+    keep = top_units(big_student) if keep is None else keep
+    out_units, in_features = {}, {}
+    for (_, producers, consumers), units in zip(big_student.unit_groups(), keep):
+        n = producers[0].weight.shape[0]
+        for m in producers:
+            out_units[m] = units
+        for m in consumers:
+            per_unit = m.weight.shape[1] // n  # 1, or H*W after a flatten
+            in_features[m] = (units[:, None] * per_unit + torch.arange(per_unit, device=units.device)).flatten()
+    state = {}
+    for name, m in big_student.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.BatchNorm2d)):
+            for key, value in slice_layer(m, out_units.get(m), in_features.get(m)).items():
+                state[f"{name}.{key}"] = value
+    student = variant(big_student, k=1, gated=False)
+    student.load_state_dict(state)
+    return student
+
+
+# =============================================================================
+# Architectures. Each takes the teachers' widths, k (the big student has k times every
+# width) and gated (gates after the ReLUs, Fig. 6), and lists its unit groups:
+# (gate, producers, consumers), the layers whose outputs / inputs a gate's units are.
+# =============================================================================
+
+def maybe_gate(n, gated):
+    return Gate(n) if gated else nn.Identity()
+
+
+def chain_groups(gates, layers):
+    """Unit groups of a plain chain: gate i sits between layers i and i + 1."""
+    return [(g, [a], [b]) for g, a, b in zip(gates, layers, layers[1:])]
+
+
+class SineMLP(nn.Module):
+    """1-100-1 with ReLU (Fig. 8b); the gate after the ReLU (Fig. 6a)."""
+
+    def __init__(self, widths=(100,), k=1, gated=False):
+        super().__init__()
+        self.hparams = dict(widths=tuple(widths), k=k, gated=gated)
+        hidden = k * widths[0]
+        self.hidden = nn.Linear(1, hidden)
+        self.gates = nn.ModuleList([maybe_gate(hidden, gated)])
+        self.out = nn.Linear(hidden, 1)
+
+    def forward(self, x):  # (B, 1) -> (B, 1)
+        return self.out(self.gates[0](F.relu(self.hidden(x))))
+
+    def unit_groups(self):
+        return chain_groups(self.gates, [self.hidden, self.out])
+
+
+class LeNet(nn.Module):
+    """conv 3->6 (5x5, pad 2), pool, conv 6->16 (5x5), pool, linear 400->120->80->classes,
+    for 28x28x3 images (section 3.3.1); a gate after every ReLU (Fig. 6b)."""
+
+    def __init__(self, num_classes=10, widths=(6, 16, 120, 80), k=1, gated=False):
+        super().__init__()
+        self.hparams = dict(num_classes=num_classes, widths=tuple(widths), k=k, gated=gated)
+        c1, c2, f1, f2 = (k * w for w in widths)
+        self.conv1 = nn.Conv2d(3, c1, 5, padding=2)
+        self.conv2 = nn.Conv2d(c1, c2, 5)
+        self.fc1 = nn.Linear(c2 * 5 * 5, f1)
+        self.fc2 = nn.Linear(f1, f2)
+        self.fc3 = nn.Linear(f2, num_classes)
+        self.gates = nn.ModuleList(maybe_gate(n, gated) for n in (c1, c2, f1, f2))
+
+    def forward(self, x):  # (B, 3, 28, 28) -> (B, classes)
+        g1, g2, g3, g4 = self.gates
+        x = F.max_pool2d(g1(F.relu(self.conv1(x))), 2)  # (B, c1, 14, 14)
+        x = F.max_pool2d(g2(F.relu(self.conv2(x))), 2)  # (B, c2, 5, 5)
+        x = g3(F.relu(self.fc1(x.flatten(1))))          # (B, f1)
+        x = g4(F.relu(self.fc2(x)))                     # (B, f2)
+        return self.fc3(x)
+
+    def unit_groups(self):
+        return chain_groups(self.gates, [self.conv1, self.conv2, self.fc1, self.fc2, self.fc3])
+
+
+class VGG(nn.Module):
+    """VGG-11 of the fusion papers: 3x3 convs (pad 1) without bias or BatchNorm, max pools,
+    one Linear without bias, for 32x32 images (section 3.3.4); a gate after every ReLU."""
+
+    def __init__(self, num_classes=10, widths=(64, 128, 256, 256, 512, 512, 512, 512),
+                 pools=(0, 1, 3, 5, 7), k=1, gated=False):
+        super().__init__()
+        self.hparams = dict(num_classes=num_classes, widths=tuple(widths), pools=tuple(pools), k=k, gated=gated)
+        ws = [k * w for w in widths]
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1, bias=False) for i, o in zip([3] + ws, ws))
+        self.gates = nn.ModuleList(maybe_gate(w, gated) for w in ws)
+        self.classifier = nn.Linear(ws[-1], num_classes, bias=False)
+
+    def forward(self, x):  # (B, 3, 32, 32) -> (B, classes)
+        for i, (conv, gate) in enumerate(zip(self.convs, self.gates)):
+            x = gate(F.relu(conv(x)))
+            if i in self.hparams["pools"]:
+                x = F.max_pool2d(x, 2)
+        return self.classifier(x.flatten(1))  # (B, C, 1, 1) -> (B, C)
+
+    def unit_groups(self):
+        return chain_groups(self.gates, [*self.convs, self.classifier])
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-gate-conv3x3-BN, plus the shortcut, then ReLU (He et al. 2016). The
+    inner gate follows the first ReLU; the caller passes the stage's shared gate sample g."""
+
+    def __init__(self, cin, cout, stride=1, gated=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.gate = maybe_gate(cout, gated)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:  # a 1x1 conv, concatenated and compressed like any conv
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x, g=None):
+        out = self.gate(F.relu(self.bn1(self.conv1(x))))
+        out = F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return out if g is None else out * g  # (B, C, H, W) * (B, C, 1, 1)
+
+
+class ResNet(nn.Module):
+    """ResNet of BasicBlocks: stem 'imagenet' (7x7/2 conv, max pool) or 'cifar' (3x3 conv).
+    Each stage's residual stream has ONE gate, sampled once per forward pass and applied
+    wherever the stream is written (Fig. 6c): with separate gates a closed channel would
+    turn x + f(x) into 0 + f(x). The stem writes stage 0's stream."""
+
+    def __init__(self, num_classes, widths, depths, stem="cifar", k=1, gated=False):
+        super().__init__()
+        self.hparams = dict(num_classes=num_classes, widths=tuple(widths), depths=tuple(depths),
+                            stem=stem, k=k, gated=gated)
+        ws = [k * w for w in widths]
+        self.conv = (nn.Conv2d(3, ws[0], 7, 2, 3, bias=False) if stem == "imagenet"
+                     else nn.Conv2d(3, ws[0], 3, 1, 1, bias=False))
+        self.bn = nn.BatchNorm2d(ws[0])
+        self.stages = nn.ModuleList()
+        cin = ws[0]
+        for s, (w, depth) in enumerate(zip(ws, depths)):
+            stride = 1 if s == 0 else 2
+            self.stages.append(nn.ModuleList(
+                BasicBlock(cin if b == 0 else w, w, stride if b == 0 else 1, gated) for b in range(depth)))
+            cin = w
+        self.stage_gates = nn.ModuleList(Gate(w) for w in ws) if gated else None
+        self.fc = nn.Linear(ws[-1], num_classes)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, classes)
+        x = F.relu(self.bn(self.conv(x)))
+        if self.hparams["stem"] == "imagenet":
+            x = F.max_pool2d(x, 3, 2, 1)
+        for s, blocks in enumerate(self.stages):
+            g = self.stage_gates[s].sample(x) if self.stage_gates is not None else None
+            if s == 0 and g is not None:
+                x = x * g
+            for block in blocks:
+                x = block(x, g)
+        return self.fc(x.mean((2, 3)))
+
+    def unit_groups(self):
+        groups = []
+        for s, blocks in enumerate(self.stages):
+            gate = self.stage_gates[s] if self.stage_gates is not None else None
+            producers = [self.conv, self.bn] if s == 0 else list(blocks[0].shortcut)
+            consumers = [b.conv1 for b in (blocks if s == 0 else blocks[1:])]
+            for b in blocks:
+                producers += [b.conv2, b.bn2]
+                groups.append((b.gate, [b.conv1, b.bn1], [b.conv2]))
+            if s + 1 < len(self.stages):
+                consumers += [self.stages[s + 1][0].conv1, self.stages[s + 1][0].shortcut[0]]
+            else:
+                consumers.append(self.fc)
+            groups.append((gate, producers, consumers))
+        return groups
+
+
+def resnet18(num_classes=10, width=64):
+    """The standard ImageNet ResNet18: 64/128/256/512, two BasicBlocks a stage."""
+    return ResNet(num_classes, (width, 2 * width, 4 * width, 8 * width), (2, 2, 2, 2), "imagenet")
+
+
+def resnet20(num_classes=100, width=16):
+    """CIFAR ResNet20: 3x3 stem to 16, three stages of three BasicBlocks, 16/32/64.
+    DEVIATION: 1x1-conv shortcuts where the original ResNet20 pads with zeros, as the
+    paper's scripts do (REFERENCE.md), so shortcuts concatenate like any conv."""
+    return ResNet(num_classes, (width, 2 * width, 4 * width), (3, 3, 3), "cifar")
+
+
+def vgg11(num_classes=10, width=64):
+    return VGG(num_classes, tuple(width * m for m in (1, 2, 4, 4, 8, 8, 8, 8)))
+
+
+# =============================================================================
+# Settings: one dataclass; the command line is built from it. Defaults are the paper's
+# sine protocol (section 3.2 and REFERENCE.md); the image scripts replace some of them.
+# =============================================================================
+
+def setting(default, help, **extra):
+    return field(default=default, metadata=dict(help=help, **extra))
+
+
+@dataclass
+class Settings:
+    task: str = setting("sine", "experiment (section 3.2); the image experiments have their own scripts",
+                        choices=("sine",))
+    runs: int = setting(50, "independent runs, each with its own data and models (paper: 50)")
+    seed: int = setting(0, "base seed; run r of seed S uses seed 1000 S + r (ours)")
+    epochs: int = setting(900, "epochs per strategy, the whole budget; every phase and lr drop scales with it "
+                               "(paper: 900)")
+    teachers: int = setting(2, "k, the number of teachers merged into one student (paper: 2)")
+    device: str = setting("auto", "where to train: auto picks cuda when torch sees a GPU",
+                          choices=("auto", "cpu", "cuda"))
+    out: str = setting("runs/sine", "folder for results.jsonl, summary.md and the figures")
+    n_train: int = setting(10_000, "training points (paper: 10,000)")
+    n_val: int = setting(2_000, "validation points, drawn the same way, for choosing bo3 (ours)")
+    n_test: int = setting(10_000, "test points, drawn the same way (ours)")
+    noise: float = setting(0.2, "standard deviation of the noise on y (paper: N(0, 0.2))")
+    batch: int = setting(32, "examples per SGD step (paper's scripts)")
+    lr: float = setting(0.01, "SGD learning rate, divided by 10 at each drop (paper)")
+    momentum: float = setting(0.9, "SGD momentum (paper)")
+    weight_decay: float = setting(0.0, "SGD weight decay (paper's scripts: none for the sine)")
+    gate_lr: float = setting(0.1, "learning rate of the gates' own SGD, momentum 0.9 (paper's scripts)")
+    lambda_start: float = setting(0.01, "lambda at the start of the importance phase (Fig. 5)")
+    lambda_step: float = setting(0.05, "lambda += step sqrt(lambda) before each epoch (Fig. 5)")
+    paper_epochs: int = setting(900, "budget the lambda step is tuned for; other budgets rescale the step so "
+                                     "lambda ends where the paper's does (ours)")
+    # lr / 10 at these fractions of each phase (section 3.2: teachers and bo3 models at 250 of
+    # 300 epochs, the importance phase constant, fine-tuning at 100 of 150, one model at 800 of 900)
+    drops_teacher: tuple = (5 / 6,)
+    drops_importance: tuple = ()
+    drops_finetune: tuple = (2 / 3,)
+    drops_one: tuple = (8 / 9,)
+
+
+def budget(s):
+    """Epochs per phase, equal in total for every strategy (section 3.1): student = k teachers
+    sharing 2/3, importance 1/6, fine-tune the rest (1/6); bo3 = 3 models of 1/3; one = all."""
+    teacher, importance = round(s.epochs * 2 / 3 / s.teachers), round(s.epochs / 6)
+    return dict(teacher=teacher, importance=importance,
+                finetune=s.epochs - s.teachers * teacher - importance, bo3=round(s.epochs / 3), one=s.epochs)
+
+
+def check_settings(s):
+    for name in ("runs", "epochs", "n_train", "n_val", "n_test", "batch"):
+        if getattr(s, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    if s.teachers < 2:
+        raise InputError(f"--teachers must be at least 2, got {s.teachers}")
+    if min(budget(s).values()) < 1:
+        enough = next(e for e in range(1, 10_000) if min(budget(dataclasses.replace(s, epochs=e)).values()) >= 1)
+        raise InputError(f"--epochs {s.epochs} leaves a phase without epochs for {s.teachers} teachers; "
+                         f"use at least {enough}")
+
+
+def resolve_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda, but torch sees no GPU here; use --device cpu or auto")
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+# =============================================================================
+# Training: plain SGD for teachers, bo3 and one model and fine-tuning; with a lambda
+# schedule, the importance phase of the big student (section 2.2).
+# =============================================================================
+
+@dataclass
+class Data:
+    """Train, validation and test tensors on the training device."""
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    metric: str = "mse"   # "mse" (lower is better) or "accuracy" (higher is better)
+    augment: object = None  # batch -> batch on the device, for training batches only
+
+
+_T0 = time.time()
+
+
+def log(message):
+    print(f"[{time.time() - _T0:7.1f}s] {message}", flush=True)
+
+
+def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5):
+    """Train model in place with SGD, lr / 10 at each fraction in `drops` of the epochs.
+
+    With `lambdas` (one per epoch) this is the importance phase: L = L_E + lambda sum_l L_half^l,
+    the gates on their own SGD (section 2.2). Returns one dict per epoch."""
+    torch.manual_seed(seed)  # data order and gate noise
+    model.train()
+    gate_params = [gate.loc for gate in gates(model)]
+    weights = [p for p in model.parameters() if all(p is not q for q in gate_params)]
+    opt = torch.optim.SGD(weights, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    gate_opt = torch.optim.SGD(gate_params, lr=s.gate_lr, momentum=0.9) if lambdas is not None else None
+    error_loss = F.mse_loss if data.metric == "mse" else F.cross_entropy
+    history = []
+    for epoch in range(epochs):
+        lr = s.lr * 0.1 ** sum(epoch >= round(f * epochs) for f in drops)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        lam = lambdas[epoch] if lambdas is not None else 0.0
+        total = torch.zeros((), device=data.x_train.device)
+        for idx in torch.randperm(len(data.x_train), device=data.x_train.device).split(s.batch):
+            x, y = data.x_train[idx], data.y_train[idx]
+            error = error_loss(model(data.augment(x) if data.augment else x), y)
+            loss = error + lam * l_half(model, keep) if gate_opt else error
+            opt.zero_grad(set_to_none=True)
+            if gate_opt:
+                gate_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if gate_opt:
+                gate_opt.step()
+            total += error.detach() * len(idx)
+        history.append(dict(epoch=epoch, lr=lr, lam=lam, error=total.item() / len(data.x_train),
+                            l_half=float(l_half(model, keep).detach()) if gate_opt else 0.0,
+                            open=[gate.p_open().tolist() for gate in gates(model)]))
+    return history
+
+
+@torch.no_grad()
+def predict(model, x, batch=8192):
+    model.eval()
+    return torch.cat([model(xb) for xb in x.split(batch)])
+
+
+def evaluate(model, x, y, metric):
+    out = predict(model, x)
+    return (F.mse_loss(out, y) if metric == "mse" else (out.argmax(1) == y).float().mean()).item()
+
+
+def is_better(a, b, metric):
+    return a < b if metric == "mse" else a > b
+
+
+# =============================================================================
+# 3.1  Strategies: plain functions of (data, settings, teacher constructor, run seed),
+# each returning its final model and a dict of what else it measured.
+# =============================================================================
+
+def train_new(make_teacher, data, s, epochs, drops, seed):
+    torch.manual_seed(seed)  # initial weights
+    model = make_teacher().to(data.x_train.device)
+    fit(model, data, s, epochs, drops, seed)
+    return model
+
+
+def kept_share(big_student, keep):
+    """Share of the kept units that came from each teacher (Fig. 2's idea, as numbers)."""
+    k = big_student.hparams["k"]
+    counts = sum(torch.bincount(units.cpu() // (len(gate.loc) // k), minlength=k)
+                 for (gate, _, _), units in zip(big_student.unit_groups(), keep))
+    return [round(c, 4) for c in (counts / counts.sum()).tolist()]
+
+
+def student(data, s, make_teacher, seed):
+    """Merging (section 2): k teachers, concatenation, importance, compression, fine-tuning."""
+    b, k = budget(s), s.teachers
+    teachers = []
+    for i in range(k):
+        log(f"  teacher {i + 1}/{k}: {b['teacher']} epochs")
+        teachers.append(train_new(make_teacher, data, s, b["teacher"], s.drops_teacher, 100 * seed + i))
+    big_student = make_big_student(teachers)
+    lambdas = lambda_schedule(b["importance"], s.lambda_start, s.lambda_step, round(s.paper_epochs / 6))
+    log(f"  importance: {b['importance']} epochs, lambda {lambdas[0]:.3g} -> {lambdas[-1]:.3g}")
+    history = fit(big_student, data, s, b["importance"], s.drops_importance, 100 * seed + 10, lambdas, 1 / k)
+    keep = top_units(big_student)
+    merged = compress(big_student, keep)
+    compressed = evaluate(merged, data.x_val, data.y_val, data.metric)
+    log(f"  fine-tune: {b['finetune']} epochs")
+    fit(merged, data, s, b["finetune"], s.drops_finetune, 100 * seed + 11)
+    test = lambda model: round(evaluate(model, data.x_test, data.y_test, data.metric), 6)
+    return merged, dict(teachers_test=[test(t) for t in teachers], big_student_test=test(big_student),
+                        compressed_val=round(compressed, 6), kept_from_teacher=kept_share(big_student, keep),
+                        l_half_end=round(history[-1]["l_half"], 6))
+
+
+def bo3(data, s, make_teacher, seed):
+    """The best of three models of 1/3 of the budget each, chosen on the validation set."""
+    models, val = [], []
+    for i in range(3):
+        log(f"  model {i + 1}/3: {budget(s)['bo3']} epochs")
+        models.append(train_new(make_teacher, data, s, budget(s)["bo3"], s.drops_teacher, 100 * seed + 20 + i))
+        val.append(evaluate(models[-1], data.x_val, data.y_val, data.metric))
+    best = 0
+    for i in (1, 2):
+        best = i if is_better(val[i], val[best], data.metric) else best
+    return models[best], dict(chosen=best, val_of_three=[round(v, 6) for v in val])
+
+
+def one(data, s, make_teacher, seed):
+    """One model trained for the whole budget."""
+    log(f"  one model: {budget(s)['one']} epochs")
+    return train_new(make_teacher, data, s, budget(s)["one"], s.drops_one, 100 * seed + 30), {}
+
+
+STRATEGIES = dict(student=student, bo3=bo3, one=one)
+
+
+# =============================================================================
+# Results: one JSON line per finished (run, strategy), a settings file that a resumed
+# run must match, and the paper's summary statistics.
+# =============================================================================
+
+def open_results(out, s, ignore=("runs", "device")):
+    """The rows already in out/results.jsonl. A resumed experiment must have the same
+    settings (all but `ignore`); the first call writes them to out/settings.json."""
+    settings = json.loads(json.dumps(dataclasses.asdict(s)))
+    settings = {key: value for key, value in settings.items() if key not in ignore}
+    path = out / "settings.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [f"{key} {old.get(key)} -> {value}" for key, value in settings.items() if old.get(key) != value]
+        if changed:
+            raise InputError(f"{out} holds results made with other settings ({', '.join(changed)}); "
+                             "use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1) + "\n")
+    rows, lines = [], (out / "results.jsonl").read_text().splitlines() if (out / "results.jsonl").exists() else []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash: dropped, and its run redone
+            pass
+    if len(rows) != len(lines):
+        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def append_result(out, row):
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def summarize(rows, metric, strategies, extra=None):
+    """Markdown table of min, max, median, mean and std (ddof = 1) of `metric` over runs per
+    strategy, the statistics of the paper's Tables 1-2; extra: column -> f(rows) -> str."""
+    extra = extra or {}
+    lines = ["| strategy | runs | min | max | median | mean | std |" + "".join(f" {c} |" for c in extra),
+             "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
+    for name in strategies:
+        mine = [r for r in rows if r["strategy"] == name]
+        if mine:
+            v = np.array([r[metric] for r in mine])
+            std = v.std(ddof=1) if len(v) > 1 else float("nan")
+            lines.append(f"| {name} | {len(v)} | {v.min():.4f} | {v.max():.4f} | {np.median(v):.4f} | "
+                         f"{v.mean():.4f} | {std:.4f} |" + "".join(f" {f(mine)} |" for f in extra.values()))
+    return "\n".join(lines)
+
+
+# =============================================================================
+# Figures, shared by the scripts and the notebook. Each returns its figure; with a
+# path it also saves it as PNG.
+# =============================================================================
+
+def _finish(fig, path):
+    if path:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def plot_lambda(lambdas, paper_lambdas=None, path=None):
+    """Fig. 5: lambda over the epochs of the importance phase."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    if paper_lambdas is not None:
+        ax.plot(np.linspace(0, 1, len(paper_lambdas)), paper_lambdas, "--", color="gray", label="paper (Fig. 5)")
+    ax.plot(np.linspace(0, 1, len(lambdas)), lambdas, label=f"this run, {len(lambdas)} epochs")
+    ax.set(xlabel="fraction of the importance phase", ylabel="lambda", title="Fig. 5: lambda schedule")
+    ax.legend()
+    return _finish(fig, path)
+
+
+def plot_box(rows, metric, strategies, path=None, title=""):
+    """Figs. 9, 11, 12: box plot over runs per strategy; the line is the median, x the mean."""
+    import matplotlib.pyplot as plt
+    names = [n for n in strategies if any(r["strategy"] == n for r in rows)]
+    values = [[r[metric] for r in rows if r["strategy"] == n] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 0.6 + 0.7 * len(names)))
+    ax.boxplot(values, orientation="horizontal", showmeans=True, meanprops=dict(marker="x", markeredgecolor="k"))
+    ax.set_yticks(range(1, len(names) + 1), names)
+    ax.set(xlabel=metric.replace("_", " "), title=title)
+    return _finish(fig, path)
+
+
+def sine_curve(x):
+    return torch.sin(10 * math.pi * x)
+
+
+def plot_sine_data(data, path=None):
+    """Fig. 8a: the training set and the noise-free curve."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.scatter(data.x_train.cpu(), data.y_train.cpu(), s=1, alpha=0.3, label="training points")
+    ax.plot(GRID, sine_curve(GRID), "k", lw=1, label="sin(10 pi x)")
+    ax.set(xlabel="x", ylabel="y", title=f"Fig. 8a: {len(data.x_train)} training points")
+    ax.legend(loc="upper right")
+    return _finish(fig, path)
+
+
+def plot_curves(rows, strategies, path=None):
+    """Fig. 10: the learned curve of every run, overlaid, one panel per strategy."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(strategies), figsize=(4.5 * len(strategies), 3), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], strategies):
+        mine = [r for r in rows if r["strategy"] == name]
+        for r in mine:
+            ax.plot(GRID, r["curve"], lw=0.7, alpha=0.5)
+        ax.plot(GRID, sine_curve(GRID), "k--", lw=0.8)
+        full = sum(r["peaks"] == 5 for r in mine)
+        ax.set(title=f"{name}: {full}/{len(mine)} get all 5 peaks", xlabel="x", ylim=(-1.6, 1.6))
+    return _finish(fig, path)
+
+
+def plot_kept_share(rows, path=None):
+    """Fig. 2's idea as numbers: the share of the student's units that each teacher gave."""
+    import matplotlib.pyplot as plt
+    mine = [r for r in rows if r["strategy"] == "student"]
+    shares = np.array([r["kept_from_teacher"] for r in mine])
+    fig, ax = plt.subplots(figsize=(max(4, 0.15 * len(mine) + 2), 3))
+    bottom = np.zeros(len(mine))
+    for i in range(shares.shape[1]):
+        ax.bar([r["run"] for r in mine], shares[:, i], bottom=bottom, label=f"teacher {i}")
+        bottom += shares[:, i]
+    ax.set(xlabel="run", ylabel="share of kept units", title="Which teacher the kept units came from")
+    ax.legend(loc="lower right")
+    return _finish(fig, path)
+
+
+# =============================================================================
+# 3.2  The sine experiment
+# =============================================================================
+
+GRID = torch.linspace(0, 1, 501).unsqueeze(1)  # (501, 1): where curves are drawn and peaks counted
+
+
+def sine_data(s, seed, device="cpu"):
+    """x ~ U(0, 1), y = sin(10 pi x) + N(0, noise^2) (Fig. 8a): train, validation and test
+    sets drawn the same way from one seed per run, shared by every strategy of the run.
+    (The authors' loaders drew a fresh data set each and never shuffled it.)"""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(n):
+        x = torch.rand(n, 1, generator=g)
+        return x.to(device), (sine_curve(x) + s.noise * torch.randn(n, 1, generator=g)).to(device)
+    return Data(*draw(s.n_train), *draw(s.n_val), *draw(s.n_test), metric="mse")
+
+
+def count_peaks(curve):
+    """How many of the five crests of sin(10 pi x) a curve on GRID gets right (Fig. 10).
+    Crest j stands at x = 0.05 + 0.2 j, in the positive half-wave [0.2 j, 0.2 j + 0.1]; it
+    counts when the curve's maximum over that half-wave reaches 0.5, half the crest's height.
+    A missed peak is a curve that stays low or flat across the half-wave."""
+    x, curve = GRID.squeeze(1), torch.as_tensor(curve)
+    return sum(int(curve[(x >= 0.2 * j) & (x <= 0.2 * j + 0.1)].max() >= 0.5) for j in range(5))
+
+
+def run_sine(s):
+    device = resolve_device(s.device)
+    out = Path(s.out)
+    results = open_results(out, s)
+    done = {(r["run"], r["strategy"]) for r in results}
+    log(f"sine: {s.runs} runs x {len(STRATEGIES)} strategies, {s.epochs} epochs each, on {device}; "
+        f"{len(done)} results already in {out}")
+    for run in range(s.runs):
+        seed = 1000 * s.seed + run
+        todo = [name for name in STRATEGIES if (run, name) not in done]
+        data = sine_data(s, seed, device) if todo else None
+        for name in todo:
+            start = time.time()
+            log(f"run {run + 1}/{s.runs}, {name}")
+            model, info = STRATEGIES[name](data, s, SineMLP, seed)
+            curve = predict(model, GRID.to(device)).squeeze(1).cpu()
+            row = dict(run=run, strategy=name, seed=seed,
+                       test_mse=round(evaluate(model, data.x_test, data.y_test, "mse"), 6),
+                       val_mse=round(evaluate(model, data.x_val, data.y_val, "mse"), 6),
+                       peaks=count_peaks(curve), seconds=round(time.time() - start, 1), **info,
+                       curve=[round(v, 4) for v in curve.tolist()])
+            append_result(out, row)
+            results.append(row)
+            log(f"run {run + 1}/{s.runs}, {name}: test mse {row['test_mse']:.4f}, {row['peaks']}/5 peaks")
+    report_sine(s, [r for r in results if r["run"] < s.runs], out)
+
+
+def report_sine(s, rows, out):
+    """summary.md (Table 1) printed and saved; Figs. 5, 8a, 9, 10 and the kept shares as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    names = list(STRATEGIES)
+    table = summarize(rows, "test_mse", names, extra={
+        "all 5 peaks": lambda mine: f"{sum(r['peaks'] == 5 for r in mine)}/{len(mine)}",
+        "kept from teachers": lambda mine: " / ".join(
+            f"{v:.2f}" for v in np.mean([r["kept_from_teacher"] for r in mine], 0))
+        if "kept_from_teacher" in mine[0] else ""})
+    text = (f"# Sine problem, Table 1: test MSE over {s.runs} runs, {s.epochs} epochs per strategy, "
+            f"k = {s.teachers}\n\n{table}\n")
+    (out / "summary.md").write_text(text)
+    print(text)
+    importance = budget(s)["importance"]
+    plot_lambda(lambda_schedule(importance, s.lambda_start, s.lambda_step, round(s.paper_epochs / 6)),
+                lambda_schedule(round(s.paper_epochs / 6), s.lambda_start, s.lambda_step), out / "fig5_lambda.png")
+    plot_sine_data(sine_data(s, 1000 * s.seed), out / "fig8a_data.png")
+    plot_box(rows, "test_mse", names, out / "fig9_box.png", f"Fig. 9: test MSE over {s.runs} runs")
+    plot_curves(rows, names, out / "fig10_curves.png")
+    plot_kept_share(rows, out / "fig2_kept_share.png")
+    log(f"wrote {out}/summary.md and figures")
+
+
+# =============================================================================
+# Command line
+# =============================================================================
+
+def parse_settings(argv=None, defaults=Settings(), description=__doc__):
+    """Settings from the command line: one flag per documented field of `defaults`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = fail  # one line and exit code 2, not a usage dump
+    for f in dataclasses.fields(defaults):
+        if "help" in f.metadata:
+            value = getattr(defaults, f.name)
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value,
+                                choices=f.metadata.get("choices"), help=f"{f.metadata['help']} [{value}]")
+    args = parser.parse_args(argv)
+    return dataclasses.replace(defaults, **{f.name: getattr(args, f.name)
+                                            for f in dataclasses.fields(defaults) if "help" in f.metadata})
+
+
+TASKS = dict(sine=run_sine)
+
+
+def main(argv=None):
+    s = parse_settings(argv)
+    try:
+        check_settings(s)
+        TASKS[s.task](s)
+    except InputError as e:
+        fail(e)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Tests for merge.py: exact function-preservation checks first, then the pieces of the
+method, then the command line end to end. Run: python -m pytest -q"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import merge
+
+ROOT = Path(__file__).parent
+torch.set_default_dtype(torch.float64)  # exactness checks at double precision
+
+# Every architecture at a small width, with an input of the size it expects.
+ARCHS = {
+    "sine": (lambda: merge.SineMLP(widths=(6,)), (5, 1)),
+    "lenet": (lambda: merge.LeNet(num_classes=4, widths=(3, 4, 5, 6)), (3, 3, 28, 28)),
+    "vgg11": (lambda: merge.vgg11(num_classes=4, width=2), (3, 3, 32, 32)),
+    "resnet20": (lambda: merge.resnet20(num_classes=4, width=3), (3, 3, 16, 16)),
+    "resnet18": (lambda: merge.resnet18(num_classes=4, width=3), (3, 3, 32, 32)),
+}
+
+
+def randomize(model, seed):
+    """Random weights and BatchNorm running statistics far from their defaults."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if name.endswith("running_var")
+                        else torch.randn(t.shape, generator=g) * 0.5)
+    return model
+
+
+def make_teachers(arch, k):
+    return [randomize(ARCHS[arch][0](), seed=i).eval() for i in range(k)]
+
+
+def force_gates(big_student, keep):
+    """Test-time gate value exactly 1 on the kept units of every group and exactly 0 elsewhere."""
+    for (gate, _, _), units in zip(big_student.unit_groups(), keep):
+        loc = torch.full_like(gate.loc, -10.0)
+        loc[units] = 10.0
+        gate.loc.data = loc
+
+
+def random_keep(big_student, seed):
+    g = torch.Generator().manual_seed(seed)
+    k = big_student.hparams["k"]
+    return [torch.randperm(len(gate.loc), generator=g)[:len(gate.loc) // k].sort().values
+            for gate, _, _ in big_student.unit_groups()]
+
+
+def last_layer(model):
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+
+
+# ---------------------------------------------------------------------------------------
+# Concatenation (section 2.1): the big student outputs the teachers' mean
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_big_student_outputs_the_teachers_mean(arch, k):
+    teachers = make_teachers(arch, k)
+    big_student = merge.make_big_student(teachers).eval()
+    force_gates(big_student, [torch.arange(len(g.loc)) for g, _, _ in big_student.unit_groups()])  # all open
+    x = torch.randn(ARCHS[arch][1])
+    mean = torch.stack([t(x) for t in teachers]).mean(0)
+    assert torch.allclose(big_student(x), mean, rtol=1e-10, atol=1e-10)
+
+
+def test_concatenated_basic_block_runs_the_teachers_side_by_side():
+    blocks = [randomize(merge.BasicBlock(3, 5, stride=2), i).eval() for i in range(2)]
+    big_block = merge.BasicBlock(6, 10, stride=2).eval()
+    big_block.load_state_dict(merge.concat_network(blocks))
+    x0, x1 = torch.randn(2, 3, 3, 8, 8)
+    assert torch.allclose(big_block(torch.cat([x0, x1], 1)), torch.cat([blocks[0](x0), blocks[1](x1)], 1))
+
+
+def test_teachers_of_different_shapes_are_refused_with_one_line():
+    with pytest.raises(merge.InputError, match="differ") as error:
+        merge.make_big_student([merge.SineMLP(widths=(6,)), merge.SineMLP(widths=(7,))])
+    assert "\n" not in str(error.value)
+    with pytest.raises(merge.InputError):
+        merge.make_big_student([merge.SineMLP(), merge.LeNet()])
+    with pytest.raises(merge.InputError):
+        merge.make_big_student([merge.SineMLP()])
+
+
+# ---------------------------------------------------------------------------------------
+# Compression (section 2.3): exact with closed / open gates; gives back a teacher
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compression_preserves_the_gated_function(arch, k):
+    big_student = randomize(merge.make_big_student(make_teachers(arch, k)), seed=7).eval()  # off-diagonal too
+    for pattern in range(3):
+        keep = random_keep(big_student, pattern)
+        force_gates(big_student, keep)
+        student = merge.compress(big_student).eval()
+        assert type(student) is type(make_teachers(arch, 1)[0])
+        fresh = ARCHS[arch][0]()
+        fresh.load_state_dict(student.state_dict())  # strict: the teachers' architecture exactly
+        x = torch.randn(ARCHS[arch][1])
+        assert torch.allclose(student(x), big_student(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_keeping_one_teachers_units_gives_back_that_teacher(arch, k):
+    teachers = make_teachers(arch, k)
+    big_student = merge.make_big_student(teachers)
+    last = last_layer(teachers[0])
+    for i, teacher in enumerate(teachers):
+        force_gates(big_student, [torch.arange(i * len(g.loc) // k, (i + 1) * len(g.loc) // k)
+                                  for g, _, _ in big_student.unit_groups()])
+        got, want = merge.compress(big_student).state_dict(), teacher.state_dict()
+        for name, value in want.items():
+            if name == f"{last}.weight":
+                value = value / k  # section 2.1's averaging is still in there
+            elif name == f"{last}.bias":
+                value = torch.stack([t.state_dict()[name] for t in teachers]).mean(0)
+            assert torch.equal(got[name], value) if not name.startswith(last) else torch.allclose(got[name], value)
+
+
+def test_a_residual_stage_is_kept_or_dropped_as_one_group():
+    big_student = merge.make_big_student(make_teachers("resnet20", 2))
+    stage_gates = {id(g) for g in big_student.stage_gates}
+    groups = [g for g, _, _ in big_student.unit_groups()]
+    assert sum(id(g) in stage_gates for g in groups) == 3  # one group per stage, not per block
+    assert len(merge.gates(big_student)) == 3 + 9  # 3 shared stage gates + one inner gate per block
+
+
+# ---------------------------------------------------------------------------------------
+# Gates and L_half (section 2.2)
+# ---------------------------------------------------------------------------------------
+
+def test_p_open_agrees_with_monte_carlo():
+    torch.manual_seed(0)
+    gate = merge.Gate(6)
+    gate.loc.data = torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0, 4.0])
+    frequency = (gate.sample(torch.zeros(200_000, 6)) > 0).double().mean(0)
+    assert torch.allclose(frequency, gate.p_open().detach(), atol=0.005)
+    assert abs(merge.Gate(1000).p_open().mean().item() - 0.93) < 0.01  # REFERENCE.md: about 0.93 at init
+
+
+def test_gates_sample_per_example_in_training_and_are_deterministic_in_eval():
+    gate = merge.Gate(4)
+    x = torch.ones(8, 4, 3, 3)
+    g = gate.sample(x)
+    assert g.shape == (8, 4, 1, 1) and not torch.equal(g[0], g[1])
+    assert ((g >= 0) & (g <= 1)).all()
+    gate.eval()
+    assert torch.equal(gate(x), gate(x))
+    want = (torch.sigmoid(gate.loc) * 1.2 - 0.1).clamp(0, 1)
+    assert torch.allclose(gate(x)[:, :, 0, 0], want.expand(8, 4))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_l_half_is_zero_at_exactly_one_kth(k):
+    model = merge.make_big_student(make_teachers("lenet", k))
+    shift = merge.Gate.beta * torch.log(torch.tensor(-merge.Gate.gamma / merge.Gate.zeta))
+    for gate in merge.gates(model):  # P[g > 0] = 1/k for every unit
+        gate.loc.data = torch.full_like(gate.loc, torch.logit(torch.tensor(1 / k)) + shift)
+    assert merge.l_half(model, keep=1 / k).item() == pytest.approx(0, abs=1e-24)
+    assert merge.l_half(model, keep=1 / 2 + 0.1).item() > 0
+    for gate in merge.gates(model):  # half open, half closed, mean exactly 1/2
+        gate.loc.data = torch.tensor([30.0, -30.0]).repeat(len(gate.loc) // 2 + 1)[:len(gate.loc)]
+    if all(len(g.loc) % 2 == 0 for g in merge.gates(model)):
+        assert merge.l_half(model).item() == pytest.approx(0, abs=1e-12)
+
+
+def test_lambda_schedule_follows_fig5_and_ends_at_the_papers_value_when_shortened():
+    paper = merge.lambda_schedule(150, 0.01, 0.05)
+    assert paper[0] == pytest.approx(0.01 + 0.05 * 0.1)
+    assert all(b - a == pytest.approx(0.05 * a ** 0.5) for a, b in zip(paper, paper[1:]))
+    assert 13 < paper[-1] < 16  # "about 15 after the sine's 150 epochs"
+    short = merge.lambda_schedule(10, 0.01, 0.05, paper_epochs=150)
+    assert len(short) == 10 and short[-1] == pytest.approx(paper[-1], rel=1e-6)
+    assert merge.lambda_schedule(150, 0.01, 0.05, paper_epochs=150) == paper
+
+
+# ---------------------------------------------------------------------------------------
+# Strategies and the command line
+# ---------------------------------------------------------------------------------------
+
+def test_budgets_are_equal_and_split_as_in_section_3_1():
+    s = merge.Settings()
+    b = merge.budget(s)
+    assert (b["teacher"], b["importance"], b["finetune"], b["bo3"], b["one"]) == (300, 150, 150, 300, 900)
+    for k in (2, 3, 4):
+        b = merge.budget(merge.Settings(teachers=k, epochs=120))
+        assert k * b["teacher"] + b["importance"] + b["finetune"] == 120
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "merge.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+SMALL = ["--runs", "2", "--epochs", "12", "--n-train", "300", "--n-val", "100", "--n-test", "300"]
+
+
+def test_short_sine_run_writes_everything_and_resumes_without_training(tmp_path):
+    out = tmp_path / "sine"
+    first = run_cli(*SMALL, "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["run"], r["strategy"]) for r in rows) == sorted(
+        (run, name) for run in range(2) for name in ("student", "bo3", "one"))
+    for row in rows:
+        assert row["test_mse"] > 0 and 0 <= row["peaks"] <= 5 and len(row["curve"]) == len(merge.GRID)
+    for figure in ("fig5_lambda", "fig8a_data", "fig9_box", "fig10_curves", "fig2_kept_share"):
+        assert (out / f"{figure}.png").stat().st_size > 1000
+    summary = (out / "summary.md").read_text()
+    assert all(f"| {name} | 2 |" in summary for name in ("student", "bo3", "one"))
+    second = run_cli(*SMALL, "--out", str(out))
+    assert second.returncode == 0, second.stderr
+    assert "6 results already" in second.stdout and "run 1/2" not in second.stdout  # nothing trained
+    assert (out / "summary.md").read_text() == summary
+    assert len((out / "results.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "0"], "--runs must be at least 1"),
+    (["--task", "mnist"], "invalid choice"),
+    (["--epochs", "-5"], "--epochs must be at least 1"),
+    (["--epochs", "3"], "use at least"),
+    (["--teachers", "1"], "--teachers must be at least 2"),
+    (["--runs", "many"], "invalid int value"),
+])
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, args, message):
+    result = run_cli(*args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_gives_one_line_and_exit_code_2(tmp_path):
+    result = run_cli("--device", "cuda", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no GPU" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_changed_settings_with_the_same_out_are_refused(tmp_path):
+    out = tmp_path / "sine"
+    out.mkdir()
+    (out / "settings.json").write_text(json.dumps({"epochs": 900}))
+    result = run_cli("--out", str(out))
+    assert result.returncode == 2 and "other settings" in result.stderr and result.stderr.count("\n") == 1
