@@ -15,6 +15,7 @@ The file reads top to bottom in the paper's order: gates and L_half (2.2), conca
 (3.2), the command line. Results, machine and budget are in README.md.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -55,13 +56,15 @@ class Gate(nn.Module):
     def __init__(self, n):
         super().__init__()
         self.loc = nn.Parameter(1 + 0.01 * torch.randn(n))  # loc ~ N(1, 0.01^2), P[g > 0] ~ 0.93
+        self.register_buffer("noise", None, persistent=False)  # u drawn outside, by fit_stacked
 
     def sample(self, x):
         """Gate values shaped to multiply x: (B, n) for x (B, n), (B, n, 1, 1) for x (B, n, H, W)."""
         B, n = x.shape[0], len(self.loc)
         if self.training:
             # s = sigmoid((log u - log(1 - u) + loc) / beta),  u ~ U(0, 1)
-            u = torch.rand(B, n, device=x.device, dtype=self.loc.dtype).clamp(1e-6, 1 - 1e-6)
+            u = self.noise if self.noise is not None else torch.rand(B, n, device=x.device, dtype=self.loc.dtype)
+            u = u.clamp(1e-6, 1 - 1e-6)
             s = torch.sigmoid((u.log() - (-u).log1p() + self.loc) / self.beta)
         else:  # test time: s = sigmoid(loc), the same for every example
             s = torch.sigmoid(self.loc).expand(B, n)
@@ -73,8 +76,12 @@ class Gate(nn.Module):
         return x * self.sample(x)  # (B, n, H, W) * (B, n, 1, 1), or (B, n) * (B, n)
 
     def p_open(self):
-        """P[g > 0] per unit = sigmoid(loc - beta log(-gamma / zeta))."""
-        return torch.sigmoid(self.loc - self.beta * math.log(-self.gamma / self.zeta))
+        return p_open(self.loc)
+
+
+def p_open(loc):
+    """P[g > 0] per unit = sigmoid(loc - beta log(-gamma / zeta))."""
+    return torch.sigmoid(loc - Gate.beta * math.log(-Gate.gamma / Gate.zeta))
 
 
 def gates(model):
@@ -457,6 +464,11 @@ class Settings:
     lambda_step: float = setting(0.05, "lambda += step sqrt(lambda) before each epoch (Fig. 5)")
     paper_epochs: int = setting(900, "budget the lambda step is tuned for; other budgets rescale the step so "
                                      "lambda ends where the paper's does (ours)")
+    stack: int = setting(1, "1: train the models of a phase of all runs as one stack (fit_stacked); "
+                            "0: one at a time, like the paper's scripts (ours)")
+    compile: int = setting(1, "1: torch.compile the stacked step, falling back to eager where it can't (ours)")
+    bench: bool = setting(False, "print the speed of the one-at-a-time and the stacked trainers, then exit")
+    phase_dir: str = ""  # where finished phases are kept for resuming; the experiment sets it inside --out
     # lr / 10 at these fractions of each phase (section 3.2: teachers and bo3 models at 250 of
     # 300 epochs, the importance phase constant, fine-tuning at 100 of 150, one model at 800 of 900)
     drops_teacher: tuple = (5 / 6,)
@@ -477,8 +489,8 @@ def check_settings(s):
     for name in ("runs", "epochs", "n_train", "n_val", "n_test", "batch"):
         if getattr(s, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
-    if s.teachers < 2:
-        raise InputError(f"--teachers must be at least 2, got {s.teachers}")
+    if not 2 <= s.teachers <= 10:
+        raise InputError(f"--teachers must be from 2 to 10, got {s.teachers}")
     if min(budget(s).values()) < 1:
         enough = next(e for e in range(1, 10_000) if min(budget(dataclasses.replace(s, epochs=e)).values()) >= 1)
         raise InputError(f"--epochs {s.epochs} leaves a phase without epochs for {s.teachers} teachers; "
@@ -516,8 +528,18 @@ def log(message):
     print(f"[{time.time() - _T0:7.1f}s] {message}", flush=True)
 
 
+def lr_at(s, epoch, epochs, drops):
+    """s.lr divided by 10 at each fraction of the phase in drops."""
+    return s.lr * 0.1 ** sum(epoch >= round(f * epochs) for f in drops)
+
+
+def report_progress(epoch, epochs, error):
+    if (epoch + 1) % max(1, epochs // 5) == 0 and epochs >= 20:
+        log(f"    epoch {epoch + 1}/{epochs}, training error {error:.4f}")
+
+
 def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5):
-    """Train model in place with SGD, lr / 10 at each fraction in `drops` of the epochs.
+    """Train one model in place with SGD (the reference loop; fit_stacked is its fast twin).
 
     With `lambdas` (one per epoch) this is the importance phase: L = L_E + lambda sum_l L_half^l,
     the gates on their own SGD (section 2.2). Returns one dict per epoch."""
@@ -530,9 +552,9 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5):
     error_loss = F.mse_loss if data.metric == "mse" else F.cross_entropy
     history = []
     for epoch in range(epochs):
-        lr = s.lr * 0.1 ** sum(epoch >= round(f * epochs) for f in drops)
+        start = time.time()
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_at(s, epoch, epochs, drops)
         lam = lambdas[epoch] if lambdas is not None else 0.0
         total = torch.zeros((), device=data.x_train.device)
         for idx in torch.randperm(len(data.x_train), device=data.x_train.device).split(s.batch):
@@ -547,10 +569,117 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5):
             if gate_opt:
                 gate_opt.step()
             total += error.detach() * len(idx)
-        history.append(dict(epoch=epoch, lr=lr, lam=lam, error=total.item() / len(data.x_train),
-                            l_half=float(l_half(model, keep).detach()) if gate_opt else 0.0,
+        history.append(dict(epoch=epoch, lam=lam, error=total.item() / len(data.x_train), seconds=time.time() - start,
+                            l_half=l_half(model, keep).item() if gate_opt else 0.0,
                             open=[gate.p_open().tolist() for gate in gates(model)]))
+        report_progress(epoch, epochs, history[-1]["error"])
     return history
+
+
+def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, keep=0.5):
+    """fit() for many small models of one architecture at once: all runs' models of a phase
+    in one stack (torch.func: stack_module_state, then vmap over functional_call).
+
+    The summed loss gives each model exactly its own gradient and SGD with momentum is
+    elementwise, so each model trains as fit() would train it alone: on its own data, in its
+    own order, with its own gate noise, drawn from its own seed in fit()'s order (a test
+    checks the weights agree). The step runs under torch.compile, which fuses the
+    elementwise work on the (models, batch, hidden) tensors that dominates the cost."""
+    device = datas[0].x_train.device
+    base = copy.deepcopy(models[0]).to("meta")  # the architecture, without weights
+    params, buffers = torch.func.stack_module_state(models)
+    assert not buffers, "fit_stacked is for networks without BatchNorm statistics"
+    params = {name: p.detach().clone() for name, p in params.items()}  # (R, ...) each
+    momenta = {name: torch.zeros_like(p) for name, p in params.items()}
+    gate_sizes = {name: len(m.loc) for name, m in base.named_modules() if isinstance(m, Gate)}
+    is_gate = {name: name.rsplit(".", 1)[0] in gate_sizes for name in params}
+    X, Y = torch.stack([d.x_train for d in datas]), torch.stack([d.y_train for d in datas])  # (R, N, ...)
+    rows = torch.arange(len(models), device=device)[:, None]
+    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+    error_loss = F.mse_loss if datas[0].metric == "mse" else F.cross_entropy
+
+    def loss(params, noise, x, y, lam):  # one model: params and noise without the R axis
+        error = error_loss(torch.func.functional_call(base, (params, noise), (x,)), y)
+        half = sum((keep - p_open(params[f"{name}.loc"]).mean()) ** 2 for name in gate_sizes)  # l_half()
+        return error + lam * half, error
+
+    def step(params, momenta, x, y, noise, lr, lam):  # x, y (R, B, ...)
+        per_model = torch.func.vmap(loss, in_dims=(0, 0, 0, 0, None), randomness="error")
+
+        def total(params):
+            losses, errors = per_model(params, noise, x, y, lam)
+            return losses.sum(), errors
+        grads, errors = torch.func.grad(total, has_aux=True)(params)
+        for name, p in params.items():  # torch.optim.SGD's update: buf = m buf + d_p; p -= lr buf
+            if is_gate[name] and lambdas is None:
+                continue
+            d_p = grads[name] + s.weight_decay * p if s.weight_decay and not is_gate[name] else grads[name]
+            momenta[name].mul_(0.9 if is_gate[name] else s.momentum).add_(d_p)
+            p.sub_((s.gate_lr if is_gate[name] else lr) * momenta[name])
+        return errors
+
+    step = compiled(step, s.compile)
+    history = []
+    for epoch in range(epochs):
+        start = time.time()
+        lr = torch.tensor(lr_at(s, epoch, epochs, drops), device=device)  # tensors, so that a new value
+        lam = torch.tensor(lambdas[epoch] if lambdas is not None else 0.0, device=device)  # needs no recompile
+        order = torch.stack([torch.randperm(X.shape[1], generator=g, device=device) for g in generators])
+        total = torch.zeros(len(models), device=device)
+        for idx in order.split(s.batch, dim=1):  # idx (R, B)
+            noise = {f"{name}.noise": torch.stack([torch.rand(idx.shape[1], n, generator=g, device=device,
+                                                              dtype=X.dtype) for g in generators])
+                     for name, n in gate_sizes.items()}
+            total += step(params, momenta, X[rows, idx], Y[rows, idx], noise, lr, lam).detach() * idx.shape[1]
+        history.append(dict(epoch=epoch, error=total.mean().item() / X.shape[1], seconds=time.time() - start))
+        report_progress(epoch, epochs, history[-1]["error"])
+    for r, model in enumerate(models):
+        model.load_state_dict({name: p[r] for name, p in params.items()})
+    return history
+
+
+def compiled(step, use_compile):
+    """torch.compile(step); where compiling fails (no C++ compiler, an unsupported platform)
+    the eager step, with one line of notice."""
+    if not use_compile:
+        return step
+    torch._dynamo.reset()  # each phase compiles afresh instead of piling up recompiles
+    fast = torch.compile(step)
+
+    def call(*args):
+        nonlocal fast
+        try:
+            return fast(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+            if fast is step:
+                raise
+            log(f"note: torch.compile is unavailable here ({type(e).__name__}); training eagerly")
+            fast = step
+            return step(*args)
+    return call
+
+
+def train(models, datas, s, epochs, drops, seeds, lambdas=None, keep=0.5, what="models"):
+    """Train models[i] on datas[i] from seeds[i]: as one stack when s.stack, else one at a
+    time. With s.phase_dir, a model whose phase finished before is loaded, not retrained."""
+    paths = [Path(s.phase_dir) / f"{seed}.pt" if s.phase_dir else None for seed in seeds]
+    todo = [i for i, path in enumerate(paths) if not (path and path.exists())]
+    for i in set(range(len(models))) - set(todo):
+        models[i].load_state_dict(torch.load(paths[i], map_location=datas[i].x_train.device))
+    log(f"  {what}: {len(todo)} x {epochs} epochs" + (f" ({len(models) - len(todo)} done before)"
+                                                       if len(todo) < len(models) else ""))
+    if todo and s.stack:
+        fit_stacked([models[i] for i in todo], [datas[i] for i in todo], s, epochs, drops,
+                    [seeds[i] for i in todo], lambdas, keep)
+    else:
+        for i in todo:
+            fit(models[i], datas[i], s, epochs, drops, seeds[i], lambdas, keep)
+    for i in todo:
+        if paths[i]:
+            paths[i].parent.mkdir(parents=True, exist_ok=True)
+            torch.save(models[i].state_dict(), paths[i].with_suffix(".tmp"))
+            paths[i].with_suffix(".tmp").replace(paths[i])  # whole or not at all
+    return models
 
 
 @torch.no_grad()
@@ -569,15 +698,17 @@ def is_better(a, b, metric):
 
 
 # =============================================================================
-# 3.1  Strategies: plain functions of (data, settings, teacher constructor, run seed),
-# each returning its final model and a dict of what else it measured.
+# 3.1  Strategies: plain functions of (datas, settings, teacher constructor, seeds) over a
+# list of runs (one Data and one seed per run), returning one (model, info) per run.
+# Phase seeds: 100 seed + 0..9 teachers, +10 importance, +11 fine-tune, +20..22 bo3, +30 one.
 # =============================================================================
 
-def train_new(make_teacher, data, s, epochs, drops, seed):
-    torch.manual_seed(seed)  # initial weights
-    model = make_teacher().to(data.x_train.device)
-    fit(model, data, s, epochs, drops, seed)
-    return model
+def new_models(make_teacher, seeds, device):
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)  # initial weights
+        models.append(make_teacher().to(device))
+    return models
 
 
 def kept_share(big_student, keep):
@@ -588,45 +719,53 @@ def kept_share(big_student, keep):
     return [round(c, 4) for c in (counts / counts.sum()).tolist()]
 
 
-def student(data, s, make_teacher, seed):
+def student(datas, s, make_teacher, seeds):
     """Merging (section 2): k teachers, concatenation, importance, compression, fine-tuning."""
-    b, k = budget(s), s.teachers
-    teachers = []
-    for i in range(k):
-        log(f"  teacher {i + 1}/{k}: {b['teacher']} epochs")
-        teachers.append(train_new(make_teacher, data, s, b["teacher"], s.drops_teacher, 100 * seed + i))
-    big_student = make_big_student(teachers)
+    b, k, R, device = budget(s), s.teachers, len(datas), datas[0].x_train.device
+    teacher_seeds = [100 * seed + i for i in range(k) for seed in seeds]  # teacher i of run r at i R + r
+    teachers = train(new_models(make_teacher, teacher_seeds, device), datas * k, s, b["teacher"],
+                     s.drops_teacher, teacher_seeds, what=f"teachers ({k} a run)")
+    teachers = [[teachers[i * R + r] for i in range(k)] for r in range(R)]
+    big_students = [make_big_student(ts) for ts in teachers]
     lambdas = lambda_schedule(b["importance"], s.lambda_start, s.lambda_step, round(s.paper_epochs / 6))
-    log(f"  importance: {b['importance']} epochs, lambda {lambdas[0]:.3g} -> {lambdas[-1]:.3g}")
-    history = fit(big_student, data, s, b["importance"], s.drops_importance, 100 * seed + 10, lambdas, 1 / k)
-    keep = top_units(big_student)
-    merged = compress(big_student, keep)
-    compressed = evaluate(merged, data.x_val, data.y_val, data.metric)
-    log(f"  fine-tune: {b['finetune']} epochs")
-    fit(merged, data, s, b["finetune"], s.drops_finetune, 100 * seed + 11)
-    test = lambda model: round(evaluate(model, data.x_test, data.y_test, data.metric), 6)
-    return merged, dict(teachers_test=[test(t) for t in teachers], big_student_test=test(big_student),
-                        compressed_val=round(compressed, 6), kept_from_teacher=kept_share(big_student, keep),
-                        l_half_end=round(history[-1]["l_half"], 6))
+    train(big_students, datas, s, b["importance"], s.drops_importance, [100 * seed + 10 for seed in seeds],
+          lambdas, 1 / k, what=f"big students, importance (lambda {lambdas[0]:.3g} -> {lambdas[-1]:.3g})")
+    keeps = [top_units(big) for big in big_students]
+    students = [compress(big, keep) for big, keep in zip(big_students, keeps)]
+    compressed = [evaluate(m, d.x_val, d.y_val, d.metric) for m, d in zip(students, datas)]
+    train(students, datas, s, b["finetune"], s.drops_finetune, [100 * seed + 11 for seed in seeds],
+          what="students, fine-tuning")
+    outcomes = []
+    for ts, big, keep, merged, score, data in zip(teachers, big_students, keeps, students, compressed, datas):
+        test = lambda model: round(evaluate(model, data.x_test, data.y_test, data.metric), 6)
+        outcomes.append((merged, dict(teachers_test=[test(t) for t in ts], big_student_test=test(big),
+                                      compressed_val=round(score, 6), kept_from_teacher=kept_share(big, keep),
+                                      l_half_end=round(l_half(big, 1 / k).item(), 6))))
+    return outcomes
 
 
-def bo3(data, s, make_teacher, seed):
+def bo3(datas, s, make_teacher, seeds):
     """The best of three models of 1/3 of the budget each, chosen on the validation set."""
-    models, val = [], []
-    for i in range(3):
-        log(f"  model {i + 1}/3: {budget(s)['bo3']} epochs")
-        models.append(train_new(make_teacher, data, s, budget(s)["bo3"], s.drops_teacher, 100 * seed + 20 + i))
-        val.append(evaluate(models[-1], data.x_val, data.y_val, data.metric))
-    best = 0
-    for i in (1, 2):
-        best = i if is_better(val[i], val[best], data.metric) else best
-    return models[best], dict(chosen=best, val_of_three=[round(v, 6) for v in val])
+    R, three_seeds = len(datas), [100 * seed + 20 + i for i in range(3) for seed in seeds]
+    models = train(new_models(make_teacher, three_seeds, datas[0].x_train.device), datas * 3, s,
+                   budget(s)["bo3"], s.drops_teacher, three_seeds, what="bo3 models (3 a run)")
+    outcomes = []
+    for r, data in enumerate(datas):
+        three = [models[i * R + r] for i in range(3)]
+        val = [evaluate(m, data.x_val, data.y_val, data.metric) for m in three]
+        best = 0
+        for i in (1, 2):
+            best = i if is_better(val[i], val[best], data.metric) else best
+        outcomes.append((three[best], dict(chosen=best, val_of_three=[round(v, 6) for v in val])))
+    return outcomes
 
 
-def one(data, s, make_teacher, seed):
+def one(datas, s, make_teacher, seeds):
     """One model trained for the whole budget."""
-    log(f"  one model: {budget(s)['one']} epochs")
-    return train_new(make_teacher, data, s, budget(s)["one"], s.drops_one, 100 * seed + 30), {}
+    one_seeds = [100 * seed + 30 for seed in seeds]
+    models = train(new_models(make_teacher, one_seeds, datas[0].x_train.device), datas, s, budget(s)["one"],
+                   s.drops_one, one_seeds, what="one model")
+    return [(m, {}) for m in models]
 
 
 STRATEGIES = dict(student=student, bo3=bo3, one=one)
@@ -637,7 +776,7 @@ STRATEGIES = dict(student=student, bo3=bo3, one=one)
 # run must match, and the paper's summary statistics.
 # =============================================================================
 
-def open_results(out, s, ignore=("runs", "device")):
+def open_results(out, s, ignore=("runs", "device", "stack", "compile", "bench", "phase_dir")):
     """The rows already in out/results.jsonl. A resumed experiment must have the same
     settings (all but `ignore`); the first call writes them to out/settings.json."""
     settings = json.loads(json.dumps(dataclasses.asdict(s)))
@@ -794,27 +933,55 @@ def run_sine(s):
     device = resolve_device(s.device)
     out = Path(s.out)
     results = open_results(out, s)
+    s = dataclasses.replace(s, phase_dir=str(out / "phases"))
     done = {(r["run"], r["strategy"]) for r in results}
     log(f"sine: {s.runs} runs x {len(STRATEGIES)} strategies, {s.epochs} epochs each, on {device}; "
         f"{len(done)} results already in {out}")
-    for run in range(s.runs):
-        seed = 1000 * s.seed + run
-        todo = [name for name in STRATEGIES if (run, name) not in done]
-        data = sine_data(s, seed, device) if todo else None
-        for name in todo:
-            start = time.time()
-            log(f"run {run + 1}/{s.runs}, {name}")
-            model, info = STRATEGIES[name](data, s, SineMLP, seed)
-            curve = predict(model, GRID.to(device)).squeeze(1).cpu()
-            row = dict(run=run, strategy=name, seed=seed,
-                       test_mse=round(evaluate(model, data.x_test, data.y_test, "mse"), 6),
-                       val_mse=round(evaluate(model, data.x_val, data.y_val, "mse"), 6),
-                       peaks=count_peaks(curve), seconds=round(time.time() - start, 1), **info,
-                       curve=[round(v, 4) for v in curve.tolist()])
-            append_result(out, row)
-            results.append(row)
-            log(f"run {run + 1}/{s.runs}, {name}: test mse {row['test_mse']:.4f}, {row['peaks']}/5 peaks")
+    for name, strategy in STRATEGIES.items():
+        todo = [run for run in range(s.runs) if (run, name) not in done]
+        for runs in ([todo] if s.stack else [[run] for run in todo]) if todo else []:
+            log(f"{name}: runs {runs[0] + 1}-{runs[-1] + 1} of {s.runs}" if len(runs) > 1 else
+                f"{name}: run {runs[0] + 1} of {s.runs}")
+            seeds = [1000 * s.seed + run for run in runs]
+            datas = [sine_data(s, seed, device) for seed in seeds]
+            for run, seed, data, (model, info) in zip(runs, seeds, datas, strategy(datas, s, SineMLP, seeds)):
+                curve = predict(model, GRID.to(device)).squeeze(1).cpu()
+                row = dict(run=run, strategy=name, seed=seed,
+                           test_mse=round(evaluate(model, data.x_test, data.y_test, "mse"), 6),
+                           val_mse=round(evaluate(model, data.x_val, data.y_val, "mse"), 6),
+                           peaks=count_peaks(curve), **info, curve=[round(v, 4) for v in curve.tolist()])
+                append_result(out, row)
+                results.append(row)
+            log(f"{name}: {len(runs)} runs written to {out / 'results.jsonl'}")
     report_sine(s, [r for r in results if r["run"] < s.runs], out)
+
+
+def bench(s):
+    """Seconds per model-epoch of the sine's teacher phase: the one-at-a-time loop (fit)
+    against the stacked trainer at several stack sizes, in this process, on the same data.
+    Steady state: the median of epochs 2 to 4, so warming up and compiling are not counted."""
+    device = resolve_device(s.device)
+    data = sine_data(s, 0, device)
+
+    def seconds(trainer, R, epochs=4):
+        models = new_models(SineMLP, range(R), device)
+        if trainer == "one at a time":
+            history = fit(models[0], data, s, epochs)
+        else:
+            history = fit_stacked(models, [data] * R, dataclasses.replace(s, compile=int(trainer == "stacked")),
+                                  epochs, seeds=range(R))
+        return float(np.median([h["seconds"] for h in history[1:]])) / R
+
+    rows = []
+    for trainer, R in [("one at a time", 1), ("stacked", 1), ("stacked", 10), ("stacked", 50),
+                       ("stacked", 300), ("stacked, eager", 300)]:
+        rows.append((trainer, R, seconds(trainer, R)))
+        log(f"bench: {trainer}, {R} models: {rows[-1][2]:.5f} s per model-epoch")
+    lines = [f"Sine teacher phase, {s.n_train} points, batch {s.batch}, {torch.get_num_threads()} threads, "
+             f"{device}: seconds per model-epoch", "", "| trainer | models | s / model-epoch | speed-up |",
+             "|---|---|---|---|"]
+    lines += [f"| {t} | {R} | {sec:.5f} | {rows[0][2] / sec:.1f}x |" for t, R, sec in rows]
+    print("\n".join(lines))
 
 
 def report_sine(s, rows, out):
@@ -852,8 +1019,12 @@ def parse_settings(argv=None, defaults=Settings(), description=__doc__):
     for f in dataclasses.fields(defaults):
         if "help" in f.metadata:
             value = getattr(defaults, f.name)
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(value), default=value,
-                                choices=f.metadata.get("choices"), help=f"{f.metadata['help']} [{value}]")
+            flag, text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} [{value}]"
+            if isinstance(value, bool):
+                parser.add_argument(flag, action="store_true", help=text)
+            else:
+                parser.add_argument(flag, type=type(value), default=value, choices=f.metadata.get("choices"),
+                                    help=text)
     args = parser.parse_args(argv)
     return dataclasses.replace(defaults, **{f.name: getattr(args, f.name)
                                             for f in dataclasses.fields(defaults) if "help" in f.metadata})
@@ -866,7 +1037,7 @@ def main(argv=None):
     s = parse_settings(argv)
     try:
         check_settings(s)
-        TASKS[s.task](s)
+        bench(s) if s.bench else TASKS[s.task](s)
     except InputError as e:
         fail(e)
 

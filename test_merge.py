@@ -198,12 +198,52 @@ def test_budgets_are_equal_and_split_as_in_section_3_1():
         assert k * b["teacher"] + b["importance"] + b["finetune"] == 120
 
 
+def small_sine(seed, **changes):
+    s = merge.Settings(n_train=200, n_val=50, n_test=50, batch=32, **changes)  # last batch of 8
+    return s, merge.sine_data(s, seed)
+
+
+@pytest.mark.parametrize("use_compile", [0, 1])
+def test_stacked_training_equals_one_at_a_time(use_compile):
+    s, datas = None, []
+    for seed in (0, 1):
+        s, data = small_sine(seed, compile=use_compile)
+        datas.append(data)
+    make = lambda: merge.SineMLP(widths=(8,))
+    tolerance = dict(rtol=1e-9, atol=1e-9) if not use_compile else dict(rtol=1e-6, atol=1e-6)
+    # teacher phase: plain SGD with an lr drop
+    alone, stacked = merge.new_models(make, [5, 6], "cpu"), merge.new_models(make, [5, 6], "cpu")
+    for model, data, seed in zip(alone, datas, [5, 6]):
+        merge.fit(model, data, s, 3, drops=(0.5,), seed=seed)
+    merge.fit_stacked(stacked, datas, s, 3, drops=(0.5,), seeds=[5, 6])
+    for a, b in zip(alone, stacked):
+        assert all(torch.allclose(a.state_dict()[n], b.state_dict()[n], **tolerance) for n in a.state_dict())
+    assert not torch.allclose(alone[0].out.weight, make().out.weight)  # it did train
+    # importance phase: the big students with gate noise fixed by each model's seed
+    lambdas = merge.lambda_schedule(3, 0.5, 0.5)
+    bigs = [merge.make_big_student(merge.new_models(make, [2 * r, 2 * r + 1], "cpu")) for r in (0, 1)]
+    twins = [merge.make_big_student(merge.new_models(make, [2 * r, 2 * r + 1], "cpu")) for r in (0, 1)]
+    for big, data, seed in zip(bigs, datas, [7, 8]):
+        merge.fit(big, data, s, 3, seed=seed, lambdas=lambdas)
+    merge.fit_stacked(twins, datas, s, 3, seeds=[7, 8], lambdas=lambdas)
+    for a, b in zip(bigs, twins):
+        assert all(torch.allclose(a.state_dict()[n], b.state_dict()[n], **tolerance) for n in a.state_dict())
+        assert not torch.allclose(a.gates[0].loc, torch.ones_like(a.gates[0].loc), atol=0.05)  # gates moved
+
+
+def test_a_small_run_of_the_student_beats_its_teachers():
+    s = merge.Settings(n_train=2000, n_val=500, n_test=2000, epochs=60, compile=0)
+    datas = [merge.sine_data(s, seed) for seed in (0, 1)]
+    for data, (merged, info) in zip(datas, merge.student(datas, s, merge.SineMLP, [0, 1])):
+        assert merge.evaluate(merged, data.x_test, data.y_test, "mse") < min(info["teachers_test"])
+
+
 def run_cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, str(ROOT / "merge.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 
-SMALL = ["--runs", "2", "--epochs", "12", "--n-train", "300", "--n-val", "100", "--n-test", "300"]
+SMALL = ["--runs", "2", "--epochs", "12", "--n-train", "300", "--n-val", "100", "--n-test", "300", "--compile", "0"]
 
 
 def test_short_sine_run_writes_everything_and_resumes_without_training(tmp_path):
@@ -221,9 +261,24 @@ def test_short_sine_run_writes_everything_and_resumes_without_training(tmp_path)
     assert all(f"| {name} | 2 |" in summary for name in ("student", "bo3", "one"))
     second = run_cli(*SMALL, "--out", str(out))
     assert second.returncode == 0, second.stderr
-    assert "6 results already" in second.stdout and "run 1/2" not in second.stdout  # nothing trained
+    assert "6 results already" in second.stdout and "  teachers" not in second.stdout and "  one model" not in second.stdout
     assert (out / "summary.md").read_text() == summary
     assert len((out / "results.jsonl").read_text().splitlines()) == 6
+
+
+def test_an_interrupted_run_redoes_no_finished_phase(tmp_path):
+    out = tmp_path / "sine"
+    assert run_cli(*SMALL, "--out", str(out)).returncode == 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    students = [line for line in lines if '"strategy": "student"' in line]
+    # as if it crashed after the student phases finished, while writing the first student line
+    (out / "results.jsonl").write_text("".join(line + "\n" for line in lines if line not in students) + students[0][:40])
+    again = run_cli(*SMALL, "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert "teachers (2 a run): 0 x 4 epochs (4 done before)" in again.stdout
+    assert "fine-tuning: 0 x 2 epochs (2 done before)" in again.stdout
+    redone = [line for line in (out / "results.jsonl").read_text().splitlines() if '"strategy": "student"' in line]
+    assert [json.loads(line) for line in redone] == [json.loads(line) for line in students]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -231,7 +286,7 @@ def test_short_sine_run_writes_everything_and_resumes_without_training(tmp_path)
     (["--task", "mnist"], "invalid choice"),
     (["--epochs", "-5"], "--epochs must be at least 1"),
     (["--epochs", "3"], "use at least"),
-    (["--teachers", "1"], "--teachers must be at least 2"),
+    (["--teachers", "1"], "--teachers must be from 2 to 10"),
     (["--runs", "many"], "invalid int value"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, args, message):
