@@ -785,7 +785,7 @@ STRATEGIES = dict(student=student, bo3=bo3, one=one)
 # run must match, and the paper's summary statistics.
 # =============================================================================
 
-def open_results(out, s, ignore=("runs", "device", "stack", "compile", "bench", "phase_dir")):
+def open_results(out, s, ignore=("runs", "device", "out", "stack", "compile", "bench", "phase_dir")):
     """The rows already in out/results.jsonl. A resumed experiment must have the same
     settings (all but `ignore`); the first call writes them to out/settings.json."""
     settings = json.loads(json.dumps(dataclasses.asdict(s)))

@@ -338,3 +338,19 @@ def test_the_committed_notebook_has_its_outputs_and_the_readme_links_it():
     images = [o for cell in code for o in cell["outputs"] if "image/png" in o.get("data", {})]
     assert len(images) >= 6  # Figs. 8a, 10-style curves, 5, gates, kinks, 9
     assert "sine_demo.ipynb" in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_reports_what_the_committed_run_produced(tmp_path):
+    """figures/ holds results.jsonl and settings.json of the full run in the README; the
+    same command on a copy trains nothing and must regenerate the README's table."""
+    out = tmp_path / "sine"
+    out.mkdir()
+    for name in ("results.jsonl", "settings.json"):
+        (out / name).write_text((ROOT / "figures" / name).read_text())
+    result = run_cli("--task", "sine", "--runs", "50", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "150 results already" in result.stdout and "  teachers" not in result.stdout
+    summary = (out / "summary.md").read_text()
+    assert summary == (ROOT / "figures" / "summary.md").read_text()
+    table = summary.split("\n\n", 1)[1].strip()
+    assert table in (ROOT / "README.md").read_text()
