@@ -734,7 +734,10 @@ def student(datas, s, make_teacher, seeds):
     teachers = train(new_models(make_teacher, teacher_seeds, device), datas * k, s, b["teacher"],
                      s.drops_teacher, teacher_seeds, what=f"teachers ({k} a run)")
     teachers = [[teachers[i * R + r] for i in range(k)] for r in range(R)]
-    big_students = [make_big_student(ts) for ts in teachers]
+    big_students = []
+    for ts, seed in zip(teachers, seeds):
+        torch.manual_seed(100 * seed + 10)  # the gates' initial loc, whichever trainer ran before
+        big_students.append(make_big_student(ts))
     lambdas = lambda_schedule(b["importance"], s.lambda_start, s.lambda_step, round(s.paper_epochs / 6))
     train(big_students, datas, s, b["importance"], s.drops_importance, [100 * seed + 10 for seed in seeds],
           lambdas, 1 / k, what=f"big students, importance (lambda {lambdas[0]:.3g} -> {lambdas[-1]:.3g})")

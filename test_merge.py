@@ -231,6 +231,42 @@ def test_stacked_training_equals_one_at_a_time(use_compile):
         assert not torch.allclose(a.gates[0].loc, torch.ones_like(a.gates[0].loc), atol=0.05)  # gates moved
 
 
+def test_every_strategy_gives_the_same_models_stacked_or_one_at_a_time():
+    s = merge.Settings(n_train=200, n_val=50, n_test=50, epochs=12, compile=0)
+    datas = [merge.sine_data(s, seed) for seed in (0, 1)]
+    for name, strategy in merge.STRATEGIES.items():
+        stacked = strategy(datas, s, merge.SineMLP, [0, 1])
+        alone = strategy(datas, merge.Settings(**{**s.__dict__, "stack": 0}), merge.SineMLP, [0, 1])
+        for (a, info_a), (b, info_b) in zip(stacked, alone):
+            assert all(torch.allclose(a.state_dict()[n], b.state_dict()[n], rtol=1e-8, atol=1e-10)
+                       for n in a.state_dict()), name
+            assert info_a.keys() == info_b.keys()
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_notice(monkeypatch, capsys):
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+        return call
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    s, data = small_sine(0, compile=1)
+    compiled, eager = merge.new_models(merge.SineMLP, [3], "cpu"), merge.new_models(merge.SineMLP, [3], "cpu")
+    merge.fit_stacked(compiled, [data], s, 2, seeds=[3])
+    merge.fit_stacked(eager, [data], merge.Settings(**{**s.__dict__, "compile": 0}), 2, seeds=[3])
+    assert torch.equal(compiled[0].out.weight, eager[0].out.weight)
+    assert capsys.readouterr().out.count("torch.compile is unavailable") == 1
+
+
+def test_count_peaks_needs_each_crest_and_trough():
+    truth = merge.sine_curve(merge.GRID).squeeze(1)
+    assert merge.count_peaks(truth) == 5 and merge.count_peaks(torch.zeros_like(truth)) == 0
+    flat_crest = truth.clone()
+    flat_crest[(merge.GRID.squeeze(1) > 0.4) & (merge.GRID.squeeze(1) < 0.5)] = 0.2  # third crest missed
+    flat_trough = truth.clone()
+    flat_trough[merge.GRID.squeeze(1) > 0.9] = -0.3  # last trough missed
+    assert merge.count_peaks(flat_crest) == 4 and merge.count_peaks(flat_trough) == 4
+
+
 def test_a_small_run_of_the_student_beats_its_teachers():
     s = merge.Settings(n_train=2000, n_val=500, n_test=2000, epochs=60, compile=0)
     datas = [merge.sine_data(s, seed) for seed in (0, 1)]
