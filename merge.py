@@ -701,10 +701,6 @@ def evaluate(model, x, y, metric):
     return (F.mse_loss(out, y) if metric == "mse" else (out.argmax(1) == y).float().mean()).item()
 
 
-def is_better(a, b, metric):
-    return a < b if metric == "mse" else a > b
-
-
 # =============================================================================
 # 3.1  Strategies: plain functions of (datas, settings, teacher constructor, seeds) over a
 # list of runs (one Data and one seed per run), returning one (model, info) per run.
@@ -765,9 +761,7 @@ def bo3(datas, s, make_teacher, seeds):
     for r, data in enumerate(datas):
         three = [models[i * R + r] for i in range(3)]
         val = [evaluate(m, data.x_val, data.y_val, data.metric) for m in three]
-        best = 0
-        for i in (1, 2):
-            best = i if is_better(val[i], val[best], data.metric) else best
+        best = (max if data.metric == "accuracy" else min)(range(3), key=val.__getitem__)  # first on ties
         outcomes.append((three[best], dict(chosen=best, val_of_three=[round(v, 6) for v in val])))
     return outcomes
 
