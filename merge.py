@@ -12,7 +12,8 @@ beats the best of three models (bo3) and one model trained for the whole budget.
 
 The file reads top to bottom in the paper's order: gates and L_half (2.2), concatenation
 (2.1), compression (2.3), architectures, training, strategies (3.1), the sine experiment
-(3.2), the command line. Results, machine and budget are in README.md.
+(3.2), the command line. Results, machine and budget are in README.md. Every default
+is the paper's setting unless its help says (ours).
 """
 import argparse
 import copy
@@ -22,6 +23,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -443,34 +445,37 @@ def setting(default, help, **extra):
 
 @dataclass
 class Settings:
+    unused: ClassVar[tuple] = ()  # fields an experiment does not use: no flag, not in settings.json
     task: str = setting("sine", "experiment (section 3.2); the image experiments have their own scripts",
                         choices=("sine",))
-    runs: int = setting(50, "independent runs, each with its own data and models (paper: 50)")
+    runs: int = setting(50, "independent runs, each with its own models and seeds", run_only=True)
     seed: int = setting(0, "base seed; run r of seed S uses seed 1000 S + r (ours)")
-    epochs: int = setting(900, "epochs per strategy, the whole budget; every phase and lr drop scales with it "
-                               "(paper: 900)")
-    teachers: int = setting(2, "k, the number of teachers merged into one student (paper: 2)")
+    epochs: int = setting(900, "epochs per strategy, the whole budget; every phase and lr drop scales with it")
+    teachers: int = setting(2, "k, the number of teachers merged into one student")
     device: str = setting("auto", "where to train: auto picks cuda when torch sees a GPU",
-                          choices=("auto", "cpu", "cuda"))
-    out: str = setting("runs/sine", "folder for results.jsonl, summary.md and the figures")
+                          choices=("auto", "cpu", "cuda"), run_only=True)
+    out: str = setting("runs/sine", "folder for results.jsonl, summary.md and the figures", run_only=True)
     n_train: int = setting(10_000, "training points (paper: 10,000)")
     n_val: int = setting(2_000, "validation points, drawn the same way, for choosing bo3 (ours)")
     n_test: int = setting(10_000, "test points, drawn the same way (ours)")
     noise: float = setting(0.2, "standard deviation of the noise on y (paper: N(0, 0.2))")
-    batch: int = setting(32, "examples per SGD step (paper's scripts)")
-    lr: float = setting(0.01, "SGD learning rate, divided by 10 at each drop (paper)")
-    momentum: float = setting(0.9, "SGD momentum (paper)")
-    weight_decay: float = setting(0.0, "SGD weight decay (paper's scripts: none for the sine)")
-    gate_lr: float = setting(0.1, "learning rate of the gates' own SGD, momentum 0.9 (paper's scripts)")
+    batch: int = setting(32, "examples per SGD step")
+    lr: float = setting(0.01, "SGD learning rate, divided by 10 at each drop")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(0.0, "SGD weight decay")
+    gate_lr: float = setting(0.1, "learning rate of the gates' own SGD, momentum 0.9")
     lambda_start: float = setting(0.01, "lambda at the start of the importance phase (Fig. 5)")
     lambda_step: float = setting(0.05, "lambda += step sqrt(lambda) before each epoch (Fig. 5)")
     paper_epochs: int = setting(900, "budget the lambda step is tuned for; other budgets rescale the step so "
                                      "lambda ends where the paper's does (ours)")
     stack: int = setting(1, "1: train the models of a phase of all runs as one stack (fit_stacked); "
-                            "0: one at a time, like the paper's scripts (ours)")
-    compile: int = setting(1, "1: torch.compile the stacked step, falling back to eager where it can't (ours)")
-    bench: bool = setting(False, "print the speed of the one-at-a-time and the stacked trainers, then exit")
-    phase_dir: str = ""  # where finished phases are kept for resuming; the experiment sets it inside --out
+                            "0: one at a time, like the paper's scripts (ours)", run_only=True)
+    compile: int = setting(1, "1: torch.compile the stacked step, falling back to eager where it can't (ours)",
+                           run_only=True)
+    bench: bool = setting(False, "print the speed of the one-at-a-time and the stacked trainers, then exit",
+                          run_only=True)
+    # where finished phases are kept for resuming; the experiment sets it inside --out
+    phase_dir: str = field(default="", metadata=dict(run_only=True))
     # lr / 10 at these fractions of each phase (section 3.2: teachers and bo3 models at 250 of
     # 300 epochs, the importance phase constant, fine-tuning at 100 of 150, one model at 800 of 900)
     drops_teacher: tuple = (5 / 6,)
@@ -521,7 +526,14 @@ class Data:
     x_test: torch.Tensor
     y_test: torch.Tensor
     metric: str = "mse"   # "mse" (lower is better) or "accuracy" (higher is better)
-    augment: object = None  # batch -> batch on the device, for training batches only
+    prepare: object = None  # stored batch -> model input, on the device (uint8 images -> normalised floats)
+    augment: object = None  # the same with random augmentation: training batches use it in place of prepare
+
+
+def model_input(data, x, train=False):
+    """A batch of data's stored x as the model takes it."""
+    f = (data.augment if train else None) or data.prepare
+    return f(x) if f else x
 
 
 _T0 = time.time()
@@ -562,7 +574,7 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5):
         total = torch.zeros((), device=data.x_train.device)
         for idx in torch.randperm(len(data.x_train), device=data.x_train.device).split(s.batch):
             x, y = data.x_train[idx], data.y_train[idx]
-            error = error_loss(model(data.augment(x) if data.augment else x), y)
+            error = error_loss(model(model_input(data, x, train=True)), y)
             loss = error + lam * l_half(model, keep) if gate_opt else error
             opt.zero_grad(set_to_none=True)
             if gate_opt:
@@ -597,7 +609,10 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, ke
     momenta = {name: torch.zeros_like(p) for name, p in params.items()}
     gate_sizes = {name: len(m.loc) for name, m in base.named_modules() if isinstance(m, Gate)}
     is_gate = {name: name.rsplit(".", 1)[0] in gate_sizes for name in params}
-    X, Y = torch.stack([d.x_train for d in datas]), torch.stack([d.y_train for d in datas])  # (R, N, ...)
+    shared = all(d.x_train is datas[0].x_train for d in datas)  # one data set for all: no R copies of it
+    X, Y = ((datas[0].x_train, datas[0].y_train) if shared else  # (N, ...) or (R, N, ...)
+            (torch.stack([d.x_train for d in datas]), torch.stack([d.y_train for d in datas])))
+    N, dtype = len(datas[0].x_train), next(iter(params.values())).dtype
     rows = torch.arange(len(models), device=device)[:, None]
     generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
     error_loss = F.mse_loss if datas[0].metric == "mse" else F.cross_entropy
@@ -628,16 +643,18 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, ke
         start = time.time()
         lr = torch.tensor(lr_at(s, epoch, epochs, drops), device=device)  # tensors, so that a new value
         lam = torch.tensor(lambdas[epoch] if lambdas is not None else 0.0, device=device)  # needs no recompile
-        order = torch.stack([torch.randperm(X.shape[1], generator=g, device=device) for g in generators])
-        X_epoch, Y_epoch = X[rows, order], Y[rows, order]  # each model's own order, (R, N, ...)
+        order = torch.stack([torch.randperm(N, generator=g, device=device) for g in generators])
+        X_epoch, Y_epoch = (X[order], Y[order]) if shared else (X[rows, order], Y[rows, order])  # (R, N, ...)
         total = torch.zeros(len(models), device=device)
         for x, y in zip(X_epoch.split(s.batch, dim=1), Y_epoch.split(s.batch, dim=1)):  # (R, B, ...)
+            if datas[0].prepare or datas[0].augment:
+                x = model_input(datas[0], x.flatten(0, 1), train=True).unflatten(0, x.shape[:2])
             noise = {f"{name}.noise": torch.stack([torch.rand(x.shape[1], n, generator=g, device=device,
-                                                              dtype=X.dtype) for g in generators])
+                                                              dtype=dtype) for g in generators])
                      for name, n in gate_sizes.items()}  # (R, B, n): fit()'s draws, in the same order
             step(params, momenta, total, x, y, noise, lr, lam)
         opens = [p_open(params[f"{name}.loc"]) for name in gate_sizes]  # (R, n) each
-        history.append(dict(epoch=epoch, lam=lam.item(), error=(total / X.shape[1]).tolist(),
+        history.append(dict(epoch=epoch, lam=lam.item(), error=(total / N).tolist(),
                             seconds=time.time() - start, open=[o.tolist() for o in opens],
                             l_half=sum((keep - o.mean(1)) ** 2 for o in opens).tolist() if opens else 0.0))
         report_progress(epoch, epochs, sum(history[-1]["error"]) / len(models))
@@ -691,14 +708,17 @@ def train(models, datas, s, epochs, drops, seeds, lambdas=None, keep=0.5, what="
 
 
 @torch.no_grad()
-def predict(model, x, batch=8192):
+def predict(model, x, prepare=None, batch=256):
+    """The model's outputs in eval mode (deterministic gates, BatchNorm's running statistics)."""
     model.eval()
-    return torch.cat([model(xb) for xb in x.split(batch)])
+    return torch.cat([model(prepare(xb) if prepare else xb) for xb in x.split(batch)])
 
 
-def evaluate(model, x, y, metric):
-    out = predict(model, x)
-    return (F.mse_loss(out, y) if metric == "mse" else (out.argmax(1) == y).float().mean()).item()
+def evaluate(model, data, split="test"):
+    """data.metric of the model on one split of data: "train", "val" or "test"."""
+    x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+    out = predict(model, x, data.prepare)
+    return (F.mse_loss(out, y) if data.metric == "mse" else (out.argmax(1) == y).float().mean()).item()
 
 
 # =============================================================================
@@ -739,12 +759,12 @@ def student(datas, s, make_teacher, seeds):
           lambdas, 1 / k, what=f"big students, importance (lambda {lambdas[0]:.3g} -> {lambdas[-1]:.3g})")
     keeps = [top_units(big) for big in big_students]
     students = [compress(big, keep) for big, keep in zip(big_students, keeps)]
-    compressed = [evaluate(m, d.x_val, d.y_val, d.metric) for m, d in zip(students, datas)]
+    compressed = [evaluate(m, d, "val") for m, d in zip(students, datas)]
     train(students, datas, s, b["finetune"], s.drops_finetune, [100 * seed + 11 for seed in seeds],
           what="students, fine-tuning")
     outcomes = []
     for ts, big, keep, merged, score, data in zip(teachers, big_students, keeps, students, compressed, datas):
-        test = lambda model: round(evaluate(model, data.x_test, data.y_test, data.metric), 6)
+        test = lambda model: round(evaluate(model, data, "test"), 6)
         outcomes.append((merged, dict(teachers_test=[test(t) for t in ts], big_student_test=test(big),
                                       compressed_val=round(score, 6), kept_from_teacher=kept_share(big, keep),
                                       l_half_end=round(l_half(big, 1 / k).item(), 6))))
@@ -760,7 +780,7 @@ def bo3(datas, s, make_teacher, seeds):
     outcomes = []
     for r, data in enumerate(datas):
         three = [models[i * R + r] for i in range(3)]
-        val = [evaluate(m, data.x_val, data.y_val, data.metric) for m in three]
+        val = [evaluate(m, data, "val") for m in three]
         best = (max if data.metric == "accuracy" else min)(range(3), key=val.__getitem__)  # first on ties
         outcomes.append((three[best], dict(chosen=best, val_of_three=[round(v, 6) for v in val])))
     return outcomes
@@ -782,11 +802,12 @@ STRATEGIES = dict(student=student, bo3=bo3, one=one)
 # run must match, and the paper's summary statistics.
 # =============================================================================
 
-def open_results(out, s, ignore=("runs", "device", "out", "stack", "compile", "bench", "phase_dir")):
+def open_results(out, s):
     """The rows already in out/results.jsonl. A resumed experiment must have the same
-    settings (all but `ignore`); the first call writes them to out/settings.json."""
-    settings = json.loads(json.dumps(dataclasses.asdict(s)))
-    settings = {key: value for key, value in settings.items() if key not in ignore}
+    settings (all but the run_only ones); the first call writes them to out/settings.json."""
+    settings = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)
+                if not f.metadata.get("run_only") and f.name not in s.unused}
+    settings = json.loads(json.dumps(settings))
     path = out / "settings.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -826,6 +847,34 @@ def summarize(rows, metric, strategies, extra=None):
             lines.append(f"| {name} | {len(v)} | {v.min():.4f} | {v.max():.4f} | {np.median(v):.4f} | "
                          f"{v.mean():.4f} | {std:.4f} |" + "".join(f" {f(mine)} |" for f in extra.values()))
     return "\n".join(lines)
+
+
+def run_experiment(s, title, make_data, make_teacher, result, strategies=STRATEGIES):
+    """The loop of every experiment (the sine below, the image scripts too): for each strategy,
+    the runs not yet in --out/results.jsonl, as one stack (s.stack) or one at a time. Each
+    finished (run, strategy) is written at once as one JSON line, and finished phases are kept
+    in --out/phases, so an interrupted experiment resumes where it stopped.
+    make_data(seed, device) -> the Data of a run; result(model, data) -> the numbers of its row.
+    Returns the rows of runs < s.runs."""
+    device, out = resolve_device(s.device), Path(s.out)
+    results = open_results(out, s)
+    s = dataclasses.replace(s, phase_dir=str(out / "phases"))
+    done = {(r["run"], r["strategy"]) for r in results}
+    log(f"{title}: {s.runs} runs x {len(strategies)} strategies, {s.epochs} epochs each, on {device}; "
+        f"{len(done)} results already in {out}")
+    for name, strategy in strategies.items():
+        todo = [run for run in range(s.runs) if (run, name) not in done]
+        for runs in ([todo] if s.stack else [[run] for run in todo]) if todo else []:
+            log(f"{name}: runs {runs[0] + 1}-{runs[-1] + 1} of {s.runs}" if len(runs) > 1 else
+                f"{name}: run {runs[0] + 1} of {s.runs}")
+            seeds = [1000 * s.seed + run for run in runs]
+            datas = [make_data(seed, device) for seed in seeds]
+            for run, seed, data, (model, info) in zip(runs, seeds, datas, strategy(datas, s, make_teacher, seeds)):
+                row = dict(run=run, strategy=name, seed=seed, **info, **result(model, data))
+                append_result(out, row)
+                results.append(row)
+            log(f"{name}: {len(runs)} runs written to {out / 'results.jsonl'}")
+    return [r for r in results if r["run"] < s.runs]
 
 
 # =============================================================================
@@ -943,32 +992,13 @@ def count_peaks(curve):
 def sine_result(model, data):
     """Test and validation MSE, the waves it gets right, and its curve on GRID (Fig. 10)."""
     curve = predict(model, GRID.to(data.x_train.device)).squeeze(1).cpu()
-    return dict(test_mse=round(evaluate(model, data.x_test, data.y_test, "mse"), 6),
-                val_mse=round(evaluate(model, data.x_val, data.y_val, "mse"), 6),
+    return dict(test_mse=round(evaluate(model, data, "test"), 6), val_mse=round(evaluate(model, data, "val"), 6),
                 peaks=count_peaks(curve), curve=[round(v, 4) for v in curve.tolist()])
 
 
 def run_sine(s):
-    device = resolve_device(s.device)
-    out = Path(s.out)
-    results = open_results(out, s)
-    s = dataclasses.replace(s, phase_dir=str(out / "phases"))
-    done = {(r["run"], r["strategy"]) for r in results}
-    log(f"sine: {s.runs} runs x {len(STRATEGIES)} strategies, {s.epochs} epochs each, on {device}; "
-        f"{len(done)} results already in {out}")
-    for name, strategy in STRATEGIES.items():
-        todo = [run for run in range(s.runs) if (run, name) not in done]
-        for runs in ([todo] if s.stack else [[run] for run in todo]) if todo else []:
-            log(f"{name}: runs {runs[0] + 1}-{runs[-1] + 1} of {s.runs}" if len(runs) > 1 else
-                f"{name}: run {runs[0] + 1} of {s.runs}")
-            seeds = [1000 * s.seed + run for run in runs]
-            datas = [sine_data(s, seed, device) for seed in seeds]
-            for run, seed, data, (model, info) in zip(runs, seeds, datas, strategy(datas, s, SineMLP, seeds)):
-                row = dict(run=run, strategy=name, seed=seed, **info, **sine_result(model, data))
-                append_result(out, row)
-                results.append(row)
-            log(f"{name}: {len(runs)} runs written to {out / 'results.jsonl'}")
-    report_sine(s, [r for r in results if r["run"] < s.runs], out)
+    rows = run_experiment(s, "sine", lambda seed, device: sine_data(s, seed, device), SineMLP, sine_result)
+    report_sine(s, rows, Path(s.out))
 
 
 def bench(s):
@@ -1031,18 +1061,16 @@ def parse_settings(argv=None, defaults=Settings(), description=__doc__):
     """Settings from the command line: one flag per documented field of `defaults`."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = fail  # one line and exit code 2, not a usage dump
-    for f in dataclasses.fields(defaults):
-        if "help" in f.metadata:
-            value = getattr(defaults, f.name)
-            flag, text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} [{value}]"
-            if isinstance(value, bool):
-                parser.add_argument(flag, action="store_true", help=text)
-            else:
-                parser.add_argument(flag, type=type(value), default=value, choices=f.metadata.get("choices"),
-                                    help=text)
+    flags = [f for f in dataclasses.fields(defaults) if "help" in f.metadata and f.name not in defaults.unused]
+    for f in flags:
+        value = getattr(defaults, f.name)
+        flag, text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} [{value}]"
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            parser.add_argument(flag, type=type(value), default=value, choices=f.metadata.get("choices"), help=text)
     args = parser.parse_args(argv)
-    return dataclasses.replace(defaults, **{f.name: getattr(args, f.name)
-                                            for f in dataclasses.fields(defaults) if "help" in f.metadata})
+    return dataclasses.replace(defaults, **{f.name: getattr(args, f.name) for f in flags})
 
 
 TASKS = dict(sine=run_sine)

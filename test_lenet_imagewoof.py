@@ -1,6 +1,8 @@
-"""Tests for the Imagewoof data layer: the tests write their own small folders and archives
+"""Tests for the Imagewoof experiments: the tests write their own small folders and archives
 in the real formats (JPEG and PNG files in the Imagewoof layout, a .tgz); no network."""
+import dataclasses
 import hashlib
+import json
 import subprocess
 import sys
 import tarfile
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import lenet_imagewoof as woof
@@ -15,6 +18,7 @@ import merge
 
 ROOT = Path(__file__).parent
 CLASSES = ("n02086240", "n02087394", "n02088364")
+STRATEGIES = ("student", "bo3", "one")
 
 
 def make_folder(root, n_train=6, n_val=2, classes=CLASSES):
@@ -59,14 +63,97 @@ def test_images_are_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch)
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "lenet_imagewoof.py"), *args],
+    return subprocess.run([sys.executable, str(ROOT / "lenet_imagewoof.py"), *map(str, args)],
                           capture_output=True, text=True, timeout=300)
 
 
-def test_a_good_folder_through_the_command_line(tmp_path):
-    result = run_cli("--data", str(make_folder(tmp_path / "woof")), "--size", "28")
+def read_rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_lenet_end_to_end_through_the_command_line_then_resumed_from_the_cache(tmp_path):
+    data, out = make_folder(tmp_path / "woof"), tmp_path / "out"
+    first = run_cli("--data", data, "--epochs", 6, "--runs", 2, "--out", out)
+    assert first.returncode == 0, first.stderr
+    rows = read_rows(out)
+    assert sorted((r["run"], r["strategy"]) for r in rows) == sorted((run, name) for run in range(2)
+                                                                     for name in STRATEGIES)
+    assert all(0 <= r["test_accuracy"] <= 1 and 0 <= r["val_accuracy"] <= 1 for r in rows)
+    student = next(r for r in rows if r["strategy"] == "student")
+    assert len(student["teachers_test"]) == 2 and student["kept_from_teacher"][0] + student["kept_from_teacher"][1] == 1
+    summary = (out / "summary.md").read_text()
+    assert "LeNet on woof" in summary and all(f"| {name} | 2 |" in summary for name in STRATEGIES)
+    assert (out / "fig11_box.png").stat().st_size > 1000 and (out / "fig2_kept_share.png").exists()
+    cache = data / ".cache" / "train-28.npz"
+    stamp = cache.stat().st_mtime_ns
+    second = run_cli("--data", data, "--epochs", 6, "--runs", 3, "--out", out)  # one run more
+    assert second.returncode == 0, second.stderr
+    assert "6 results already" in second.stdout and cache.stat().st_mtime_ns == stamp  # read, not rebuilt
+    assert len(read_rows(out)) == 9 and read_rows(out)[:6] == rows  # the first six kept, not redone
+    assert "| student | 3 |" in (out / "summary.md").read_text()
+
+
+def test_resnet18_end_to_end_through_the_command_line(tmp_path):
+    data, out = make_folder(tmp_path / "woof"), tmp_path / "out"
+    result = run_cli("--arch", "resnet18", "--size", 32, "--width", 4, "--data", data, "--epochs", 6,
+                     "--runs", 1, "--out", out)
     assert result.returncode == 0, result.stderr
-    assert "3 classes" in result.stdout and "test 6 images" in result.stdout
+    assert sorted(r["strategy"] for r in read_rows(out)) == sorted(STRATEGIES)
+    assert "ResNet18 on woof" in (out / "summary.md").read_text() and (out / "fig12_box.png").exists()
+    assert json.loads((out / "settings.json").read_text())["batch"] == 32  # ResNet18's paper settings
+    assert "n_train" not in json.loads((out / "settings.json").read_text())  # the sine's are not recorded
+
+
+def test_help_shows_each_architectures_paper_defaults_and_no_sine_flags():
+    lenet, resnet = run_cli("--help").stdout, run_cli("--arch", "resnet18", "--help").stdout
+    assert "[6000]" in lenet and "[28]" in lenet and "--n-train" not in lenet and "--noise" not in lenet
+    assert "[600]" in resnet and "[224]" in resnet and "[32]" in resnet
+
+
+def test_stacked_lenet_on_uint8_images_equals_one_at_a_time(tmp_path):
+    """The cross-entropy path of fit_stacked, one data set shared by every model, batches
+    prepared on the device: each model still trains as fit() trains it alone."""
+    d = woof.load_imagewoof(make_folder(tmp_path / "woof"), 28)
+    s = dataclasses.replace(woof.parse([]), batch=4, compile=0)
+    data = woof.image_data(d, s, "cpu")
+    make = lambda: merge.LeNet(3)
+    close = lambda a, b: all(torch.allclose(a.state_dict()[n], b.state_dict()[n], rtol=1e-4, atol=1e-6)
+                             for n in a.state_dict())
+    alone, stacked = merge.new_models(make, [1, 2], "cpu"), merge.new_models(make, [1, 2], "cpu")
+    for model, seed in zip(alone, [5, 6]):
+        merge.fit(model, data, s, 2, drops=(0.5,), seed=seed)
+    merge.fit_stacked(stacked, [data, data], s, 2, drops=(0.5,), seeds=[5, 6])
+    assert all(close(a, b) for a, b in zip(alone, stacked))
+    assert not torch.allclose(alone[0].fc3.weight, make().fc3.weight)  # it did train
+    lambdas = merge.lambda_schedule(2, 0.5, 0.5)
+    bigs = [merge.make_big_student(merge.new_models(make, [1, 2], "cpu")) for _ in range(2)]
+    merge.fit(bigs[0], data, s, 2, seed=7, lambdas=lambdas)
+    merge.fit_stacked(bigs[1:], [data], s, 2, seeds=[7], lambdas=lambdas)
+    assert close(bigs[0], bigs[1]) and not torch.equal(bigs[0].gates[0].loc, bigs[1].gates[0].loc * 0 + 1)
+
+
+def test_batches_are_normalised_with_the_data_sets_own_statistics(tmp_path):
+    d = woof.load_imagewoof(make_folder(tmp_path / "woof"), 28)
+    data = woof.image_data(d, woof.parse([]), "cpu")
+    x = data.prepare(data.x_train)
+    assert x.shape == (16, 3, 28, 28) and x.dtype == torch.float32 and data.augment is None  # LeNet: none
+    assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-3)
+    resnet = woof.image_data(d, woof.parse(["--arch", "resnet18", "--size", "40"]), "cpu")
+    assert resnet.prepare(resnet.x_test).shape == (6, 3, 40, 40)  # resized on the device
+    assert resnet.augment(resnet.x_train).shape == (16, 3, 40, 40)
+
+
+def test_the_augmentation_crops_and_flips_each_example_on_its_own():
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 16, 16)
+    whole = woof.random_resized_crop_flip(x, 16, scale=(1, 1), ratio=(1, 1))  # the whole image, maybe mirrored
+    same = [torch.allclose(b, a, atol=1e-5) for a, b in zip(x, whole)]
+    mirrored = [torch.allclose(b, a.flip(-1), atol=1e-5) for a, b in zip(x, whole)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 16 < sum(mirrored) < 48
+    crops = woof.random_resized_crop_flip(x[:1].expand(8, -1, -1, -1), 24)
+    assert crops.shape == (8, 3, 24, 24)
+    assert all(not torch.allclose(crops[i], crops[j]) for i in range(8) for j in range(i))  # each its own crop
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -86,10 +173,23 @@ def test_bad_data_folders_give_one_line_and_exit_code_2(tmp_path, damage, messag
     elif damage == "corrupt":
         make_folder(data)
         (data / "train" / CLASSES[1] / "broken.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
-    result = run_cli("--data", str(data))
+    result = run_cli("--data", data, "--out", tmp_path / "out")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
     if damage == "corrupt":
         assert "broken.JPEG" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "vgg"], "invalid choice"),
+    (["--size", "32"], "LeNet takes 28x28"),
+    (["--arch", "resnet18", "--stack", "1"], "without BatchNorm"),
+    (["--runs", "0"], "--runs must be at least 1"),
+    (["--val-fraction", "1.5"], "--val-fraction"),
+])
+def test_bad_settings_give_one_line_and_exit_code_2(tmp_path, args, message):
+    result = run_cli("--data", make_folder(tmp_path / "woof"), "--out", tmp_path / "out", *args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def make_archive(tmp_path):
@@ -119,3 +219,13 @@ def test_a_broken_download_is_fetched_again_and_a_wrong_checksum_refused(tmp_pat
     with pytest.raises(merge.InputError, match="checksum"):
         woof.fetch(tmp_path / "elsewhere", url, {"md5": "0" * 32})
     assert not (tmp_path / "elsewhere" / "imagewoof2-160").exists()
+
+
+@pytest.mark.parametrize("folder", ["lenet_mnist_60epochs", "lenet_mnist_12epochs"])
+def test_the_readme_reports_what_the_committed_lenet_runs_produced(folder):
+    rows = read_rows(ROOT / "figures" / folder)
+    settings = json.loads((ROOT / "figures" / folder / "settings.json").read_text())
+    assert len(rows) == 3 * len(STRATEGIES) and settings["arch"] == "lenet" and settings["batch"] == 64
+    assert woof.table(rows) in (ROOT / "figures" / folder / "summary.md").read_text()
+    assert woof.table(rows) in (ROOT / "README.md").read_text()
+    assert f"**{settings['epochs']} epochs per strategy**" in (ROOT / "README.md").read_text()

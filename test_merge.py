@@ -271,7 +271,7 @@ def test_a_small_run_of_the_student_beats_its_teachers():
     s = merge.Settings(n_train=2000, n_val=500, n_test=2000, epochs=60, compile=0)
     datas = [merge.sine_data(s, seed) for seed in (0, 1)]
     for data, (merged, info) in zip(datas, merge.student(datas, s, merge.SineMLP, [0, 1])):
-        assert merge.evaluate(merged, data.x_test, data.y_test, "mse") < min(info["teachers_test"])
+        assert merge.evaluate(merged, data, "test") < min(info["teachers_test"])
 
 
 def run_cli(*args, cwd=ROOT):
