@@ -186,7 +186,8 @@ def channel_stats(x):
         squares += (c * c).sum((0, 1, 2)).cpu()
     n = x.shape[0] * x.shape[1] * x.shape[2]
     mean = total / n
-    return mean.float(), (squares / n - mean ** 2).sqrt().float()
+    dtype = torch.get_default_dtype()  # the models' parameters' dtype
+    return mean.to(dtype), (squares / n - mean ** 2).sqrt().to(dtype)
 
 
 def random_resized_crop_flip(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -217,7 +218,7 @@ def image_data(d, s, device):
     mean, std = (v.to(device).view(1, 3, 1, 1) for v in channel_stats(x_train))
 
     def floats(x):
-        return (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+        return (x.permute(0, 3, 1, 2).to(mean.dtype) / 255 - mean) / std
 
     def prepare(x):  # evaluation: the whole stored square at the input size
         x = floats(x)

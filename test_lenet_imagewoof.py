@@ -136,7 +136,7 @@ def test_batches_are_normalised_with_the_data_sets_own_statistics(tmp_path):
     d = woof.load_imagewoof(make_folder(tmp_path / "woof"), 28)
     data = woof.image_data(d, woof.parse([]), "cpu")
     x = data.prepare(data.x_train)
-    assert x.shape == (16, 3, 28, 28) and x.dtype == torch.float32 and data.augment is None  # LeNet: none
+    assert x.shape == (16, 3, 28, 28) and x.dtype == torch.get_default_dtype() and data.augment is None  # LeNet: none
     assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
     assert torch.allclose(x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-3)
     resnet = woof.image_data(d, woof.parse(["--arch", "resnet18", "--size", "40"]), "cpu")
