@@ -58,18 +58,24 @@ def matches(path, digests):
 
 
 def download(url, path):
-    """url -> path, with a progress bar, through a .part file so a cut download never
-    looks finished."""
+    """url -> path, with a progress bar, through a .part file: path appears only when the
+    download is whole (as many bytes as the server announced)."""
     part = path.with_name(path.name + ".part")
-    with urllib.request.urlopen(url) as response, open(part, "wb") as f:
-        total, done = int(response.headers.get("Content-Length") or 0), 0
-        for chunk in iter(lambda: response.read(1 << 20), b""):
-            f.write(chunk)
-            done += len(chunk)
-            if total:
-                bar = "#" * (30 * done // total)
-                print(f"\r  {path.name} [{bar:<30}] {done / 2**20:.0f}/{total / 2**20:.0f} MiB", end="", flush=True)
+    try:
+        with urllib.request.urlopen(url) as response, open(part, "wb") as f:
+            total, done = int(response.headers.get("Content-Length") or 0), 0
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                f.write(chunk)
+                done += len(chunk)
+                if total:
+                    bar = "#" * (30 * done // total)
+                    print(f"\r  {path.name} [{bar:<30}] {done / 2**20:.0f}/{total / 2**20:.0f} MiB", end="", flush=True)
+    except OSError as e:  # URLError, a connection cut, a full disk
+        raise merge.InputError(f"cannot download {url} ({e}); or pass --data DIR with an extracted copy") from None
     print()
+    if total and done != total:
+        merge.log(f"the download stopped at {done} of {total} bytes")
+        return
     part.replace(path)
 
 
@@ -85,11 +91,12 @@ def fetch(root, url=URL, digests=DIGESTS):
         if not archive.exists():
             merge.log(f"downloading {url}")
             download(url, archive)
-        if matches(archive, digests):
+        if archive.exists() and matches(archive, digests):
             break
-        archive.unlink()  # broken or partial
+        archive.unlink(missing_ok=True)  # broken or partial
         if attempt:
-            raise merge.InputError(f"{url} does not match its published checksum twice; not extracting it")
+            raise merge.InputError(f"{url} came short or did not match its published checksum twice; "
+                                   "not extracting it")
     with tarfile.open(archive) as tar:
         tar.extractall(root, filter="data")  # refuses absolute paths and links out of root
     if not (folder / "train").is_dir():

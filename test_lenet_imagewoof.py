@@ -229,3 +229,21 @@ def test_the_readme_reports_what_the_committed_lenet_runs_produced(folder):
     assert woof.table(rows) in (ROOT / "figures" / folder / "summary.md").read_text()
     assert woof.table(rows) in (ROOT / "README.md").read_text()
     assert f"**{settings['epochs']} epochs per strategy**" in (ROOT / "README.md").read_text()
+
+
+def test_a_download_cut_short_is_fetched_again_and_no_network_is_one_line(tmp_path, monkeypatch):
+    url, digests = make_archive(tmp_path)
+    real_urlopen, calls = woof.urllib.request.urlopen, []
+
+    def flaky_urlopen(address):  # the first response ends early: fewer bytes than it announces
+        response = real_urlopen(address)
+        calls.append(address)
+        if len(calls) == 1:
+            chunks = iter([response.read()[:100]])
+            response.read = lambda n: next(chunks, b"")
+        return response
+    monkeypatch.setattr(woof.urllib.request, "urlopen", flaky_urlopen)
+    assert (woof.fetch(tmp_path / "data", url, digests) / "train").is_dir()
+    assert calls.count(url) == 2
+    with pytest.raises(merge.InputError, match="cannot download"):
+        woof.fetch(tmp_path / "other", (tmp_path / "nowhere.tgz").as_uri(), digests)
