@@ -18,12 +18,8 @@ Defaults are the paper's settings (REFERENCE.md), but for LeNet's batch size and
 schedule, which the paper does not give (ours, README.md). `python lenet_imagewoof.py
 --arch resnet18 --help` shows ResNet18's defaults.
 """
-import argparse
-import hashlib
 import math
 import sys
-import tarfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -41,67 +37,6 @@ URL = "https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2-160.tgz"
 DIGESTS = {"md5": "fcd23cc7dfce8837c95a8f9d63a128b7",
            "sha256": "663c22f69c2802d85e2a67103c017e047096702ffddf9149a14011b7002539bf"}
 EXTENSIONS = {".jpg", ".jpeg", ".png"}  # in any case
-
-
-# =============================================================================
-# The archive: download, verify, extract
-# =============================================================================
-
-def matches(path, digests):
-    """Whether the file's digest is one of `digests` (name -> hex)."""
-    hashes = {name: hashlib.new(name) for name in digests}
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            for h in hashes.values():
-                h.update(chunk)
-    return any(hashes[name].hexdigest() == value for name, value in digests.items())
-
-
-def download(url, path):
-    """url -> path, with a progress bar, through a .part file: path appears only when the
-    download is whole (as many bytes as the server announced)."""
-    part = path.with_name(path.name + ".part")
-    try:
-        with urllib.request.urlopen(url) as response, open(part, "wb") as f:
-            total, done = int(response.headers.get("Content-Length") or 0), 0
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                f.write(chunk)
-                done += len(chunk)
-                if total:
-                    bar = "#" * (30 * done // total)
-                    print(f"\r  {path.name} [{bar:<30}] {done / 2**20:.0f}/{total / 2**20:.0f} MiB", end="", flush=True)
-    except OSError as e:  # URLError, a connection cut, a full disk
-        raise merge.InputError(f"cannot download {url} ({e}); or pass --data DIR with an extracted copy") from None
-    print()
-    if total and done != total:
-        merge.log(f"the download stopped at {done} of {total} bytes")
-        return
-    part.replace(path)
-
-
-def fetch(root, url=URL, digests=DIGESTS):
-    """The extracted archive under root: downloaded and verified (a broken or partial file
-    is fetched again, once), extracted once."""
-    root.mkdir(parents=True, exist_ok=True)
-    name = url.rsplit("/", 1)[1].removesuffix(".tgz")
-    folder, archive = root / name, root / f"{name}.tgz"
-    if (folder / "train").is_dir() and (folder / "val").is_dir():
-        return folder
-    for attempt in range(2):
-        if not archive.exists():
-            merge.log(f"downloading {url}")
-            download(url, archive)
-        if archive.exists() and matches(archive, digests):
-            break
-        archive.unlink(missing_ok=True)  # broken or partial
-        if attempt:
-            raise merge.InputError(f"{url} came short or did not match its published checksum twice; "
-                                   "not extracting it")
-    with tarfile.open(archive) as tar:
-        tar.extractall(root, filter="data")  # refuses absolute paths and links out of root
-    if not (folder / "train").is_dir():
-        raise merge.InputError(f"{archive} holds no {name}/train folder")
-    return folder
 
 
 # =============================================================================
@@ -183,20 +118,6 @@ def load_imagewoof(data, size, val_fraction=0.1, seed=0):
 # Batches on the device: normalisation, and ResNet18's augmentation
 # =============================================================================
 
-def channel_stats(x):
-    """Per-channel mean and std of uint8 images (N, H, W, 3) in [0, 1], in chunks.
-    DEVIATION: the statistics of the data in use; the authors' scripts used CIFAR's."""
-    total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    for chunk in x.split(256):
-        c = chunk.to(torch.float64) / 255
-        total += c.sum((0, 1, 2)).cpu()
-        squares += (c * c).sum((0, 1, 2)).cpu()
-    n = x.shape[0] * x.shape[1] * x.shape[2]
-    mean = total / n
-    dtype = torch.get_default_dtype()  # the models' parameters' dtype
-    return mean.to(dtype), (squares / n - mean ** 2).sqrt().to(dtype)
-
-
 def random_resized_crop_flip(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """The usual ImageNet training augmentation (torchvision's RandomResizedCrop(size) and
     RandomHorizontalFlip) for a whole batch (B, 3, H, W) on its device, in one grid_sample:
@@ -215,26 +136,6 @@ def random_resized_crop_flip(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     theta[:, 1, 2] = (2 * torch.rand(B, device=device) - 1) * (1 - h)
     grid = F.affine_grid(theta, [B, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def image_data(d, s, device):
-    """merge.Data holding the images as uint8 (N, H, W, 3) on the device; `prepare` turns a
-    batch into normalised floats (B, 3, size, size) there, `augment` (ResNet18) also crops
-    and flips it. Nothing is copied between host and device during training."""
-    x_train = torch.as_tensor(d["x_train"]).to(device)
-    mean, std = (v.to(device).view(1, 3, 1, 1) for v in channel_stats(x_train))
-
-    def floats(x):
-        return (x.permute(0, 3, 1, 2).to(mean.dtype) / 255 - mean) / std
-
-    def prepare(x):  # evaluation: the whole stored square at the input size
-        x = floats(x)
-        return x if x.shape[-1] == s.size else F.interpolate(x, size=(s.size, s.size), mode="bilinear",
-                                                              align_corners=False, antialias=True)
-    augment = (lambda x: random_resized_crop_flip(floats(x), s.size)) if s.arch == "resnet18" else None
-    to = lambda key: torch.as_tensor(d[key]).to(device)
-    return merge.Data(x_train, to("y_train"), to("x_val"), to("y_val"), to("x_test"), to("y_test"),
-                      metric="accuracy", prepare=prepare, augment=augment)
 
 
 # =============================================================================
@@ -270,11 +171,7 @@ TITLES = {"lenet": ("LeNet", "fig11_box.png", "Fig. 11"), "resnet18": ("ResNet18
 
 def parse(argv=None):
     """ImageSettings from the command line, the defaults those of --arch."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.error = merge.fail
-    pre.add_argument("--arch", default="lenet", choices=PAPER)
-    arch = pre.parse_known_args(argv)[0].arch
-    return merge.parse_settings(argv, ImageSettings(arch=arch, **COMMON, **PAPER[arch]), __doc__)
+    return merge.parse_with_presets(argv, ImageSettings(**COMMON), "arch", PAPER, __doc__)
 
 
 def check(s):
@@ -290,51 +187,22 @@ def check(s):
 
 def run(s):
     check(s)
-    folder = Path(s.data) if s.data else fetch(Path(s.root))
+    folder = Path(s.data) if s.data else merge.fetch(Path(s.root), URL, DIGESTS, "imagewoof2-160")
     d = load_imagewoof(folder, min(s.size, 160), s.val_fraction, s.seed)
     classes = len(d["classes"])
     merge.log(f"{folder}: {classes} classes; train {len(d['x_train'])}, validation {len(d['x_val'])}, "
               f"test {len(d['x_test'])} images")
-    made = {}
-
-    def make_data(seed, device):  # every run shares the data; runs differ in weights, order and gates
-        if device not in made:
-            made[device] = image_data(d, s, device)
-        return made[device]
+    data = merge.image_data(d, merge.resolve_device(s.device), s.size, augment=(
+        lambda x: random_resized_crop_flip(x, s.size)) if s.arch == "resnet18" else None)
 
     def make_teacher():
         return merge.LeNet(classes) if s.arch == "lenet" else merge.resnet18(classes, s.width)
-
-    def result(model, data):
-        return dict(test_accuracy=round(merge.evaluate(model, data, "test"), 6),
-                    val_accuracy=round(merge.evaluate(model, data, "val"), 6))
-    rows = merge.run_experiment(s, f"{TITLES[s.arch][0]} on {folder.name}", make_data, make_teacher, result)
-    report(s, rows, Path(s.out), folder)
-
-
-def table(rows):
-    """Table 2's statistics of test accuracy per strategy; for the students also the mean
-    test accuracy of their teachers and of their big students before compression."""
-    mean_of = lambda key: lambda mine: f"{np.mean([r[key] for r in mine]):.4f}" if key in mine[0] else ""
-    return merge.summarize(rows, "test_accuracy", list(merge.STRATEGIES), extra={
-        "its teachers (mean)": mean_of("teachers_test"), "big student (mean)": mean_of("big_student_test")})
-
-
-def report(s, rows, out, folder):
-    """summary.md (the rows of Table 2) printed and saved; the box plot (Fig. 11 or 12) and
-    the teachers' shares of the kept units as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    names = list(merge.STRATEGIES)
-    name, figure, fig_no = TITLES[s.arch]
-    text = (f"# {name} on {folder.name}, Table 2: test accuracy over {s.runs} runs, {s.epochs} epochs per "
-            f"strategy\n\n{table(rows)}\n")
-    (out / "summary.md").write_text(text)
-    print(text)
-    merge.plot_box(rows, "test_accuracy", names, out / figure,
-                   f"{fig_no}: {name} on {folder.name}, test accuracy over {s.runs} runs")
-    merge.plot_kept_share(rows, out / "fig2_kept_share.png")
-    merge.log(f"wrote {out}/summary.md and figures")
+    # every run shares the data; runs differ in initial weights, data order and gate noise
+    rows = merge.run_experiment(s, f"{TITLES[s.arch][0]} on {folder.name}", lambda seed, device: data,
+                                make_teacher, merge.accuracy_result)
+    name, figure, figure_title = TITLES[s.arch]
+    merge.report_accuracy(s, rows, f"{name} on {folder.name}, Table 2, {s.epochs} epochs per strategy", figure,
+                          f"{figure_title}: {name} on {folder.name}")
 
 
 def main(argv=None):

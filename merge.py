@@ -18,10 +18,14 @@ is the paper's setting unless its help says (ours).
 import argparse
 import copy
 import dataclasses
+import hashlib
 import json
 import math
+import shutil
 import sys
+import tarfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
@@ -455,6 +459,8 @@ class Settings:
     device: str = setting("auto", "where to train: auto picks cuda when torch sees a GPU",
                           choices=("auto", "cpu", "cuda"), run_only=True)
     out: str = setting("runs/sine", "folder for results.jsonl, summary.md and the figures", run_only=True)
+    strategies: str = setting("student,bo3,one", "comma-separated, of student, bo3, one (section 3.1), prune and "
+                                                 "fusion (3.3); more may be added to an --out later", run_only=True)
     n_train: int = setting(10_000, "training points (paper: 10,000)")
     n_val: int = setting(2_000, "validation points, drawn the same way, for choosing bo3 (ours)")
     n_test: int = setting(10_000, "test points, drawn the same way (ours)")
@@ -497,6 +503,9 @@ def check_settings(s):
     for name in ("runs", "epochs", "n_train", "n_val", "n_test", "batch"):
         if getattr(s, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
+    unknown = set(s.strategies.split(",")) - set(STRATEGIES)
+    if unknown:
+        raise InputError(f"--strategies: unknown {', '.join(sorted(unknown))}; choose from {', '.join(STRATEGIES)}")
     if not 2 <= s.teachers <= 10:
         raise InputError(f"--teachers must be from 2 to 10, got {s.teachers}")
     if min(budget(s).values()) < 1:
@@ -553,11 +562,12 @@ def report_progress(epoch, epochs, error):
         log(f"    epoch {epoch + 1}/{epochs}, training error {error:.4f}")
 
 
-def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5):
+def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, after_step=None, after_epoch=None):
     """Train one model in place with SGD (the reference loop; fit_stacked is its fast twin).
 
     With `lambdas` (one per epoch) this is the importance phase: L = L_E + lambda sum_l L_half^l,
-    the gates on their own SGD (section 2.2). Returns one dict per epoch."""
+    the gates on their own SGD (section 2.2). after_step() and after_epoch(epoch), if given,
+    run after every step and epoch (channel pruning uses them). Returns one dict per epoch."""
     torch.manual_seed(seed)  # data order and gate noise
     model.train()
     gate_params = [gate.loc for gate in gates(model)]
@@ -583,11 +593,15 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5):
             opt.step()
             if gate_opt:
                 gate_opt.step()
+            if after_step:
+                after_step()
             total += error.detach() * len(idx)
         history.append(dict(epoch=epoch, lam=lam, error=total.item() / len(data.x_train), seconds=time.time() - start,
                             l_half=l_half(model, keep).item() if gate_opt else 0.0,
                             open=[gate.p_open().tolist() for gate in gates(model)]))
         report_progress(epoch, epochs, history[-1]["error"])
+        if after_epoch:
+            after_epoch(epoch)
     return history
 
 
@@ -724,7 +738,8 @@ def evaluate(model, data, split="test"):
 # =============================================================================
 # 3.1  Strategies: plain functions of (datas, settings, teacher constructor, seeds) over a
 # list of runs (one Data and one seed per run), returning one (model, info) per run.
-# Phase seeds: 100 seed + 0..9 teachers, +10 importance, +11 fine-tune, +20..22 bo3, +30 one.
+# Phase seeds: 100 seed + 0..9 teachers, +10 importance, +11 fine-tune, +20..22 bo3, +30 one,
+# +40..42 prune (wide, pruning, fine-tune), +50 fusion's fine-tune.
 # =============================================================================
 
 def new_models(make_teacher, seeds, device):
@@ -759,14 +774,15 @@ def student(datas, s, make_teacher, seeds):
           lambdas, 1 / k, what=f"big students, importance (lambda {lambdas[0]:.3g} -> {lambdas[-1]:.3g})")
     keeps = [top_units(big) for big in big_students]
     students = [compress(big, keep) for big, keep in zip(big_students, keeps)]
-    compressed = [evaluate(m, d, "val") for m, d in zip(students, datas)]
+    compressed = [(evaluate(m, d, "val"), evaluate(m, d, "test")) for m, d in zip(students, datas)]
     train(students, datas, s, b["finetune"], s.drops_finetune, [100 * seed + 11 for seed in seeds],
           what="students, fine-tuning")
     outcomes = []
     for ts, big, keep, merged, score, data in zip(teachers, big_students, keeps, students, compressed, datas):
         test = lambda model: round(evaluate(model, data, "test"), 6)
         outcomes.append((merged, dict(teachers_test=[test(t) for t in ts], big_student_test=test(big),
-                                      compressed_val=round(score, 6), kept_from_teacher=kept_share(big, keep),
+                                      compressed_val=round(score[0], 6), compressed_test=round(score[1], 6),
+                                      kept_from_teacher=kept_share(big, keep),
                                       l_half_end=round(l_half(big, 1 / k).item(), 6))))
     return outcomes
 
@@ -794,7 +810,147 @@ def one(datas, s, make_teacher, seeds):
     return [(m, {}) for m in models]
 
 
-STRATEGIES = dict(student=student, bo3=bo3, one=one)
+# =============================================================================
+# The paper's other comparisons (section 3.3): channel pruning of a double-width network
+# (CIFAR-100, Table 2) and model fusion (CIFAR-10, Table 3). Both end in the teachers'
+# architecture through compress(), with their own choice of units.
+# =============================================================================
+
+class Mask(nn.Module):
+    """A fixed 0/1 multiplier per unit in a gate's place, for channel pruning. Its gradient
+    dL/dm_c = sum over positions of a_c dL/da_c is the first-order Taylor estimate of the
+    loss change from removing unit c (Molchanov et al., CVPR 2019, "Importance Estimation
+    for Neural Network Pruning": their importance of a gate, (dL/dm)^2 per batch)."""
+
+    def __init__(self, n, device):
+        super().__init__()
+        self.register_buffer("m", torch.ones(n, device=device).requires_grad_())  # made on its device: a leaf
+
+    def sample(self, x):
+        return self.m.view(1, -1, *[1] * (x.dim() - 2))
+
+    def forward(self, x):
+        return x * self.sample(x)
+
+
+def with_masks(model):
+    """Put a Mask in place of every Gate of model; returns them in unit_groups() order. A
+    ResNet stage's one shared gate becomes one shared mask: its channels go together."""
+    device = next(model.parameters()).device
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Gate):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Mask(len(module.loc), device))
+    return [mask for mask, _, _ in model.unit_groups()]
+
+
+def prune_channels(model, masks, data, s, epochs, seed):
+    """Train on while pruning: (dL/dm)^2 is summed over the batches of an epoch, and after
+    each epoch the least important live units of every group are switched off, so that
+    each group is down to half its units after `epochs` epochs. Returns the live units."""
+    importance = [torch.zeros_like(mask.m) for mask in masks]
+
+    def after_step():
+        for total, mask in zip(importance, masks):
+            total += mask.m.grad ** 2
+            mask.m.grad = None
+
+    def after_epoch(epoch):
+        for total, mask in zip(importance, masks):
+            live, n = mask.m.detach() > 0, len(mask.m)
+            drop = int(live.sum()) - (n - round((epoch + 1) / epochs * (n // 2)))  # live units now -> target
+            if drop > 0:
+                with torch.no_grad():
+                    mask.m[torch.where(live, total, math.inf).topk(drop, largest=False).indices] = 0
+            total.zero_()
+    fit(model, data, s, epochs, s.drops_importance, seed, after_step=after_step, after_epoch=after_epoch)
+    return [mask.m.detach().nonzero().flatten() for mask in masks]
+
+
+def prune(datas, s, make_teacher, seeds):
+    """Channel pruning: a network of double width trained for the teachers' 2/3 of the
+    budget, pruned during the next 1/6 until every gated layer has the teachers' width,
+    compressed to the teachers' architecture and fine-tuned for the last 1/6."""
+    b = budget(s)
+    wide_seeds = [100 * seed + 40 for seed in seeds]
+    wides = train(new_models(lambda: variant(make_teacher(), k=2), wide_seeds, datas[0].x_train.device), datas,
+                  s, s.teachers * b["teacher"], s.drops_teacher, wide_seeds, what="double-width models")
+    pruned, infos = [], []
+    log(f"  pruning: {len(wides)} x {b['importance']} epochs")
+    for wide, data, seed in zip(wides, datas, seeds):
+        masked = variant(wide, gated=True)
+        masked.load_state_dict(wide.state_dict(), strict=False)  # all but the gates, which become masks
+        alive = prune_channels(masked, with_masks(masked), data, s, b["importance"], 100 * seed + 41)
+        pruned.append(compress(masked, alive))  # exact: the dropped units are 0 wherever they are written
+        infos.append(dict(wide_test=round(evaluate(wide, data), 6), pruned_test=round(evaluate(pruned[-1], data), 6)))
+    train(pruned, datas, s, b["finetune"], s.drops_finetune, [100 * seed + 42 for seed in seeds],
+          what="pruned models, fine-tuning")
+    return list(zip(pruned, infos))
+
+
+def unit_rows(layer, axis, n):
+    """The weights of a layer that belong to each of its n units, one row per unit: what it
+    writes (axis 0: weight rows, bias, BatchNorm's weight and bias) or reads (axis 1: weight
+    columns, in blocks of H W after a flatten)."""
+    if axis == 0:
+        return torch.cat([p.detach().reshape(n, -1) for p in layer.parameters()], 1)
+    w = layer.weight.detach()
+    return w.reshape(w.shape[0], n, -1).transpose(0, 1).reshape(n, -1)
+
+
+def weight_matching(reference, model, seed=0, max_passes=100):
+    """Permutations of model's units that align them with reference's: Git Re-Basin's
+    weight matching (Ainsworth et al., ICLR 2023). For one unit group at a time, the linear
+    assignment that maximises sum over the group's layers of <W_reference, W_model permuted>,
+    the other groups held fixed; repeated until a whole pass changes nothing. Returns one
+    index tensor per unit group: compress(model, perms) is model aligned."""
+    from scipy.optimize import linear_sum_assignment
+    groups = reference.unit_groups()
+    perms = [torch.arange(producers[0].weight.shape[0]) for _, producers, _ in groups]
+    order = torch.Generator().manual_seed(seed)
+    for _ in range(max_passes):
+        changed = False
+        for i in torch.randperm(len(groups), generator=order).tolist():
+            (_, ref_out, ref_in), (_, out, in_) = groups[i], compress(model, perms).unit_groups()[i]
+            n = len(perms[i])
+            similarity = sum(unit_rows(a, 0, n) @ unit_rows(b, 0, n).T for a, b in zip(ref_out, out))
+            similarity = similarity + sum(unit_rows(a, 1, n) @ unit_rows(b, 1, n).T for a, b in zip(ref_in, in_))
+            best = torch.as_tensor(linear_sum_assignment(similarity.cpu().numpy(), maximize=True)[1])
+            if not torch.equal(best, torch.arange(n)):
+                perms[i], changed = perms[i][best], True
+        if not changed:
+            break
+    return perms
+
+
+def fuse(teachers, seed=0):
+    """The mean of the teachers' weights, each aligned to teacher 0 by weight_matching."""
+    aligned = [teachers[0]] + [compress(t, weight_matching(teachers[0], t, seed)) for t in teachers[1:]]
+    states = [m.state_dict() for m in aligned]
+    fused = variant(teachers[0])
+    fused.load_state_dict({name: sum(st[name] for st in states) / len(states) if value.is_floating_point()
+                           else value for name, value in states[0].items()})
+    return fused
+
+
+def fusion(datas, s, make_teacher, seeds):
+    """Model fusion: the student's teachers (the same seeds, so a teacher phase that
+    student() kept is reused), aligned and averaged by fuse(), then fine-tuned for the
+    student's fine-tuning epochs. There is no importance phase: fusion uses 5/6 of the budget."""
+    b, R, k = budget(s), len(datas), s.teachers
+    teacher_seeds = [100 * seed + i for i in range(k) for seed in seeds]
+    teachers = train(new_models(make_teacher, teacher_seeds, datas[0].x_train.device), datas * k, s, b["teacher"],
+                     s.drops_teacher, teacher_seeds, what=f"teachers ({k} a run)")
+    teachers = [[teachers[i * R + r] for i in range(k)] for r in range(R)]
+    fused = [fuse(ts, seed) for ts, seed in zip(teachers, seeds)]
+    infos = [dict(teachers_test=[round(evaluate(t, data), 6) for t in ts], fused_test=round(evaluate(f, data), 6))
+             for ts, f, data in zip(teachers, fused, datas)]
+    train(fused, datas, s, b["finetune"], s.drops_finetune, [100 * seed + 50 for seed in seeds],
+          what="fused models, fine-tuning")
+    return list(zip(fused, infos))
+
+
+STRATEGIES = dict(student=student, bo3=bo3, one=one, prune=prune, fusion=fusion)
 
 
 # =============================================================================
@@ -849,7 +1005,7 @@ def summarize(rows, metric, strategies, extra=None):
     return "\n".join(lines)
 
 
-def run_experiment(s, title, make_data, make_teacher, result, strategies=STRATEGIES):
+def run_experiment(s, title, make_data, make_teacher, result):
     """The loop of every experiment (the sine below, the image scripts too): for each strategy,
     the runs not yet in --out/results.jsonl, as one stack (s.stack) or one at a time. Each
     finished (run, strategy) is written at once as one JSON line, and finished phases are kept
@@ -857,6 +1013,7 @@ def run_experiment(s, title, make_data, make_teacher, result, strategies=STRATEG
     make_data(seed, device) -> the Data of a run; result(model, data) -> the numbers of its row.
     Returns the rows of runs < s.runs."""
     device, out = resolve_device(s.device), Path(s.out)
+    strategies = {name: STRATEGIES[name] for name in s.strategies.split(",")}
     results = open_results(out, s)
     s = dataclasses.replace(s, phase_dir=str(out / "phases"))
     done = {(r["run"], r["strategy"]) for r in results}
@@ -957,6 +1114,143 @@ def plot_kept_share(rows, path=None):
 
 
 # =============================================================================
+# Image data sets, shared by the image scripts (section 3.3): archives downloaded, verified
+# and extracted once; images kept on the training device as uint8, each batch made into
+# normalised floats (and augmented) there; the summary and box plot of test accuracies.
+# =============================================================================
+
+def matches(path, digests):
+    """Whether the file's digest is one of `digests` (name -> hex)."""
+    hashes = {name: hashlib.new(name) for name in digests}
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            for h in hashes.values():
+                h.update(chunk)
+    return any(hashes[name].hexdigest() == value for name, value in digests.items())
+
+
+def download(url, path):
+    """url -> path, with a progress bar, through a .part file: path appears only when the
+    download is whole (as many bytes as the server announced)."""
+    part = path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url) as response, open(part, "wb") as f:
+            total, done = int(response.headers.get("Content-Length") or 0), 0
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                f.write(chunk)
+                done += len(chunk)
+                if total:
+                    bar = "#" * (30 * done // total)
+                    print(f"\r  {path.name} [{bar:<30}] {done / 2**20:.0f}/{total / 2**20:.0f} MiB", end="", flush=True)
+    except OSError as e:  # URLError, a connection cut, a full disk
+        raise InputError(f"cannot download {url} ({e}); or pass --data DIR with an extracted copy") from None
+    print()
+    if total and done != total:
+        log(f"the download stopped at {done} of {total} bytes")
+        return
+    part.replace(path)
+
+
+def fetch(root, url, digests, folder):
+    """root/folder, extracted from the archive at url: downloaded and verified (a broken or
+    partial file is fetched again, once), extracted once, whole or not at all."""
+    root.mkdir(parents=True, exist_ok=True)
+    archive, target = root / url.rsplit("/", 1)[1], root / folder
+    if target.is_dir():
+        return target
+    for attempt in range(2):
+        if not archive.exists():
+            log(f"downloading {url}")
+            download(url, archive)
+        if archive.exists() and matches(archive, digests):
+            break
+        archive.unlink(missing_ok=True)  # broken or partial
+        if attempt:
+            raise InputError(f"{url} came short or did not match its published checksum twice; not extracting it")
+    scratch = root / f".{folder}.extracting"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(scratch, filter="data")  # refuses absolute paths and links out of scratch
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise InputError(f"{archive} is not a readable archive ({e}); delete it to fetch it again") from None
+    if not (scratch / folder).is_dir():
+        raise InputError(f"{archive} holds no {folder} folder")
+    (scratch / folder).replace(target)
+    shutil.rmtree(scratch)
+    return target
+
+
+def channel_stats(x):
+    """Per-channel mean and std of uint8 images (N, H, W, 3) in [0, 1], in chunks.
+    DEVIATION: the statistics of the data in use; the authors' scripts swapped CIFAR's and
+    Imagewoof's."""
+    total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for chunk in x.split(256):
+        c = chunk.to(torch.float64) / 255
+        total += c.sum((0, 1, 2)).cpu()
+        squares += (c * c).sum((0, 1, 2)).cpu()
+    n = x.shape[0] * x.shape[1] * x.shape[2]
+    mean = total / n
+    dtype = torch.get_default_dtype()  # the models' parameters' dtype
+    return mean.to(dtype), (squares / n - mean ** 2).sqrt().to(dtype)
+
+
+def image_data(d, device, size=None, augment=None):
+    """Data holding d's uint8 images (N, H, W, 3) and labels on the device, moved there once.
+    prepare: a batch -> normalised floats (B, 3, H, W) with the channel statistics of d's
+    training images, resized to size x size if size is given; augment(floats) -> a training
+    batch, in place of the resizing. Nothing crosses between host and device in training."""
+    x_train = torch.as_tensor(d["x_train"]).to(device)
+    mean, std = (v.to(device).view(1, 3, 1, 1) for v in channel_stats(x_train))
+
+    def floats(x):
+        return ((x.permute(0, 3, 1, 2).to(mean.dtype) / 255 - mean) / std).contiguous()  # NCHW, not channels-last
+
+    def prepare(x):
+        x = floats(x)
+        return x if size in (None, x.shape[-1]) else F.interpolate(x, size=(size, size), mode="bilinear",
+                                                                    align_corners=False, antialias=True)
+    to = lambda key: torch.as_tensor(d[key]).to(device)
+    return Data(x_train, to("y_train"), to("x_val"), to("y_val"), to("x_test"), to("y_test"), metric="accuracy",
+                prepare=prepare, augment=(lambda x: augment(floats(x))) if augment else None)
+
+
+def accuracy_result(model, data):
+    """The numbers of a row of an image experiment."""
+    return dict(test_accuracy=round(evaluate(model, data, "test"), 6), val_accuracy=round(evaluate(model, data, "val"), 6))
+
+
+ACCURACY_COLUMNS = {"its teachers (mean)": "teachers_test", "big student (mean)": "big_student_test",
+                    "compressed, before fine-tuning (mean)": "compressed_test",
+                    "fused, before fine-tuning (mean)": "fused_test",
+                    "pruned, before fine-tuning (mean)": "pruned_test"}
+
+
+def accuracy_table(rows, strategies):
+    """The statistics of Tables 2 and 3 of test accuracy per strategy, and the mean test
+    accuracy of what came before: teachers, big students, fused and pruned models."""
+    mean_of = lambda key: lambda mine: f"{np.mean([r[key] for r in mine]):.4f}" if key in mine[0] else ""
+    return summarize(rows, "test_accuracy", strategies, extra={
+        column: mean_of(key) for column, key in ACCURACY_COLUMNS.items() if any(key in r for r in rows)})
+
+
+def report_accuracy(s, rows, heading, figure, figure_title):
+    """summary.md printed and saved; the box plot of test accuracies and, with students,
+    the teachers' shares of their units, as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    out, names = Path(s.out), s.strategies.split(",")
+    text = f"# {heading}: test accuracy over {s.runs} runs\n\n{accuracy_table(rows, names)}\n"
+    (out / "summary.md").write_text(text)
+    print(text)
+    plot_box(rows, "test_accuracy", names, out / figure, f"{figure_title}, test accuracy over {s.runs} runs")
+    if any(r["strategy"] == "student" for r in rows):
+        plot_kept_share(rows, out / "fig2_kept_share.png")
+    log(f"wrote {out}/summary.md and figures")
+
+
+# =============================================================================
 # 3.2  The sine experiment
 # =============================================================================
 
@@ -1033,7 +1327,7 @@ def report_sine(s, rows, out):
     """summary.md (Table 1) printed and saved; Figs. 5, 8a, 9, 10 and the kept shares as PNG."""
     import matplotlib
     matplotlib.use("Agg")
-    names = list(STRATEGIES)
+    names = s.strategies.split(",")
     table = summarize(rows, "test_mse", names, extra={
         "all 5 peaks": lambda mine: f"{sum(r['peaks'] == 5 for r in mine)}/{len(mine)}",
         "kept from teachers": lambda mine: " / ".join(
@@ -1064,13 +1358,28 @@ def parse_settings(argv=None, defaults=Settings(), description=__doc__):
     flags = [f for f in dataclasses.fields(defaults) if "help" in f.metadata and f.name not in defaults.unused]
     for f in flags:
         value = getattr(defaults, f.name)
-        flag, text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} [{value}]"
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        text = f"{f.metadata['help']} [{value}]"
         if isinstance(value, bool):
-            parser.add_argument(flag, action="store_true", help=text)
+            parser.add_argument(flag, dest=f.name, action="store_true", help=text)
+        elif isinstance(value, tuple):  # file names
+            parser.add_argument(flag, dest=f.name, nargs=f.metadata["nargs"], default=value, metavar="FILE", help=text)
         else:
-            parser.add_argument(flag, type=type(value), default=value, choices=f.metadata.get("choices"), help=text)
+            parser.add_argument(flag, dest=f.name, type=type(value), default=value, choices=f.metadata.get("choices"),
+                                help=text)
     args = parser.parse_args(argv)
-    return dataclasses.replace(defaults, **{f.name: getattr(args, f.name) for f in flags})
+    return dataclasses.replace(defaults, **{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+                                            for f in flags})
+
+
+def parse_with_presets(argv, base, choice, presets, description):
+    """parse_settings with defaults that follow one choice (--arch, --experiment): base's
+    fields replaced by those of presets[the choice], so that --help shows them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.error = fail
+    pre.add_argument("--" + choice, default=getattr(base, choice), choices=presets)
+    chosen = getattr(pre.parse_known_args(argv)[0], choice)
+    return parse_settings(argv, dataclasses.replace(base, **{choice: chosen}, **presets[chosen]), description)
 
 
 TASKS = dict(sine=run_sine)

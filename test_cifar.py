@@ -1,0 +1,251 @@
+"""Tests for cifar.py and the prune and fusion strategies. The tests write tiny CIFAR-10 and
+CIFAR-100 pickles in the official format (dicts of bytes keys, uint8 rows of 3072 values,
+label lists) and tiny archives of them; no network."""
+import hashlib
+import json
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cifar
+import merge
+
+ROOT = Path(__file__).parent
+
+
+def write_batch(path, n, classes, labels_key, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+    data[:, :1024] = (labels * 255 // max(1, classes - 1))[:, None]  # the red plane tells the class: learnable
+    with open(path, "wb") as f:
+        pickle.dump({b"batch_label": b"a test batch", labels_key: labels.tolist(), b"data": data,
+                     b"filenames": [b"x.png"] * n}, f, protocol=2)
+
+
+def make_cifar(root, dataset, n=16):
+    """The extracted folder of an official archive, with n images per batch file."""
+    spec = cifar.DATASETS[dataset]
+    folder = root / spec["folder"]
+    folder.mkdir(parents=True)
+    classes = 4 if dataset == "cifar10" else 5  # labels within range; few, so tiny runs can learn
+    for i, name in enumerate(spec["train"] + spec["test"]):
+        write_batch(folder / name, n, classes, spec["labels"], seed=i)
+    meta = "batches.meta" if dataset == "cifar10" else "meta"
+    with open(folder / meta, "wb") as f:
+        pickle.dump({b"label_names": [b"c%d" % i for i in range(spec["classes"])]}, f, protocol=2)
+    return folder
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "cifar.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def read_rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+# --- the data ----------------------------------------------------------------
+
+def test_the_pickles_load_with_shapes_labels_and_a_disjoint_seeded_split(tmp_path):
+    folder = make_cifar(tmp_path, "cifar10")
+    d = cifar.load_cifar(folder, "cifar10", val_fraction=0.25, seed=3)
+    assert d["x_train"].shape == (60, 32, 32, 3) and d["x_val"].shape == (20, 32, 32, 3)
+    assert d["x_test"].shape == (16, 32, 32, 3) and d["x_train"].dtype == np.uint8
+    with open(folder / "test_batch", "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    assert np.array_equal(d["x_test"][5].transpose(2, 0, 1).reshape(-1), batch[b"data"][5])  # rows -> HWC
+    assert d["y_test"].tolist() == batch[b"labels"]
+    rows = lambda x: {r.tobytes() for r in x}
+    assert not rows(d["x_train"]) & rows(d["x_val"]) and len(rows(d["x_train"]) | rows(d["x_val"])) == 80
+    assert np.array_equal(cifar.load_cifar(folder, "cifar10", 0.25, seed=3)["x_val"], d["x_val"])
+    hundred = cifar.load_cifar(make_cifar(tmp_path, "cifar100"), "cifar100", 0.25)
+    assert hundred["x_train"].shape == (12, 32, 32, 3) and len(hundred["x_test"]) == 16
+
+
+def test_the_augmentation_crops_with_padding_and_flips_each_example():
+    torch.manual_seed(0)
+    x = torch.randn(200, 3, 8, 8)
+    out = cifar.random_crop_flip(x, pad=4)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for b in range(200):  # each output is one 8x8 window of the padded image, mirrored or not
+        windows = padded[b].unfold(1, 8, 1).unfold(2, 8, 1).permute(1, 2, 0, 3, 4)  # (9, 9, 3, 8, 8)
+        assert any(torch.equal(w, out[b]) or torch.equal(w.flip(-1), out[b]) for w in windows.reshape(-1, 3, 8, 8))
+    assert (out == x).all((1, 2, 3)).sum() < 50  # most examples moved
+
+
+def test_a_tampered_pickle_is_refused_before_it_runs_anything(tmp_path):
+    folder = make_cifar(tmp_path, "cifar10")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this ran",))
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": Payload(), b"labels": []}, f)
+    with pytest.raises(merge.InputError, match="data_batch_3.*not part of a CIFAR batch"):
+        cifar.load_cifar(folder, "cifar10")
+
+
+# --- the strategies: fusion and pruning ---------------------------------------------
+
+SMALL = [lambda: merge.SineMLP(), lambda: merge.LeNet(10, (4, 6, 12, 8)),
+         lambda: merge.VGG(10, (4, 8, 8, 8, 8, 8, 8, 8)), lambda: merge.resnet20(10, width=4)]
+
+
+@pytest.mark.parametrize("make", SMALL, ids=["mlp", "lenet", "vgg11", "resnet20"])
+def test_weight_matching_recovers_a_permutation_and_fusion_gives_the_teacher_back(make):
+    torch.manual_seed(0)
+    teacher = make()
+    for m in teacher.modules():  # BatchNorms with statistics of their own, so that a wrong match shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    shuffle = [torch.randperm(producers[0].weight.shape[0]) for _, producers, _ in teacher.unit_groups()]
+    permuted = merge.compress(teacher, shuffle)  # unit c of permuted is unit shuffle[c] of teacher
+    assert any(not torch.equal(a, b) for a, b in zip(permuted.state_dict().values(), teacher.state_dict().values()))
+    perms = merge.weight_matching(teacher, permuted, seed=1)
+    assert all(torch.equal(p, s.argsort()) for p, s in zip(perms, shuffle))
+    fused = merge.fuse([teacher, permuted])
+    assert type(fused) is type(teacher)
+    assert all(torch.equal(fused.state_dict()[name], value) for name, value in teacher.state_dict().items())
+
+
+def test_pruning_keeps_the_function_and_ends_in_the_teachers_architecture():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (48, 8, 8, 3), dtype=torch.uint8)
+    y = torch.randint(0, 4, (48,))
+    data = merge.image_data(dict(x_train=x, y_train=y, x_val=x[:8], y_val=y[:8], x_test=x[:16], y_test=y[:16]),
+                            "cpu")
+    s = merge.Settings(batch=16, lr=0.05)
+    make = lambda: merge.resnet20(4, width=4)
+    masked = merge.variant(merge.variant(make(), k=2), gated=True)
+    masks = merge.with_masks(masked)
+    alive = merge.prune_channels(masked, masks, data, s, 3, seed=5)
+    assert [len(a) for a in alive] == [len(m.m) // 2 for m in masks] == [4] * 4 + [8] * 4 + [16] * 4
+    assert all(int(m.m.sum()) == len(a) for m, a in zip(masks, alive))
+    # a residual stage is one group, so one mask: its channel is 0 wherever the stream is
+    # written (stem, every block's output), and cutting it out changes nothing
+    stage0 = masked.stage_gates[0]
+    assert stage0 is masks[3] and all(stage0 is not b.gate for b in masked.stages[0])
+    pruned = merge.compress(masked, alive)
+    assert torch.allclose(merge.predict(pruned, data.x_test, data.prepare),
+                          merge.predict(masked, data.x_test, data.prepare), atol=1e-5)
+    fresh = make()
+    fresh.load_state_dict(pruned.state_dict())  # strict: the teachers' architecture exactly
+
+
+def test_prune_and_fusion_run_on_the_sine_with_equal_budgets():
+    s = merge.Settings(n_train=300, n_val=100, n_test=200, epochs=18, compile=0)
+    datas = [merge.sine_data(s, seed) for seed in (0, 1)]
+    for name in ("prune", "fusion"):
+        outcomes = merge.STRATEGIES[name](datas, s, merge.SineMLP, [0, 1])
+        assert len(outcomes) == 2
+        for model, info in outcomes:
+            assert type(model) is merge.SineMLP and model.hidden.out_features == 100
+            assert ("pruned_test" if name == "prune" else "fused_test") in info
+
+
+# --- the command line ----------------------------------------------------------
+
+def test_resnet20_cifar100_end_to_end_with_every_strategy(tmp_path):
+    data, out = make_cifar(tmp_path, "cifar100"), tmp_path / "out"
+    result = run_cli("--data", data, "--width", 2, "--epochs", 6, "--runs", 2, "--batch", 8, "--out", out)
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(out)
+    strategies = ("student", "bo3", "one", "prune")
+    assert sorted((r["run"], r["strategy"]) for r in rows) == sorted((run, n) for run in range(2) for n in strategies)
+    summary = (out / "summary.md").read_text()
+    assert "ResNet20 on CIFAR-100, Table 2" in summary and all(f"| {n} | 2 |" in summary for n in strategies)
+    assert "pruned, before fine-tuning" in summary and (out / "box_resnet20_cifar100.png").stat().st_size > 1000
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["lr"] == 0.1 and settings["weight_decay"] == 1e-4 and settings["drops_importance"] == [0.5, 0.7]
+
+
+def test_vgg11_cifar10_with_given_teachers_against_fusion(tmp_path):
+    data, out = make_cifar(tmp_path, "cifar10"), tmp_path / "out"
+    files = []
+    for i in range(2):  # OTFusion-style checkpoints: wrapped, with their own names
+        torch.manual_seed(i)
+        state = merge.vgg11(10, width=2).state_dict()
+        names = [f"features.{j}.weight" for j in range(len(state) - 1)] + ["classifier.weight"]
+        files.append(tmp_path / f"teacher{i}.pt")
+        torch.save({"model_state_dict": dict(zip(names, state.values())), "test_accuracy": 0.5}, files[-1])
+    result = run_cli("--experiment", "vgg11-cifar10", "--data", data, "--width", 2, "--epochs", 6, "--batch", 8,
+                     "--teachers", *files, "--out", out)
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(out)
+    assert sorted(r["strategy"] for r in rows) == ["fusion", "student"]
+    student, fusion = sorted(rows, key=lambda r: r["strategy"], reverse=True)
+    assert student["teachers_test"] == fusion["teachers_test"]  # the same given teachers, loaded, not trained
+    assert "teachers (2 a run): 0 x 2 epochs (2 done before)" in result.stdout
+    summary = (out / "summary.md").read_text()
+    assert "VGG-11 on CIFAR-10, Table 3" in summary
+    assert all(f"| {n} | 1 |" in summary for n in ("teacher 0", "teacher 1", "student", "fusion"))
+    assert "fused, before fine-tuning" in summary and (out / "box_vgg11_cifar10.png").exists()
+
+
+def make_archive(tmp_path, dataset):
+    make_cifar(tmp_path / "src", dataset)
+    archive = tmp_path / "server" / cifar.DATASETS[dataset]["url"].rsplit("/", 1)[1]
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / cifar.DATASETS[dataset]["folder"], arcname=cifar.DATASETS[dataset]["folder"])
+    return archive
+
+
+def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypatch):
+    archive = make_archive(tmp_path, "cifar10")
+    spec = dict(cifar.DATASETS["cifar10"], url=archive.as_uri(), md5=hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setitem(cifar.DATASETS, "cifar10", spec)
+    folder = merge.fetch(tmp_path / "data", spec["url"], dict(md5=spec["md5"]), spec["folder"])
+    assert folder == tmp_path / "data" / "cifar-10-batches-py" and (folder / "test_batch").is_file()
+    monkeypatch.setattr(merge, "download", lambda *a: pytest.fail("downloaded again"))
+    assert merge.fetch(tmp_path / "data", spec["url"], dict(md5=spec["md5"]), spec["folder"]) == folder
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("wrong md5", "did not match its published checksum"),
+    ("corrupt archive", "not a readable archive"),
+    ("missing folder", "no such folder"),
+    ("other data set", "looks like cifar-100-python"),
+    ("corrupt pickle", "cannot read"),
+    ("missing teacher", "--teachers: cannot read"),
+    ("wrong teacher", "does not hold a VGG"),
+])
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, damage, message):
+    out, args = tmp_path / "out", ["--width", "2", "--epochs", "6"]
+    if damage in ("wrong md5", "corrupt archive"):
+        archive = make_archive(tmp_path, "cifar100")
+        if damage == "corrupt archive":
+            archive.write_bytes(archive.read_bytes()[:200])
+        md5 = "0" * 32 if damage == "wrong md5" else hashlib.md5(archive.read_bytes()).hexdigest()
+        monkeypatch.setitem(cifar.DATASETS, "cifar100", dict(cifar.DATASETS["cifar100"], url=archive.as_uri(), md5=md5))
+        args += ["--root", tmp_path / "data"]
+    elif damage == "missing folder":
+        args += ["--data", tmp_path / "nowhere"]
+    elif damage == "other data set":
+        args += ["--data", make_cifar(tmp_path, "cifar100"), "--experiment", "vgg11-cifar10"]
+    elif damage == "corrupt pickle":
+        folder = make_cifar(tmp_path, "cifar100")
+        (folder / "train").write_bytes((folder / "train").read_bytes()[:500])
+        args += ["--data", folder]
+    else:
+        folder = make_cifar(tmp_path, "cifar10")
+        wrong = tmp_path / "wrong.pt"
+        torch.save(merge.LeNet().state_dict(), wrong)
+        files = [tmp_path / "missing.pt"] * 2 if damage == "missing teacher" else [wrong, wrong]
+        args += ["--data", folder, "--experiment", "vgg11-cifar10", "--teachers", *files]
+    with pytest.raises(SystemExit) as exit_:
+        cifar.main([str(a) for a in args + ["--out", out]])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
