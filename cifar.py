@@ -213,11 +213,7 @@ def run(s):
 
 
 def main(argv=None):
-    s = parse(argv)
-    try:
-        run(s)
-    except merge.InputError as e:
-        merge.fail(e)
+    merge.main(argv, parse, run)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ beats the best of three models (bo3) and one model trained for the whole budget.
     python merge.py --task sine --runs 50      # Table 1, Figs. 5, 8a, 9, 10 -> runs/sine/
 
 The file reads top to bottom in the paper's order: gates and L_half (2.2), concatenation
-(2.1), compression (2.3), architectures, training, strategies (3.1), the sine experiment
-(3.2), the command line. Results, machine and budget are in README.md. Every default
-is the paper's setting unless its help says (ours).
+(2.1), compression (2.3), architectures, training, strategies (3.1) and the baselines the
+paper compares with (3.3: channel pruning, model fusion), results, the image data that
+lenet_imagewoof.py and cifar.py share, the sine experiment (3.2), the command line.
+Results, machine and budget are in README.md. Every default is the paper's setting unless
+its help says (ours).
 """
 import argparse
 import copy
@@ -1385,11 +1387,17 @@ def parse_with_presets(argv, base, choice, presets, description):
 TASKS = dict(sine=run_sine)
 
 
-def main(argv=None):
-    s = parse_settings(argv)
+def run_task(s):
+    check_settings(s)
+    bench(s) if s.bench else TASKS[s.task](s)
+
+
+def main(argv=None, parse=parse_settings, run=run_task):
+    """The command line of merge.py and of the experiment scripts: bad input ends as one
+    line on stderr and exit code 2."""
+    s = parse(argv)
     try:
-        check_settings(s)
-        bench(s) if s.bench else TASKS[s.task](s)
+        run(s)
     except InputError as e:
         fail(e)
 
