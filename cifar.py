@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import images
 import merge
 from merge import setting
 
@@ -190,7 +191,7 @@ def run(s):
     check(s)
     dataset, title, table, network = NETWORKS[s.experiment]
     spec = DATASETS[dataset]
-    folder = Path(s.data) if s.data else merge.fetch(Path(s.root), spec["url"], dict(md5=spec["md5"]),
+    folder = Path(s.data) if s.data else images.fetch(Path(s.root), spec["url"], dict(md5=spec["md5"]),
                                                      spec["folder"])
     d = load_cifar(folder, dataset, s.val_fraction, s.seed)
     merge.log(f"{folder}: train {len(d['x_train'])}, validation {len(d['x_val'])}, test {len(d['x_test'])} images")
@@ -201,14 +202,14 @@ def run(s):
         phases.mkdir(parents=True, exist_ok=True)
         for i, path in enumerate(s.teacher_files):
             torch.save(load_teacher(path, make_teacher()).state_dict(), phases / f"{100 * 1000 * s.seed + i}.pt")
-    data = merge.image_data(d, merge.resolve_device(s.device), augment=random_crop_flip)
+    data = images.image_data(d, merge.resolve_device(s.device), augment=random_crop_flip)
     rows = merge.run_experiment(s, title, lambda seed, device: data, make_teacher,
-                                merge.accuracy_result)
+                                images.accuracy_result)
     if "student" in s.strategies.split(","):  # Table 3 lists the teachers too
         rows = rows + [dict(run=r["run"], strategy=f"teacher {i}", test_accuracy=acc)
                        for r in rows if r["strategy"] == "student" for i, acc in enumerate(r["teachers_test"])]
         s = dataclasses.replace(s, strategies=",".join(["teacher 0", "teacher 1", s.strategies]))
-    merge.report_accuracy(s, rows, f"{title}, {table}, {s.epochs} epochs per strategy",
+    images.report_accuracy(s, rows, f"{title}, {table}, {s.epochs} epochs per strategy",
                           f"box_{s.experiment.replace('-', '_')}.png", title)
 
 

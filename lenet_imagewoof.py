@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import images
 import merge
 from merge import setting
 
@@ -187,21 +188,21 @@ def check(s):
 
 def run(s):
     check(s)
-    folder = Path(s.data) if s.data else merge.fetch(Path(s.root), URL, DIGESTS, "imagewoof2-160")
+    folder = Path(s.data) if s.data else images.fetch(Path(s.root), URL, DIGESTS, "imagewoof2-160")
     d = load_imagewoof(folder, min(s.size, 160), s.val_fraction, s.seed)
     classes = len(d["classes"])
     merge.log(f"{folder}: {classes} classes; train {len(d['x_train'])}, validation {len(d['x_val'])}, "
               f"test {len(d['x_test'])} images")
-    data = merge.image_data(d, merge.resolve_device(s.device), s.size, augment=(
+    data = images.image_data(d, merge.resolve_device(s.device), s.size, augment=(
         lambda x: random_resized_crop_flip(x, s.size)) if s.arch == "resnet18" else None)
 
     def make_teacher():
         return merge.LeNet(classes) if s.arch == "lenet" else merge.resnet18(classes, s.width)
     # every run shares the data; runs differ in initial weights, data order and gate noise
     rows = merge.run_experiment(s, f"{TITLES[s.arch][0]} on {folder.name}", lambda seed, device: data,
-                                make_teacher, merge.accuracy_result)
+                                make_teacher, images.accuracy_result)
     name, figure, figure_title = TITLES[s.arch]
-    merge.report_accuracy(s, rows, f"{name} on {folder.name}, Table 2, {s.epochs} epochs per strategy", figure,
+    images.report_accuracy(s, rows, f"{name} on {folder.name}, Table 2, {s.epochs} epochs per strategy", figure,
                           f"{figure_title}: {name} on {folder.name}")
 
 

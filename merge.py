@@ -12,22 +12,18 @@ beats the best of three models (bo3) and one model trained for the whole budget.
 
 The file reads top to bottom in the paper's order: gates and L_half (2.2), concatenation
 (2.1), compression (2.3), architectures, training, strategies (3.1) and the baselines the
-paper compares with (3.3: channel pruning, model fusion), results, the image data that
-lenet_imagewoof.py and cifar.py share, the sine experiment (3.2), the command line.
+paper compares with (3.3: channel pruning, model fusion), results, the sine experiment
+(3.2), the command line.
 Results, machine and budget are in README.md. Every default is the paper's setting unless
 its help says (ours).
 """
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import math
-import shutil
 import sys
-import tarfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
@@ -1113,143 +1109,6 @@ def plot_kept_share(rows, path=None):
     ax.set(xlabel="run", ylabel="share of kept units", title="Which teacher the kept units came from")
     ax.legend(loc="lower right")
     return _finish(fig, path)
-
-
-# =============================================================================
-# Image data sets, shared by the image scripts (section 3.3): archives downloaded, verified
-# and extracted once; images kept on the training device as uint8, each batch made into
-# normalised floats (and augmented) there; the summary and box plot of test accuracies.
-# =============================================================================
-
-def matches(path, digests):
-    """Whether the file's digest is one of `digests` (name -> hex)."""
-    hashes = {name: hashlib.new(name) for name in digests}
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            for h in hashes.values():
-                h.update(chunk)
-    return any(hashes[name].hexdigest() == value for name, value in digests.items())
-
-
-def download(url, path):
-    """url -> path, with a progress bar, through a .part file: path appears only when the
-    download is whole (as many bytes as the server announced)."""
-    part = path.with_name(path.name + ".part")
-    try:
-        with urllib.request.urlopen(url) as response, open(part, "wb") as f:
-            total, done = int(response.headers.get("Content-Length") or 0), 0
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                f.write(chunk)
-                done += len(chunk)
-                if total:
-                    bar = "#" * (30 * done // total)
-                    print(f"\r  {path.name} [{bar:<30}] {done / 2**20:.0f}/{total / 2**20:.0f} MiB", end="", flush=True)
-    except OSError as e:  # URLError, a connection cut, a full disk
-        raise InputError(f"cannot download {url} ({e}); or pass --data DIR with an extracted copy") from None
-    print()
-    if total and done != total:
-        log(f"the download stopped at {done} of {total} bytes")
-        return
-    part.replace(path)
-
-
-def fetch(root, url, digests, folder):
-    """root/folder, extracted from the archive at url: downloaded and verified (a broken or
-    partial file is fetched again, once), extracted once, whole or not at all."""
-    root.mkdir(parents=True, exist_ok=True)
-    archive, target = root / url.rsplit("/", 1)[1], root / folder
-    if target.is_dir():
-        return target
-    for attempt in range(2):
-        if not archive.exists():
-            log(f"downloading {url}")
-            download(url, archive)
-        if archive.exists() and matches(archive, digests):
-            break
-        archive.unlink(missing_ok=True)  # broken or partial
-        if attempt:
-            raise InputError(f"{url} came short or did not match its published checksum twice; not extracting it")
-    scratch = root / f".{folder}.extracting"
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(scratch, filter="data")  # refuses absolute paths and links out of scratch
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise InputError(f"{archive} is not a readable archive ({e}); delete it to fetch it again") from None
-    if not (scratch / folder).is_dir():
-        raise InputError(f"{archive} holds no {folder} folder")
-    (scratch / folder).replace(target)
-    shutil.rmtree(scratch)
-    return target
-
-
-def channel_stats(x):
-    """Per-channel mean and std of uint8 images (N, H, W, 3) in [0, 1], in chunks.
-    DEVIATION: the statistics of the data in use; the authors' scripts swapped CIFAR's and
-    Imagewoof's."""
-    total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    for chunk in x.split(256):
-        c = chunk.to(torch.float64) / 255
-        total += c.sum((0, 1, 2)).cpu()
-        squares += (c * c).sum((0, 1, 2)).cpu()
-    n = x.shape[0] * x.shape[1] * x.shape[2]
-    mean = total / n
-    dtype = torch.get_default_dtype()  # the models' parameters' dtype
-    return mean.to(dtype), (squares / n - mean ** 2).sqrt().to(dtype)
-
-
-def image_data(d, device, size=None, augment=None):
-    """Data holding d's uint8 images (N, H, W, 3) and labels on the device, moved there once.
-    prepare: a batch -> normalised floats (B, 3, H, W) with the channel statistics of d's
-    training images, resized to size x size if size is given; augment(floats) -> a training
-    batch, in place of the resizing. Nothing crosses between host and device in training."""
-    x_train = torch.as_tensor(d["x_train"]).to(device)
-    mean, std = (v.to(device).view(1, 3, 1, 1) for v in channel_stats(x_train))
-
-    def floats(x):
-        return ((x.permute(0, 3, 1, 2).to(mean.dtype) / 255 - mean) / std).contiguous()  # NCHW, not channels-last
-
-    def prepare(x):
-        x = floats(x)
-        return x if size in (None, x.shape[-1]) else F.interpolate(x, size=(size, size), mode="bilinear",
-                                                                    align_corners=False, antialias=True)
-    to = lambda key: torch.as_tensor(d[key]).to(device)
-    return Data(x_train, to("y_train"), to("x_val"), to("y_val"), to("x_test"), to("y_test"), metric="accuracy",
-                prepare=prepare, augment=(lambda x: augment(floats(x))) if augment else None)
-
-
-def accuracy_result(model, data):
-    """The numbers of a row of an image experiment."""
-    return dict(test_accuracy=round(evaluate(model, data, "test"), 6), val_accuracy=round(evaluate(model, data, "val"), 6))
-
-
-ACCURACY_COLUMNS = {"its teachers (mean)": "teachers_test", "big student (mean)": "big_student_test",
-                    "compressed, before fine-tuning (mean)": "compressed_test",
-                    "fused, before fine-tuning (mean)": "fused_test",
-                    "pruned, before fine-tuning (mean)": "pruned_test"}
-
-
-def accuracy_table(rows, strategies):
-    """The statistics of Tables 2 and 3 of test accuracy per strategy, and the mean test
-    accuracy of what came before: teachers, big students, fused and pruned models."""
-    mean_of = lambda key: lambda mine: f"{np.mean([r[key] for r in mine]):.4f}" if key in mine[0] else ""
-    return summarize(rows, "test_accuracy", strategies, extra={
-        column: mean_of(key) for column, key in ACCURACY_COLUMNS.items() if any(key in r for r in rows)})
-
-
-def report_accuracy(s, rows, heading, figure, figure_title):
-    """summary.md printed and saved; the box plot of test accuracies and, with students,
-    the teachers' shares of their units, as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    out, names = Path(s.out), s.strategies.split(",")
-    text = f"# {heading}: test accuracy over {s.runs} runs\n\n{accuracy_table(rows, names)}\n"
-    (out / "summary.md").write_text(text)
-    print(text)
-    plot_box(rows, "test_accuracy", names, out / figure, f"{figure_title}, test accuracy over {s.runs} runs")
-    if any(r["strategy"] == "student" for r in rows):
-        plot_kept_share(rows, out / "fig2_kept_share.png")
-    log(f"wrote {out}/summary.md and figures")
 
 
 # =============================================================================

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cifar
+import images
 import merge
 
 ROOT = Path(__file__).parent
@@ -124,7 +125,7 @@ def test_pruning_keeps_the_function_and_ends_in_the_teachers_architecture():
     torch.manual_seed(0)
     x = torch.randint(0, 256, (48, 8, 8, 3), dtype=torch.uint8)
     y = torch.randint(0, 4, (48,))
-    data = merge.image_data(dict(x_train=x, y_train=y, x_val=x[:8], y_val=y[:8], x_test=x[:16], y_test=y[:16]),
+    data = images.image_data(dict(x_train=x, y_train=y, x_val=x[:8], y_val=y[:8], x_test=x[:16], y_test=y[:16]),
                             "cpu")
     s = merge.Settings(batch=16, lr=0.05)
     make = lambda: merge.resnet20(4, width=4)
@@ -207,10 +208,10 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     archive = make_archive(tmp_path, "cifar10")
     spec = dict(cifar.DATASETS["cifar10"], url=archive.as_uri(), md5=hashlib.md5(archive.read_bytes()).hexdigest())
     monkeypatch.setitem(cifar.DATASETS, "cifar10", spec)
-    folder = merge.fetch(tmp_path / "data", spec["url"], dict(md5=spec["md5"]), spec["folder"])
+    folder = images.fetch(tmp_path / "data", spec["url"], dict(md5=spec["md5"]), spec["folder"])
     assert folder == tmp_path / "data" / "cifar-10-batches-py" and (folder / "test_batch").is_file()
-    monkeypatch.setattr(merge, "download", lambda *a: pytest.fail("downloaded again"))
-    assert merge.fetch(tmp_path / "data", spec["url"], dict(md5=spec["md5"]), spec["folder"]) == folder
+    monkeypatch.setattr(images, "download", lambda *a: pytest.fail("downloaded again"))
+    assert images.fetch(tmp_path / "data", spec["url"], dict(md5=spec["md5"]), spec["folder"]) == folder
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import lenet_imagewoof as woof
+import images
 import merge
 
 ROOT = Path(__file__).parent
@@ -115,7 +116,7 @@ def test_stacked_lenet_on_uint8_images_equals_one_at_a_time(tmp_path):
     prepared on the device: each model still trains as fit() trains it alone."""
     d = woof.load_imagewoof(make_folder(tmp_path / "woof"), 28)
     s = dataclasses.replace(woof.parse([]), batch=4, compile=0)
-    data = merge.image_data(d, "cpu")
+    data = images.image_data(d, "cpu")
     make = lambda: merge.LeNet(3)
     close = lambda a, b: all(torch.allclose(a.state_dict()[n], b.state_dict()[n], rtol=1e-4, atol=1e-6)
                              for n in a.state_dict())
@@ -134,12 +135,12 @@ def test_stacked_lenet_on_uint8_images_equals_one_at_a_time(tmp_path):
 
 def test_batches_are_normalised_with_the_data_sets_own_statistics(tmp_path):
     d = woof.load_imagewoof(make_folder(tmp_path / "woof"), 28)
-    data = merge.image_data(d, "cpu")
+    data = images.image_data(d, "cpu")
     x = data.prepare(data.x_train)
     assert x.shape == (16, 3, 28, 28) and x.dtype == torch.get_default_dtype() and data.augment is None  # LeNet: none
     assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
     assert torch.allclose(x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-3)
-    resnet = merge.image_data(d, "cpu", 40, augment=lambda x: woof.random_resized_crop_flip(x, 40))
+    resnet = images.image_data(d, "cpu", 40, augment=lambda x: woof.random_resized_crop_flip(x, 40))
     assert resnet.prepare(resnet.x_test).shape == (6, 3, 40, 40)  # resized on the device
     assert resnet.augment(resnet.x_train).shape == (16, 3, 40, 40)
 
@@ -204,10 +205,10 @@ def make_archive(tmp_path):
 def test_the_archive_is_downloaded_verified_and_extracted_once(tmp_path, monkeypatch):
     url, digests = make_archive(tmp_path)
     root = tmp_path / "data"
-    folder = merge.fetch(root, url, digests, "imagewoof2-160")
+    folder = images.fetch(root, url, digests, "imagewoof2-160")
     assert folder == root / "imagewoof2-160" and len(woof.list_images(folder / "train")[0]) == 18
-    monkeypatch.setattr(merge, "download", lambda *a: pytest.fail("downloaded again"))
-    assert merge.fetch(root, url, digests, "imagewoof2-160") == folder
+    monkeypatch.setattr(images, "download", lambda *a: pytest.fail("downloaded again"))
+    assert images.fetch(root, url, digests, "imagewoof2-160") == folder
 
 
 def test_a_broken_download_is_fetched_again_and_a_wrong_checksum_refused(tmp_path):
@@ -215,9 +216,9 @@ def test_a_broken_download_is_fetched_again_and_a_wrong_checksum_refused(tmp_pat
     root = tmp_path / "data"
     root.mkdir()
     (root / "imagewoof2-160.tgz").write_bytes(b"the first 10 bytes of a cut download")
-    assert (merge.fetch(root, url, digests, "imagewoof2-160") / "val").is_dir()  # replaced, then extracted
+    assert (images.fetch(root, url, digests, "imagewoof2-160") / "val").is_dir()  # replaced, then extracted
     with pytest.raises(merge.InputError, match="checksum"):
-        merge.fetch(tmp_path / "elsewhere", url, {"md5": "0" * 32}, "imagewoof2-160")
+        images.fetch(tmp_path / "elsewhere", url, {"md5": "0" * 32}, "imagewoof2-160")
     assert not (tmp_path / "elsewhere" / "imagewoof2-160").exists()
 
 
@@ -227,14 +228,14 @@ def test_the_readme_reports_what_the_committed_lenet_runs_produced(folder):
     settings = json.loads((ROOT / "figures" / folder / "settings.json").read_text())
     names = list(merge.STRATEGIES)  # all five ran
     assert len(rows) == 3 * len(names) and settings["arch"] == "lenet" and settings["batch"] == 64
-    assert merge.accuracy_table(rows, names) in (ROOT / "figures" / folder / "summary.md").read_text()
-    assert merge.accuracy_table(rows, names) in (ROOT / "README.md").read_text()
+    assert images.accuracy_table(rows, names) in (ROOT / "figures" / folder / "summary.md").read_text()
+    assert images.accuracy_table(rows, names) in (ROOT / "README.md").read_text()
     assert f"**{settings['epochs']} epochs per strategy**" in (ROOT / "README.md").read_text()
 
 
 def test_a_download_cut_short_is_fetched_again_and_no_network_is_one_line(tmp_path, monkeypatch):
     url, digests = make_archive(tmp_path)
-    real_urlopen, calls = merge.urllib.request.urlopen, []
+    real_urlopen, calls = images.urllib.request.urlopen, []
 
     def flaky_urlopen(address):  # the first response ends early: fewer bytes than it announces
         response = real_urlopen(address)
@@ -243,8 +244,8 @@ def test_a_download_cut_short_is_fetched_again_and_no_network_is_one_line(tmp_pa
             chunks = iter([response.read()[:100]])
             response.read = lambda n: next(chunks, b"")
         return response
-    monkeypatch.setattr(merge.urllib.request, "urlopen", flaky_urlopen)
-    assert (merge.fetch(tmp_path / "data", url, digests, "imagewoof2-160") / "train").is_dir()
+    monkeypatch.setattr(images.urllib.request, "urlopen", flaky_urlopen)
+    assert (images.fetch(tmp_path / "data", url, digests, "imagewoof2-160") / "train").is_dir()
     assert calls.count(url) == 2
     with pytest.raises(merge.InputError, match="cannot download"):
-        merge.fetch(tmp_path / "other", (tmp_path / "nowhere.tgz").as_uri(), digests, "imagewoof2-160")
+        images.fetch(tmp_path / "other", (tmp_path / "nowhere.tgz").as_uri(), digests, "imagewoof2-160")
