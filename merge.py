@@ -756,13 +756,20 @@ def kept_share(big_student, keep):
     return [round(c, 4) for c in (counts / counts.sum()).tolist()]
 
 
+def train_teachers(datas, s, make_teacher, seeds):
+    """The k teachers of every run, [[teacher 0, ..., teacher k-1] for each run], from seeds
+    100 seed + i: student() and fusion() share them (a kept phase is loaded, not retrained)."""
+    k, R = s.teachers, len(datas)
+    teacher_seeds = [100 * seed + i for i in range(k) for seed in seeds]  # teacher i of run r at i R + r
+    teachers = train(new_models(make_teacher, teacher_seeds, datas[0].x_train.device), datas * k, s,
+                     budget(s)["teacher"], s.drops_teacher, teacher_seeds, what=f"teachers ({k} a run)")
+    return [[teachers[i * R + r] for i in range(k)] for r in range(R)]
+
+
 def student(datas, s, make_teacher, seeds):
     """Merging (section 2): k teachers, concatenation, importance, compression, fine-tuning."""
-    b, k, R, device = budget(s), s.teachers, len(datas), datas[0].x_train.device
-    teacher_seeds = [100 * seed + i for i in range(k) for seed in seeds]  # teacher i of run r at i R + r
-    teachers = train(new_models(make_teacher, teacher_seeds, device), datas * k, s, b["teacher"],
-                     s.drops_teacher, teacher_seeds, what=f"teachers ({k} a run)")
-    teachers = [[teachers[i * R + r] for i in range(k)] for r in range(R)]
+    b, k = budget(s), s.teachers
+    teachers = train_teachers(datas, s, make_teacher, seeds)
     big_students = []
     for ts, seed in zip(teachers, seeds):
         torch.manual_seed(100 * seed + 10)  # the gates' initial loc, whichever trainer ran before
@@ -935,15 +942,11 @@ def fusion(datas, s, make_teacher, seeds):
     """Model fusion: the student's teachers (the same seeds, so a teacher phase that
     student() kept is reused), aligned and averaged by fuse(), then fine-tuned for the
     student's fine-tuning epochs. There is no importance phase: fusion uses 5/6 of the budget."""
-    b, R, k = budget(s), len(datas), s.teachers
-    teacher_seeds = [100 * seed + i for i in range(k) for seed in seeds]
-    teachers = train(new_models(make_teacher, teacher_seeds, datas[0].x_train.device), datas * k, s, b["teacher"],
-                     s.drops_teacher, teacher_seeds, what=f"teachers ({k} a run)")
-    teachers = [[teachers[i * R + r] for i in range(k)] for r in range(R)]
+    teachers = train_teachers(datas, s, make_teacher, seeds)
     fused = [fuse(ts, seed) for ts, seed in zip(teachers, seeds)]
     infos = [dict(teachers_test=[round(evaluate(t, data), 6) for t in ts], fused_test=round(evaluate(f, data), 6))
              for ts, f, data in zip(teachers, fused, datas)]
-    train(fused, datas, s, b["finetune"], s.drops_finetune, [100 * seed + 50 for seed in seeds],
+    train(fused, datas, s, budget(s)["finetune"], s.drops_finetune, [100 * seed + 50 for seed in seeds],
           what="fused models, fine-tuning")
     return list(zip(fused, infos))
 
