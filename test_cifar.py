@@ -217,6 +217,7 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
 @pytest.mark.parametrize("damage, message", [
     ("wrong md5", "did not match its published checksum"),
     ("corrupt archive", "not a readable archive"),
+    ("missing archive", "cannot download"),
     ("missing folder", "no such folder"),
     ("other data set", "looks like cifar-100-python"),
     ("corrupt pickle", "cannot read"),
@@ -231,6 +232,10 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
             archive.write_bytes(archive.read_bytes()[:200])
         md5 = "0" * 32 if damage == "wrong md5" else hashlib.md5(archive.read_bytes()).hexdigest()
         monkeypatch.setitem(cifar.DATASETS, "cifar100", dict(cifar.DATASETS["cifar100"], url=archive.as_uri(), md5=md5))
+        args += ["--root", tmp_path / "data"]
+    elif damage == "missing archive":  # nothing at the address, nothing downloaded before
+        monkeypatch.setitem(cifar.DATASETS, "cifar100", dict(cifar.DATASETS["cifar100"],
+                                                             url=(tmp_path / "gone.tar.gz").as_uri()))
         args += ["--root", tmp_path / "data"]
     elif damage == "missing folder":
         args += ["--data", tmp_path / "nowhere"]
