@@ -192,7 +192,7 @@ def run(s):
     dataset, title, table, network = NETWORKS[s.experiment]
     spec = DATASETS[dataset]
     folder = Path(s.data) if s.data else images.fetch(Path(s.root), spec["url"], dict(md5=spec["md5"]),
-                                                     spec["folder"])
+                                                      spec["folder"])
     d = load_cifar(folder, dataset, s.val_fraction, s.seed)
     merge.log(f"{folder}: train {len(d['x_train'])}, validation {len(d['x_val'])}, test {len(d['x_test'])} images")
     make_teacher = lambda: network(spec["classes"], s.width)
@@ -203,14 +203,13 @@ def run(s):
         for i, path in enumerate(s.teacher_files):
             torch.save(load_teacher(path, make_teacher()).state_dict(), phases / f"{100 * 1000 * s.seed + i}.pt")
     data = images.image_data(d, merge.resolve_device(s.device), augment=random_crop_flip)
-    rows = merge.run_experiment(s, title, lambda seed, device: data, make_teacher,
-                                images.accuracy_result)
-    if "student" in s.strategies.split(","):  # Table 3 lists the teachers too
+    rows = merge.run_experiment(s, title, lambda seed, device: data, make_teacher, images.accuracy_result)
+    if "student" in s.strategies.split(","):  # each teacher gets rows of its own, as in Table 3
         rows = rows + [dict(run=r["run"], strategy=f"teacher {i}", test_accuracy=acc)
                        for r in rows if r["strategy"] == "student" for i, acc in enumerate(r["teachers_test"])]
         s = dataclasses.replace(s, strategies=",".join(["teacher 0", "teacher 1", s.strategies]))
     images.report_accuracy(s, rows, f"{title}, {table}, {s.epochs} epochs per strategy",
-                          f"box_{s.experiment.replace('-', '_')}.png", title)
+                           f"box_{s.experiment.replace('-', '_')}.png", title)
 
 
 def main(argv=None):

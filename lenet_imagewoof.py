@@ -116,7 +116,7 @@ def load_imagewoof(data, size, val_fraction=0.1, seed=0):
 
 
 # =============================================================================
-# Batches on the device: normalisation, and ResNet18's augmentation
+# ResNet18's augmentation, on batches on the device
 # =============================================================================
 
 def random_resized_crop_flip(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -199,11 +199,11 @@ def run(s):
     def make_teacher():
         return merge.LeNet(classes) if s.arch == "lenet" else merge.resnet18(classes, s.width)
     # every run shares the data; runs differ in initial weights, data order and gate noise
-    rows = merge.run_experiment(s, f"{TITLES[s.arch][0]} on {folder.name}", lambda seed, device: data,
-                                make_teacher, images.accuracy_result)
     name, figure, figure_title = TITLES[s.arch]
+    rows = merge.run_experiment(s, f"{name} on {folder.name}", lambda seed, device: data, make_teacher,
+                                images.accuracy_result)
     images.report_accuracy(s, rows, f"{name} on {folder.name}, Table 2, {s.epochs} epochs per strategy", figure,
-                          f"{figure_title}: {name} on {folder.name}")
+                           f"{figure_title}: {name} on {folder.name}")
 
 
 def main(argv=None):

@@ -1000,9 +1000,9 @@ def summarize(rows, metric, strategies, extra=None):
         mine = [r for r in rows if r["strategy"] == name]
         if mine:
             v = np.array([r[metric] for r in mine])
-            std = v.std(ddof=1) if len(v) > 1 else float("nan")
+            std = f"{v.std(ddof=1):.4f}" if len(v) > 1 else "-"  # no spread from one run
             lines.append(f"| {name} | {len(v)} | {v.min():.4f} | {v.max():.4f} | {np.median(v):.4f} | "
-                         f"{v.mean():.4f} | {std:.4f} |" + "".join(f" {f(mine)} |" for f in extra.values()))
+                         f"{v.mean():.4f} | {std} |" + "".join(f" {f(mine)} |" for f in extra.values()))
     return "\n".join(lines)
 
 
