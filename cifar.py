@@ -172,7 +172,10 @@ def load_teacher(path, model):
     ({"model_state_dict": ...}) or names it differently (OTFusion's features.0.weight ...
     for our convs.0.weight ...) loads when its tensors have our shapes in our order."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+    except pickle.UnpicklingError:
+        raise merge.InputError(f"--teachers: {path} holds Python objects besides tensors; save its state dict "
+                               "alone (torch.save(checkpoint['model_state_dict'], path)) and pass that") from None
     except Exception as e:  # noqa: BLE001 - missing, truncated, not a torch file: all one line
         raise merge.InputError(f"--teachers: cannot read {path} ({type(e).__name__})") from None
     for key in ("model_state_dict", "state_dict"):
