@@ -12,7 +12,7 @@ the final numbers only.
 
     python cifar.py --experiment resnet20-cifar100   # student, bo3, one, prune: 5 runs x 600 epochs
     python cifar.py --experiment vgg11-cifar10       # student against fusion and its two teachers
-    python cifar.py --experiment vgg11-cifar10 --teachers A.pt B.pt   # given teachers (state dicts)
+    python cifar.py --experiment vgg11-cifar10 --teacher-files A.pt B.pt   # given teachers (state dicts)
 
 Results go to --out as in merge.py: results.jsonl (one line per finished run and
 strategy; an interrupted experiment resumes), summary.md (the rows of Tables 2 and 3),
@@ -24,15 +24,15 @@ import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import experiment
 import images
 import merge
-from merge import setting
+from experiment import setting
 
 # The official archives (https://www.cs.toronto.edu/~kriz/cifar.html) and their published MD5 sums.
 DATASETS = {
@@ -119,9 +119,8 @@ def random_crop_flip(x, pad=4):
 # =============================================================================
 
 @dataclass
-class CifarSettings(merge.Settings):
-    # the sine's settings, and k: the paper merges 2 teachers here, and --teachers names files
-    unused: ClassVar[tuple] = ("task", "n_train", "n_val", "n_test", "noise", "bench", "teachers")
+class CifarSettings(experiment.Settings):
+    """The CIFAR experiments' settings: experiment.Settings, and the data's and networks'."""
     experiment: str = setting("resnet20-cifar100", "resnet20-cifar100 (Table 2) or vgg11-cifar10 (Table 3); "
                                                    "the other defaults follow it",
                               choices=("resnet20-cifar100", "vgg11-cifar10"))
@@ -130,8 +129,8 @@ class CifarSettings(merge.Settings):
     root: str = setting("data", "where the downloaded archive is kept and extracted")
     val_fraction: float = setting(0.1, "share of the training set held out, fixed by --seed, to choose bo3 (ours)")
     width: int = setting(16, "the network's first width (paper: ResNet20 16, VGG-11 64; smaller for quick checks)")
-    teacher_files: tuple = setting((), "two state dicts to merge instead of training teachers (vgg11-cifar10; "
-                                       "OTFusion's VGG-11 checkpoints load as they are)", flag="--teachers", nargs=2)
+    teacher_files: tuple = setting((), "k state dicts (--teachers of them) to merge instead of training teachers "
+                                       "(OTFusion's VGG-11 checkpoints load as they are)", nargs="+")
 
 
 EXPERIMENTS = {
@@ -154,17 +153,18 @@ NETWORKS = {"resnet20-cifar100": ("cifar100", "ResNet20 on CIFAR-100", "Table 2"
 
 def parse(argv=None):
     """CifarSettings from the command line, the defaults those of --experiment."""
-    return merge.parse_with_presets(argv, CifarSettings(stack=0), "experiment", EXPERIMENTS, __doc__)
+    return experiment.parse_with_presets(argv, CifarSettings(stack=0), "experiment", EXPERIMENTS, __doc__)
 
 
 def check(s):
-    merge.check_settings(s)
+    experiment.check_settings(s)
     if s.experiment == "resnet20-cifar100" and s.stack:
         raise merge.InputError("--stack 1 is for networks without BatchNorm; ResNet20 trains one model at a time")
     if not 0 < s.val_fraction < 1 or s.width < 1:
         raise merge.InputError("--val-fraction must be in (0, 1) and --width at least 1")
-    if s.teacher_files and s.runs != 1:
-        raise merge.InputError("--teachers gives one pair of teachers: use --runs 1")
+    if s.teacher_files and (s.runs != 1 or len(s.teacher_files) != s.teachers):
+        raise merge.InputError(f"--teacher-files gives the {s.teachers} teachers (--teachers) of one run: pass "
+                               f"{s.teachers} files and use --runs 1")
 
 
 def load_teacher(path, model):
@@ -174,17 +174,17 @@ def load_teacher(path, model):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
     except pickle.UnpicklingError:
-        raise merge.InputError(f"--teachers: {path} holds Python objects besides tensors; save its state dict "
+        raise merge.InputError(f"--teacher-files: {path} holds Python objects besides tensors; save its state dict "
                                "alone (torch.save(checkpoint['model_state_dict'], path)) and pass that") from None
     except Exception as e:  # noqa: BLE001 - missing, truncated, not a torch file: all one line
-        raise merge.InputError(f"--teachers: cannot read {path} ({type(e).__name__})") from None
+        raise merge.InputError(f"--teacher-files: cannot read {path} ({type(e).__name__})") from None
     for key in ("model_state_dict", "state_dict"):
         if isinstance(state, dict) and key in state:
             state = state[key]
     ours = model.state_dict()
     theirs = [v for v in state.values() if torch.is_tensor(v)] if isinstance(state, dict) else []
     if [v.shape for v in theirs] != [v.shape for v in ours.values()]:
-        raise merge.InputError(f"--teachers: {path} does not hold a {type(model).__name__} of these widths "
+        raise merge.InputError(f"--teacher-files: {path} does not hold a {type(model).__name__} of these widths "
                                f"({len(theirs)} tensors, we need {len(ours)})")
     model.load_state_dict(dict(zip(ours, theirs)))
     return model
@@ -200,23 +200,25 @@ def run(s):
     merge.log(f"{folder}: train {len(d['x_train'])}, validation {len(d['x_val'])}, test {len(d['x_test'])} images")
     make_teacher = lambda: network(spec["classes"], s.width)
     if s.teacher_files:  # given teachers become the finished teacher phase that student() and fusion() load
-        merge.open_results(Path(s.out), s)  # settings first: these files belong to this --out
+        given = [load_teacher(path, make_teacher()) for path in s.teacher_files]  # all checked before writing
+        experiment.open_results(Path(s.out), s)  # settings first: these files belong to this --out
         phases = Path(s.out) / "phases"
         phases.mkdir(parents=True, exist_ok=True)
-        for i, path in enumerate(s.teacher_files):
-            torch.save(load_teacher(path, make_teacher()).state_dict(), phases / f"{100 * 1000 * s.seed + i}.pt")
-    data = images.image_data(d, merge.resolve_device(s.device), augment=random_crop_flip)
-    rows = merge.run_experiment(s, title, lambda seed, device: data, make_teacher, images.accuracy_result)
+        for i, teacher in enumerate(given):
+            seed = merge.phase_seed(merge.run_seed(s.seed, 0), "teacher", i)
+            torch.save(teacher.state_dict(), phases / f"teacher-{seed}.pt")
+    data = images.image_data(d, experiment.resolve_device(s.device), augment=random_crop_flip)
+    rows = experiment.run_experiment(s, title, lambda seed, device: data, make_teacher, images.accuracy_result)
     if "student" in s.strategies.split(","):  # each teacher gets rows of its own, as in Table 3
         rows = rows + [dict(run=r["run"], strategy=f"teacher {i}", test_accuracy=acc)
                        for r in rows if r["strategy"] == "student" for i, acc in enumerate(r["teachers_test"])]
-        s = dataclasses.replace(s, strategies=",".join(["teacher 0", "teacher 1", s.strategies]))
+        s = dataclasses.replace(s, strategies=",".join([f"teacher {i}" for i in range(s.teachers)] + [s.strategies]))
     images.report_accuracy(s, rows, f"{title}, {table}, {s.epochs} epochs per strategy",
                            f"box_{s.experiment.replace('-', '_')}.png", title)
 
 
 def main(argv=None):
-    merge.main(argv, parse, run)
+    experiment.main(argv, parse, run)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from merge import Data, InputError, evaluate, log, plot_box, plot_kept_share, summarize
+from experiment import plot_box, plot_kept_share, summarize
+from merge import Data, InputError, evaluate, log
 
 
 def matches(path, digests):
@@ -94,22 +95,21 @@ def channel_stats(x):
 
 def image_data(d, device, size=None, augment=None):
     """Data holding d's uint8 images (N, H, W, 3) and labels on the device, moved there once.
-    prepare: a batch -> normalised floats (B, 3, H, W) with the channel statistics of d's
-    training images, resized to size x size if size is given; augment(floats) -> a training
-    batch, in place of the resizing. Nothing crosses between host and device in training."""
+    Its prepare(x, train) makes a batch normalised floats (B, 3, H, W) with the channel statistics
+    of d's training images, then, for training, augment(floats) if given, else resizes them to
+    size x size if size is given. Nothing crosses between host and device in training."""
     x_train = torch.as_tensor(d["x_train"]).to(device)
     mean, std = (v.to(device).view(1, 3, 1, 1) for v in channel_stats(x_train))
 
-    def floats(x):
-        return ((x.permute(0, 3, 1, 2).to(mean.dtype) / 255 - mean) / std).contiguous()  # NCHW, not channels-last
-
-    def prepare(x):
-        x = floats(x)
+    def prepare(x, train=False):
+        x = ((x.permute(0, 3, 1, 2).to(mean.dtype) / 255 - mean) / std).contiguous()  # NCHW, not channels-last
+        if train and augment:
+            return augment(x)
         return x if size in (None, x.shape[-1]) else F.interpolate(x, size=(size, size), mode="bilinear",
                                                                     align_corners=False, antialias=True)
     to = lambda key: torch.as_tensor(d[key]).to(device)
     return Data(x_train, to("y_train"), to("x_val"), to("y_val"), to("x_test"), to("y_test"), metric="accuracy",
-                prepare=prepare, augment=(lambda x: augment(floats(x))) if augment else None)
+                prepare=prepare)
 
 
 def accuracy_result(model, data):

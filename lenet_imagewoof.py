@@ -22,15 +22,15 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+import experiment
 import images
 import merge
-from merge import setting
+from experiment import setting
 
 URL = "https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2-160.tgz"
 # The archive's published digests (fast.ai's archive, as listed by the catalyst and
@@ -144,8 +144,8 @@ def random_resized_crop_flip(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
 # =============================================================================
 
 @dataclass
-class ImageSettings(merge.Settings):
-    unused: ClassVar[tuple] = ("task", "n_train", "n_val", "n_test", "noise", "bench")  # the sine's
+class ImageSettings(experiment.Settings):
+    """The Imagewoof experiments' settings: experiment.Settings, and the data's and networks'."""
     arch: str = setting("lenet", "lenet (section 3.3.1) or resnet18 (3.3.2); the other defaults follow it",
                         choices=("lenet", "resnet18"))
     data: str = setting("", "an extracted folder in the Imagewoof layout; empty: download imagewoof2-160 "
@@ -172,11 +172,11 @@ TITLES = {"lenet": ("LeNet", "fig11_box.png", "Fig. 11"), "resnet18": ("ResNet18
 
 def parse(argv=None):
     """ImageSettings from the command line, the defaults those of --arch."""
-    return merge.parse_with_presets(argv, ImageSettings(**COMMON), "arch", PAPER, __doc__)
+    return experiment.parse_with_presets(argv, ImageSettings(**COMMON), "arch", PAPER, __doc__)
 
 
 def check(s):
-    merge.check_settings(s)
+    experiment.check_settings(s)
     if s.arch == "lenet" and s.size != 28:
         raise merge.InputError(f"LeNet takes 28x28 images (section 3.3.1); --size {s.size} would not fit its "
                                "first linear layer")
@@ -193,21 +193,21 @@ def run(s):
     classes = len(d["classes"])
     merge.log(f"{folder}: {classes} classes; train {len(d['x_train'])}, validation {len(d['x_val'])}, "
               f"test {len(d['x_test'])} images")
-    data = images.image_data(d, merge.resolve_device(s.device), s.size, augment=(
+    data = images.image_data(d, experiment.resolve_device(s.device), s.size, augment=(
         lambda x: random_resized_crop_flip(x, s.size)) if s.arch == "resnet18" else None)
 
     def make_teacher():
         return merge.LeNet(classes) if s.arch == "lenet" else merge.resnet18(classes, s.width)
     # every run shares the data; runs differ in initial weights, data order and gate noise
     name, figure, figure_title = TITLES[s.arch]
-    rows = merge.run_experiment(s, f"{name} on {folder.name}", lambda seed, device: data, make_teacher,
+    rows = experiment.run_experiment(s, f"{name} on {folder.name}", lambda seed, device: data, make_teacher,
                                 images.accuracy_result)
     images.report_accuracy(s, rows, f"{name} on {folder.name}, Table 2, {s.epochs} epochs per strategy", figure,
                            f"{figure_title}: {name} on {folder.name}")
 
 
 def main(argv=None):
-    merge.main(argv, parse, run)
+    experiment.main(argv, parse, run)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 import cifar
 import images
+import experiment
 import merge
 
 ROOT = Path(__file__).parent
@@ -127,7 +128,7 @@ def test_pruning_keeps_the_function_and_ends_in_the_teachers_architecture():
     y = torch.randint(0, 4, (48,))
     data = images.image_data(dict(x_train=x, y_train=y, x_val=x[:8], y_val=y[:8], x_test=x[:16], y_test=y[:16]),
                             "cpu")
-    s = merge.Settings(batch=16, lr=0.05)
+    s = experiment.SineSettings(batch=16, lr=0.05)
     make = lambda: merge.resnet20(4, width=4)
     masked = merge.variant(merge.variant(make(), k=2), gated=True)
     masks = merge.with_masks(masked)
@@ -146,7 +147,7 @@ def test_pruning_keeps_the_function_and_ends_in_the_teachers_architecture():
 
 
 def test_prune_and_fusion_run_on_the_sine_with_equal_budgets():
-    s = merge.Settings(n_train=300, n_val=100, n_test=200, epochs=18, compile=0)
+    s = experiment.SineSettings(n_train=300, n_val=100, n_test=200, epochs=18, compile=0)
     datas = [merge.sine_data(s, seed) for seed in (0, 1)]
     for name in ("prune", "fusion"):
         outcomes = merge.STRATEGIES[name](datas, s, merge.SineMLP, [0, 1])
@@ -182,13 +183,13 @@ def test_vgg11_cifar10_with_given_teachers_against_fusion(tmp_path):
         files.append(tmp_path / f"teacher{i}.pt")
         torch.save({"model_state_dict": dict(zip(names, state.values())), "test_accuracy": 0.5}, files[-1])
     result = run_cli("--experiment", "vgg11-cifar10", "--data", data, "--width", 2, "--epochs", 6, "--batch", 8,
-                     "--teachers", *files, "--out", out)
+                     "--teacher-files", *files, "--out", out)
     assert result.returncode == 0, result.stderr
     rows = read_rows(out)
     assert sorted(r["strategy"] for r in rows) == ["fusion", "student"]
     student, fusion = sorted(rows, key=lambda r: r["strategy"], reverse=True)
     assert student["teachers_test"] == fusion["teachers_test"]  # the same given teachers, loaded, not trained
-    assert "teachers (2 a run): 0 x 2 epochs (2 done before)" in result.stdout
+    assert "teacher: 0 x 2 epochs (2 done before)" in result.stdout
     summary = (out / "summary.md").read_text()
     assert "VGG-11 on CIFAR-10, Table 3" in summary
     assert all(f"| {n} | 1 |" in summary for n in ("teacher 0", "teacher 1", "student", "fusion"))
@@ -221,7 +222,7 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     ("missing folder", "no such folder"),
     ("other data set", "looks like cifar-100-python"),
     ("corrupt pickle", "cannot read"),
-    ("missing teacher", "--teachers: cannot read"),
+    ("missing teacher", "--teacher-files: cannot read"),
     ("wrong teacher", "does not hold a VGG"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, damage, message):
@@ -250,7 +251,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
         wrong = tmp_path / "wrong.pt"
         torch.save(merge.LeNet().state_dict(), wrong)
         files = [tmp_path / "missing.pt"] * 2 if damage == "missing teacher" else [wrong, wrong]
-        args += ["--data", folder, "--experiment", "vgg11-cifar10", "--teachers", *files]
+        args += ["--data", folder, "--experiment", "vgg11-cifar10", "--teacher-files", *files]
     with pytest.raises(SystemExit) as exit_:
         cifar.main([str(a) for a in args + ["--out", out]])
     err = capsys.readouterr().err

@@ -137,12 +137,13 @@ def test_batches_are_normalised_with_the_data_sets_own_statistics(tmp_path):
     d = woof.load_imagewoof(make_folder(tmp_path / "woof"), 28)
     data = images.image_data(d, "cpu")
     x = data.prepare(data.x_train)
-    assert x.shape == (16, 3, 28, 28) and x.dtype == torch.get_default_dtype() and data.augment is None  # LeNet: none
+    assert x.shape == (16, 3, 28, 28) and x.dtype == torch.get_default_dtype()
+    assert torch.equal(data.prepare(data.x_train, train=True), x)  # LeNet: no augmentation
     assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
     assert torch.allclose(x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-3)
     resnet = images.image_data(d, "cpu", 40, augment=lambda x: woof.random_resized_crop_flip(x, 40))
     assert resnet.prepare(resnet.x_test).shape == (6, 3, 40, 40)  # resized on the device
-    assert resnet.augment(resnet.x_train).shape == (16, 3, 40, 40)
+    assert resnet.prepare(resnet.x_train, train=True).shape == (16, 3, 40, 40)
 
 
 def test_the_augmentation_crops_and_flips_each_example_on_its_own():
