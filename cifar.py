@@ -24,6 +24,7 @@ import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 import experiment
 import images
 import merge
-from experiment import setting
+from experiment import AT_LEAST_1, FRACTION, setting
 
 # The official archives (https://www.cs.toronto.edu/~kriz/cifar.html) and their published MD5 sums.
 DATASETS = {
@@ -78,7 +79,9 @@ def read_batches(folder, names, labels_key, classes):
             y = np.asarray(batch[labels_key], dtype=np.int64)
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as e:
             raise merge.InputError(f"cannot read {path} as a CIFAR batch ({type(e).__name__}: {e})") from None
-        if len(y) != len(x) or (len(y) and not 0 <= y.min() <= y.max() < classes):
+        if not len(x):
+            raise merge.InputError(f"{path} holds no images")
+        if len(y) != len(x) or not 0 <= y.min() <= y.max() < classes:
             raise merge.InputError(f"{path}: labels do not fit its {len(x)} images of {classes} classes")
         images.append(x)
         labels.append(y)
@@ -90,10 +93,15 @@ def load_cifar(folder, dataset, val_fraction=0.1, seed=0):
     spec = DATASETS[dataset]
     if not folder.is_dir():
         raise merge.InputError(f"--data {folder}: no such folder")
+    if (folder / spec["folder"]).is_dir():  # the folder the archive was extracted into, as torchvision's root
+        folder = folder / spec["folder"]
     images, labels = read_batches(folder, spec["train"], spec["labels"], spec["classes"])
     test_images, test_labels = read_batches(folder, spec["test"], spec["labels"], spec["classes"])
     order = np.random.default_rng(seed).permutation(len(images))
     n_val = max(1, round(val_fraction * len(images)))
+    if n_val >= len(images):
+        raise merge.InputError(f"--data {folder}: {len(images)} training images leave none to train on after "
+                               f"--val-fraction {val_fraction}")
     val, train = order[:n_val], order[n_val:]
     return dict(x_train=images[train], y_train=labels[train], x_val=images[val], y_val=labels[val],
                 x_test=test_images, y_test=test_labels)
@@ -102,7 +110,7 @@ def load_cifar(folder, dataset, val_fraction=0.1, seed=0):
 def random_crop_flip(x, pad=4):
     """The paper's CIFAR augmentation for a whole batch (B, 3, H, W) on its device: a random
     H x W crop of the image padded by `pad` on every side, mirrored half the time.
-    DEVIATION: the padding is 0 after normalisation (the mean colour), not black."""
+    The batch is in [0, 1], not yet normalised: the padding is black, as torchvision's."""
     B, _, H, W = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = torch.randint(0, 2 * pad + 1, (B, 1), device=x.device) + torch.arange(H, device=x.device)  # (B, H)
@@ -121,14 +129,17 @@ def random_crop_flip(x, pad=4):
 @dataclass
 class CifarSettings(experiment.Settings):
     """The CIFAR experiments' settings: experiment.Settings, and the data's and networks'."""
-    experiment: str = setting("resnet20-cifar100", "resnet20-cifar100 (Table 2) or vgg11-cifar10 (Table 3); "
+    metric: ClassVar[str] = "test_accuracy"
+    experiment: str = setting("resnet20-cifar100", "resnet20-cifar100 (Table 2) or vgg11-cifar10 (section 3.3.4); "
                                                    "the other defaults follow it",
                               choices=("resnet20-cifar100", "vgg11-cifar10"))
     data: str = setting("", "the extracted folder (cifar-10-batches-py or cifar-100-python); empty: download "
                             "the archive into --root")
     root: str = setting("data", "where the downloaded archive is kept and extracted")
-    val_fraction: float = setting(0.1, "share of the training set held out, fixed by --seed, to choose bo3 (ours)")
-    width: int = setting(16, "the network's first width (paper: ResNet20 16, VGG-11 64; smaller for quick checks)")
+    val_fraction: float = setting(0.1, "share of the training set held out, fixed by --seed, to choose bo3 (ours)",
+                                  valid=FRACTION)
+    width: int = setting(16, "the network's first width (paper: ResNet20 16, VGG-11 64; smaller for quick checks)",
+                         valid=AT_LEAST_1)
     teacher_files: tuple = setting((), "k state dicts (--teachers of them) to merge instead of training teachers "
                                        "(OTFusion's VGG-11 checkpoints load as they are)", nargs="+")
 
@@ -136,19 +147,22 @@ class CifarSettings(experiment.Settings):
 EXPERIMENTS = {
     "resnet20-cifar100": dict(
         out="runs/resnet20_cifar100", strategies="student,bo3,one,prune", runs=5, epochs=600, width=16,
-        batch=128, lr=0.1, weight_decay=1e-4, lambda_start=0.05, lambda_step=0.05, paper_epochs=600,
+        batch=128, lr=0.1, weight_decay=1e-4, gate_lr=0.2, lambda_start=0.05, lambda_step=0.05, paper_epochs=600,
         drops_teacher=(1 / 2, 3 / 4), drops_importance=(1 / 2, 0.7), drops_finetune=(1 / 2, 3 / 4),
         drops_one=(1 / 2, 3 / 4)),
     "vgg11-cifar10": dict(
         # ours: the paper merges two given teachers; here they are trained for 200 epochs each,
         # so that the budget is 600 as for ResNet20 (importance 100 and fine-tuning 100, the paper's)
         out="runs/vgg11_cifar10", strategies="student,fusion", runs=1, epochs=600, width=64,
-        batch=128, lr=0.05, weight_decay=5e-4, lambda_start=0.01, lambda_step=0.01, paper_epochs=600,
+        batch=128, lr=0.05, weight_decay=5e-4, gate_lr=0.2, lambda_start=0.01, lambda_step=0.01, paper_epochs=600,
         drops_teacher=(1 / 2, 3 / 4), drops_importance=(1 / 2, 0.7), drops_finetune=(1 / 2, 3 / 4),
         drops_one=(1 / 2, 3 / 4)),
 }
 NETWORKS = {"resnet20-cifar100": ("cifar100", "ResNet20 on CIFAR-100", "Table 2", merge.resnet20),
-            "vgg11-cifar10": ("cifar10", "VGG-11 on CIFAR-10", "Table 3", merge.vgg11)}
+            "vgg11-cifar10": ("cifar10", "VGG-11 on CIFAR-10", "section 3.3.4", merge.vgg11)}
+FUSION_NOTE = ("\nfusion is our baseline, Git Re-Basin's weight matching then averaging and the student's fine-tuning "
+               "(merge.py). Table 3's fusion rows, OTFusion and GAMF, are quoted from other papers and were not rerun "
+               "here: do not compare this row with them.\n")
 
 
 def parse(argv=None):
@@ -160,8 +174,6 @@ def check(s):
     experiment.check_settings(s)
     if s.experiment == "resnet20-cifar100" and s.stack:
         raise merge.InputError("--stack 1 is for networks without BatchNorm; ResNet20 trains one model at a time")
-    if not 0 < s.val_fraction < 1 or s.width < 1:
-        raise merge.InputError("--val-fraction must be in (0, 1) and --width at least 1")
     if s.teacher_files and (s.runs != 1 or len(s.teacher_files) != s.teachers):
         raise merge.InputError(f"--teacher-files gives the {s.teachers} teachers (--teachers) of one run: pass "
                                f"{s.teachers} files and use --runs 1")
@@ -181,12 +193,15 @@ def load_teacher(path, model):
     for key in ("model_state_dict", "state_dict"):
         if isinstance(state, dict) and key in state:
             state = state[key]
-    ours = model.state_dict()
-    theirs = [v for v in state.values() if torch.is_tensor(v)] if isinstance(state, dict) else []
-    if [v.shape for v in theirs] != [v.shape for v in ours.values()]:
-        raise merge.InputError(f"--teacher-files: {path} does not hold a {type(model).__name__} of these widths "
-                               f"({len(theirs)} tensors, we need {len(ours)})")
-    model.load_state_dict(dict(zip(ours, theirs)))
+    ours, kind = model.state_dict(), type(model).__name__
+    theirs = [(k, v) for k, v in state.items() if torch.is_tensor(v)] if isinstance(state, dict) else []
+    if len(theirs) != len(ours):
+        raise merge.InputError(f"--teacher-files: {path} holds {len(theirs)} tensors, a {kind} {len(ours)}")
+    for i, ((name, want), (their_name, got)) in enumerate(zip(ours.items(), theirs)):
+        if got.shape != want.shape:
+            raise merge.InputError(f"--teacher-files: {path}: its tensor {i}, {their_name}, is {tuple(got.shape)} "
+                                   f"where this {kind}'s {name} is {tuple(want.shape)} (another --width?)")
+    model.load_state_dict(dict(zip(ours, (v for _, v in theirs))))
     return model
 
 
@@ -197,24 +212,24 @@ def run(s):
     folder = Path(s.data) if s.data else images.fetch(Path(s.root), spec["url"], dict(md5=spec["md5"]),
                                                       spec["folder"])
     d = load_cifar(folder, dataset, s.val_fraction, s.seed)
-    merge.log(f"{folder}: train {len(d['x_train'])}, validation {len(d['x_val'])}, test {len(d['x_test'])} images")
+    merge.log.info(f"{folder}: train {len(d['x_train'])}, validation {len(d['x_val'])}, test {len(d['x_test'])} images")
     make_teacher = lambda: network(spec["classes"], s.width)
-    if s.teacher_files:  # given teachers become the finished teacher phase that student() and fusion() load
-        given = [load_teacher(path, make_teacher()) for path in s.teacher_files]  # all checked before writing
-        experiment.open_results(Path(s.out), s)  # settings first: these files belong to this --out
-        phases = Path(s.out) / "phases"
-        phases.mkdir(parents=True, exist_ok=True)
-        for i, teacher in enumerate(given):
-            seed = merge.phase_seed(merge.run_seed(s.seed, 0), "teacher", i)
-            torch.save(teacher.state_dict(), phases / f"teacher-{seed}.pt")
+    given = [load_teacher(path, make_teacher()) for path in s.teacher_files]  # all checked before writing
     data = images.image_data(d, experiment.resolve_device(s.device), augment=random_crop_flip)
-    rows = experiment.run_experiment(s, title, lambda seed, device: data, make_teacher, images.accuracy_result)
-    if "student" in s.strategies.split(","):  # each teacher gets rows of its own, as in Table 3
-        rows = rows + [dict(run=r["run"], strategy=f"teacher {i}", test_accuracy=acc)
-                       for r in rows if r["strategy"] == "student" for i, acc in enumerate(r["teachers_test"])]
-        s = dataclasses.replace(s, strategies=",".join([f"teacher {i}" for i in range(s.teachers)] + [s.strategies]))
-    images.report_accuracy(s, rows, f"{title}, {table}, {s.epochs} epochs per strategy",
-                           f"box_{s.experiment.replace('-', '_')}.png", title)
+    with experiment.locked(s) as out:
+        for i, teacher in enumerate(given):  # the finished teacher phase that student() and fusion() load
+            path = out / "phases" / f"teacher-{merge.phase_seed(merge.run_seed(s.seed, 0), 'teacher', i)}.pt"
+            path.parent.mkdir(exist_ok=True)
+            torch.save(teacher.state_dict(), path.with_suffix(".part"))
+            path.with_suffix(".part").replace(path)
+        rows = experiment.run_experiment(s, title, lambda seed, device: data, make_teacher, images.accuracy_result)
+        if "student" in s.strategies.split(","):  # each teacher gets rows of its own, as in Table 3
+            rows = rows + [dict(run=r["run"], strategy=f"teacher {i}", test_accuracy=acc)
+                           for r in rows if r["strategy"] == "student" for i, acc in enumerate(r["teachers_test"])]
+            s = dataclasses.replace(s, strategies=",".join([f"teacher {i}" for i in range(s.teachers)] + [s.strategies]))
+        images.report_accuracy(s, rows, f"{title}, {table}, {s.epochs} epochs per strategy",
+                               f"box_{s.experiment.replace('-', '_')}.png", title,
+                               FUSION_NOTE if "fusion" in s.strategies.split(",") else "")
 
 
 def main(argv=None):

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiment import plot_box, plot_kept_share, summarize
+from experiment import summarize, write_whole
+from plots import plot_box, plot_kept_share
 from merge import Data, InputError, evaluate, log
 
 
@@ -43,7 +44,7 @@ def download(url, path):
         raise InputError(f"cannot download {url} ({e}); or pass --data DIR with an extracted copy") from None
     print()
     if total and done != total:
-        log(f"the download stopped at {done} of {total} bytes")
+        log.info(f"the download stopped at {done} of {total} bytes")
         return
     part.replace(path)
 
@@ -57,7 +58,7 @@ def fetch(root, url, digests, folder):
         return target
     for attempt in range(2):
         if not archive.exists():
-            log(f"downloading {url}")
+            log.info(f"downloading {url}")
             download(url, archive)
         if archive.exists() and matches(archive, digests):
             break
@@ -94,19 +95,20 @@ def channel_stats(x):
 
 
 def image_data(d, device, size=None, augment=None):
-    """Data holding d's uint8 images (N, H, W, 3) and labels on the device, moved there once.
-    Its prepare(x, train) makes a batch normalised floats (B, 3, H, W) with the channel statistics
-    of d's training images, then, for training, augment(floats) if given, else resizes them to
-    size x size if size is given. Nothing crosses between host and device in training."""
+    """Data holding d's uint8 images (N, H, W, 3) and labels on the device, moved there once. Its
+    prepare(x, train) makes a batch floats (B, 3, H, W) in [0, 1], for training augmented by
+    augment(floats) if given, then normalised with the channel statistics of d's training images;
+    otherwise resized to size x size if size is given. Nothing crosses between host and device."""
     x_train = torch.as_tensor(d["x_train"]).to(device)
     mean, std = (v.to(device).view(1, 3, 1, 1) for v in channel_stats(x_train))
 
     def prepare(x, train=False):
-        x = ((x.permute(0, 3, 1, 2).to(mean.dtype) / 255 - mean) / std).contiguous()  # NCHW, not channels-last
+        x = x.permute(0, 3, 1, 2).to(mean.dtype) / 255
         if train and augment:
-            return augment(x)
-        return x if size in (None, x.shape[-1]) else F.interpolate(x, size=(size, size), mode="bilinear",
-                                                                    align_corners=False, antialias=True)
+            x = augment(x)
+        elif size not in (None, x.shape[-1]):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return ((x - mean) / std).contiguous()  # NCHW, not channels-last
     to = lambda key: torch.as_tensor(d[key]).to(device)
     return Data(x_train, to("y_train"), to("x_val"), to("y_val"), to("x_test"), to("y_test"), metric="accuracy",
                 prepare=prepare)
@@ -131,16 +133,16 @@ def accuracy_table(rows, strategies):
         column: mean_of(key) for column, key in ACCURACY_COLUMNS.items() if any(key in r for r in rows)})
 
 
-def report_accuracy(s, rows, heading, figure, figure_title):
+def report_accuracy(s, rows, heading, figure, figure_title, note=""):
     """summary.md printed and saved; the box plot of test accuracies and, with students,
     the teachers' shares of their units, as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     out, names = Path(s.out), s.strategies.split(",")
-    text = f"# {heading}: test accuracy over {s.runs} runs\n\n{accuracy_table(rows, names)}\n"
-    (out / "summary.md").write_text(text)
+    text = f"# {heading}: test accuracy over {s.runs} runs\n\n{accuracy_table(rows, names)}\n{note}"
+    write_whole(out / "summary.md", text)
     print(text)
     plot_box(rows, "test_accuracy", names, out / figure, f"{figure_title}, test accuracy over {s.runs} runs")
     if any(r["strategy"] == "student" for r in rows):
         plot_kept_share(rows, out / "fig2_kept_share.png")
-    log(f"wrote {out}/summary.md and figures")
+    log.info(f"wrote {out}/summary.md and figures")

@@ -12,6 +12,7 @@ Result (50 runs, 900 epochs per strategy, 2 min 30 s on a 2-core AMD EPYC CPU): 
 the student 0.0766, bo3 0.0998, one model 0.1191; all five peaks in 50/50, 45/50 and 38/50 runs.
 """
 import copy
+import logging
 import math
 import sys
 import time
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 class InputError(ValueError):
     """Bad input from the user: the command line reports it as one line and exit code 2."""
 
+log = logging.getLogger("merge")  # what training reports; experiment.py shows it
 
 # == 2.2  Gates, the auxiliary loss L_half and the lambda schedule ================================
 
@@ -88,7 +90,6 @@ def lambda_schedule(epochs, start, step, paper_epochs=None):
         mid = (low + high) / 2
         low, high = (mid, high) if schedule(mid, epochs)[-1] < target else (low, mid)
     return schedule((low + high) / 2, epochs)
-
 
 # == 2.1  Layerwise concatenation of the teachers into a big student (Figs. 3-4) ==================
 
@@ -154,7 +155,6 @@ def make_big_student(teachers):
     assert not unexpected and all(name.endswith("loc") for name in missing), (missing, unexpected)
     return big_student
 
-
 # == 2.3  Compression of the big student (Fig. 7) =================================================
 
 def top_units(big_student):
@@ -188,7 +188,6 @@ def compress(big_student, keep=None):
     student = variant(big_student, k=1, gated=False)
     student.load_state_dict(state)
     return student
-
 
 # == Architectures ================================================================================
 # Each takes the teachers' widths, k (the big student has k times every width) and gated (gates
@@ -339,7 +338,6 @@ def resnet20(num_classes=100, width=16):
 def vgg11(num_classes=10, width=64):
     return VGG(num_classes, tuple(width * m for m in (1, 2, 4, 4, 8, 8, 8, 8)))
 
-
 # == Training =====================================================================================
 # SGD for teachers, bo3, one model and fine-tuning; with a lambda schedule, the importance phase
 # of the big student (section 2.2). `s` holds the settings (experiment.py).
@@ -364,19 +362,13 @@ class Data:
     metric: str = "mse"  # "mse" (lower is better) or "accuracy" (higher is better)
     prepare: object = lambda x, train=False: x
 
-def log(message):
-    """One line of progress, stamped with the seconds since log.start (the run loop sets it)."""
-    print(f"[{time.time() - log.start:7.1f}s] {message}", flush=True)
-
-log.start = time.time()
-
 def lr_at(s, epoch, epochs, drops):
     """s.lr divided by 10 at each fraction of the phase in drops."""
     return s.lr * 0.1 ** sum(epoch >= round(f * epochs) for f in drops)
 
-def report_progress(epoch, epochs, error):
-    if (epoch + 1) % max(1, epochs // 5) == 0 and epochs >= 20:
-        log(f"    epoch {epoch + 1}/{epochs}, training error {error:.4f}")
+def report_progress(epoch, epochs, error, began):
+    """One record per epoch; experiment.Progress shows them as a bar, or as a line now and then."""
+    log.info("    epoch %d/%d, training error %.4f", epoch + 1, epochs, error, extra=dict(epochs=epochs, began=began))
 
 def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, after_step=None, after_epoch=None):
     """Train one model in place with SGD (the reference loop; fit_stacked is its fast twin). With
@@ -390,7 +382,7 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, after_
     opt = torch.optim.SGD([dict(params=weights)] + gate_group, lr=s.lr, momentum=s.momentum,
                           weight_decay=s.weight_decay)
     error_loss = F.mse_loss if data.metric == "mse" else F.cross_entropy
-    history = []
+    history, began = [], time.time()
     for epoch in range(epochs):
         start, total = time.time(), torch.zeros((), device=data.x_train.device)
         opt.param_groups[0]["lr"] = lr_at(s, epoch, epochs, drops)
@@ -406,7 +398,7 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, after_
         history.append(dict(error=total.item() / len(data.x_train), seconds=time.time() - start))
         if lambdas is not None:
             history[-1].update(l_half=l_half(locs, keep).item(), open=[p_open(loc).tolist() for loc in locs])
-        report_progress(epoch, epochs, history[-1]["error"])
+        report_progress(epoch, epochs, history[-1]["error"], began)
         if after_epoch:
             after_epoch(epoch)
     return history
@@ -449,7 +441,7 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, ke
             p.sub_((s.gate_lr if is_gate[name] else lr) * momenta[name])
         total.add_(errors.detach() * x.shape[1])
 
-    step, history = compiled(step, s.compile), []
+    step, history, began = compiled(step, s.compile), [], time.time()
     for epoch in range(epochs):
         start, total = time.time(), torch.zeros(len(models), device=device)
         lr = torch.tensor(lr_at(s, epoch, epochs, drops), device=device)  # tensors: a new value needs
@@ -466,7 +458,7 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, ke
         if lambdas is not None:
             locs = [params[f"{name}.loc"] for name in gate_sizes]  # (R, n) each
             history[-1].update(l_half=l_half(locs, keep).tolist(), open=[p_open(loc).tolist() for loc in locs])
-        report_progress(epoch, epochs, sum(history[-1]["error"]) / len(models))
+        report_progress(epoch, epochs, sum(history[-1]["error"]) / len(models), began)
     for r, model in enumerate(models):
         model.load_state_dict({name: p[r] for name, p in params.items()})
     return history
@@ -483,7 +475,7 @@ def compiled(step, use_compile):
         except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
             if fast is step:
                 raise
-            log(f"note: torch.compile is unavailable here ({type(e).__name__}); training eagerly")
+            log.warning(f"note: torch.compile is unavailable here ({type(e).__name__}); training eagerly")
             fast = step
             return step(*args)
     return call
@@ -491,12 +483,20 @@ def compiled(step, use_compile):
 def train(models, datas, s, epochs, drops, seeds, lambdas=None, keep=0.5, phase="models"):
     """Train models[i] on datas[i] from seeds[i], as one stack when s.stack, else one at a time.
     Each finished model is kept as s.phase_dir/<phase>-<seed>.pt, and loaded, not retrained."""
-    paths = [Path(s.phase_dir) / f"{phase}-{seed}.pt" if s.phase_dir else None for seed in seeds]
-    todo = [i for i, path in enumerate(paths) if not (path and path.exists())]
-    for i in set(range(len(models))) - set(todo):
-        models[i].load_state_dict(torch.load(paths[i], map_location=datas[i].x_train.device))
+    paths, todo = [Path(s.phase_dir) / f"{phase}-{seed}.pt" if s.phase_dir else None for seed in seeds], []
+    for i, (model, path) in enumerate(zip(models, paths)):
+        if path is None or not path.exists():
+            todo.append(i)
+            continue
+        try:
+            state = torch.load(path, map_location=datas[i].x_train.device, weights_only=True)
+            copy.deepcopy(model).load_state_dict(state)  # raises on a wrong file before model changes
+            model.load_state_dict(state)
+        except Exception as e:  # noqa: BLE001 - a damaged file: its model is trained again
+            log.warning(f"  {path} is damaged ({type(e).__name__}); training its model again")
+            todo.append(i)
     done = f" ({len(models) - len(todo)} done before)" if len(todo) < len(models) else ""
-    log(f"  {phase}: {len(todo)} x {epochs} epochs{done}")
+    log.info(f"  {phase}: {len(todo)} x {epochs} epochs{done}")
     if todo and s.stack:
         fit_stacked([models[i] for i in todo], [datas[i] for i in todo], s, epochs, drops,
                     [seeds[i] for i in todo], lambdas, keep)
@@ -520,7 +520,6 @@ def evaluate(model, data, split="test"):
     x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
     out = predict(model, x, data.prepare)
     return (F.mse_loss(out, y) if data.metric == "mse" else (out.argmax(1) == y).float().mean()).item()
-
 
 # == 3.1  Strategies ==============================================================================
 # Plain functions of (datas, settings, teacher constructor, run seeds) over a list of runs (one
@@ -568,7 +567,7 @@ def student(datas, s, make_teacher, seeds):
         torch.manual_seed(phase_seed(seed, "importance"))  # the gates' initial loc, whichever trainer ran before
         big_students.append(make_big_student(ts))
     lambdas = lambda_schedule(b["importance"], s.lambda_start, s.lambda_step, round(s.paper_epochs / 6))
-    log(f"  importance phase: lambda from {lambdas[0]:.3g} to {lambdas[-1]:.3g}")
+    log.info(f"  importance phase: lambda from {lambdas[0]:.3g} to {lambdas[-1]:.3g}")
     train(big_students, datas, s, b["importance"], s.drops_importance,
           [phase_seed(seed, "importance") for seed in seeds], lambdas, 1 / k, phase="importance")
     keeps = [top_units(big) for big in big_students]
@@ -598,7 +597,6 @@ def bo3(datas, s, make_teacher, seeds):
 def one(datas, s, make_teacher, seeds):
     """One model trained for the whole budget."""
     return [(m, {}) for m, in trained(make_teacher, datas, s, seeds, "one", budget(s)["one"], s.drops_one)]
-
 
 # == 3.3  Baselines: channel pruning and model fusion =============================================
 # The paper's other comparisons: pruning a double-width network (CIFAR-100, Table 2) and fusing
@@ -654,7 +652,7 @@ def prune(datas, s, make_teacher, seeds):
     b, pruned, infos = budget(s), [], []
     wides = trained(lambda: variant(make_teacher(), k=2), datas, s, seeds, "wide", s.teachers * b["teacher"],
                     s.drops_teacher)
-    log(f"  pruning: {len(wides)} x {b['importance']} epochs")
+    log.info(f"  pruning: {len(wides)} x {b['importance']} epochs")
     for (wide,), data, seed in zip(wides, datas, seeds):
         masked = variant(wide, gated=True)
         masked.load_state_dict(wide.state_dict(), strict=False)  # all but the gates, which become masks
@@ -714,7 +712,6 @@ def fusion(datas, s, make_teacher, seeds):
     return list(zip(fused, infos))
 
 STRATEGIES = dict(student=student, bo3=bo3, one=one, prune=prune, fusion=fusion)
-
 
 # == 3.2  The sine problem ========================================================================
 

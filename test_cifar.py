@@ -70,6 +70,8 @@ def test_the_pickles_load_with_shapes_labels_and_a_disjoint_seeded_split(tmp_pat
     assert np.array_equal(cifar.load_cifar(folder, "cifar10", 0.25, seed=3)["x_val"], d["x_val"])
     hundred = cifar.load_cifar(make_cifar(tmp_path, "cifar100"), "cifar100", 0.25)
     assert hundred["x_train"].shape == (12, 32, 32, 3) and len(hundred["x_test"]) == 16
+    parent = cifar.load_cifar(folder.parent, "cifar10", 0.25, seed=3)  # the folder above, as torchvision's root
+    assert np.array_equal(parent["x_val"], d["x_val"])
 
 
 def test_the_augmentation_crops_with_padding_and_flips_each_example():
@@ -191,7 +193,8 @@ def test_vgg11_cifar10_with_given_teachers_against_fusion(tmp_path):
     assert student["teachers_test"] == fusion["teachers_test"]  # the same given teachers, loaded, not trained
     assert "teacher: 0 x 2 epochs (2 done before)" in result.stdout
     summary = (out / "summary.md").read_text()
-    assert "VGG-11 on CIFAR-10, Table 3" in summary
+    assert "VGG-11 on CIFAR-10, section 3.3.4" in summary and "Table 3" not in summary.split("\n")[0]
+    assert "not rerun" in summary  # our fusion is not Table 3's OTFusion or GAMF
     assert all(f"| {n} | 1 |" in summary for n in ("teacher 0", "teacher 1", "student", "fusion"))
     assert "fused, before fine-tuning" in summary and (out / "box_vgg11_cifar10.png").exists()
 
@@ -223,7 +226,13 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     ("other data set", "looks like cifar-100-python"),
     ("corrupt pickle", "cannot read"),
     ("missing teacher", "--teacher-files: cannot read"),
-    ("wrong teacher", "does not hold a VGG"),
+    ("wrong teacher", "holds 10 tensors, a VGG 9"),
+    ("wider teacher", "another --width"),
+    ("broken teacher", "--teacher-files: cannot read"),
+    ("one teacher", "pass 2 files"),
+    ("cuda with teachers", "no GPU"),
+    ("empty batch", "holds no images"),
+    ("all for validation", "leave none to train on"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, damage, message):
     out, args = tmp_path / "out", ["--width", "2", "--epochs", "6"]
@@ -246,13 +255,28 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
         folder = make_cifar(tmp_path, "cifar100")
         (folder / "train").write_bytes((folder / "train").read_bytes()[:500])
         args += ["--data", folder]
+    elif damage == "empty batch":
+        folder = make_cifar(tmp_path, "cifar100")
+        with open(folder / "test", "wb") as f:
+            pickle.dump({b"data": np.zeros((0, 3072), np.uint8), b"fine_labels": []}, f)
+        args += ["--data", folder]
+    elif damage == "all for validation":
+        args += ["--data", make_cifar(tmp_path, "cifar100"), "--val-fraction", "0.999"]
     else:
         folder = make_cifar(tmp_path, "cifar10")
-        wrong = tmp_path / "wrong.pt"
-        torch.save(merge.LeNet().state_dict(), wrong)
-        files = [tmp_path / "missing.pt"] * 2 if damage == "missing teacher" else [wrong, wrong]
-        args += ["--data", folder, "--experiment", "vgg11-cifar10", "--teacher-files", *files]
+        files = {"missing teacher": ["missing.pt"] * 2, "wrong teacher": ["lenet.pt"] * 2, "one teacher": ["vgg.pt"],
+                 "wider teacher": ["vgg.pt", "wide.pt"], "broken teacher": ["vgg.pt", "broken.pt"],
+                 "cuda with teachers": ["vgg.pt"] * 2}[damage]
+        torch.save(merge.LeNet().state_dict(), tmp_path / "lenet.pt")
+        torch.save(merge.vgg11(10, width=2).state_dict(), tmp_path / "vgg.pt")
+        torch.save(merge.vgg11(10, width=4).state_dict(), tmp_path / "wide.pt")
+        (tmp_path / "broken.pt").write_bytes((tmp_path / "vgg.pt").read_bytes()[:300])
+        args += ["--data", folder, "--experiment", "vgg11-cifar10", "--teacher-files", *[tmp_path / f for f in files]]
+        args += ["--device", "cuda"] if damage == "cuda with teachers" else []
+    if damage == "cuda with teachers" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit) as exit_:
         cifar.main([str(a) for a in args + ["--out", out]])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()  # nothing written: not settings.json, not a given teacher

@@ -3,6 +3,8 @@ in the real formats (JPEG and PNG files in the Imagewoof layout, a .tgz); no net
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -163,29 +165,69 @@ def test_the_augmentation_crops_and_flips_each_example_on_its_own():
     ("empty", "holds no .jpg"),
     ("classes", "different classes"),
     ("corrupt", "cannot read image"),
+    ("one class", "one class only"),
+    ("all for validation", "leave none to train on"),
+    ("too many pixels", "decompression bomb"),
+    ("lr nan", "--lr must be above 0, got nan"),
+    ("seed -1", "--seed must be from 0"),
 ])
-def test_bad_data_folders_give_one_line_and_exit_code_2(tmp_path, damage, message):
-    data = tmp_path / "woof"
+def test_bad_data_and_settings_give_one_line_exit_code_2_and_write_nothing(tmp_path, monkeypatch, capsys, damage,
+                                                                           message):
+    data, args = tmp_path / "woof", []
     if damage == "empty":
         (data / "train" / "a").mkdir(parents=True)
         (data / "val" / "a").mkdir(parents=True)
-    elif damage == "classes":
+    elif damage == "one class":
+        make_folder(data, classes=CLASSES[:1])
+    elif damage != "missing":
         make_folder(data)
+    if damage == "classes":
         (data / "val" / CLASSES[2]).rename(data / "val" / "n99999999")
     elif damage == "corrupt":
-        make_folder(data)
         (data / "train" / CLASSES[1] / "broken.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
-    result = run_cli("--data", data, "--out", tmp_path / "out")
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+    elif damage == "too many pixels":  # Pillow's guard against images that would fill the memory
+        monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 100)
+    args = {"all for validation": ["--val-fraction", "0.99"], "lr nan": ["--lr", "nan"],
+            "seed -1": ["--seed", "-1"]}.get(damage, [])
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_:
+        woof.main([str(a) for a in ["--data", data, "--out", tmp_path / "out", "--runs", 1, "--epochs", 6, *args]])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists() and [p for p in sorted(tmp_path.rglob("*")) if ".cache" not in str(p)] == \
+        [p for p in before if ".cache" not in str(p)]
     if damage == "corrupt":
-        assert "broken.JPEG" in result.stderr
+        assert "broken.JPEG" in err
+
+
+def test_the_image_cache_survives_damage_and_sees_a_replaced_image(tmp_path, capsys):
+    data = make_folder(tmp_path / "woof")
+    image = data / "train" / CLASSES[0] / f"{CLASSES[0]}_0.JPEG"
+    first = woof.load_split(data, "train", 20)[0]
+    (data / ".cache" / "train-20.npz").write_bytes(b"not a zip file")  # damaged: decoded again
+    assert np.array_equal(woof.load_split(data, "train", 20)[0], first) and "cannot be read" in capsys.readouterr().out
+    Image.new("RGB", (48, 36), (250, 250, 250)).save(image)  # the same name, other pixels
+    assert woof.load_split(data, "train", 20)[0][0, 10, 10, 0] > 240  # not the cached colour (20)
+    shutil.rmtree(data / ".cache")
+    (data / ".cache").write_text("a file where the cache folder would be")  # cannot be written: decoded anyway
+    assert woof.load_split(data, "train", 20)[0].shape == first.shape
+    assert "cannot write the image cache" in capsys.readouterr().out
+
+
+def test_a_fifo_and_an_empty_class_folder_are_not_images(tmp_path):
+    data = make_folder(tmp_path / "woof")
+    os.mkfifo(data / "train" / CLASSES[0] / "pipe.jpg")  # reading it would hang
+    for split in ("train", "val"):
+        (data / split / "n00000000").mkdir()  # empty: not a class
+    paths, labels, classes = woof.list_images(data / "train")
+    assert classes == list(CLASSES) and len(paths) == 18 and all(p.is_file() for p in paths)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--arch", "vgg"], "invalid choice"),
     (["--size", "32"], "LeNet takes 28x28"),
     (["--arch", "resnet18", "--stack", "1"], "without BatchNorm"),
-    (["--runs", "0"], "--runs must be at least 1"),
+    (["--runs", "0"], "--runs must be from 1"),
     (["--val-fraction", "1.5"], "--val-fraction"),
 ])
 def test_bad_settings_give_one_line_and_exit_code_2(tmp_path, args, message):
@@ -250,3 +292,10 @@ def test_a_download_cut_short_is_fetched_again_and_no_network_is_one_line(tmp_pa
     assert calls.count(url) == 2
     with pytest.raises(merge.InputError, match="cannot download"):
         images.fetch(tmp_path / "other", (tmp_path / "nowhere.tgz").as_uri(), digests, "imagewoof2-160")
+
+
+def test_the_readme_states_where_lenets_lambda_ends():
+    s = woof.parse([])
+    importance = merge.budget(s)["importance"]
+    end = merge.lambda_schedule(importance, s.lambda_start, s.lambda_step, round(s.paper_epochs / 6))[-1]
+    assert f"at {end:.2f})" in (ROOT / "README.md").read_text()

@@ -353,7 +353,7 @@ def test_an_interrupted_run_redoes_no_finished_phase(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--runs", "0"], "--runs must be at least 1"),
+    (["--runs", "0"], "--runs must be from 1 to 1000"),
     (["--task", "mnist"], "invalid choice"),
     (["--epochs", "-5"], "--epochs must be at least 1"),
     (["--epochs", "3"], "use at least"),

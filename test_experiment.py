@@ -1,0 +1,307 @@
+"""Tests for experiment.py, the machinery around the method: bad input and damaged project files
+give one line and exit code 2 and write nothing; one command at a time per --out; rows are
+read once; every subset of strategies reports; Ctrl-C says what was kept; the experiments'
+presets are REFERENCE.md's. Most bad inputs share this process through main(argv)."""
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cifar
+import experiment
+import lenet_imagewoof as woof
+import merge
+import plots
+
+ROOT = Path(__file__).parent
+SMALL = ["--runs", "2", "--epochs", "12", "--n-train", "300", "--n-val", "100", "--n-test", "300", "--compile", "0"]
+
+
+@pytest.fixture(autouse=True)
+def float32():
+    """As the command line runs (test_merge.py sets float64 for its exactness checks)."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(dtype)
+
+
+def files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def main(argv, capsys):
+    """experiment.main(argv) in this process: (exit code, what it wrote to stderr)."""
+    try:
+        experiment.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / "merge.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=600, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A small sine experiment with every strategy, run once through the command line."""
+    out = tmp_path_factory.mktemp("finished") / "sine"
+    result = cli(*SMALL, "--strategies", ",".join(merge.STRATEGIES), "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def copy_of(finished, tmp_path):
+    return Path(shutil.copytree(finished, tmp_path / "sine"))
+
+
+# -- bad input: one line, exit code 2, nothing written ----------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--paper-epochs", "0"], "--paper-epochs must be at least 1, got 0"),
+    (["--lambda-start", "-1"], "--lambda-start must be above 0"),
+    (["--lambda-step", "-1"], "--lambda-step must be 0 or more"),
+    (["--seed", "100000000000000000"], "--seed must be from 0 to"),
+    (["--seed", "-1"], "--seed must be from 0 to"),
+    (["--lr", "nan"], "--lr must be above 0, got nan"),
+    (["--lr", "inf"], "--lr must be above 0, got inf"),
+    (["--lr", "-1"], "--lr must be above 0"),
+    (["--gate-lr", "0"], "--gate-lr must be above 0"),
+    (["--noise", "nan"], "--noise must be 0 or more, got nan"),
+    (["--momentum", "nan"], "--momentum must be from 0 to below 1"),
+    (["--momentum", "1"], "--momentum must be from 0 to below 1"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
+    (["--lambda-start", "nan"], "--lambda-start must be above 0, got nan"),
+    (["--runs", "100000"], "--runs must be from 1 to 1000"),
+    (["--runs", "0"], "--runs must be from 1 to 1000"),
+    (["--teachers", "11"], "--teachers must be from 2 to 10"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--n-train", "0"], "--n-train must be at least 1"),
+    (["--epochs", "3"], "use at least"),
+    (["--stack", "2"], "invalid choice"),
+    (["--runs", "many"], "invalid int value"),
+    (["--strategies", ""], "--strategies '': name each of student"),
+    (["--strategies", "student,student"], "at most once"),
+    (["--strategies", "student,sutdent"], "name each of"),
+])
+def test_bad_settings_give_one_line_exit_code_2_and_write_nothing(tmp_path, capsys, args, message):
+    code, err = main([*args, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert files(tmp_path) == []
+
+
+def test_a_bad_out_gives_one_line_exit_code_2_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "a file").write_text("not a folder")
+    cases = {str(tmp_path / "a file"): "is not a folder", str(tmp_path / "a file" / "inside"): "is not a folder",
+             "/dev/null": "is not a folder", "": "--out is empty", " ": "--out is empty",
+             "/proc/no/such/folder": "cannot write to --out"}  # unwritable even for root
+    if os.geteuid() != 0:  # root writes into any folder
+        (tmp_path / "locked").mkdir(mode=0o500)
+        cases[str(tmp_path / "locked" / "out")] = "is not writable"
+    before = files(tmp_path)
+    for out, message in cases.items():
+        code, err = main(["--out", out, "--runs", "1", "--epochs", "6"], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, (out, err)
+    assert files(tmp_path) == before
+
+
+def test_settings_of_another_experiment_in_the_same_out_are_refused(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    before = {p: (out / p).read_bytes() for p in files(out) if (out / p).is_file()}
+    code, err = main([*SMALL, "--lr", "0.02", "--out", out], capsys)
+    assert code == 2 and err.count("\n") == 1 and "other settings (lr 0.01 -> 0.02)" in err
+    assert {p: (out / p).read_bytes() for p in files(out) if (out / p).is_file()} == before
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("a line that is a number", "results.jsonl, line 1, is not a result row"),
+    ("a row without run", "results.jsonl, line 2, is not a result row"),
+    ("a row without its metric", "results.jsonl, line 3, is not a result row"),
+    ("results.jsonl a folder", "cannot read"),
+    ("empty settings.json", "settings.json is not a settings file"),
+    ("truncated settings.json", "settings.json is not a settings file"),
+    ("settings.json a list", "settings.json is not a settings file"),
+])
+def test_damaged_project_files_are_refused_with_one_line_naming_them(finished, tmp_path, capsys, damage, message):
+    out = copy_of(finished, tmp_path)
+    rows, settings = (out / "results.jsonl").read_text().splitlines(), (out / "settings.json").read_text()
+    if damage == "a line that is a number":
+        rows[0] = "42"
+    elif damage == "a row without run":
+        rows[1] = json.dumps({k: v for k, v in json.loads(rows[1]).items() if k != "run"})
+    elif damage == "a row without its metric":
+        rows[2] = json.dumps({k: v for k, v in json.loads(rows[2]).items() if k != "test_mse"})
+    (out / "results.jsonl").write_text("".join(row + "\n" for row in rows))
+    if damage == "results.jsonl a folder":
+        (out / "results.jsonl").unlink()
+        (out / "results.jsonl").mkdir()
+    elif "settings.json" in damage:
+        (out / "settings.json").write_text({"empty settings.json": "", "truncated settings.json": settings[:30],
+                                            "settings.json a list": "[1, 2]"}[damage])
+    before = {p: (out / p).read_bytes() for p in files(out) if (out / p).is_file()}
+    code, err = main([*SMALL, "--strategies", ",".join(merge.STRATEGIES), "--out", out], capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert {p: (out / p).read_bytes() for p in files(out) if (out / p).is_file()} == before
+
+
+def test_a_damaged_phase_file_is_trained_again_with_one_line(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    phase = sorted((out / "phases").glob("teacher-*.pt"))[0]
+    phase.write_bytes(phase.read_bytes()[:100])
+    rows = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("".join(r + "\n" for r in rows if '"student"' not in r))
+    again = cli(*SMALL, "--strategies", ",".join(merge.STRATEGIES), "--out", out)
+    assert again.returncode == 0, again.stderr
+    assert f"{phase} is damaged" in again.stdout and "teacher: 1 x 4 epochs (3 done before)" in again.stdout
+    redone = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines() if '"student"' in r]
+    assert redone == [json.loads(r) for r in rows if '"student"' in r]  # the same teacher again, the same rows
+
+
+# -- one command at a time, rows read once ------------------------------------------------------
+
+def test_two_commands_on_one_out_are_refused_and_rows_stay_unique(tmp_path):
+    out = tmp_path / "sine"
+    args = [*SMALL[:2], "--epochs", "120", *SMALL[4:], "--out", out]
+    first = subprocess.Popen([sys.executable, str(ROOT / "merge.py"), *map(str, args)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    while not (out / "settings.json").exists() and first.poll() is None:
+        time.sleep(0.05)
+    second = cli(*args)
+    assert second.returncode == 2 and second.stderr.count("\n") == 1 and "in use by another command" in second.stderr
+    assert first.wait(timeout=300) == 0
+    keys = [(r["run"], r["strategy"]) for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())]
+    assert len(keys) == len(set(keys)) == 6
+    assert cli(*args).returncode == 0  # free again once the first is done
+
+
+def test_a_repeated_row_is_read_once_and_a_last_line_without_newline_kept(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines + [lines[0]]))  # a repeat, and no newline at the end
+    again = cli(*SMALL, "--strategies", ",".join(merge.STRATEGIES), "--out", out)
+    assert again.returncode == 0, again.stderr
+    assert f"{len(lines)} results already" in again.stdout and "repaired" in again.stdout
+    assert (out / "results.jsonl").read_text() == "".join(line + "\n" for line in lines)
+    assert "| student | 2 |" in (out / "summary.md").read_text()  # not 3
+
+
+def test_runs_in_smaller_stacks_give_the_same_rows(finished, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiment, "STACK_RUNS", 1)  # memory bounded by the stack, not by --runs
+    out = tmp_path / "sine"
+    assert main([*SMALL, "--strategies", "bo3,student", "--out", out], capsys)[0] == 0
+    rows = lambda out: {(r["run"], r["strategy"]): r for r in map(json.loads, open(out / "results.jsonl"))}
+    mine, theirs = rows(out), rows(finished)
+    for key, row in mine.items():
+        assert row["test_mse"] == pytest.approx(theirs[key]["test_mse"], abs=2e-6)
+
+
+# -- every subset of strategies, Ctrl-C, progress ------------------------------------------------
+
+def test_one_strategy_alone_runs_and_reports(tmp_path):
+    result = cli(*SMALL, "--strategies", "one", "--out", tmp_path / "one")
+    assert result.returncode == 0, result.stderr
+    assert "| one | 2 |" in (tmp_path / "one" / "summary.md").read_text()
+
+
+def test_every_subset_of_strategies_reports(finished, tmp_path, monkeypatch, capsys):
+    import matplotlib.pyplot as plt
+    drawn = []
+    monkeypatch.setattr(plots, "_finish", lambda fig, path: (drawn.append(path.name), plt.close(fig)))
+    rows = [json.loads(line) for line in (finished / "results.jsonl").read_text().splitlines()]
+    names = list(merge.STRATEGIES)
+    for k in range(1, len(names) + 1):
+        for subset in itertools.combinations(names, k):
+            s = experiment.SineSettings(runs=2, epochs=12, strategies=",".join(subset))
+            experiment.report_sine(s, [r for r in rows if r["strategy"] in subset], tmp_path)
+            summary = (tmp_path / "summary.md").read_text()
+            assert all(f"| {name} | 2 |" in summary for name in subset) and summary.count("| 2 |") == k
+            assert ("fig2_kept_share.png" in drawn) == ("student" in subset)
+            drawn.clear()
+    capsys.readouterr()
+
+
+def test_ctrl_c_ends_with_one_line_saying_what_was_kept(tmp_path):
+    out = tmp_path / "sine"
+    run = subprocess.Popen([sys.executable, str(ROOT / "merge.py"), *SMALL[:2], "--epochs", "600", *SMALL[4:],
+                            "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (out / "settings.json").exists() and run.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and err.count("\n") == 1, err
+    assert f"interrupted: kept 0 results in {out / 'results.jsonl'}" in err and "same command resumes" in err
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file(monkeypatch, capsys):
+    experiment.show_progress()
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    merge.report_progress(9, 20, 0.25, time.time() - 5)
+    bar = capsys.readouterr().out
+    assert bar.startswith("\r") and "[###############               ] 10/20 epochs" in bar and "5 s left" in bar
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    merge.report_progress(3, 20, 0.25, time.time())
+    merge.report_progress(5, 20, 0.25, time.time())
+    assert capsys.readouterr().out.count("\n") == 1  # one line at each fifth of the phase: epoch 4 of 20
+
+
+# -- the experiments' settings are the paper's (REFERENCE.md) ------------------------------------
+
+PARSERS = {"sine": lambda: experiment.parse_settings([]), "lenet": lambda: woof.parse([]),
+           "resnet18": lambda: woof.parse(["--arch", "resnet18"]), "resnet20-cifar100": lambda: cifar.parse([]),
+           "vgg11-cifar10": lambda: cifar.parse(["--experiment", "vgg11-cifar10"])}
+# One row per experiment and setting, as REFERENCE.md's table gives it. Phases are epochs from
+# budget(); drops are the lr drops as fractions of each phase.
+PRESETS = [
+    ("sine", "runs", 50), ("sine", "epochs", 900), ("sine", "batch", 32), ("sine", "lr", 0.01),
+    ("sine", "momentum", 0.9), ("sine", "weight_decay", 0.0), ("sine", "gate_lr", 0.1),
+    ("sine", "lambda_start", 0.01), ("sine", "lambda_step", 0.05), ("sine", "n_train", 10_000),
+    ("sine", "noise", 0.2), ("sine", "phases", (300, 150, 150, 300, 900)),
+    ("sine", "drops_teacher", (250 / 300,)), ("sine", "drops_importance", ()), ("sine", "drops_finetune", (100 / 150,)),
+    ("sine", "drops_one", (800 / 900,)),
+    ("lenet", "runs", 10), ("lenet", "epochs", 6000), ("lenet", "size", 28), ("lenet", "lr", 0.01),
+    ("lenet", "momentum", 0.9), ("lenet", "gate_lr", 0.2), ("lenet", "drops_teacher", (1 / 2, 3 / 4)),
+    ("lenet", "drops_importance", ()), ("lenet", "drops_finetune", (1 / 2, 3 / 4)), ("lenet", "drops_one", (1 / 2, 3 / 4)),
+    ("resnet18", "runs", 5), ("resnet18", "epochs", 600), ("resnet18", "size", 224), ("resnet18", "batch", 32),
+    ("resnet18", "lr", 0.01), ("resnet18", "momentum", 0.9), ("resnet18", "weight_decay", 0.0),
+    ("resnet18", "gate_lr", 0.2), ("resnet18", "lambda_start", 0.01), ("resnet18", "lambda_step", 0.05),
+    ("resnet18", "width", 64), ("resnet18", "phases", (200, 100, 100, 200, 600)),
+    ("resnet18", "drops_teacher", (100 / 200, 150 / 200)), ("resnet18", "drops_importance", ()),
+    ("resnet18", "drops_finetune", (50 / 100, 75 / 100)), ("resnet18", "drops_one", (300 / 600, 450 / 600)),
+    ("resnet20-cifar100", "runs", 5), ("resnet20-cifar100", "epochs", 600), ("resnet20-cifar100", "batch", 128),
+    ("resnet20-cifar100", "lr", 0.1), ("resnet20-cifar100", "momentum", 0.9),
+    ("resnet20-cifar100", "weight_decay", 1e-4), ("resnet20-cifar100", "gate_lr", 0.2),
+    ("resnet20-cifar100", "lambda_start", 0.05), ("resnet20-cifar100", "lambda_step", 0.05),
+    ("resnet20-cifar100", "width", 16), ("resnet20-cifar100", "phases", (200, 100, 100, 200, 600)),
+    ("resnet20-cifar100", "drops_teacher", (100 / 200, 150 / 200)),
+    ("resnet20-cifar100", "drops_importance", (50 / 100, 70 / 100)),
+    ("resnet20-cifar100", "drops_finetune", (50 / 100, 75 / 100)),
+    ("resnet20-cifar100", "drops_one", (300 / 600, 450 / 600)),
+    ("vgg11-cifar10", "batch", 128), ("vgg11-cifar10", "lr", 0.05), ("vgg11-cifar10", "momentum", 0.9),
+    ("vgg11-cifar10", "weight_decay", 5e-4), ("vgg11-cifar10", "gate_lr", 0.2),
+    ("vgg11-cifar10", "lambda_start", 0.01), ("vgg11-cifar10", "lambda_step", 0.01), ("vgg11-cifar10", "width", 64),
+    ("vgg11-cifar10", "drops_importance", (50 / 100, 70 / 100)), ("vgg11-cifar10", "drops_finetune", (50 / 100, 75 / 100)),
+]
+
+
+@pytest.mark.parametrize("name, setting, value", PRESETS)
+def test_every_preset_is_the_papers_setting(name, setting, value):
+    s = PARSERS[name]()
+    if setting == "phases":  # teacher, importance, fine-tune, bo3 model and one model epochs
+        b = merge.budget(s)
+        got = (b["teacher"], b["importance"], b["finetune"], b["bo3"], b["one"])
+    else:
+        got = getattr(s, setting)
+    assert got == pytest.approx(value), (name, setting)
