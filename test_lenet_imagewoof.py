@@ -299,3 +299,14 @@ def test_the_readme_states_where_lenets_lambda_ends():
     importance = merge.budget(s)["importance"]
     end = merge.lambda_schedule(importance, s.lambda_start, s.lambda_step, round(s.paper_epochs / 6))[-1]
     assert f"at {end:.2f})" in (ROOT / "README.md").read_text()
+
+
+def test_colour_jitter_keeps_images_in_range_and_gives_each_its_own_change():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    assert torch.allclose(woof.color_jitter(x, strength=0.0), x, atol=1e-5)  # no jitter: the same image
+    jittered = woof.color_jitter(x[:1].expand(16, -1, -1, -1).clone())
+    assert jittered.min() >= 0 and jittered.max() <= 1
+    assert all(not torch.allclose(jittered[i], jittered[j]) for i in range(16) for j in range(i))
+    gray = torch.full((1, 3, 8, 8), 0.5)  # a gray image has no hue or saturation to change
+    assert torch.allclose(woof.color_jitter(gray, 0.15).std(1), torch.zeros(1, 8, 8), atol=1e-5)
