@@ -285,8 +285,11 @@ def run_experiment(s, title, make_data, make_teacher, result):
 
 def summarize(rows, metric, strategies, extra=None):
     """Markdown table of min, max, median, mean and std (ddof = 1) of `metric` over runs per
-    strategy, the statistics of the paper's Tables 1-2; extra: column -> f(rows) -> str."""
-    extra = extra or {}
+    strategy, the statistics of the paper's Tables 1-2, then extra columns (name -> f(rows) -> str)
+    and each strategy's mean compute: epochs of training and their forward multiply-adds."""
+    total = lambda i: lambda mine: f"{np.mean([sum(c[i] for c in r['compute'].values()) for r in mine]):.3g}" \
+        if all("compute" in r for r in mine) else ""
+    extra = {**(extra or {}), "epochs": total(0), "multiply-adds": total(1)}
     lines = ["| strategy | runs | min | max | median | mean | std |" + "".join(f" {c} |" for c in extra),
              "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     for name in strategies:
@@ -296,6 +299,26 @@ def summarize(rows, metric, strategies, extra=None):
             std = f"{v.std(ddof=1):.4f}" if len(v) > 1 else "-"  # no spread from one run
             lines.append(f"| {name} | {len(v)} | {v.min():.4f} | {v.max():.4f} | {np.median(v):.4f} | "
                          f"{v.mean():.4f} | {std} |" + "".join(f" {f(mine)} |" for f in extra.values()))
+    return "\n".join(lines)
+
+STAGES = ("best teacher (test)", "big student after importance (test)", "compressed, before fine-tuning (val)",
+          "compressed, before fine-tuning (test)", "final (test)")
+
+def stage_table(rows, metric, per_run=False):
+    """The metric at each stage of the student and of the random control: the better teacher, the
+    big student after the importance phase, the compressed student before fine-tuning, the final
+    student. A line per run (per_run), and their means."""
+    best = max if metric == "test_accuracy" else min
+    lines = ["| strategy | run | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
+    for name in ("student", "random"):
+        mine = [r for r in rows if r["strategy"] == name]
+        stages = np.array([[best(r["teachers_test"]), r["big_student_test"], r["compressed_val"], r["compressed_test"],
+                            r[metric]] for r in mine]).reshape(-1, len(STAGES))
+        if per_run:
+            lines += [f"| {name} | {r['run']} | " + " | ".join(f"{v:.4f}" for v in values) + " |"
+                      for r, values in zip(mine, stages)]
+        if mine:
+            lines.append(f"| {name} | mean of {len(mine)} | " + " | ".join(f"{v:.4f}" for v in stages.mean(0)) + " |")
     return "\n".join(lines)
 
 # == The sine experiment (section 3.2): its rows, report and bench ==============================
@@ -324,6 +347,9 @@ def report_sine(s, rows, out):
         "kept from teachers": lambda mine: shares(mine) if "kept_from_teacher" in mine[0] else ""})
     text = (f"# Sine problem, Table 1: test MSE over {s.runs} runs, {s.epochs} epochs per strategy, "
             f"k = {s.teachers}\n\n{table}\n")
+    if any(r["strategy"] in ("student", "random") for r in rows):
+        text += f"\nTest MSE at each stage (per run in stages.md):\n\n{stage_table(rows, 'test_mse')}\n"
+        write_whole(out / "stages.md", stage_table(rows, "test_mse", per_run=True) + "\n")
     write_whole(out / "summary.md", text)
     print(text)
     importance = merge.budget(s)["importance"]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from experiment import summarize, write_whole
+from experiment import stage_table, summarize, write_whole
 from plots import plot_box, plot_kept_share
 from merge import Data, InputError, evaluate, log
 
@@ -140,6 +140,9 @@ def report_accuracy(s, rows, heading, figure, figure_title, note=""):
     matplotlib.use("Agg")
     out, names = Path(s.out), s.strategies.split(",")
     text = f"# {heading}: test accuracy over {s.runs} runs\n\n{accuracy_table(rows, names)}\n{note}"
+    if any(r["strategy"] in ("student", "random") for r in rows):
+        text += f"\nTest accuracy at each stage (per run in stages.md):\n\n{stage_table(rows, 'test_accuracy')}\n"
+        write_whole(out / "stages.md", stage_table(rows, "test_accuracy", per_run=True) + "\n")
     write_whole(out / "summary.md", text)
     print(text)
     plot_box(rows, "test_accuracy", names, out / figure, f"{figure_title}, test accuracy over {s.runs} runs")

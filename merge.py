@@ -40,15 +40,19 @@ class Gate(nn.Module):
     def __init__(self, n):
         super().__init__()
         self.loc = nn.Parameter(1 + 0.01 * torch.randn(n))  # loc ~ N(1, 0.01^2): P[g > 0] ~ 0.93
-        self.register_buffer("noise", None, persistent=False)  # u, when fit_stacked draws it outside
+        self.register_buffer("key", None, persistent=False)  # counter(seed, layer) and the step t, set
+        self.register_buffer("step", None, persistent=False)  # by the trainers for the noise below
 
     def sample(self, x):
         """Gate values shaped to multiply x: (B, n) for x (B, n), (B, n, 1, 1) for x (B, n, H, W)."""
         B, n = x.shape[0], len(self.loc)
         if self.training:
-            # s = sigmoid((log u - log(1 - u) + loc) / beta),  u ~ U(0, 1)
-            u = self.noise if self.noise is not None else torch.rand(B, n, device=x.device, dtype=self.loc.dtype)
-            u = u.clamp(1e-6, 1 - 1e-6)
+            # s = sigmoid((log u - log(1 - u) + loc) / beta),  u ~ U(0, 1): from the trainers' key and step t
+            # (the same numbers alone or in a stack), else from torch's generator
+            index = torch.arange(B * n, device=x.device)
+            u = (torch.rand(B, n, device=x.device) if self.key is None else
+                 mix((mix(self.key ^ self.step) + index) & 0xFFFFFFFF).view(B, n) / 2**32)
+            u = u.to(self.loc.dtype).clamp(1e-6, 1 - 1e-6)
             s = torch.sigmoid((u.log() - (-u).log1p() + self.loc) / self.beta)
         else:  # DEVIATION: deterministic at test time (the authors' scripts keep sampling, so their
             # logged test numbers are noisy): s = sigmoid(loc), the same for every example
@@ -59,6 +63,24 @@ class Gate(nn.Module):
 
     def forward(self, x):
         return x * self.sample(x)  # (B, n, H, W) * (B, n, 1, 1), or (B, n) * (B, n)
+
+def mix(x):
+    """An integer hash of x in [0, 2^32), a tensor or an int (Mueller's; products stay below 2^63)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+def counter(*parts):
+    """The key in [0, 2^32) of non-negative integers (seed, layer): the gate noise at step t is
+    mix(mix(key ^ t) + index), a counter-based generator like Philox: it depends on nothing else."""
+    key = 0
+    for part in parts:
+        key = mix(mix(key ^ (part & 0xFFFFFFFF)) ^ (part >> 32))
+    return key
+
+def shuffled(seed, epoch, n, device):
+    """A permutation of range(n) that depends only on (seed, epoch): the same in either trainer."""
+    return torch.randperm(n, generator=torch.Generator(device).manual_seed(seed * 100_003 + epoch), device=device)
 
 def p_open(loc):
     """P[g > 0] per unit = sigmoid(loc - beta log(-gamma / zeta))."""
@@ -374,9 +396,12 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, after_
     """Train one model in place with SGD (the reference loop; fit_stacked is its fast twin). With
     `lambdas` (one per epoch) this is the importance phase: L = L_E + lambda sum_l L_half^l, the
     gates with their own learning rate (2.2). after_step and after_epoch serve channel pruning."""
-    torch.manual_seed(seed)  # data order and gate noise
+    torch.manual_seed(seed)  # the augmentation's draws, if any
     model.train()
-    locs = [gate.loc for gate in gates(model)]
+    locs, device = [gate.loc for gate in gates(model)], data.x_train.device
+    step = torch.zeros((), dtype=torch.int64, device=device)  # t, counted over the phase
+    for layer, gate in enumerate(gates(model)):  # each gate's noise: a function of (seed, layer, t)
+        gate.key, gate.step = torch.tensor([counter(seed, layer)], device=device), step
     weights = [p for p in model.parameters() if all(p is not loc for loc in locs)]
     gate_group = [dict(params=locs, lr=s.gate_lr, momentum=0.9, weight_decay=0)] if lambdas is not None else []
     opt = torch.optim.SGD([dict(params=weights)] + gate_group, lr=s.lr, momentum=s.momentum,
@@ -386,7 +411,7 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, after_
     for epoch in range(epochs):
         start, total = time.time(), torch.zeros((), device=data.x_train.device)
         opt.param_groups[0]["lr"] = lr_at(s, epoch, epochs, drops)
-        for idx in torch.randperm(len(data.x_train), device=data.x_train.device).split(s.batch):
+        for idx in shuffled(seed, epoch, len(data.x_train), device).split(s.batch):
             error = error_loss(model(data.prepare(data.x_train[idx], True)), data.y_train[idx])
             loss = error + lambdas[epoch] * l_half(locs, keep) if lambdas is not None else error
             opt.zero_grad(set_to_none=True)
@@ -395,12 +420,15 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, after_
             if after_step:
                 after_step()
             total += error.detach() * len(idx)
+            step += 1
         history.append(dict(error=total.item() / len(data.x_train), seconds=time.time() - start))
         if lambdas is not None:
             history[-1].update(l_half=l_half(locs, keep).item(), open=[p_open(loc).tolist() for loc in locs])
         report_progress(epoch, epochs, history[-1]["error"], began)
         if after_epoch:
             after_epoch(epoch)
+    for gate in gates(model):
+        gate.key = gate.step = None
     return history
 
 def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, keep=0.5):
@@ -418,19 +446,21 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, ke
     shared = all(d.x_train is datas[0].x_train for d in datas)  # one data set for all: no R copies of it
     X, Y = ((datas[0].x_train, datas[0].y_train) if shared else  # (N, ...) or (R, N, ...)
             (torch.stack([d.x_train for d in datas]), torch.stack([d.y_train for d in datas])))
-    N, dtype = len(datas[0].x_train), next(iter(params.values())).dtype
-    rows = torch.arange(len(models), device=device)[:, None]
-    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds]
+    N = len(datas[0].x_train)
+    rows, step = torch.arange(len(models), device=device)[:, None], torch.zeros((), dtype=torch.int64, device=device)
+    keys = {f"{name}.key": torch.tensor([[counter(seed, layer)] for seed in seeds], device=device)  # (R, 1)
+            for layer, name in enumerate(gate_sizes)}
     error_loss = F.mse_loss if datas[0].metric == "mse" else F.cross_entropy
 
-    def loss(params, noise, x, y, lam):  # one model: params and noise without the R axis
-        error = error_loss(torch.func.functional_call(base, (params, noise), (x,)), y)
+    def loss(params, keys, x, y, lam, step):  # one model: params and gate keys without the R axis
+        steps = {f"{name}.step": step for name in gate_sizes}
+        error = error_loss(torch.func.functional_call(base, (params, keys, steps), (x,)), y)
         return error + lam * l_half([params[f"{name}.loc"] for name in gate_sizes], keep), error
 
-    def step(params, momenta, total, x, y, noise, lr, lam):  # x, y (R, B, ...)
+    def update(params, momenta, total, x, y, step, lr, lam):  # x, y (R, B, ...)
         def summed(params):
-            losses, errors = torch.func.vmap(loss, in_dims=(0, 0, 0, 0, None), randomness="error")(
-                params, noise, x, y, lam)
+            losses, errors = torch.func.vmap(loss, in_dims=(0, 0, 0, 0, None, None), randomness="error")(
+                params, keys, x, y, lam, step)
             return losses.sum(), errors
         grads, errors = torch.func.grad(summed, has_aux=True)(params)
         for name, p in params.items():  # torch.optim.SGD's update: buf = m buf + d_p; p -= lr buf
@@ -441,19 +471,17 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, ke
             p.sub_((s.gate_lr if is_gate[name] else lr) * momenta[name])
         total.add_(errors.detach() * x.shape[1])
 
-    step, history, began = compiled(step, s.compile), [], time.time()
+    update, history, began = compiled(update, s.compile), [], time.time()
     for epoch in range(epochs):
         start, total = time.time(), torch.zeros(len(models), device=device)
         lr = torch.tensor(lr_at(s, epoch, epochs, drops), device=device)  # tensors: a new value needs
         lam = torch.tensor(lambdas[epoch] if lambdas is not None else 0.0, device=device)  # no recompile
-        order = torch.stack([torch.randperm(N, generator=g, device=device) for g in generators])
+        order = torch.stack([shuffled(seed, epoch, N, device) for seed in seeds])  # (R, N): fit()'s orders
         X_epoch, Y_epoch = (X[order], Y[order]) if shared else (X[rows, order], Y[rows, order])  # (R, N, ...)
         for x, y in zip(X_epoch.split(s.batch, dim=1), Y_epoch.split(s.batch, dim=1)):  # (R, B, ...)
             x = datas[0].prepare(x.flatten(0, 1), True).unflatten(0, x.shape[:2])
-            noise = {f"{name}.noise": torch.stack([torch.rand(x.shape[1], n, generator=g, device=device,
-                                                              dtype=dtype) for g in generators])
-                     for name, n in gate_sizes.items()}  # (R, B, n): fit()'s draws, in the same order
-            step(params, momenta, total, x, y, noise, lr, lam)
+            update(params, momenta, total, x, y, step, lr, lam)
+            step.add_(1)
         history.append(dict(error=(total / N).tolist(), seconds=time.time() - start))
         if lambdas is not None:
             locs = [params[f"{name}.loc"] for name in gate_sizes]  # (R, n) each
@@ -528,8 +556,8 @@ def evaluate(model, data, split="test"):
 # Seeds, in one table. Run r (< MAX_RUNS) of --seed S has the run seed 1000 S + r; each phase of a run
 # trains from 100 (run seed) + its offset (+ i for its i-th model): no two phases share a seed.
 PHASE_SEEDS = dict(teacher=0,  # + i for teacher i < MAX_TEACHERS
-                   importance=10, finetune=11, bo3=20, one=30, wide=40, pruning=41, prune_finetune=42,
-                   fusion_finetune=50)
+                   importance=10, finetune=11, random=12, bo3=20, one=30, one_compute=31, wide=40, pruning=41,
+                   prune_finetune=42, fusion_finetune=50)
 MAX_RUNS, MAX_TEACHERS = 1000, 10
 
 def run_seed(seed, run):
@@ -552,6 +580,28 @@ def trained(make, datas, s, seeds, phase, epochs, drops, copies=1):
                    phase_seeds, phase=phase)
     return [models[r::len(datas)] for r in range(len(datas))]
 
+def macs(model, data):
+    """Multiply-adds of one example's forward pass, from the architecture: each Linear's and Conv2d's
+    outputs times its weights' fan-in (ReLUs, gates and BatchNorm, elementwise, are left out)."""
+    counts = []
+    hooks = [m.register_forward_hook(lambda m, x, out: counts.append(out[0].numel() * m.weight[0].numel()))
+             for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    predict(model, data.x_train[:1], data.prepare)
+    for hook in hooks:
+        hook.remove()
+    return sum(counts)
+
+def spent(model, data, epochs, copies=1):
+    """[epochs, forward multiply-adds] of training `copies` networks like model for `epochs` on data
+    (a training step costs about three forward passes, for every strategy alike)."""
+    return [copies * epochs, copies * epochs * len(data.x_train) * macs(model, data)]
+
+def random_units(big_student, seed):
+    """1/k of every unit group, drawn at random: the control for the choice by loc (ours)."""
+    g, k = torch.Generator().manual_seed(seed), big_student.hparams["k"]
+    return [torch.randperm(len(gate.loc), generator=g)[:len(gate.loc) // k].sort().values.to(gate.loc.device)
+            for gate, _, _ in big_student.unit_groups()]
+
 def kept_share(big_student, keep):
     """Share of the kept units that came from each teacher (Fig. 2's idea, as numbers)."""
     k = big_student.hparams["k"]
@@ -559,8 +609,9 @@ def kept_share(big_student, keep):
                  for (gate, _, _), units in zip(big_student.unit_groups(), keep))
     return [round(c, 4) for c in (counts / counts.sum()).tolist()]
 
-def student(datas, s, make_teacher, seeds):
-    """Merging (section 2): k teachers, concatenation, importance, compression, fine-tuning."""
+def student(datas, s, make_teacher, seeds, control=False):
+    """Merging (section 2): k teachers, concatenation, importance, compression, fine-tuning. With
+    control, the `random` strategy: the same, but 1/k of each unit group kept at random."""
     b, k, big_students = budget(s), s.teachers, []
     teachers = trained(make_teacher, datas, s, seeds, "teacher", b["teacher"], s.drops_teacher, k)
     for ts, seed in zip(teachers, seeds):
@@ -570,19 +621,27 @@ def student(datas, s, make_teacher, seeds):
     log.info(f"  importance phase: lambda from {lambdas[0]:.3g} to {lambdas[-1]:.3g}")
     train(big_students, datas, s, b["importance"], s.drops_importance,
           [phase_seed(seed, "importance") for seed in seeds], lambdas, 1 / k, phase="importance")
-    keeps = [top_units(big) for big in big_students]
+    keeps = [random_units(big, phase_seed(seed, "random")) if control else top_units(big)
+             for big, seed in zip(big_students, seeds)]
     students = [compress(big, keep) for big, keep in zip(big_students, keeps)]
     compressed = [(evaluate(m, d, "val"), evaluate(m, d, "test")) for m, d in zip(students, datas)]
     train(students, datas, s, b["finetune"], s.drops_finetune, [phase_seed(seed, "finetune") for seed in seeds],
-          phase="finetune")
+          phase="random_finetune" if control else "finetune")  # the same data order either way
     outcomes = []
     for ts, big, keep, merged, (val, test_), data in zip(teachers, big_students, keeps, students, compressed, datas):
         test = lambda model: round(evaluate(model, data, "test"), 6)
+        compute = dict(teacher=spent(ts[0], data, b["teacher"], k), importance=spent(big, data, b["importance"]),
+                       finetune=spent(merged, data, b["finetune"]))
         outcomes.append((merged, dict(teachers_test=[test(t) for t in ts], big_student_test=test(big),
                                       compressed_val=round(val, 6), compressed_test=round(test_, 6),
-                                      kept_from_teacher=kept_share(big, keep),
+                                      kept_from_teacher=kept_share(big, keep), compute=compute,
                                       l_half_end=round(l_half([g.loc for g in gates(big)], 1 / k).item(), 6))))
     return outcomes
+
+def random(datas, s, make_teacher, seeds):
+    """Control (ours): does the gates' choice matter? The student's teachers, importance phase and
+    fine-tuning, but the kept units drawn at random, 1/k of each unit group."""
+    return student(datas, s, make_teacher, seeds, control=True)
 
 def bo3(datas, s, make_teacher, seeds):
     """The best of three models of 1/3 of the budget each, chosen on the validation set.
@@ -591,64 +650,33 @@ def bo3(datas, s, make_teacher, seeds):
     for three, data in zip(trained(make_teacher, datas, s, seeds, "bo3", budget(s)["bo3"], s.drops_teacher, 3), datas):
         val = [evaluate(m, data, "val") for m in three]
         best = (max if data.metric == "accuracy" else min)(range(3), key=val.__getitem__)  # first on ties
-        outcomes.append((three[best], dict(chosen=best, val_of_three=[round(v, 6) for v in val])))
+        outcomes.append((three[best], dict(chosen=best, val_of_three=[round(v, 6) for v in val],
+                                           compute=dict(bo3=spent(three[0], data, budget(s)["bo3"], 3)))))
     return outcomes
 
-def one(datas, s, make_teacher, seeds):
-    """One model trained for the whole budget."""
-    return [(m, {}) for m, in trained(make_teacher, datas, s, seeds, "one", budget(s)["one"], s.drops_one)]
+def one(datas, s, make_teacher, seeds, epochs=None, phase="one"):
+    """One model trained for the whole budget (or `epochs`)."""
+    epochs = epochs or budget(s)["one"]
+    return [(m, dict(compute={phase: spent(m, data, epochs)}))
+            for (m,), data in zip(trained(make_teacher, datas, s, seeds, phase, epochs, s.drops_one), datas)]
+
+def one_compute(datas, s, make_teacher, seeds):
+    """Control (ours): one model trained for the student's multiply-adds, not its epochs. Budgets in the
+    paper are epochs, but the importance phase trains a network k times as wide, costing more."""
+    b, teacher = budget(s), make_teacher().to(datas[0].x_train.device)
+    wider = macs(variant(teacher, k=s.teachers, gated=True), datas[0]) / macs(teacher, datas[0])
+    epochs = s.teachers * b["teacher"] + round(b["importance"] * wider) + b["finetune"]
+    return one(datas, s, make_teacher, seeds, epochs, "one_compute")
 
 # == 3.3  Baselines: channel pruning and model fusion =============================================
 # The paper's other comparisons: pruning a double-width network (CIFAR-100, Table 2) and fusing
-# the teachers (CIFAR-10, Table 3). Both end in the teachers' architecture through compress().
-
-class Mask(nn.Module):
-    """A fixed 0/1 multiplier per unit in a gate's place: (dL/dm)^2 per batch, the first-order Taylor
-    estimate of removing a unit, is its importance (Molchanov et al., CVPR 2019)."""
-
-    def __init__(self, n, device):
-        super().__init__()
-        self.register_buffer("m", torch.ones(n, device=device).requires_grad_())  # made on its device: a leaf
-
-    def sample(self, x):
-        return self.m.view(1, -1, *[1] * (x.dim() - 2))
-
-    def forward(self, x):
-        return x * self.sample(x)
-
-def with_masks(model):
-    """A Mask in place of every Gate (a ResNet stage's shared gate: one shared mask), in group order."""
-    device = next(model.parameters()).device
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Gate):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Mask(len(module.loc), device))
-    return [mask for mask, _, _ in model.unit_groups()]
-
-def prune_channels(model, masks, data, s, epochs, seed):
-    """Train on while pruning: after each epoch the live units of least (dL/dm)^2 over its batches
-    are switched off, so that each group is down to half after `epochs`. Returns the live units."""
-    importance = [torch.zeros_like(mask.m) for mask in masks]
-
-    def after_step():
-        for total, mask in zip(importance, masks):
-            total += mask.m.grad ** 2
-            mask.m.grad = None
-
-    def after_epoch(epoch):
-        for total, mask in zip(importance, masks):
-            live, n = mask.m.detach() > 0, len(mask.m)
-            drop = int(live.sum()) - (n - round((epoch + 1) / epochs * (n // 2)))  # live units now -> target
-            if drop > 0:
-                with torch.no_grad():
-                    mask.m[torch.where(live, total, math.inf).topk(drop, largest=False).indices] = 0
-            total.zero_()
-    fit(model, data, s, epochs, s.drops_importance, seed, after_step=after_step, after_epoch=after_epoch)
-    return [mask.m.detach().nonzero().flatten() for mask in masks]
+# the teachers (CIFAR-10, Table 3), as strategies; the pruning and the weight matching themselves
+# are in baselines.py. Both end in the teachers' architecture through compress().
 
 def prune(datas, s, make_teacher, seeds):
     """Channel pruning: a network of double width trained for 2/3 of the budget, pruned to the
     teachers' width over the next 1/6, compressed to their architecture, fine-tuned for 1/6."""
+    from baselines import prune_channels, with_masks  # the pruning itself (baselines.py)
     b, pruned, infos = budget(s), [], []
     wides = trained(lambda: variant(make_teacher(), k=2), datas, s, seeds, "wide", s.teachers * b["teacher"],
                     s.drops_teacher)
@@ -658,60 +686,30 @@ def prune(datas, s, make_teacher, seeds):
         masked.load_state_dict(wide.state_dict(), strict=False)  # all but the gates, which become masks
         alive = prune_channels(masked, with_masks(masked), data, s, b["importance"], phase_seed(seed, "pruning"))
         pruned.append(compress(masked, alive))  # exact: the dropped units are 0 wherever they are written
-        infos.append(dict(wide_test=round(evaluate(wide, data), 6), pruned_test=round(evaluate(pruned[-1], data), 6)))
+        infos.append(dict(wide_test=round(evaluate(wide, data), 6), pruned_test=round(evaluate(pruned[-1], data), 6),
+                          compute=dict(wide=spent(wide, data, s.teachers * b["teacher"]),
+                                       pruning=spent(wide, data, b["importance"]),
+                                       finetune=spent(pruned[-1], data, b["finetune"]))))
     train(pruned, datas, s, b["finetune"], s.drops_finetune, [phase_seed(seed, "prune_finetune") for seed in seeds],
           phase="prune_finetune")
     return list(zip(pruned, infos))
 
-def unit_rows(layer, axis, n):
-    """A layer's weights per unit, one row for each of its n units: what it writes (axis 0: weight
-    rows, biases) or reads (axis 1: weight columns, in blocks of H W after a flatten)."""
-    if axis == 0:
-        return torch.cat([p.detach().reshape(n, -1) for p in layer.parameters()], 1)
-    w = layer.weight.detach()
-    return w.reshape(w.shape[0], n, -1).transpose(0, 1).reshape(n, -1)
-
-def weight_matching(reference, model, seed=0, max_passes=100):
-    """Git Re-Basin's weight matching (Ainsworth et al., ICLR 2023): per unit group, the linear
-    assignment maximising sum_layers <W_reference, W_model permuted>, the others held fixed,
-    until a pass changes nothing. One permutation per group: compress(model, perms) is aligned."""
-    from scipy.optimize import linear_sum_assignment
-    groups = reference.unit_groups()
-    perms = [torch.arange(producers[0].weight.shape[0]) for _, producers, _ in groups]
-    order = torch.Generator().manual_seed(seed)
-    for _ in range(max_passes):
-        changed = False
-        for i in torch.randperm(len(groups), generator=order).tolist():
-            (_, ref_out, ref_in), (_, out, in_), n = groups[i], compress(model, perms).unit_groups()[i], len(perms[i])
-            similarity = sum(unit_rows(a, 0, n) @ unit_rows(b, 0, n).T for a, b in zip(ref_out, out))
-            similarity = similarity + sum(unit_rows(a, 1, n) @ unit_rows(b, 1, n).T for a, b in zip(ref_in, in_))
-            best = torch.as_tensor(linear_sum_assignment(similarity.cpu().numpy(), maximize=True)[1])
-            if not torch.equal(best, torch.arange(n)):
-                perms[i], changed = perms[i][best], True
-        if not changed:
-            break
-    return perms
-
-def fuse(teachers, seed=0):
-    """The mean of the teachers' weights, each aligned to teacher 0 by weight_matching."""
-    aligned = [teachers[0]] + [compress(t, weight_matching(teachers[0], t, seed)) for t in teachers[1:]]
-    states, fused = [m.state_dict() for m in aligned], variant(teachers[0])
-    fused.load_state_dict({name: sum(st[name] for st in states) / len(states) if value.is_floating_point()
-                           else value for name, value in states[0].items()})
-    return fused
-
 def fusion(datas, s, make_teacher, seeds):
     """Model fusion: the student's teachers, aligned and averaged by fuse(), then fine-tuned for
     the student's fine-tuning epochs. It has no importance phase: it uses 5/6 of the budget."""
+    from baselines import fuse  # Git Re-Basin's weight matching (baselines.py)
     teachers = trained(make_teacher, datas, s, seeds, "teacher", budget(s)["teacher"], s.drops_teacher, s.teachers)
     fused = [fuse(ts, seed) for ts, seed in zip(teachers, seeds)]
-    infos = [dict(teachers_test=[round(evaluate(t, data), 6) for t in ts], fused_test=round(evaluate(f, data), 6))
+    infos = [dict(teachers_test=[round(evaluate(t, data), 6) for t in ts], fused_test=round(evaluate(f, data), 6),
+                  compute=dict(teacher=spent(ts[0], data, budget(s)["teacher"], s.teachers),
+                               finetune=spent(f, data, budget(s)["finetune"])))
              for ts, f, data in zip(teachers, fused, datas)]
     train(fused, datas, s, budget(s)["finetune"], s.drops_finetune,
           [phase_seed(seed, "fusion_finetune") for seed in seeds], phase="fusion_finetune")
     return list(zip(fused, infos))
 
-STRATEGIES = dict(student=student, bo3=bo3, one=one, prune=prune, fusion=fusion)
+STRATEGIES = dict(student=student, bo3=bo3, one=one, prune=prune, fusion=fusion, random=random,
+                  one_compute=one_compute)
 
 # == 3.2  The sine problem ========================================================================
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import baselines
 import cifar
 import images
 import experiment
@@ -117,9 +118,9 @@ def test_weight_matching_recovers_a_permutation_and_fusion_gives_the_teacher_bac
     shuffle = [torch.randperm(producers[0].weight.shape[0]) for _, producers, _ in teacher.unit_groups()]
     permuted = merge.compress(teacher, shuffle)  # unit c of permuted is unit shuffle[c] of teacher
     assert any(not torch.equal(a, b) for a, b in zip(permuted.state_dict().values(), teacher.state_dict().values()))
-    perms = merge.weight_matching(teacher, permuted, seed=1)
+    perms = baselines.weight_matching(teacher, permuted, seed=1)
     assert all(torch.equal(p, s.argsort()) for p, s in zip(perms, shuffle))
-    fused = merge.fuse([teacher, permuted])
+    fused = baselines.fuse([teacher, permuted])
     assert type(fused) is type(teacher)
     assert all(torch.equal(fused.state_dict()[name], value) for name, value in teacher.state_dict().items())
 
@@ -133,8 +134,8 @@ def test_pruning_keeps_the_function_and_ends_in_the_teachers_architecture():
     s = experiment.SineSettings(batch=16, lr=0.05)
     make = lambda: merge.resnet20(4, width=4)
     masked = merge.variant(merge.variant(make(), k=2), gated=True)
-    masks = merge.with_masks(masked)
-    alive = merge.prune_channels(masked, masks, data, s, 3, seed=5)
+    masks = baselines.with_masks(masked)
+    alive = baselines.prune_channels(masked, masks, data, s, 3, seed=5)
     assert [len(a) for a in alive] == [len(m.m) // 2 for m in masks] == [4] * 4 + [8] * 4 + [16] * 4
     assert all(int(m.m.sum()) == len(a) for m, a in zip(masks, alive))
     # a residual stage is one group, so one mask: its channel is 0 wherever the stream is

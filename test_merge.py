@@ -244,7 +244,7 @@ def test_every_strategy_gives_the_same_models_stacked_or_one_at_a_time():
             assert info_a.keys() == info_b.keys()
 
 
-def test_a_failing_compiler_falls_back_to_eager_with_one_notice(monkeypatch, capsys):
+def test_a_failing_compiler_falls_back_to_eager_with_one_notice(monkeypatch, caplog):
     def broken_compile(fn, **kwargs):
         def call(*args):
             raise RuntimeError("no C++ compiler")
@@ -255,7 +255,49 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_notice(monkeypatch, cap
     merge.fit_stacked(compiled, [data], s, 2, seeds=[3])
     merge.fit_stacked(eager, [data], experiment.SineSettings(**{**s.__dict__, "compile": 0}), 2, seeds=[3])
     assert torch.equal(compiled[0].out.weight, eager[0].out.weight)
-    assert capsys.readouterr().out.count("torch.compile is unavailable") == 1
+    assert sum("torch.compile is unavailable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_compute_is_counted_from_the_architecture():
+    """Forward multiply-adds of one example, by hand: each layer's outputs times its weights' fan-in."""
+    sine = experiment.SineSettings(n_train=10)
+    data = merge.sine_data(sine, 0)
+    assert merge.macs(merge.SineMLP(), data) == 100 * 1 + 1 * 100
+    assert merge.macs(merge.variant(merge.SineMLP(), k=2, gated=True), data) == 200 * 1 + 1 * 200
+    x = torch.zeros(4, 28, 28, 3, dtype=torch.uint8)
+    images = merge.Data(x, None, x, None, x, None, prepare=lambda x, train=False: x.permute(0, 3, 1, 2).double())
+    lenet = 6 * 28 * 28 * (3 * 5 * 5) + 16 * 10 * 10 * (6 * 5 * 5) + 120 * 400 + 80 * 120 + 10 * 80
+    assert merge.macs(merge.LeNet(), images) == lenet == 651_200
+    big = 12 * 28 * 28 * (3 * 25) + 32 * 10 * 10 * (12 * 25) + 240 * 800 + 160 * 240 + 10 * 160
+    assert merge.macs(merge.variant(merge.LeNet(), k=2, gated=True), images) == big  # about 2.9 times
+    assert merge.spent(merge.LeNet(), images, epochs=3, copies=2) == [6, 6 * 4 * lenet]
+
+
+def test_random_keeps_other_units_than_the_gates_on_the_students_budget():
+    s = experiment.SineSettings(n_train=200, n_val=50, n_test=50, epochs=12, compile=0)
+    datas = [merge.sine_data(s, seed) for seed in (0, 1)]
+    students, randoms = merge.student(datas, s, merge.SineMLP, [0, 1]), merge.random(datas, s, merge.SineMLP, [0, 1])
+    for (student, mine), (random, theirs) in zip(students, randoms):
+        assert mine["compute"] == theirs["compute"]  # the same phases, epochs and multiply-adds
+        assert mine["teachers_test"] == theirs["teachers_test"] and mine["big_student_test"] == theirs["big_student_test"]
+        assert not torch.equal(student.hidden.weight, random.hidden.weight)
+    big = merge.make_big_student(merge.new_models(merge.SineMLP, [1, 2], "cpu"))
+    big.gates[0].loc.data = torch.arange(200.0)  # the gates would keep units 100-199
+    keep = merge.random_units(big, seed=3)
+    assert len(keep[0]) == 100 and keep[0].unique().tolist() == keep[0].tolist()  # 1/k, sorted, no repeats
+    assert not torch.equal(keep[0], merge.top_units(big)[0]) and torch.equal(keep[0], merge.random_units(big, 3)[0])
+    assert not torch.equal(keep[0], merge.random_units(big, 4)[0])
+
+
+def test_one_compute_trains_for_the_students_multiply_adds_not_its_epochs():
+    s = experiment.SineSettings(n_train=200, n_val=50, n_test=50, epochs=12, compile=0)
+    datas = [merge.sine_data(s, 0)]
+    (_, student), = merge.student(datas, s, merge.SineMLP, [0])
+    (_, equal), = merge.one_compute(datas, s, merge.SineMLP, [0])
+    (_, one), = merge.one(datas, s, merge.SineMLP, [0])
+    total = lambda info, i: sum(c[i] for c in info["compute"].values())
+    assert total(student, 1) == total(equal, 1) == 2 * 4 * 200 * 200 + 2 * 200 * 400 + 2 * 200 * 200
+    assert total(equal, 0) == 2 * 4 + 2 * 2 + 2 == 14 and total(student, 0) == total(one, 0) == 12
 
 
 def test_count_peaks_needs_each_crest_and_trough():
