@@ -424,35 +424,6 @@ def test_changed_settings_with_the_same_out_are_refused(tmp_path):
     assert result.returncode == 2 and "other settings" in result.stderr and result.stderr.count("\n") == 1
 
 
-# ---------------------------------------------------------------------------------------
-# The notebook
-# ---------------------------------------------------------------------------------------
-
-def test_the_notebook_runs_top_to_bottom_in_a_fresh_kernel(monkeypatch, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    from nbclient import NotebookClient
-    monkeypatch.setenv("SINE_DEMO_SMOKE", "1")  # the notebook's tiny budget
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    notebook = nbformat.read(ROOT / "sine_demo.ipynb", as_version=4)
-    for cell in notebook.cells:
-        if cell.cell_type == "code":
-            cell.outputs, cell.execution_count = [], None  # from a clean state
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on any cell error
-    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert all(cell.outputs for cell in code)
-    assert not (tmp_path / "runs").exists()  # it writes nothing
-
-
-def test_the_committed_notebook_has_its_outputs_and_the_readme_links_it():
-    notebook = json.loads((ROOT / "sine_demo.ipynb").read_text())
-    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
-    assert code and all(cell["outputs"] for cell in code), "commit sine_demo.ipynb executed"
-    images = [o for cell in code for o in cell["outputs"] if "image/png" in o.get("data", {})]
-    assert len(images) >= 6  # Figs. 8a, 10-style curves, 5, gates, kinks, 9
-    assert "sine_demo.ipynb" in (ROOT / "README.md").read_text()
-
-
 def test_the_readme_reports_what_the_committed_run_produced(tmp_path):
     """figures/ holds results.jsonl and settings.json of the full run in the README; the
     same command on a copy trains nothing and must regenerate the README's table."""
