@@ -249,6 +249,30 @@ def append_result(out, row):
 
 STACK_RUNS = 100  # runs trained as one stack at most, so that memory does not grow with --runs
 
+def stack_first_phases(s, todo, make_data, make_teacher, device):
+    """The first phases of several strategies that are one computation (fresh models of the teachers'
+    architecture, equal epochs and lr drops: the sine's teachers and bo3 models) trained as one stack,
+    before the strategies run and load them from --out/phases. todo: strategy -> its runs to do.
+    A stack changes no model: each trains on its own data, order and noise (merge.fit_stacked)."""
+    groups = {}
+    for name, runs in todo.items():
+        first = merge.first_phase(s, name)
+        if first and runs:
+            group = groups.setdefault(tuple(first[2:]), dict(phases=set(), runs=set()))
+            group["phases"].add(tuple(first[:2]))
+            group["runs"] |= set(runs)
+    for (epochs, drops), group in groups.items():
+        if len(group["phases"]) < 2:
+            continue  # one strategy's own phase: it trains it itself
+        runs = sorted(group["runs"])
+        for chunk in [runs[i:i + STACK_RUNS] for i in range(0, len(runs), STACK_RUNS)]:
+            seeds = [merge.run_seed(s.seed, run) for run in chunk]
+            datas = [make_data(seed, device) for seed in seeds]
+            models = [(phase, merge.phase_seed(seed, phase, i), data) for phase, copies in sorted(group["phases"])
+                      for i in range(copies) for seed, data in zip(seeds, datas)]
+            merge.train(merge.new_models(make_teacher, [m[1] for m in models], device), [m[2] for m in models], s,
+                        epochs, drops, [m[1] for m in models], phase=[m[0] for m in models])
+
 def run_experiment(s, title, make_data, make_teacher, result):
     """The loop of every experiment, inside `with locked(s)`: for each strategy, the runs not yet in
     --out/results.jsonl, in stacks (s.stack) or one at a time. Each finished (run, strategy) is
@@ -264,11 +288,13 @@ def run_experiment(s, title, make_data, make_teacher, result):
     s, done = dataclasses.replace(s, phase_dir=str(out / "phases")), {(r["run"], r["strategy"]) for r in results}
     names = s.strategies.split(",")
     merge.log.info(f"{title}: {s.runs} runs x {len(names)} strategies, {s.epochs} epochs each, on {device}; "
-              f"{len(done)} results already in {out}")
+                   f"{len(done)} results already in {out}")
+    todo = {name: [run for run in range(s.runs) if (run, name) not in done] for name in names}
+    if s.stack:
+        stack_first_phases(s, todo, make_data, make_teacher, device)
     for name in names:
-        todo = [run for run in range(s.runs) if (run, name) not in done]
         size = STACK_RUNS if s.stack else 1
-        for runs in [todo[i:i + size] for i in range(0, len(todo), size)]:
+        for runs in [todo[name][i:i + size] for i in range(0, len(todo[name]), size)]:
             merge.log.info(f"{name}: runs {runs[0] + 1}-{runs[-1] + 1} of {s.runs}" if len(runs) > 1 else
                       f"{name}: run {runs[0] + 1} of {s.runs}")
             seeds = [merge.run_seed(s.seed, run) for run in runs]
@@ -364,30 +390,34 @@ def report_sine(s, rows, out):
     merge.log.info(f"wrote {out}/summary.md and figures")
 
 def bench(s):
-    """Seconds per model-epoch of the sine's teacher phase: the one-at-a-time loop (fit) against
-    the stacked trainer at several stack sizes, in this process, on the same data. Steady
-    state: the median of epochs 2 to 4, so warming up and compiling are not counted."""
-    device = resolve_device(s.device)
+    """Seconds per model-epoch of the sine's teacher phase and of its gated importance phase (big
+    students of two teachers): the one-at-a-time loop (fit) against the stacked trainer at several
+    stack sizes, in this process, on the same data. Steady state: the median of epochs 2 to 4, so
+    that warming up and compiling are not counted. The speed-ups are against fit on the same phase."""
+    device, rows = resolve_device(s.device), []
     data = merge.sine_data(s, 0, device)
 
-    def seconds(trainer, R, epochs=4):
-        models = merge.new_models(merge.SineMLP, range(R), device)
+    def seconds(phase, trainer, R, epochs=4):
+        models, lambdas = merge.new_models(merge.SineMLP, range(2 * R), device), None
+        if phase == "importance":
+            models, lambdas = [merge.make_big_student(models[2 * r:2 * r + 2]) for r in range(R)], [1.0] * epochs
         if trainer == "one at a time":
-            history = merge.fit(models[0], data, s, epochs)
+            history = merge.fit(models[0], data, s, epochs, lambdas=lambdas)
         else:
-            history = merge.fit_stacked(models, [data] * R, dataclasses.replace(s, compile=int(trainer == "stacked")),
-                                        epochs, seeds=range(R))
+            history = merge.fit_stacked(models[:R], [data] * R, dataclasses.replace(s, compile=int(trainer == "stacked")),
+                                        epochs, seeds=range(R), lambdas=lambdas)
         return float(np.median([h["seconds"] for h in history[1:]])) / R
 
-    rows = []
-    for trainer, R in [("one at a time", 1), ("stacked", 1), ("stacked", 10), ("stacked", 50),
-                       ("stacked", 300), ("stacked, eager", 300)]:
-        rows.append((trainer, R, seconds(trainer, R)))
-        merge.log.info(f"bench: {trainer}, {R} models: {rows[-1][2]:.5f} s per model-epoch")
-    lines = [f"Sine teacher phase, {s.n_train} points, batch {s.batch}, {torch.get_num_threads()} threads, "
-             f"{device}: seconds per model-epoch", "", "| trainer | models | s / model-epoch | speed-up |",
-             "|---|---|---|---|"]
-    lines += [f"| {t} | {R} | {sec:.5f} | {rows[0][2] / sec:.1f}x |" for t, R, sec in rows]
+    for phase, trainer, R in [("teacher", "one at a time", 1), ("teacher", "stacked", 1), ("teacher", "stacked", 10),
+                              ("teacher", "stacked", 50), ("teacher", "stacked", 300), ("teacher", "stacked, eager", 300),
+                              ("importance", "one at a time", 1), ("importance", "stacked", 1),
+                              ("importance", "stacked", 10), ("importance", "stacked", 50)]:
+        rows.append((phase, trainer, R, seconds(phase, trainer, R)))
+        merge.log.info(f"bench: {phase}, {trainer}, {R} models: {rows[-1][3]:.5f} s per model-epoch")
+    alone = {phase: sec for phase, trainer, _, sec in rows if trainer == "one at a time"}
+    lines = [f"Sine, {s.n_train} points, batch {s.batch}, {torch.get_num_threads()} threads, {device}: seconds per "
+             "model-epoch", "", "| phase | trainer | models | s / model-epoch | speed-up |", "|---|---|---|---|---|"]
+    lines += [f"| {p} | {t} | {R} | {sec:.5f} | {alone[p] / sec:.1f}x |" for p, t, R, sec in rows]
     print("\n".join(lines))
 
 # == Command line ===================================================================================

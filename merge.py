@@ -47,13 +47,15 @@ class Gate(nn.Module):
         """Gate values shaped to multiply x: (B, n) for x (B, n), (B, n, 1, 1) for x (B, n, H, W)."""
         B, n = x.shape[0], len(self.loc)
         if self.training:
-            # s = sigmoid((log u - log(1 - u) + loc) / beta),  u ~ U(0, 1): from the trainers' key and step t
-            # (the same numbers alone or in a stack), else from torch's generator
-            index = torch.arange(B * n, device=x.device)
-            u = (torch.rand(B, n, device=x.device) if self.key is None else
-                 mix((mix(self.key ^ self.step) + index) & 0xFFFFFFFF).view(B, n) / 2**32)
-            u = u.to(self.loc.dtype).clamp(1e-6, 1 - 1e-6)
-            s = torch.sigmoid((u.log() - (-u).log1p() + self.loc) / self.beta)
+            # u ~ U(0, 1): from the trainers' key and step t (the same numbers alone or in a stack), else
+            # from torch's generator
+            index = torch.arange(B * n, device=x.device, dtype=torch.int32)
+            u = (torch.rand(B, n, device=x.device) if self.key is None else  # the top 24 bits of each hash
+                 (mix(mix(self.key ^ self.step) + index) >> 8 & 0xFFFFFF).view(B, n) / 2**24)
+            r = (1 - u.to(self.loc.dtype).clamp(1e-6, 1 - 1e-6)) / u.to(self.loc.dtype).clamp(1e-6, 1 - 1e-6)
+            # s = sigmoid((log u - log(1 - u) + loc) / beta) = 1 / (1 + r^(1/beta) exp(-loc / beta)), r = (1 - u) / u:
+            # with beta = 2/3, r^(3/2) = r sqrt(r), no logarithm per example and unit (4 times faster)
+            s = 1 / (1 + r * r.sqrt() * torch.exp(-self.loc / self.beta))
         else:  # DEVIATION: deterministic at test time (the authors' scripts keep sampling, so their
             # logged test numbers are noisy): s = sigmoid(loc), the same for every example
             s = torch.sigmoid(self.loc).expand(B, n)
@@ -65,17 +67,18 @@ class Gate(nn.Module):
         return x * self.sample(x)  # (B, n, H, W) * (B, n, 1, 1), or (B, n) * (B, n)
 
 def mix(x):
-    """An integer hash of x in [0, 2^32), a tensor or an int (Mueller's; products stay below 2^63)."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
-    x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
-    return (x >> 16) ^ x
+    """An integer hash (Mueller's) of the 32 bits of each int32 in x; the products wrap around."""
+    x = (x ^ (x >> 16) & 0xFFFF) * 0x45D9F3B  # >> keeps the sign: & 0xFFFF keeps the bits shifted in
+    x = (x ^ (x >> 16) & 0xFFFF) * 0x45D9F3B
+    return x ^ (x >> 16) & 0xFFFF
 
 def counter(*parts):
-    """The key in [0, 2^32) of non-negative integers (seed, layer): the gate noise at step t is
+    """The key, an int32, of non-negative integers (seed, layer): the gate noise at step t is
     mix(mix(key ^ t) + index), a counter-based generator like Philox: it depends on nothing else."""
-    key = 0
-    for part in parts:
-        key = mix(mix(key ^ (part & 0xFFFFFFFF)) ^ (part >> 32))
+    key = torch.zeros((), dtype=torch.int32)
+    for part in parts:  # 64 bits in two halves
+        halves = torch.tensor([part & 0xFFFFFFFF, part >> 32]).to(torch.int32)  # the low 32 bits of each
+        key = mix(mix(key ^ halves[0]) ^ halves[1])
     return key
 
 def shuffled(seed, epoch, n, device):
@@ -399,9 +402,9 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, after_
     torch.manual_seed(seed)  # the augmentation's draws, if any
     model.train()
     locs, device = [gate.loc for gate in gates(model)], data.x_train.device
-    step = torch.zeros((), dtype=torch.int64, device=device)  # t, counted over the phase
+    step = torch.zeros((), dtype=torch.int32, device=device)  # t, counted over the phase
     for layer, gate in enumerate(gates(model)):  # each gate's noise: a function of (seed, layer, t)
-        gate.key, gate.step = torch.tensor([counter(seed, layer)], device=device), step
+        gate.key, gate.step = counter(seed, layer).view(1).to(device), step
     weights = [p for p in model.parameters() if all(p is not loc for loc in locs)]
     gate_group = [dict(params=locs, lr=s.gate_lr, momentum=0.9, weight_decay=0)] if lambdas is not None else []
     opt = torch.optim.SGD([dict(params=weights)] + gate_group, lr=s.lr, momentum=s.momentum,
@@ -447,8 +450,8 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, ke
     X, Y = ((datas[0].x_train, datas[0].y_train) if shared else  # (N, ...) or (R, N, ...)
             (torch.stack([d.x_train for d in datas]), torch.stack([d.y_train for d in datas])))
     N = len(datas[0].x_train)
-    rows, step = torch.arange(len(models), device=device)[:, None], torch.zeros((), dtype=torch.int64, device=device)
-    keys = {f"{name}.key": torch.tensor([[counter(seed, layer)] for seed in seeds], device=device)  # (R, 1)
+    rows, step = torch.arange(len(models), device=device)[:, None], torch.zeros((), dtype=torch.int32, device=device)
+    keys = {f"{name}.key": torch.stack([counter(seed, layer) for seed in seeds]).view(-1, 1).to(device)  # (R, 1)
             for layer, name in enumerate(gate_sizes)}
     error_loss = F.mse_loss if datas[0].metric == "mse" else F.cross_entropy
 
@@ -510,8 +513,10 @@ def compiled(step, use_compile):
 
 def train(models, datas, s, epochs, drops, seeds, lambdas=None, keep=0.5, phase="models"):
     """Train models[i] on datas[i] from seeds[i], as one stack when s.stack, else one at a time.
-    Each finished model is kept as s.phase_dir/<phase>-<seed>.pt, and loaded, not retrained."""
-    paths, todo = [Path(s.phase_dir) / f"{phase}-{seed}.pt" if s.phase_dir else None for seed in seeds], []
+    Each finished model is kept as s.phase_dir/<phase>-<seed>.pt (phase: a name, or one a model),
+    and loaded, not retrained."""
+    phases = [phase] * len(models) if isinstance(phase, str) else phase
+    paths, todo = [Path(s.phase_dir) / f"{p}-{seed}.pt" if s.phase_dir else None for p, seed in zip(phases, seeds)], []
     for i, (model, path) in enumerate(zip(models, paths)):
         if path is None or not path.exists():
             todo.append(i)
@@ -524,7 +529,7 @@ def train(models, datas, s, epochs, drops, seeds, lambdas=None, keep=0.5, phase=
             log.warning(f"  {path} is damaged ({type(e).__name__}); training its model again")
             todo.append(i)
     done = f" ({len(models) - len(todo)} done before)" if len(todo) < len(models) else ""
-    log.info(f"  {phase}: {len(todo)} x {epochs} epochs{done}")
+    log.info(f"  {' and '.join(dict.fromkeys(phases))}: {len(todo)} x {epochs} epochs{done}")
     if todo and s.stack:
         fit_stacked([models[i] for i in todo], [datas[i] for i in todo], s, epochs, drops,
                     [seeds[i] for i in todo], lambdas, keep)
@@ -573,7 +578,14 @@ def new_models(make_teacher, seeds, device):
         models.append(make_teacher().to(device))
     return models
 
-def trained(make, datas, s, seeds, phase, epochs, drops, copies=1):
+def first_phase(s, name):
+    """(phase, models a run, epochs, lr drops): the fresh models a strategy starts from. Strategies
+    whose first phases agree in epochs and drops may train them as one stack (experiment.py)."""
+    b, teachers = budget(s), ("teacher", s.teachers, budget(s)["teacher"], s.drops_teacher)
+    return dict(student=teachers, random=teachers, fusion=teachers, bo3=("bo3", 3, b["bo3"], s.drops_teacher),
+                one=("one", 1, b["one"], s.drops_one)).get(name)
+
+def trained(make, datas, s, seeds, phase, copies, epochs, drops):
     """`copies` fresh models a run, trained for one phase: [[model 0, model 1, ...] for each run]."""
     phase_seeds = [phase_seed(seed, phase, i) for i in range(copies) for seed in seeds]  # model i of run r: i R + r
     models = train(new_models(make, phase_seeds, datas[0].x_train.device), datas * copies, s, epochs, drops,
@@ -613,7 +625,7 @@ def student(datas, s, make_teacher, seeds, control=False):
     """Merging (section 2): k teachers, concatenation, importance, compression, fine-tuning. With
     control, the `random` strategy: the same, but 1/k of each unit group kept at random."""
     b, k, big_students = budget(s), s.teachers, []
-    teachers = trained(make_teacher, datas, s, seeds, "teacher", b["teacher"], s.drops_teacher, k)
+    teachers = trained(make_teacher, datas, s, seeds, *first_phase(s, "student"))
     for ts, seed in zip(teachers, seeds):
         torch.manual_seed(phase_seed(seed, "importance"))  # the gates' initial loc, whichever trainer ran before
         big_students.append(make_big_student(ts))
@@ -647,18 +659,18 @@ def bo3(datas, s, make_teacher, seeds):
     """The best of three models of 1/3 of the budget each, chosen on the validation set.
     DEVIATION: the authors' scripts choose on the test set, which flatters bo3."""
     outcomes = []
-    for three, data in zip(trained(make_teacher, datas, s, seeds, "bo3", budget(s)["bo3"], s.drops_teacher, 3), datas):
+    for three, data in zip(trained(make_teacher, datas, s, seeds, *first_phase(s, "bo3")), datas):
         val = [evaluate(m, data, "val") for m in three]
         best = (max if data.metric == "accuracy" else min)(range(3), key=val.__getitem__)  # first on ties
         outcomes.append((three[best], dict(chosen=best, val_of_three=[round(v, 6) for v in val],
                                            compute=dict(bo3=spent(three[0], data, budget(s)["bo3"], 3)))))
     return outcomes
 
-def one(datas, s, make_teacher, seeds, epochs=None, phase="one"):
-    """One model trained for the whole budget (or `epochs`)."""
-    epochs = epochs or budget(s)["one"]
-    return [(m, dict(compute={phase: spent(m, data, epochs)}))
-            for (m,), data in zip(trained(make_teacher, datas, s, seeds, phase, epochs, s.drops_one), datas)]
+def one(datas, s, make_teacher, seeds, phase=None):
+    """One model trained for the whole budget (or for `phase`, as first_phase gives it)."""
+    phase = phase or first_phase(s, "one")
+    return [(m, dict(compute={phase[0]: spent(m, data, phase[2])}))
+            for (m,), data in zip(trained(make_teacher, datas, s, seeds, *phase), datas)]
 
 def one_compute(datas, s, make_teacher, seeds):
     """Control (ours): one model trained for the student's multiply-adds, not its epochs. Budgets in the
@@ -666,7 +678,7 @@ def one_compute(datas, s, make_teacher, seeds):
     b, teacher = budget(s), make_teacher().to(datas[0].x_train.device)
     wider = macs(variant(teacher, k=s.teachers, gated=True), datas[0]) / macs(teacher, datas[0])
     epochs = s.teachers * b["teacher"] + round(b["importance"] * wider) + b["finetune"]
-    return one(datas, s, make_teacher, seeds, epochs, "one_compute")
+    return one(datas, s, make_teacher, seeds, ("one_compute", 1, epochs, s.drops_one))
 
 # == 3.3  Baselines: channel pruning and model fusion =============================================
 # The paper's other comparisons: pruning a double-width network (CIFAR-100, Table 2) and fusing
@@ -678,7 +690,7 @@ def prune(datas, s, make_teacher, seeds):
     teachers' width over the next 1/6, compressed to their architecture, fine-tuned for 1/6."""
     from baselines import prune_channels, with_masks  # the pruning itself (baselines.py)
     b, pruned, infos = budget(s), [], []
-    wides = trained(lambda: variant(make_teacher(), k=2), datas, s, seeds, "wide", s.teachers * b["teacher"],
+    wides = trained(lambda: variant(make_teacher(), k=2), datas, s, seeds, "wide", 1, s.teachers * b["teacher"],
                     s.drops_teacher)
     log.info(f"  pruning: {len(wides)} x {b['importance']} epochs")
     for (wide,), data, seed in zip(wides, datas, seeds):
@@ -698,7 +710,7 @@ def fusion(datas, s, make_teacher, seeds):
     """Model fusion: the student's teachers, aligned and averaged by fuse(), then fine-tuned for
     the student's fine-tuning epochs. It has no importance phase: it uses 5/6 of the budget."""
     from baselines import fuse  # Git Re-Basin's weight matching (baselines.py)
-    teachers = trained(make_teacher, datas, s, seeds, "teacher", budget(s)["teacher"], s.drops_teacher, s.teachers)
+    teachers = trained(make_teacher, datas, s, seeds, *first_phase(s, "fusion"))
     fused = [fuse(ts, seed) for ts, seed in zip(teachers, seeds)]
     infos = [dict(teachers_test=[round(evaluate(t, data), 6) for t in ts], fused_test=round(evaluate(f, data), 6),
                   compute=dict(teacher=spent(ts[0], data, budget(s)["teacher"], s.teachers),

@@ -3,6 +3,7 @@ returning its figure and, given a path, saving it as a PNG (whole: a temporary f
 rename) and closing it."""
 import os
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -33,7 +34,8 @@ def plot_box(rows, metric, strategies, path=None, title=""):
     names = [n for n in strategies if any(r["strategy"] == n for r in rows)]
     values = [[r[metric] for r in rows if r["strategy"] == n] for n in names]
     fig, ax = plt.subplots(figsize=(6, 0.6 + 0.7 * len(names)))
-    ax.boxplot(values, orientation="horizontal", showmeans=True, meanprops=dict(marker="x", markeredgecolor="k"))
+    horizontal = dict(orientation="horizontal") if matplotlib.__version_info__ >= (3, 10) else dict(vert=False)
+    ax.boxplot(values, showmeans=True, meanprops=dict(marker="x", markeredgecolor="k"), **horizontal)
     ax.set_yticks(range(1, len(names) + 1), names)
     ax.set(xlabel=metric.replace("_", " "), title=title)
     return _finish(fig, path)

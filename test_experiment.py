@@ -60,6 +60,7 @@ def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "sine"
     result = cli(*SMALL, "--strategies", ",".join(merge.STRATEGIES), "--out", out)
     assert result.returncode == 0, result.stderr
+    assert "bo3 and teacher: 10 x 4 epochs" in result.stdout  # one stack for both (stack_first_phases)
     return out
 
 
@@ -195,6 +196,19 @@ def test_a_repeated_row_is_read_once_and_a_last_line_without_newline_kept(finish
     assert f"{len(lines)} results already" in again.stdout and "repaired" in again.stdout
     assert (out / "results.jsonl").read_text() == "".join(line + "\n" for line in lines)
     assert "| student | 2 |" in (out / "summary.md").read_text()  # not 3
+
+
+def test_phases_of_several_strategies_in_one_stack_give_the_rows_of_one_at_a_time(finished, tmp_path):
+    """The sine's teachers and bo3 models have equal epochs and drops: the run loop trains them as
+    one stack before the strategies run. Each model's result is what it is trained alone."""
+    alone = tmp_path / "alone"
+    result = cli(*SMALL, "--stack", "0", "--strategies", "student,bo3,one", "--out", alone)
+    assert result.returncode == 0, result.stderr
+    rows = lambda out: {(r["run"], r["strategy"]): r for r in map(json.loads, open(out / "results.jsonl"))}
+    stacked = rows(finished)
+    for key, row in rows(alone).items():
+        assert row["test_mse"] == pytest.approx(stacked[key]["test_mse"], abs=2e-6), key
+    assert (finished / "phases" / f"bo3-{merge.phase_seed(merge.run_seed(0, 1), 'bo3', 2)}.pt").exists()
 
 
 def test_runs_in_smaller_stacks_give_the_same_rows(finished, tmp_path, monkeypatch, capsys):

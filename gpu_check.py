@@ -1,0 +1,149 @@
+"""The --device cuda path, checked in one go on a machine with a GPU: a short sine run on the GPU
+and on the CPU (do the rows agree?), the bench, and each image script at a tiny budget, stacked
+where that applies. It prints a report of seconds per model-epoch, stacked and one at a time,
+peak GPU memory, and how far the GPU's rows are from the CPU's, and writes it to --report.
+
+    python gpu_check.py --report gpu_check.md      # a few minutes on one GPU
+    python gpu_check.py --device cpu               # the same steps on the CPU alone, to try it out
+"""
+import argparse
+import contextlib
+import io
+import json
+import pickle
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cifar
+import experiment
+import lenet_imagewoof
+
+SINE = ["--runs", "10", "--epochs", "60", "--n-train", "2000", "--n-val", "500", "--n-test", "2000"]
+
+
+def write_images(root, classes=4, per_class=24, size=40):
+    """A small folder in the Imagewoof layout: class c is a bright square in corner c, on noise."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", per_class // 3)):
+        for c in range(classes):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for j in range(n):
+                pixels = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
+                row, col = divmod(c % 4, 2)
+                pixels[row * size // 2:(row + 1) * size // 2, col * size // 2:(col + 1) * size // 2] += 120
+                Image.fromarray(pixels).save(root / split / f"class{c}" / f"{j}.JPEG")
+    return root
+
+
+def write_cifar(root, n=200):
+    """The official CIFAR pickles, small: CIFAR-10's 5 training batches and test batch, CIFAR-100's
+    train and test files; class c's images are brighter with c."""
+    rng = np.random.default_rng(0)
+    for folder, names, key, classes in (("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] +
+                                         ["test_batch"], b"labels", 10),
+                                        ("cifar-100-python", ["train", "test"], b"fine_labels", 100)):
+        (root / folder).mkdir(parents=True)
+        for name in names:
+            labels = rng.integers(0, classes, n)
+            data = rng.integers(0, 100, (n, 3072), dtype=np.uint8) + (labels[:, None] * 150 // classes).astype(np.uint8)
+            with open(root / folder / name, "wb") as f:
+                pickle.dump({b"data": data, key: labels.tolist()}, f)
+    return root
+
+
+def run(main, argv, device):
+    """One command line in this process: (seconds, peak GPU memory in MiB, rows, what it printed)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    printed, started = io.StringIO(), time.time()
+    with contextlib.redirect_stdout(printed):
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as e:
+            if e.code:
+                raise RuntimeError(f"{argv}: exit code {e.code}") from None
+    seconds = time.time() - started
+    memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
+    out = Path(argv[argv.index("--out") + 1])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return seconds, memory, rows, printed.getvalue()
+
+
+def model_epochs(rows):
+    return sum(epochs for r in rows for epochs, _ in r["compute"].values())
+
+
+def largest_difference(rows, reference, metric):
+    theirs = {(r["run"], r["strategy"]): r[metric] for r in reference}
+    return max(abs(r[metric] - theirs[(r["run"], r["strategy"])]) for r in rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--report", default="gpu_check.md")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: torch sees no GPU here; use --device cpu to try the steps on the CPU")
+    device = args.device
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU only"
+    lines = [f"# GPU check: {name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads", "",
+             "| experiment | device | trainer | model-epochs | seconds | s / model-epoch | peak GPU MiB | "
+             "largest difference from the CPU's rows |", "|---|---|---|---|---|---|---|---|"]
+    report = Path(args.report)
+
+    def add(what, where, trainer, result, reference=None, metric="test_accuracy"):
+        seconds, memory, rows, _ = result
+        difference = f"{largest_difference(rows, reference, metric):.2e}" if reference else "-"
+        lines.append(f"| {what} | {where} | {trainer} | {model_epochs(rows)} | {seconds:.1f} | "
+                     f"{seconds / model_epochs(rows):.5f} | {memory:.0f} | {difference} |")
+        print(lines[-1], flush=True)
+        report.write_text("\n".join(lines) + "\n")
+
+    print("\n".join(lines), flush=True)
+    scratch = Path(tempfile.mkdtemp())
+    steps = [
+        ("sine, 10 runs x 60 epochs", experiment.main, SINE, "test_mse", [("stacked", ["--stack", "1"])]),
+        ("LeNet, 2 runs x 12 epochs", lenet_imagewoof.main,
+         ["--data", write_images(scratch / "woof"), "--runs", 2, "--epochs", 12, "--compile", 0], "test_accuracy",
+         [("stacked", ["--stack", "1"]), ("one at a time", ["--stack", "0"])]),
+        ("ResNet18 at 64 px, width 8, 1 run x 6 epochs", lenet_imagewoof.main,
+         ["--arch", "resnet18", "--size", 64, "--width", 8, "--data", scratch / "woof", "--runs", 1, "--epochs", 6],
+         "test_accuracy", [("one at a time", ["--stack", "0"])]),
+        ("ResNet20 on CIFAR-100 pickles, width 8, 1 run x 6 epochs", cifar.main,
+         ["--data", write_cifar(scratch / "cifar"), "--experiment", "resnet20-cifar100", "--width", 8, "--runs", 1,
+          "--epochs", 6], "test_accuracy", [("one at a time", ["--stack", "0"])]),
+        ("VGG-11, width 8, 1 run x 6 epochs", cifar.main,
+         ["--data", scratch / "cifar", "--experiment", "vgg11-cifar10", "--width", 8, "--runs", 1, "--epochs", 6,
+          "--compile", 0], "test_accuracy", [("stacked", ["--stack", "1"]), ("one at a time", ["--stack", "0"])]),
+    ]
+    for i, (what, script, common, metric, trainers) in enumerate(steps):
+        for trainer, flags in trainers:
+            try:
+                on_cpu = run(script, [*common, *flags, "--device", "cpu", "--out", scratch / f"{i}{trainer}cpu"], "cpu")
+                if device == "cuda":
+                    add(what, "cuda", trainer, run(script, [*common, *flags, "--device", "cuda",
+                                                            "--out", scratch / f"{i}{trainer}cuda"], "cuda"),
+                        on_cpu[2], metric)
+                add(what, "cpu", trainer, on_cpu)
+            except Exception as e:  # noqa: BLE001 - report it and go on with the next step
+                lines.append(f"| {what} | {device} | {trainer} | failed: {type(e).__name__}: {str(e)[:200]} |")
+                print(lines[-1], flush=True)
+    lines += ["", "## The bench (sine), on " + device, ""]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        experiment.main(["--bench", "--device", device])
+    lines += [line for line in printed.getvalue().splitlines() if line.startswith("|") or line.startswith("Sine")]
+    report.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-12:]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
