@@ -1,8 +1,9 @@
-"""The paper's other comparisons (section 3.3), the algorithms behind merge.py's strategies prune
-and fusion: channel pruning of a double-width network (CIFAR-100, Table 2) with Molchanov et
-al.'s first-order Taylor importance, and model fusion (CIFAR-10, Table 3) by Git Re-Basin's
-weight matching. Both choose units of merge.py's unit groups and end in the teachers'
-architecture through merge.compress()."""
+"""The paper's other comparisons (section 3.3), read beside it as merge.py beside sections 2 and 3.1:
+the strategies prune and fusion with what they need. Channel pruning of a double-width network
+(CIFAR-100, Table 2) with Molchanov et al.'s first-order Taylor importance; model fusion (CIFAR-10,
+Table 3) by Git Re-Basin's weight matching. Both are strategies like merge.py's (experiment.STRATEGIES
+holds all), choose units of merge.py's unit groups and end in the teachers' architecture through
+merge.compress()."""
 import math
 
 import torch
@@ -56,6 +57,29 @@ def prune_channels(model, masks, data, s, epochs, seed):
     merge.fit(model, data, s, epochs, s.drops_importance, seed, after_step=after_step, after_epoch=after_epoch)
     return [mask.m.detach().nonzero().flatten() for mask in masks]
 
+def prune(datas, s, make_teacher, seeds):
+    """Channel pruning: a network of double width trained for 2/3 of the budget, pruned to the
+    teachers' width over the next 1/6, compressed to their architecture, fine-tuned for 1/6."""
+    b, pruned, infos, k = merge.budget(s), [], [], s.teachers
+    wides = merge.trained(lambda: merge.variant(make_teacher(), k=2), datas, s, seeds, "wide", 1, k * b["teacher"],
+                          s.drops_teacher)
+    merge.log.info(f"  pruning: {len(wides)} x {b['importance']} epochs")
+    for (wide,), data, seed in zip(wides, datas, seeds):
+        masked = merge.variant(wide, gated=True)
+        masked.load_state_dict(wide.state_dict(), strict=False)  # all but the gates, which become masks
+        alive = prune_channels(masked, with_masks(masked), data, s, b["importance"], merge.phase_seed(seed, "pruning"))
+        pruned.append(merge.compress(masked, alive))  # exact: the dropped units are 0 wherever they are written
+        infos.append(dict(wide_test=round(merge.evaluate(wide, data), 6),
+                          pruned_test=round(merge.evaluate(pruned[-1], data), 6),
+                          compute=dict(wide=merge.spent(wide, data, k * b["teacher"]),
+                                       pruning=merge.spent(wide, data, b["importance"]),
+                                       finetune=merge.spent(pruned[-1], data, b["finetune"]))))
+    merge.train(pruned, datas, merge.finetuning(s), b["finetune"], s.drops_finetune,
+                [merge.phase_seed(seed, "prune_finetune") for seed in seeds], phase="prune_finetune",
+                warmup=s.finetune_warmup)
+    return list(zip(pruned, infos))
+
+
 # == Model fusion ==================================================================================
 
 def unit_rows(layer, axis, n):
@@ -95,3 +119,21 @@ def fuse(teachers, seed=0):
     fused.load_state_dict({name: sum(st[name] for st in states) / len(states) if value.is_floating_point()
                            else value for name, value in states[0].items()})
     return fused
+
+def fusion(datas, s, make_teacher, seeds):
+    """Model fusion: the student's teachers, aligned and averaged by fuse(), then fine-tuned for
+    the student's fine-tuning epochs. It has no importance phase: it uses 5/6 of the budget."""
+    b = merge.budget(s)
+    teachers = merge.trained(make_teacher, datas, s, seeds, *merge.first_phase(s, "fusion"))
+    fused = [fuse(ts, seed) for ts, seed in zip(teachers, seeds)]
+    infos = [dict(teachers_test=[round(merge.evaluate(t, data), 6) for t in ts],
+                  fused_test=round(merge.evaluate(f, data), 6),
+                  compute=dict(teacher=merge.spent(ts[0], data, b["teacher"], s.teachers),
+                               finetune=merge.spent(f, data, b["finetune"])))
+             for ts, f, data in zip(teachers, fused, datas)]
+    merge.train(fused, datas, merge.finetuning(s), b["finetune"], s.drops_finetune,
+                [merge.phase_seed(seed, "fusion_finetune") for seed in seeds], phase="fusion_finetune",
+                warmup=s.finetune_warmup)
+    return list(zip(fused, infos))
+
+STRATEGIES = dict(prune=prune, fusion=fusion)

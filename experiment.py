@@ -27,12 +27,14 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+import baselines
 import merge
 import plots
 from merge import InputError
 
 # == Settings and the command line ================================================================
 
+STRATEGIES = {**merge.STRATEGIES, **baselines.STRATEGIES}  # by name: the paper's, our controls, the baselines
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
 POSITIVE = (lambda v: v > 0, "above 0")
@@ -60,8 +62,9 @@ class Settings:
     device: str = setting("auto", "where to train: auto picks cuda when torch sees a GPU",
                           choices=("auto", "cpu", "cuda"), run_only=True)
     out: str = setting("runs/sine", "folder for results.jsonl, summary.md and the figures", run_only=True)
-    strategies: str = setting("student,bo3,one", "comma-separated, of student, bo3, one (section 3.1), prune and "
-                                                 "fusion (3.3); more may be added to an --out later", run_only=True)
+    strategies: str = setting("student,bo3,one", "comma-separated, of student, bo3, one (section 3.1), the controls "
+                                                 "random and one_compute (ours), prune and fusion (3.3); more may "
+                                                 "be added to an --out later", run_only=True)
     batch: int = setting(32, "examples per SGD step", valid=AT_LEAST_1)
     lr: float = setting(0.01, "SGD learning rate, divided by 10 at each drop", valid=POSITIVE)
     momentum: float = setting(0.9, "SGD momentum", valid=(lambda v: 0 <= v < 1, "from 0 to below 1"))
@@ -76,6 +79,10 @@ class Settings:
                             "0: one at a time, like the paper's scripts (ours)", run_only=True, choices=(0, 1))
     compile: int = setting(1, "1: torch.compile the stacked step, falling back to eager where it can't (ours)",
                            run_only=True, choices=(0, 1))
+    finetune_lr: float = setting(0.0, "lr at the start of fine-tuning; 0: --lr (ImageNet: 0.07)", valid=NOT_NEGATIVE)
+    finetune_warmup: int = setting(0, "epochs of linear lr warm-up at the start of fine-tuning (ImageNet: 2)",
+                                   valid=NOT_NEGATIVE)
+    phase_epochs: tuple = ()  # (teacher, importance, fine-tune, bo3, one) epochs given explicitly (imagenet.py)
     phase_dir: str = field(default="", metadata=dict(run_only=True))  # set by the run loop: --out/phases
     # lr / 10 at these fractions of each phase (section 3.2: teachers and bo3 models at 250 of
     # 300 epochs, the importance phase constant, fine-tuning at 100 of 150, one model at 800 of 900)
@@ -108,8 +115,8 @@ def check_settings(s):
         if test and not (math.isfinite(value) and test(value)):
             raise InputError(f"{flag} must be {what}, got {value}")
     names = s.strategies.split(",")
-    if set(names) - set(merge.STRATEGIES) or len(set(names)) < len(names):
-        raise InputError(f"--strategies {s.strategies!r}: name each of {', '.join(merge.STRATEGIES)} at most once, "
+    if set(names) - set(STRATEGIES) or len(set(names)) < len(names):
+        raise InputError(f"--strategies {s.strategies!r}: name each of {', '.join(STRATEGIES)} at most once, "
                          "with commas between")
     if min(merge.budget(s).values()) < 1:
         enough = next(e for e in range(1, 10_000) if min(merge.budget(dataclasses.replace(s, epochs=e)).values()) >= 1)
@@ -185,7 +192,9 @@ def settings_record(s, out):
             assert isinstance(old, dict)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
             raise InputError(f"{path} is not a settings file; repair or remove it, or use another --out") from None
-        changed = [f"{key} {old.get(key)} -> {value}" for key, value in record.items() if old.get(key) != value]
+        defaults = json.loads(json.dumps({f.name: getattr(type(s)(), f.name) for f in dataclasses.fields(s)}))
+        changed = [f"{key} {old.get(key)} -> {value}" for key, value in record.items()  # a setting added since, at
+                   if old.get(key, defaults.get(key)) != value]  # its default, keeps the experiment as it was
         if changed:
             raise InputError(f"{out} holds results made with other settings ({', '.join(changed)}); "
                              "use another --out")
@@ -299,7 +308,7 @@ def run_experiment(s, title, make_data, make_teacher, result):
                       f"{name}: run {runs[0] + 1} of {s.runs}")
             seeds = [merge.run_seed(s.seed, run) for run in runs]
             datas = [make_data(seed, device) for seed in seeds]
-            outcomes = merge.STRATEGIES[name](datas, s, make_teacher, seeds)
+            outcomes = STRATEGIES[name](datas, s, make_teacher, seeds)
             for run, seed, data, (model, info) in zip(runs, seeds, datas, outcomes):
                 row = dict(run=run, strategy=name, seed=seed, **info, **result(model, data))
                 append_result(out, row)

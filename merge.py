@@ -1,10 +1,8 @@
-"""Merging of neural networks (Pasen and Boza): the method in one file, in the paper's order.
-
-Teachers of one architecture trained from different seeds are concatenated into a k times wider
-big student (section 2.1); stochastic L0 gates learn which units to keep under the auxiliary loss
-L_half (2.2); the big student is compressed to the teachers' width (2.3) and fine-tuned. The
-claim (3.1): under the same epoch budget the student beats the best of three models (bo3) and one
-model trained for the whole budget. Settings, results and figures are experiment.py's.
+"""Merging of neural networks (Pasen and Boza): the method in one file, in the paper's order. Teachers
+of one architecture trained from different seeds are concatenated into a k times wider big student
+(section 2.1); stochastic L0 gates learn which units to keep under the auxiliary loss L_half (2.2);
+the big student is compressed to the teachers' width (2.3) and fine-tuned. The claim (3.1): under
+the same epoch budget it beats the best of three models (bo3) and one model trained throughout.
 
     python merge.py --task sine --runs 50     # Table 1 and Figs. 5, 8a, 9, 10 -> runs/sine/
 
@@ -52,9 +50,9 @@ class Gate(nn.Module):
             index = torch.arange(B * n, device=x.device, dtype=torch.int32)
             u = (torch.rand(B, n, device=x.device) if self.key is None else  # the top 24 bits of each hash
                  (mix(mix(self.key ^ self.step) + index) >> 8 & 0xFFFFFF).view(B, n) / 2**24)
-            r = (1 - u.to(self.loc.dtype).clamp(1e-6, 1 - 1e-6)) / u.to(self.loc.dtype).clamp(1e-6, 1 - 1e-6)
-            # s = sigmoid((log u - log(1 - u) + loc) / beta) = 1 / (1 + r^(1/beta) exp(-loc / beta)), r = (1 - u) / u:
-            # with beta = 2/3, r^(3/2) = r sqrt(r), no logarithm per example and unit (4 times faster)
+            u = u.to(self.loc.dtype).clamp(1e-6, 1 - 1e-6)
+            # s = sigmoid((log u - log(1 - u) + loc) / beta) = 1 / (1 + r^(1/beta) exp(-loc / beta)), r = (1 - u) / u
+            r = (1 - u) / u  # beta = 2/3 makes r^(1/beta) = r sqrt(r): no logarithm per example and unit
             s = 1 / (1 + r * r.sqrt() * torch.exp(-self.loc / self.beta))
         else:  # DEVIATION: deterministic at test time (the authors' scripts keep sampling, so their
             # logged test numbers are noisy): s = sigmoid(loc), the same for every example
@@ -76,9 +74,8 @@ def counter(*parts):
     """The key, an int32, of non-negative integers (seed, layer): the gate noise at step t is
     mix(mix(key ^ t) + index), a counter-based generator like Philox: it depends on nothing else."""
     key = torch.zeros((), dtype=torch.int32)
-    for part in parts:  # 64 bits in two halves
-        halves = torch.tensor([part & 0xFFFFFFFF, part >> 32]).to(torch.int32)  # the low 32 bits of each
-        key = mix(mix(key ^ halves[0]) ^ halves[1])
+    for half in torch.tensor([[part & 0xFFFFFFFF, part >> 32] for part in parts]).flatten().to(torch.int32):
+        key = mix(key ^ half)  # each part's 64 bits, in two halves
     return key
 
 def shuffled(seed, epoch, n, device):
@@ -138,11 +135,9 @@ def concat_weight(weights, position):
     return big
 
 def concat_network(teachers, first=None, last=None):
-    """State of the big student of any module from its teachers' (Fig. 4): each Linear and Conv2d by
-    concat_weight, `first` and `last` in those positions, all others (a whole BasicBlock) in the
-    middle, biases stacked (averaged in the last layer); each BatchNorm2d's weight, bias and
-    running statistics stacked (the authors' scripts skip the statistics, so their big student
-    is not the teachers' mean in eval mode)."""
+    """State of the big student of any module (Fig. 4): Linear and Conv2d layers by concat_weight, `first`
+    and `last` in those positions, the others (a whole BasicBlock) in the middle; BatchNorm2d's running
+    statistics stacked too (the authors' scripts skip them: no mean in eval mode)."""
     state = {}
     for name, module in teachers[0].named_modules():
         parts, prefix = [t.get_submodule(name) for t in teachers], f"{name}." if name else ""
@@ -314,8 +309,8 @@ class ResNet(nn.Module):
 
     def __init__(self, num_classes, widths, depths, stem="cifar", k=1, gated=False):
         super().__init__()
-        self.hparams = dict(num_classes=num_classes, widths=tuple(widths), depths=tuple(depths),
-                            stem=stem, k=k, gated=gated)
+        self.hparams = dict(num_classes=num_classes, widths=tuple(widths), depths=tuple(depths), stem=stem, k=k,
+                            gated=gated)
         ws = [k * w for w in widths]
         self.conv = nn.Conv2d(3, ws[0], *((7, 2, 3) if stem == "imagenet" else (3, 1, 1)), bias=False)
         self.bn = nn.BatchNorm2d(ws[0])
@@ -368,16 +363,18 @@ def vgg11(num_classes=10, width=64):
 # of the big student (section 2.2). `s` holds the settings (experiment.py).
 
 def budget(s):
-    """Epochs per phase, equal in total for every strategy (section 3.1): student = k teachers sharing
-    2/3 (k > 2 is the paper's future work), importance 1/6, fine-tune 1/6; bo3 = 3 x 1/3; one = all."""
+    """Epochs per phase, equal in total for every strategy (3.1): student = k teachers sharing 2/3 (k > 2: the
+    paper's future work), importance 1/6, fine-tune 1/6; bo3 = 3 x 1/3; one = all; or s.phase_epochs."""
+    if s.phase_epochs:
+        return dict(zip(("teacher", "importance", "finetune", "bo3", "one"), s.phase_epochs))
     teacher, importance = round(s.epochs * 2 / 3 / s.teachers), round(s.epochs / 6)
     return dict(teacher=teacher, importance=importance,
                 finetune=s.epochs - s.teachers * teacher - importance, bo3=round(s.epochs / 3), one=s.epochs)
 
 @dataclass
 class Data:
-    """Train, validation and test tensors on the training device. prepare(x, train) makes a stored
-    batch the model's input there (uint8 images -> normalised floats, augmented for training)."""
+    """Train, validation and test tensors on the training device; prepare(x, train) makes a stored batch
+    the model's input (uint8 -> normalised floats, augmented for training). imagenet.py streams instead."""
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: torch.Tensor
@@ -386,59 +383,97 @@ class Data:
     y_test: torch.Tensor
     metric: str = "mse"  # "mse" (lower is better) or "accuracy" (higher is better)
     prepare: object = lambda x, train=False: x
+    rank: int = 0  # this process among torchrun's (imagenet.py): it alone writes files
 
-def lr_at(s, epoch, epochs, drops):
-    """s.lr divided by 10 at each fraction of the phase in drops."""
-    return s.lr * 0.1 ** sum(epoch >= round(f * epochs) for f in drops)
+    device = property(lambda self: self.x_train.device)
+    size = property(lambda self: len(self.x_train))  # training examples
+    example = property(lambda self: self.prepare(self.x_train[:1]))  # one input, as the model takes it
+
+    def batches(self, size, seed, epoch):
+        """The training batches of an epoch, as the model takes them, in an order fixed by (seed, epoch)."""
+        for idx in shuffled(seed, epoch, len(self.x_train), self.device).split(size):
+            yield self.prepare(self.x_train[idx], True), self.y_train[idx]
+
+    def wrap(self, model):
+        """The model as fit() trains it (imagenet.py: mixed precision, channels-last, DDP across ranks)."""
+        return model
+
+    def evaluate(self, model, split):
+        x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+        out = predict(model, x, self.prepare)
+        return (F.mse_loss(out, y) if self.metric == "mse" else (out.argmax(1) == y).float().mean()).item()
+
+def finetuning(s):
+    """The settings of fine-tuning: its own starting lr, where an experiment gives one (ImageNet: 0.07)."""
+    tuned = copy.copy(s)
+    tuned.lr = s.finetune_lr or s.lr
+    return tuned
+
+def lr_at(s, epoch, epochs, drops, warmup=0):
+    """s.lr divided by 10 at each fraction of the phase in drops, after `warmup` epochs of linear warm-up."""
+    return s.lr * 0.1 ** sum(epoch >= round(f * epochs) for f in drops) * min(1, (epoch + 1) / (warmup + 1))
 
 def report_progress(epoch, epochs, error, began):
     """One record per epoch; experiment.Progress shows them as a bar, or as a line now and then."""
     log.info("    epoch %d/%d, training error %.4f", epoch + 1, epochs, error, extra=dict(epochs=epochs, began=began))
 
-def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, after_step=None, after_epoch=None):
-    """Train one model in place with SGD (the reference loop; fit_stacked is its fast twin). With
-    `lambdas` (one per epoch) this is the importance phase: L = L_E + lambda sum_l L_half^l, the
-    gates with their own learning rate (2.2). after_step and after_epoch serve channel pruning."""
+def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, after_step=None, after_epoch=None,
+        warmup=0, checkpoint=None):
+    """Train one model in place with SGD (the reference loop; fit_stacked is its fast twin). With `lambdas`
+    (one per epoch) this is the importance phase: L = L_E + lambda sum_l L_half^l, the gates with their own
+    lr (2.2). after_step and after_epoch serve channel pruning. Each epoch ends by writing the model,
+    optimizer, epoch and RNG state to `checkpoint`, from which a killed phase resumes."""
     torch.manual_seed(seed)  # the augmentation's draws, if any
     model.train()
-    locs, device = [gate.loc for gate in gates(model)], data.x_train.device
+    locs, device, first = [gate.loc for gate in gates(model)], data.device, 0
     step = torch.zeros((), dtype=torch.int32, device=device)  # t, counted over the phase
-    for layer, gate in enumerate(gates(model)):  # each gate's noise: a function of (seed, layer, t)
-        gate.key, gate.step = counter(seed, layer).view(1).to(device), step
+    for layer, gate in enumerate(gates(model)):  # each gate's noise: a function of (seed, layer, rank, t)
+        gate.key, gate.step = counter(seed + (data.rank << 48), layer).view(1).to(device), step
     weights = [p for p in model.parameters() if all(p is not loc for loc in locs)]
     gate_group = [dict(params=locs, lr=s.gate_lr, momentum=0.9, weight_decay=0)] if lambdas is not None else []
     opt = torch.optim.SGD([dict(params=weights)] + gate_group, lr=s.lr, momentum=s.momentum,
                           weight_decay=s.weight_decay)
     error_loss = F.mse_loss if data.metric == "mse" else F.cross_entropy
-    history, began = [], time.time()
-    for epoch in range(epochs):
-        start, total = time.time(), torch.zeros((), device=data.x_train.device)
-        opt.param_groups[0]["lr"] = lr_at(s, epoch, epochs, drops)
-        for idx in shuffled(seed, epoch, len(data.x_train), device).split(s.batch):
-            error = error_loss(model(data.prepare(data.x_train[idx], True)), data.y_train[idx])
+    history, began, net = [], time.time(), data.wrap(model)
+    if checkpoint and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        history, first = state["history"], state["epoch"] + 1
+        step.fill_(state["step"])
+        torch.set_rng_state(state["rng"])
+    for epoch in range(first, epochs):
+        start, total, seen = time.time(), torch.zeros((), device=device), 0
+        opt.param_groups[0]["lr"] = lr_at(s, epoch, epochs, drops, warmup)
+        for x, y in data.batches(s.batch, seed, epoch):
+            error = error_loss(net(x), y)
             loss = error + lambdas[epoch] * l_half(locs, keep) if lambdas is not None else error
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if after_step:
                 after_step()
-            total += error.detach() * len(idx)
+            total, seen = total + error.detach() * len(y), seen + len(y)
             step += 1
-        history.append(dict(error=total.item() / len(data.x_train), seconds=time.time() - start))
+        history.append(dict(error=total.item() / seen, seconds=time.time() - start))
         if lambdas is not None:
             history[-1].update(l_half=l_half(locs, keep).item(), open=[p_open(loc).tolist() for loc in locs])
         report_progress(epoch, epochs, history[-1]["error"], began)
         if after_epoch:
             after_epoch(epoch)
+        if checkpoint and data.rank == 0:  # the other ranks hold the same
+            torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), epoch=epoch, step=int(step),
+                            history=history, rng=torch.get_rng_state()), checkpoint.with_suffix(".part"))
+            checkpoint.with_suffix(".part").replace(checkpoint)
     for gate in gates(model):
         gate.key = gate.step = None
     return history
 
-def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, keep=0.5):
+def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, keep=0.5, warmup=0):
     """fit() for many small models of one architecture as one stack: vmap over functional_call. The
     summed loss gives each its own gradient and SGD is elementwise, so each trains as fit() trains it
     alone, with its own data, order and gate noise (a test checks it); the step is compiled."""
-    device = datas[0].x_train.device
+    device = datas[0].device
     base = copy.deepcopy(models[0]).to("meta")  # the architecture, without weights
     params, buffers = torch.func.stack_module_state(models)
     assert not buffers, "fit_stacked is for networks without BatchNorm statistics"
@@ -477,7 +512,7 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, ke
     update, history, began = compiled(update, s.compile), [], time.time()
     for epoch in range(epochs):
         start, total = time.time(), torch.zeros(len(models), device=device)
-        lr = torch.tensor(lr_at(s, epoch, epochs, drops), device=device)  # tensors: a new value needs
+        lr = torch.tensor(lr_at(s, epoch, epochs, drops, warmup), device=device)  # tensors: a new value needs
         lam = torch.tensor(lambdas[epoch] if lambdas is not None else 0.0, device=device)  # no recompile
         order = torch.stack([shuffled(seed, epoch, N, device) for seed in seeds])  # (R, N): fit()'s orders
         X_epoch, Y_epoch = (X[order], Y[order]) if shared else (X[rows, order], Y[rows, order])  # (R, N, ...)
@@ -511,35 +546,36 @@ def compiled(step, use_compile):
             return step(*args)
     return call
 
-def train(models, datas, s, epochs, drops, seeds, lambdas=None, keep=0.5, phase="models"):
+def train(models, datas, s, epochs, drops, seeds, lambdas=None, keep=0.5, phase="models", warmup=0):
     """Train models[i] on datas[i] from seeds[i], as one stack when s.stack, else one at a time.
     Each finished model is kept as s.phase_dir/<phase>-<seed>.pt (phase: a name, or one a model),
-    and loaded, not retrained."""
+    and loaded, not retrained; one at a time, an unfinished one resumes from its last epoch."""
     phases = [phase] * len(models) if isinstance(phase, str) else phase
     paths, todo = [Path(s.phase_dir) / f"{p}-{seed}.pt" if s.phase_dir else None for p, seed in zip(phases, seeds)], []
     for i, (model, path) in enumerate(zip(models, paths)):
-        if path is None or not path.exists():
-            todo.append(i)
-            continue
         try:
-            state = torch.load(path, map_location=datas[i].x_train.device, weights_only=True)
+            state = torch.load(path, map_location=datas[i].device, weights_only=True)
             copy.deepcopy(model).load_state_dict(state)  # raises on a wrong file before model changes
             model.load_state_dict(state)
-        except Exception as e:  # noqa: BLE001 - a damaged file: its model is trained again
-            log.warning(f"  {path} is damaged ({type(e).__name__}); training its model again")
+        except Exception as e:  # noqa: BLE001 - not trained yet (no file, or no phase_dir), or a damaged file
+            if path and path.exists():
+                log.warning(f"  {path} is damaged ({type(e).__name__}); training its model again")
             todo.append(i)
     done = f" ({len(models) - len(todo)} done before)" if len(todo) < len(models) else ""
     log.info(f"  {' and '.join(dict.fromkeys(phases))}: {len(todo)} x {epochs} epochs{done}")
     if todo and s.stack:
         fit_stacked([models[i] for i in todo], [datas[i] for i in todo], s, epochs, drops,
-                    [seeds[i] for i in todo], lambdas, keep)
+                    [seeds[i] for i in todo], lambdas, keep, warmup)
     for i in todo:
-        if not s.stack:
-            fit(models[i], datas[i], s, epochs, drops, seeds[i], lambdas, keep)
-        if paths[i]:
+        epochs_file = paths[i] and paths[i].with_suffix(".epochs")
+        if paths[i] and datas[i].rank == 0:  # the only writer among torchrun's ranks
             paths[i].parent.mkdir(parents=True, exist_ok=True)
+        if not s.stack:
+            fit(models[i], datas[i], s, epochs, drops, seeds[i], lambdas, keep, warmup=warmup, checkpoint=epochs_file)
+        if paths[i] and datas[i].rank == 0:
             torch.save(models[i].state_dict(), paths[i].with_suffix(".tmp"))
             paths[i].with_suffix(".tmp").replace(paths[i])  # whole or not at all
+            epochs_file.unlink(missing_ok=True)
     return models
 
 @torch.no_grad()
@@ -550,9 +586,7 @@ def predict(model, x, prepare=None, batch=256):
 
 def evaluate(model, data, split="test"):
     """data.metric of the model on one split of data: "train", "val" or "test"."""
-    x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-    out = predict(model, x, data.prepare)
-    return (F.mse_loss(out, y) if data.metric == "mse" else (out.argmax(1) == y).float().mean()).item()
+    return data.evaluate(model, split)
 
 # == 3.1  Strategies ==============================================================================
 # Plain functions of (datas, settings, teacher constructor, run seeds) over a list of runs (one
@@ -560,9 +594,8 @@ def evaluate(model, data, split="test"):
 
 # Seeds, in one table. Run r (< MAX_RUNS) of --seed S has the run seed 1000 S + r; each phase of a run
 # trains from 100 (run seed) + its offset (+ i for its i-th model): no two phases share a seed.
-PHASE_SEEDS = dict(teacher=0,  # + i for teacher i < MAX_TEACHERS
-                   importance=10, finetune=11, random=12, bo3=20, one=30, one_compute=31, wide=40, pruning=41,
-                   prune_finetune=42, fusion_finetune=50)
+PHASE_SEEDS = dict(teacher=0, importance=10, finetune=11, random=12, bo3=20, one=30, one_compute=31,  # teacher i: + i
+                   wide=40, pruning=41, prune_finetune=42, fusion_finetune=50)
 MAX_RUNS, MAX_TEACHERS = 1000, 10
 
 def run_seed(seed, run):
@@ -588,7 +621,7 @@ def first_phase(s, name):
 def trained(make, datas, s, seeds, phase, copies, epochs, drops):
     """`copies` fresh models a run, trained for one phase: [[model 0, model 1, ...] for each run]."""
     phase_seeds = [phase_seed(seed, phase, i) for i in range(copies) for seed in seeds]  # model i of run r: i R + r
-    models = train(new_models(make, phase_seeds, datas[0].x_train.device), datas * copies, s, epochs, drops,
+    models = train(new_models(make, phase_seeds, datas[0].device), datas * copies, s, epochs, drops,
                    phase_seeds, phase=phase)
     return [models[r::len(datas)] for r in range(len(datas))]
 
@@ -598,7 +631,7 @@ def macs(model, data):
     counts = []
     hooks = [m.register_forward_hook(lambda m, x, out: counts.append(out[0].numel() * m.weight[0].numel()))
              for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    predict(model, data.x_train[:1], data.prepare)
+    predict(model, data.example)
     for hook in hooks:
         hook.remove()
     return sum(counts)
@@ -606,7 +639,7 @@ def macs(model, data):
 def spent(model, data, epochs, copies=1):
     """[epochs, forward multiply-adds] of training `copies` networks like model for `epochs` on data
     (a training step costs about three forward passes, for every strategy alike)."""
-    return [copies * epochs, copies * epochs * len(data.x_train) * macs(model, data)]
+    return [copies * epochs, copies * epochs * data.size * macs(model, data)]
 
 def random_units(big_student, seed):
     """1/k of every unit group, drawn at random: the control for the choice by loc (ours)."""
@@ -637,8 +670,9 @@ def student(datas, s, make_teacher, seeds, control=False):
              for big, seed in zip(big_students, seeds)]
     students = [compress(big, keep) for big, keep in zip(big_students, keeps)]
     compressed = [(evaluate(m, d, "val"), evaluate(m, d, "test")) for m, d in zip(students, datas)]
-    train(students, datas, s, b["finetune"], s.drops_finetune, [phase_seed(seed, "finetune") for seed in seeds],
-          phase="random_finetune" if control else "finetune")  # the same data order either way
+    finetune_seeds = [phase_seed(seed, "finetune") for seed in seeds]  # the same data order for random
+    train(students, datas, finetuning(s), b["finetune"], s.drops_finetune, finetune_seeds,
+          phase=("random_" if control else "") + "finetune", warmup=s.finetune_warmup)
     outcomes = []
     for ts, big, keep, merged, (val, test_), data in zip(teachers, big_students, keeps, students, compressed, datas):
         test = lambda model: round(evaluate(model, data, "test"), 6)
@@ -651,8 +685,7 @@ def student(datas, s, make_teacher, seeds, control=False):
     return outcomes
 
 def random(datas, s, make_teacher, seeds):
-    """Control (ours): does the gates' choice matter? The student's teachers, importance phase and
-    fine-tuning, but the kept units drawn at random, 1/k of each unit group."""
+    """Control (ours): does the gates' choice matter? The student, but 1/k of each unit group kept at random."""
     return student(datas, s, make_teacher, seeds, control=True)
 
 def bo3(datas, s, make_teacher, seeds):
@@ -675,53 +708,13 @@ def one(datas, s, make_teacher, seeds, phase=None):
 def one_compute(datas, s, make_teacher, seeds):
     """Control (ours): one model trained for the student's multiply-adds, not its epochs. Budgets in the
     paper are epochs, but the importance phase trains a network k times as wide, costing more."""
-    b, teacher = budget(s), make_teacher().to(datas[0].x_train.device)
+    b, teacher = budget(s), make_teacher().to(datas[0].device)
     wider = macs(variant(teacher, k=s.teachers, gated=True), datas[0]) / macs(teacher, datas[0])
     epochs = s.teachers * b["teacher"] + round(b["importance"] * wider) + b["finetune"]
     return one(datas, s, make_teacher, seeds, ("one_compute", 1, epochs, s.drops_one))
 
-# == 3.3  Baselines: channel pruning and model fusion =============================================
-# The paper's other comparisons: pruning a double-width network (CIFAR-100, Table 2) and fusing
-# the teachers (CIFAR-10, Table 3), as strategies; the pruning and the weight matching themselves
-# are in baselines.py. Both end in the teachers' architecture through compress().
-
-def prune(datas, s, make_teacher, seeds):
-    """Channel pruning: a network of double width trained for 2/3 of the budget, pruned to the
-    teachers' width over the next 1/6, compressed to their architecture, fine-tuned for 1/6."""
-    from baselines import prune_channels, with_masks  # the pruning itself (baselines.py)
-    b, pruned, infos = budget(s), [], []
-    wides = trained(lambda: variant(make_teacher(), k=2), datas, s, seeds, "wide", 1, s.teachers * b["teacher"],
-                    s.drops_teacher)
-    log.info(f"  pruning: {len(wides)} x {b['importance']} epochs")
-    for (wide,), data, seed in zip(wides, datas, seeds):
-        masked = variant(wide, gated=True)
-        masked.load_state_dict(wide.state_dict(), strict=False)  # all but the gates, which become masks
-        alive = prune_channels(masked, with_masks(masked), data, s, b["importance"], phase_seed(seed, "pruning"))
-        pruned.append(compress(masked, alive))  # exact: the dropped units are 0 wherever they are written
-        infos.append(dict(wide_test=round(evaluate(wide, data), 6), pruned_test=round(evaluate(pruned[-1], data), 6),
-                          compute=dict(wide=spent(wide, data, s.teachers * b["teacher"]),
-                                       pruning=spent(wide, data, b["importance"]),
-                                       finetune=spent(pruned[-1], data, b["finetune"]))))
-    train(pruned, datas, s, b["finetune"], s.drops_finetune, [phase_seed(seed, "prune_finetune") for seed in seeds],
-          phase="prune_finetune")
-    return list(zip(pruned, infos))
-
-def fusion(datas, s, make_teacher, seeds):
-    """Model fusion: the student's teachers, aligned and averaged by fuse(), then fine-tuned for
-    the student's fine-tuning epochs. It has no importance phase: it uses 5/6 of the budget."""
-    from baselines import fuse  # Git Re-Basin's weight matching (baselines.py)
-    teachers = trained(make_teacher, datas, s, seeds, *first_phase(s, "fusion"))
-    fused = [fuse(ts, seed) for ts, seed in zip(teachers, seeds)]
-    infos = [dict(teachers_test=[round(evaluate(t, data), 6) for t in ts], fused_test=round(evaluate(f, data), 6),
-                  compute=dict(teacher=spent(ts[0], data, budget(s)["teacher"], s.teachers),
-                               finetune=spent(f, data, budget(s)["finetune"])))
-             for ts, f, data in zip(teachers, fused, datas)]
-    train(fused, datas, s, budget(s)["finetune"], s.drops_finetune,
-          [phase_seed(seed, "fusion_finetune") for seed in seeds], phase="fusion_finetune")
-    return list(zip(fused, infos))
-
-STRATEGIES = dict(student=student, bo3=bo3, one=one, prune=prune, fusion=fusion, random=random,
-                  one_compute=one_compute)
+# The paper's strategies and our controls; experiment.STRATEGIES adds baselines.py's prune and fusion (3.3).
+STRATEGIES = dict(student=student, bo3=bo3, one=one, random=random, one_compute=one_compute)
 
 # == 3.2  The sine problem ========================================================================
 

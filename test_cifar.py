@@ -153,7 +153,7 @@ def test_prune_and_fusion_run_on_the_sine_with_equal_budgets():
     s = experiment.SineSettings(n_train=300, n_val=100, n_test=200, epochs=18, compile=0)
     datas = [merge.sine_data(s, seed) for seed in (0, 1)]
     for name in ("prune", "fusion"):
-        outcomes = merge.STRATEGIES[name](datas, s, merge.SineMLP, [0, 1])
+        outcomes = experiment.STRATEGIES[name](datas, s, merge.SineMLP, [0, 1])
         assert len(outcomes) == 2
         for model, info in outcomes:
             assert type(model) is merge.SineMLP and model.hidden.out_features == 100

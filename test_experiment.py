@@ -58,7 +58,7 @@ def cli(*args, **kwargs):
 def finished(tmp_path_factory):
     """A small sine experiment with every strategy, run once through the command line."""
     out = tmp_path_factory.mktemp("finished") / "sine"
-    result = cli(*SMALL, "--strategies", ",".join(merge.STRATEGIES), "--out", out)
+    result = cli(*SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out)
     assert result.returncode == 0, result.stderr
     assert "bo3 and teacher: 10 x 4 epochs" in result.stdout  # one stack for both (stack_first_phases)
     return out
@@ -152,7 +152,7 @@ def test_damaged_project_files_are_refused_with_one_line_naming_them(finished, t
         (out / "settings.json").write_text({"empty settings.json": "", "truncated settings.json": settings[:30],
                                             "settings.json a list": "[1, 2]"}[damage])
     before = {p: (out / p).read_bytes() for p in files(out) if (out / p).is_file()}
-    code, err = main([*SMALL, "--strategies", ",".join(merge.STRATEGIES), "--out", out], capsys)
+    code, err = main([*SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert {p: (out / p).read_bytes() for p in files(out) if (out / p).is_file()} == before
 
@@ -163,7 +163,7 @@ def test_a_damaged_phase_file_is_trained_again_with_one_line(finished, tmp_path)
     phase.write_bytes(phase.read_bytes()[:100])
     rows = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("".join(r + "\n" for r in rows if '"student"' not in r))
-    again = cli(*SMALL, "--strategies", ",".join(merge.STRATEGIES), "--out", out)
+    again = cli(*SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out)
     assert again.returncode == 0, again.stderr
     assert f"{phase} is damaged" in again.stdout and "teacher: 1 x 4 epochs (3 done before)" in again.stdout
     redone = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines() if '"student"' in r]
@@ -191,7 +191,7 @@ def test_a_repeated_row_is_read_once_and_a_last_line_without_newline_kept(finish
     out = copy_of(finished, tmp_path)
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("\n".join(lines + [lines[0]]))  # a repeat, and no newline at the end
-    again = cli(*SMALL, "--strategies", ",".join(merge.STRATEGIES), "--out", out)
+    again = cli(*SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out)
     assert again.returncode == 0, again.stderr
     assert f"{len(lines)} results already" in again.stdout and "repaired" in again.stdout
     assert (out / "results.jsonl").read_text() == "".join(line + "\n" for line in lines)
@@ -234,7 +234,7 @@ def test_every_subset_of_strategies_reports(finished, tmp_path, monkeypatch, cap
     drawn = []
     monkeypatch.setattr(plots, "_finish", lambda fig, path: (drawn.append(path.name), plt.close(fig)))
     rows = [json.loads(line) for line in (finished / "results.jsonl").read_text().splitlines()]
-    names = list(merge.STRATEGIES)
+    names = list(experiment.STRATEGIES)
     for k in range(1, len(names) + 1):
         for subset in itertools.combinations(names, k):
             s = experiment.SineSettings(runs=2, epochs=12, strategies=",".join(subset))

@@ -235,7 +235,7 @@ def test_stacked_training_equals_one_at_a_time(use_compile):
 def test_every_strategy_gives_the_same_models_stacked_or_one_at_a_time():
     s = experiment.SineSettings(n_train=200, n_val=50, n_test=50, epochs=12, compile=0)
     datas = [merge.sine_data(s, seed) for seed in (0, 1)]
-    for name, strategy in merge.STRATEGIES.items():
+    for name, strategy in experiment.STRATEGIES.items():
         stacked = strategy(datas, s, merge.SineMLP, [0, 1])
         alone = strategy(datas, experiment.SineSettings(**{**s.__dict__, "stack": 0}), merge.SineMLP, [0, 1])
         for (a, info_a), (b, info_b) in zip(stacked, alone):
@@ -250,6 +250,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_notice(monkeypatch, cap
             raise RuntimeError("no C++ compiler")
         return call
     monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(merge.log, "propagate", True)  # to caplog, whatever experiment.show_progress did
     s, data = small_sine(0, compile=1)
     compiled, eager = merge.new_models(merge.SineMLP, [3], "cpu"), merge.new_models(merge.SineMLP, [3], "cpu")
     merge.fit_stacked(compiled, [data], s, 2, seeds=[3])
@@ -336,7 +337,8 @@ import merge
 s = types.SimpleNamespace(epochs=12, teachers=2, batch=32, lr=0.01, momentum=0.9, weight_decay=0.0, gate_lr=0.1,
                           lambda_start=0.01, lambda_step=0.05, paper_epochs=900, stack=0, compile=0, phase_dir="",
                           drops_teacher=(5 / 6,), drops_importance=(), drops_finetune=(2 / 3,), drops_one=(8 / 9,),
-                          n_train=300, n_val=100, n_test=100, noise=0.2)
+                          n_train=300, n_val=100, n_test=100, noise=0.2, finetune_lr=0.0, finetune_warmup=0,
+                          phase_epochs=())
 data = merge.sine_data(s, 0)
 (model, info), = merge.student([data], s, merge.SineMLP, [0])
 assert type(model) is merge.SineMLP and len(info["kept_from_teacher"]) == 2
@@ -419,7 +421,7 @@ def test_cuda_without_a_gpu_gives_one_line_and_exit_code_2(tmp_path):
 def test_changed_settings_with_the_same_out_are_refused(tmp_path):
     out = tmp_path / "sine"
     out.mkdir()
-    (out / "settings.json").write_text(json.dumps({"epochs": 900}))
+    (out / "settings.json").write_text(json.dumps({"epochs": 600}))
     result = run_cli("--out", str(out))
     assert result.returncode == 2 and "other settings" in result.stderr and result.stderr.count("\n") == 1
 
