@@ -217,6 +217,7 @@ def run(s):
     given = [load_teacher(path, make_teacher()) for path in s.teacher_files]  # all checked before writing
     data = images.image_data(d, experiment.resolve_device(s.device), augment=random_crop_flip)
     with experiment.locked(s) as out:
+        given = given if experiment.ranks()[0] == 0 else []  # rank 0 writes
         for i, teacher in enumerate(given):  # the finished teacher phase that student() and fusion() load
             path = out / "phases" / f"teacher-{merge.phase_seed(merge.run_seed(s.seed, 0), 'teacher', i)}.pt"
             path.parent.mkdir(exist_ok=True)

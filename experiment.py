@@ -1,15 +1,10 @@
-"""What the experiments share: settings and the command line, the run loop with its results and
-resuming, the summary tables, the figures, the bench, and the sine experiment's report.
+"""What the experiments share: settings and the command line, the run loop with results and resuming
+(also over torchrun's ranks), the summary tables, the bench and the sine's report. merge.py is the
+method; read this file to learn how runs are stored, resumed and drawn (`python merge.py` runs main).
 
-merge.py is the method; read this file only to learn how runs are stored, resumed and drawn.
-`python merge.py --task sine --runs 50` runs main() below.
-
-An experiment's --out folder holds settings.json (the settings its results were made with; a
-later command on the same folder must use the same ones), results.jsonl (one JSON line per
-finished run and strategy, written as soon as it is done), phases/ (every finished training
-phase, so that a killed run resumes where it stopped), summary.md and the figures. One command
-at a time uses a folder (a lock), and every file is written whole: to a temporary file, then
-renamed.
+An --out folder holds settings.json (a later command on it must use the same settings), results.jsonl
+(one line per finished run and strategy), phases/ (every finished training phase, so that a killed run
+resumes), summary.md and the figures. One command at a time uses it (a lock); files are written whole.
 """
 import argparse
 import contextlib
@@ -140,8 +135,9 @@ def parse_settings(argv=None, defaults=SineSettings(), description=merge.__doc__
         flag, text = f.metadata.get("flag", "--" + f.name.replace("_", "-")), f"{f.metadata['help']} [{value}]"
         if isinstance(value, bool):
             parser.add_argument(flag, dest=f.name, action="store_true", help=text)
-        elif isinstance(value, tuple):  # file names
-            parser.add_argument(flag, dest=f.name, nargs=f.metadata["nargs"], default=value, metavar="FILE", help=text)
+        elif isinstance(value, tuple):  # file names, epochs
+            parser.add_argument(flag, dest=f.name, nargs=f.metadata["nargs"], default=value, help=text,
+                                type=f.metadata.get("type", str), metavar=f.metadata.get("metavar", "FILE"))
         else:
             parser.add_argument(flag, dest=f.name, type=type(value), default=value, choices=f.metadata.get("choices"),
                                 help=text)
@@ -181,8 +177,7 @@ def checked_out(s):
     return out
 
 def settings_record(s, out):
-    """The settings that results in out must share (all but the run_only ones), checked against
-    out/settings.json if it is there."""
+    """The settings that results in out must share (all but run_only ones), checked with out/settings.json."""
     record = json.loads(json.dumps({f.name: getattr(s, f.name) for f in dataclasses.fields(s)
                                     if not f.metadata.get("run_only")}))
     path = out / "settings.json"
@@ -201,9 +196,8 @@ def settings_record(s, out):
     return record
 
 def read_rows(out, metric):
-    """The rows of out/results.jsonl, one per (run, strategy), and whether the file needs a repair:
-    a last line cut short by a crash is dropped (its run is redone), a repeated row read once.
-    Any other line that is not a row is refused with one line naming it."""
+    """The rows of out/results.jsonl, one per (run, strategy), and whether it needs a repair: a last line
+    cut short by a crash is dropped (its run redone), a repeated row read once; any other bad line refused."""
     path = out / "results.jsonl"
     try:
         text = path.read_text() if path.exists() else ""
@@ -228,11 +222,13 @@ def read_rows(out, metric):
 
 @contextlib.contextmanager
 def locked(s):
-    """--out for this command alone: its settings.json and results.jsonl are checked first (a
-    wrong one is refused before anything is written), then --out/.lock is locked until the
-    command ends (with fcntl; where Python has none, two commands on one --out are the user's
-    to avoid). A second command on the same --out is told so and stops."""
+    """--out for this command alone: its settings.json and results.jsonl checked first (a wrong one is
+    refused before anything is written), then --out/.lock locked until the command ends (fcntl; without
+    it, two commands on one --out are the user's to avoid). Under torchrun, rank 0 checks and locks."""
     out = checked_out(s)
+    if ranks()[0] > 0:
+        yield out
+        return
     settings_record(s, out)
     read_rows(out, s.metric)
     try:
@@ -263,12 +259,12 @@ def stack_first_phases(s, todo, make_data, make_teacher, device):
     architecture, equal epochs and lr drops: the sine's teachers and bo3 models) trained as one stack,
     before the strategies run and load them from --out/phases. todo: strategy -> its runs to do.
     A stack changes no model: each trains on its own data, order and noise (merge.fit_stacked)."""
-    groups = {}
+    groups = {}  # (epochs, drops) -> the phases (name, models a run) and the runs to train them for
     for name, runs in todo.items():
-        first = merge.first_phase(s, name)
-        if first and runs:
-            group = groups.setdefault(tuple(first[2:]), dict(phases=set(), runs=set()))
-            group["phases"].add(tuple(first[:2]))
+        if merge.first_phase(s, name) and runs:
+            phase, copies, epochs, drops = merge.first_phase(s, name)
+            group = groups.setdefault((epochs, tuple(drops)), dict(phases=set(), runs=set()))
+            group["phases"].add((phase, copies))
             group["runs"] |= set(runs)
     for (epochs, drops), group in groups.items():
         if len(group["phases"]) < 2:
@@ -282,46 +278,69 @@ def stack_first_phases(s, todo, make_data, make_teacher, device):
             merge.train(merge.new_models(make_teacher, [m[1] for m in models], device), [m[2] for m in models], s,
                         epochs, drops, [m[1] for m in models], phase=[m[0] for m in models])
 
-def run_experiment(s, title, make_data, make_teacher, result):
+def ranks():
+    """(this process's rank, the number of processes): torchrun's, or (0, 1) for a plain python."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+def start_ranks(s):
+    """The process group of torchrun's processes: NCCL between GPUs (a rank each), else gloo."""
+    if sys.platform == "linux":
+        import ctypes
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG: killed with its launcher, so no rank outlives a kill
+    cuda = resolve_device(s.device) == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+
+def run_experiment(s, title, make_data, make_teacher, result, replicas=False):
     """The loop of every experiment, inside `with locked(s)`: for each strategy, the runs not yet in
-    --out/results.jsonl, in stacks (s.stack) or one at a time. Each finished (run, strategy) is
-    written at once as one JSON line, and finished phases are kept in --out/phases, so an
-    interrupted experiment resumes where it stopped. make_data(seed, device) -> a run's Data;
-    result(model, data) -> the numbers of its row. Returns the rows of runs < s.runs."""
-    device, out = resolve_device(s.device), Path(s.out)
-    write_whole(out / "settings.json", json.dumps(settings_record(s, out), indent=1) + "\n")
+    --out/results.jsonl, in stacks (s.stack) or one at a time; each finished (run, strategy) written at once
+    as a JSON line, finished phases kept in --out/phases, so that a killed experiment resumes. make_data(seed,
+    device) -> a run's Data; result(model, data) -> its row's numbers. Under torchrun each rank takes whole
+    runs and rank 0 writes all rows; with replicas (DDP, imagenet.py) every rank runs every run."""
+    (rank, world), device, out = ranks(), resolve_device(s.device), Path(s.out)
     results, repair = read_rows(out, s.metric)
-    if repair:
+    if rank == 0:
+        write_whole(out / "settings.json", json.dumps(settings_record(s, out), indent=1) + "\n")
+    if rank == 0 and repair:
         write_whole(out / "results.jsonl", "".join(json.dumps(row) + "\n" for row in results))
         merge.log.info(f"repaired {out / 'results.jsonl'}: a cut or repeated line removed")
     s, done = dataclasses.replace(s, phase_dir=str(out / "phases")), {(r["run"], r["strategy"]) for r in results}
-    names = s.strategies.split(",")
+    names, split = s.strategies.split(","), world > 1 and not replicas
     merge.log.info(f"{title}: {s.runs} runs x {len(names)} strategies, {s.epochs} epochs each, on {device}; "
                    f"{len(done)} results already in {out}")
-    todo = {name: [run for run in range(s.runs) if (run, name) not in done] for name in names}
+    share = slice(rank, None, world) if split else slice(None)  # the runs of this rank
+    todo = {name: [run for run in range(s.runs) if (run, name) not in done][share] for name in names}
     if s.stack:
         stack_first_phases(s, todo, make_data, make_teacher, device)
     for name in names:
-        size = STACK_RUNS if s.stack else 1
+        size, rows = STACK_RUNS if s.stack else 1, []
         for runs in [todo[name][i:i + size] for i in range(0, len(todo[name]), size)]:
             merge.log.info(f"{name}: runs {runs[0] + 1}-{runs[-1] + 1} of {s.runs}" if len(runs) > 1 else
-                      f"{name}: run {runs[0] + 1} of {s.runs}")
+                           f"{name}: run {runs[0] + 1} of {s.runs}")
             seeds = [merge.run_seed(s.seed, run) for run in runs]
             datas = [make_data(seed, device) for seed in seeds]
             outcomes = STRATEGIES[name](datas, s, make_teacher, seeds)
             for run, seed, data, (model, info) in zip(runs, seeds, datas, outcomes):
-                row = dict(run=run, strategy=name, seed=seed, **info, **result(model, data))
-                append_result(out, row)
-                results.append(row)
-            merge.log.info(f"{name}: {len(runs)} runs written to {out / 'results.jsonl'}")
+                rows.append(dict(run=run, strategy=name, seed=seed, **info, **result(model, data)))
+                if rank == 0 and not split:
+                    append_result(out, rows[-1])
+        if split:  # every rank's rows, to rank 0
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = sorted((row for part in gathered for row in part), key=lambda row: row["run"])
+            if rank == 0:
+                for row in rows:
+                    append_result(out, row)
+        results += rows
+        merge.log.info(f"{name}: {len(rows)} runs written to {out / 'results.jsonl'}")
     return [r for r in results if r["run"] < s.runs]
 
 # == Summaries =====================================================================================
 
 def summarize(rows, metric, strategies, extra=None):
-    """Markdown table of min, max, median, mean and std (ddof = 1) of `metric` over runs per
-    strategy, the statistics of the paper's Tables 1-2, then extra columns (name -> f(rows) -> str)
-    and each strategy's mean compute: epochs of training and their forward multiply-adds."""
+    """Markdown table of min, max, median, mean and std (ddof = 1) of `metric` over runs per strategy (Tables
+    1-2), extra columns (name -> f(rows) -> str), and the mean epochs and forward multiply-adds of training."""
     total = lambda i: lambda mine: f"{np.mean([sum(c[i] for c in r['compute'].values()) for r in mine]):.3g}" \
         if all("compute" in r for r in mine) else ""
     extra = {**(extra or {}), "epochs": total(0), "multiply-adds": total(1)}
@@ -340,9 +359,8 @@ STAGES = ("best teacher (test)", "big student after importance (test)", "compres
           "compressed, before fine-tuning (test)", "final (test)")
 
 def stage_table(rows, metric, per_run=False):
-    """The metric at each stage of the student and of the random control: the better teacher, the
-    big student after the importance phase, the compressed student before fine-tuning, the final
-    student. A line per run (per_run), and their means."""
+    """The metric at each stage of the student and of the random control: the better teacher, the big student
+    after importance, the compressed student before fine-tuning, the final one; per run (per_run), and means."""
     best = max if metric == "test_accuracy" else min
     lines = ["| strategy | run | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
     for name in ("student", "random"):
@@ -373,6 +391,8 @@ def run_sine(s):
 
 def report_sine(s, rows, out):
     """summary.md (Table 1) printed and saved; Figs. 5, 8a, 9, 10 and the kept shares as PNG."""
+    if ranks()[0] > 0:
+        return  # rank 0 writes
     import matplotlib
     matplotlib.use("Agg")
     names = s.strategies.split(",")
@@ -399,29 +419,22 @@ def report_sine(s, rows, out):
     merge.log.info(f"wrote {out}/summary.md and figures")
 
 def bench(s):
-    """Seconds per model-epoch of the sine's teacher phase and of its gated importance phase (big
-    students of two teachers): the one-at-a-time loop (fit) against the stacked trainer at several
-    stack sizes, in this process, on the same data. Steady state: the median of epochs 2 to 4, so
-    that warming up and compiling are not counted. The speed-ups are against fit on the same phase."""
+    """Seconds per model-epoch of the sine's teacher phase and of its gated importance phase (big students of
+    two teachers): fit, one at a time, against the stacked trainer at several stack sizes, in this process,
+    on the same data; the median of epochs 2 to 4 (compiling not counted). Speed-ups against fit."""
     device, rows = resolve_device(s.device), []
     data = merge.sine_data(s, 0, device)
-
-    def seconds(phase, trainer, R, epochs=4):
+    for phase, trainer, R in [("teacher", "one at a time", 1), ("teacher", "stacked", 1), ("teacher", "stacked", 10),
+                              ("teacher", "stacked", 50), ("teacher", "stacked", 300),
+                              ("teacher", "stacked, eager", 300), ("importance", "one at a time", 1),
+                              ("importance", "stacked", 1), ("importance", "stacked", 10), ("importance", "stacked", 50)]:
         models, lambdas = merge.new_models(merge.SineMLP, range(2 * R), device), None
         if phase == "importance":
-            models, lambdas = [merge.make_big_student(models[2 * r:2 * r + 2]) for r in range(R)], [1.0] * epochs
-        if trainer == "one at a time":
-            history = merge.fit(models[0], data, s, epochs, lambdas=lambdas)
-        else:
-            history = merge.fit_stacked(models[:R], [data] * R, dataclasses.replace(s, compile=int(trainer == "stacked")),
-                                        epochs, seeds=range(R), lambdas=lambdas)
-        return float(np.median([h["seconds"] for h in history[1:]])) / R
-
-    for phase, trainer, R in [("teacher", "one at a time", 1), ("teacher", "stacked", 1), ("teacher", "stacked", 10),
-                              ("teacher", "stacked", 50), ("teacher", "stacked", 300), ("teacher", "stacked, eager", 300),
-                              ("importance", "one at a time", 1), ("importance", "stacked", 1),
-                              ("importance", "stacked", 10), ("importance", "stacked", 50)]:
-        rows.append((phase, trainer, R, seconds(phase, trainer, R)))
+            models, lambdas = [merge.make_big_student(models[2 * r:2 * r + 2]) for r in range(R)], [1.0] * 4
+        history = (merge.fit(models[0], data, s, 4, lambdas=lambdas) if trainer == "one at a time" else
+                   merge.fit_stacked(models[:R], [data] * R, dataclasses.replace(s, compile=int(trainer == "stacked")),
+                                     4, seeds=range(R), lambdas=lambdas))
+        rows.append((phase, trainer, R, float(np.median([h["seconds"] for h in history[1:]])) / R))
         merge.log.info(f"bench: {phase}, {trainer}, {R} models: {rows[-1][3]:.5f} s per model-epoch")
     alone = {phase: sec for phase, trainer, _, sec in rows if trainer == "one at a time"}
     lines = [f"Sine, {s.n_train} points, batch {s.batch}, {torch.get_num_threads()} threads, {device}: seconds per "
@@ -445,31 +458,29 @@ class Progress(logging.Handler):
         self.start = time.time()
 
     def emit(self, record):
-        if not hasattr(record, "epochs"):
-            print(f"[{time.time() - self.start:7.1f}s] {record.getMessage()}", flush=True)
-            return
-        done, epochs, error = record.args
-        if sys.stdout.isatty():
+        done, epochs, error = record.args if hasattr(record, "epochs") else (0, 0, 0)
+        if epochs and sys.stdout.isatty():
             left = (time.time() - record.began) / done * (epochs - done)
             print(f"\r    [{'#' * (30 * done // epochs):<30}] {done}/{epochs} epochs, training error {error:.4f}, "
                   f"{left:.0f} s left ", end="\n" if done == epochs else "", flush=True)
-        elif done % max(1, epochs // 5) == 0 and epochs >= 20:
+        elif not epochs or done % max(1, epochs // 5) == 0 and epochs >= 20:
             print(f"[{time.time() - self.start:7.1f}s] {record.getMessage()}", flush=True)
 
-
-def show_progress():
-    """merge.log's reports on stdout from now on, timed from now (one Progress handler at most)."""
+def show_progress(quiet=False):
+    """merge.log's reports on stdout from now on, timed from now (one Progress handler at most);
+    quiet: its warnings only (torchrun's ranks but 0)."""
     merge.log.handlers = [Progress()]
-    merge.log.setLevel(logging.INFO)
+    merge.log.setLevel(logging.WARNING if quiet else logging.INFO)
     merge.log.propagate = False
-
 
 def main(argv=None, parse=parse_settings, run=run_task):
     """The command line of merge.py and of the experiment scripts: bad input ends as one line on
     stderr and exit code 2; Ctrl-C as one line saying what was kept."""
     s = parse(argv)
-    show_progress()
+    show_progress(quiet=ranks()[0] > 0)
     try:
+        if ranks()[1] > 1:
+            start_ranks(s)
         run(s)
     except InputError as e:
         fail(e)
@@ -485,5 +496,3 @@ def main(argv=None, parse=parse_settings, run=run_task):
               "resumes from there", file=sys.stderr)
         sys.exit(130)
 
-if __name__ == "__main__":
-    main(sys.argv[1:])

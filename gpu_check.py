@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import pickle
 import sys
 import tempfile
@@ -55,6 +56,33 @@ def write_cifar(root, n=200):
             with open(root / folder / name, "wb") as f:
                 pickle.dump({b"data": data, key: labels.tolist()}, f)
     return root
+
+
+def write_jpeg(args):
+    path, seed = args
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)  # ImageNet's usual size
+    pixels[:, :, seed % 3] //= 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def imagenet_throughput(scratch, device, images=12_800, workers=None):
+    """Images per second of a ResNet18 training epoch at 224 px, batch 256, through imagenet.py: JPEGs
+    of 500 x 375 decoded and augmented by the loader's workers, bf16 and channels-last on a GPU."""
+    import multiprocessing
+    import imagenet
+    folder, workers = scratch / "imagenet", workers or max(1, (os.cpu_count() or 2) - 2)
+    jobs = [(folder / split / f"n{c:02d}" / f"{j}.JPEG", c * 100_000 + j)
+            for split, n in (("train", images // 10), ("val", 20)) for c in range(10) for j in range(n)]
+    with multiprocessing.Pool(os.cpu_count()) as pool:
+        pool.map(write_jpeg, jobs, chunksize=64)
+    _, _, _, printed = run(imagenet.main, ["--data", folder, "--out", scratch / "imagenet_out", "--strategies", "one",
+                                           "--phase-epochs", 1, 1, 1, 1, 1, "--short", 1, "--val-images", 256,
+                                           "--workers", workers, "--device", device], device)
+    rates = [float(line.split(" images/s")[0].rsplit(" ", 1)[1]) for line in printed.splitlines() if "images/s" in line]
+    return rates[len(rates) // 2], workers  # past the first batches' warming up
 
 
 def run(main, argv, device):
@@ -136,6 +164,15 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001 - report it and go on with the next step
                 lines.append(f"| {what} | {device} | {trainer} | failed: {type(e).__name__}: {str(e)[:200]} |")
                 print(lines[-1], flush=True)
+    try:
+        rate, workers = imagenet_throughput(scratch, device)
+        lines += ["", f"ImageNet, ResNet18 at 224 px, batch 256, {workers} loader workers on {os.cpu_count()} CPU "
+                      f"cores: {rate:.0f} images/s in training, so an epoch of its 1,281,167 images takes about "
+                      f"{1_281_167 / rate / 60:.0f} min on {name}."]
+    except Exception as e:  # noqa: BLE001 - report it and go on with the bench
+        lines += ["", f"ImageNet throughput: failed: {type(e).__name__}: {str(e)[:300]}"]
+    report.write_text("\n".join(lines) + "\n")
+    print(lines[-1], flush=True)
     lines += ["", "## The bench (sine), on " + device, ""]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

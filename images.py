@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import experiment
 from experiment import stage_table, summarize, write_whole
 from plots import plot_box, plot_kept_share
 from merge import Data, InputError, evaluate, log
@@ -136,6 +137,8 @@ def accuracy_table(rows, strategies):
 def report_accuracy(s, rows, heading, figure, figure_title, note=""):
     """summary.md printed and saved; the box plot of test accuracies and, with students,
     the teachers' shares of their units, as PNG."""
+    if experiment.ranks()[0] > 0:
+        return  # rank 0 writes
     import matplotlib
     matplotlib.use("Agg")
     out, names = Path(s.out), s.strategies.split(",")

@@ -435,13 +435,14 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, after_
                           weight_decay=s.weight_decay)
     error_loss = F.mse_loss if data.metric == "mse" else F.cross_entropy
     history, began, net = [], time.time(), data.wrap(model)
-    if checkpoint and checkpoint.exists():
+    if checkpoint and checkpoint.exists():  # a killed phase: on from its last finished epoch
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        history, first = state["history"], state["epoch"] + 1
-        step.fill_(state["step"])
         torch.set_rng_state(state["rng"])
+        step.fill_(state["step"])
+        history, first = state["history"], state["epoch"] + 1
+        log.info(f"    resumed after epoch {first} of {epochs}")
     for epoch in range(first, epochs):
         start, total, seen = time.time(), torch.zeros((), device=device), 0
         opt.param_groups[0]["lr"] = lr_at(s, epoch, epochs, drops, warmup)
@@ -589,8 +590,7 @@ def evaluate(model, data, split="test"):
     return data.evaluate(model, split)
 
 # == 3.1  Strategies ==============================================================================
-# Plain functions of (datas, settings, teacher constructor, run seeds) over a list of runs (one
-# Data and one seed per run), returning one (model, info) per run.
+# Plain functions of (datas, settings, teacher constructor, run seeds), one (model, info) a run.
 
 # Seeds, in one table. Run r (< MAX_RUNS) of --seed S has the run seed 1000 S + r; each phase of a run
 # trains from 100 (run seed) + its offset (+ i for its i-th model): no two phases share a seed.

@@ -1,0 +1,151 @@
+"""Tests for imagenet.py and the runs over torchrun's ranks, on the CPU with gloo: a tiny ImageFolder
+the tests write runs end to end through python and through torchrun; DDP really averages; a
+killed 2-process run resumes at its last finished epoch; runs spread over ranks give the rows of
+a plain run, each once."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import experiment
+import imagenet
+import merge
+
+ROOT = Path(__file__).parent
+TINY = ["--width", 4, "--size", 32, "--batch", 8, "--val-images", 4, "--workers", 0, "--device", "cpu"]
+
+
+def write_folder(root, classes=3, n_train=12, n_val=4):
+    """The ImageFolder layout: class c's images are brighter in channel c, of several sizes."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in range(classes):
+            (root / split / f"n0{c}").mkdir(parents=True)
+            for j in range(n):
+                pixels = rng.integers(0, 100, (40 + 7 * j, 48, 3), dtype=np.uint8)
+                pixels[..., c] += 120
+                Image.fromarray(pixels).save(root / split / f"n0{c}" / f"{j}.JPEG")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_folder(tmp_path_factory.mktemp("imagenet") / "data")
+
+
+def launch(*args, processes=1, **kwargs):
+    """imagenet.py (or another script) through torchrun with `processes`, or a plain python for 1."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)] if processes > 1 \
+        else [sys.executable]
+    environment = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([*command, *map(str, args)], cwd=ROOT, env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finished(process):
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_protocol_runs_end_to_end_on_one_process_and_on_two(folder, tmp_path, processes):
+    out = tmp_path / "out"
+    output = finished(launch("imagenet.py", "--data", folder, "--out", out, *TINY, "--phase-epochs", 2, 1, 2, 1, 3,
+                             "--short", 2, processes=processes))
+    main, short = rows(out), rows(out / "one_short")
+    assert sorted(r["strategy"] for r in main) == ["one", "student"] and [r["strategy"] for r in short] == ["one"]
+    assert all(0 <= r["test_accuracy"] <= r["test_top5"] <= 1 for r in main + short)
+    assert sum(main[0]["compute"][phase][0] for phase in main[0]["compute"]) == 2 * 2 + 1 + 2
+    summary = (out / "summary.md").read_text()
+    assert "Table 4" in summary and "| one, 3 epochs | 1 |" in summary and "| one, 2 epochs | 1 |" in summary
+    assert "images/s" in output and (out / "box_imagenet.png").exists()
+    assert not list(out.glob("phases/*.epochs"))  # the epoch checkpoints go once their phase is done
+
+
+def test_ddp_averages_the_gradients_of_the_ranks(folder, tmp_path):
+    """From the same weights, one epoch on 2 processes with 4 images a rank gives the weights of one
+    process with 8 (LeNet: no BatchNorm, whose statistics are each rank's own)."""
+    script = tmp_path / "one_epoch.py"
+    script.write_text(f"""
+import torch, torch.distributed as dist
+import experiment, imagenet, merge
+rank, world = experiment.ranks()
+if world > 1:
+    dist.init_process_group("gloo")
+s = imagenet.parse(["--data", "{folder}", "--size", "28", "--batch", "8", "--val-images", "4", "--workers", "0"])
+data, classes = imagenet.load_imagenet(s, rank, world, torch.device("cpu"))
+torch.manual_seed(0)
+model = merge.LeNet(classes)
+merge.fit(model, data, s, 2, drops=(0.5,), seed=3)
+torch.save(model.state_dict(), f"{tmp_path}/rank{{rank}}-of-{{world}}.pt")
+""")
+    finished(launch(script, processes=1))
+    finished(launch(script, processes=2))
+    alone, *ranks = (torch.load(tmp_path / name) for name in ("rank0-of-1.pt", "rank0-of-2.pt", "rank1-of-2.pt"))
+    for name, value in alone.items():
+        assert torch.allclose(ranks[0][name], value, atol=1e-6), name
+        assert torch.equal(ranks[0][name], ranks[1][name])  # every rank holds the same weights
+    assert not torch.allclose(alone["fc3.weight"], merge.LeNet(3).fc3.weight, atol=1e-3)  # it did train
+
+
+def test_a_killed_two_process_run_resumes_at_its_last_epoch_with_the_rows_of_an_unbroken_one(folder, tmp_path):
+    args = ["imagenet.py", "--data", folder, *TINY, "--phase-epochs", 1, 1, 1, 1, 40, "--short", 1,
+            "--strategies", "one"]
+    unbroken = finished(launch(*args, "--out", tmp_path / "unbroken", processes=2))
+    out = tmp_path / "killed"
+    first = launch(*args, "--out", out, processes=2, start_new_session=True)
+    while not list(out.glob("phases/one-*.epochs")) and first.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)  # the launcher; its ranks die with it
+    first.communicate(timeout=60)
+    time.sleep(1)
+    assert not (out / "results.jsonl").exists() or not rows(out)
+    again = finished(launch(*args, "--out", out, processes=2))
+    assert "resumed after epoch" in again and "resumed" not in unbroken
+    assert rows(out) == rows(tmp_path / "unbroken")
+
+
+def test_runs_spread_over_ranks_give_the_rows_of_a_plain_run_each_once(tmp_path):
+    import test_lenet_imagewoof
+    data = test_lenet_imagewoof.make_folder(tmp_path / "woof")
+    args = ["lenet_imagewoof.py", "--data", data, "--epochs", 6, "--runs", 3, "--device", "cpu"]
+    finished(launch(*args, "--out", tmp_path / "plain"))
+    output = finished(launch(*args, "--out", tmp_path / "ranks", processes=2))
+    key = lambda row: (row["run"], row["strategy"])
+    spread, plain = rows(tmp_path / "ranks"), rows(tmp_path / "plain")
+    assert len({key(r) for r in spread}) == len(spread) == 9 and sorted(spread, key=key) == sorted(plain, key=key)
+    assert (tmp_path / "ranks" / "summary.md").read_text() == (tmp_path / "plain" / "summary.md").read_text()
+    again = finished(launch(*args, "--out", tmp_path / "ranks", processes=2))  # resumes: nothing to do
+    assert "9 results already" in again and rows(tmp_path / "ranks") == spread
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "must hold .JPEG images"),
+    ("classes", "different classes"),
+    ("validation", "leaves fewer of the"),
+])
+def test_a_wrong_folder_gives_one_line_and_exit_code_2(folder, tmp_path, capsys, damage, message):
+    data = tmp_path / "nowhere" if damage == "missing" else folder
+    if damage == "classes":
+        data = write_folder(tmp_path / "data")
+        (data / "val" / "n02").rename(data / "val" / "n09")
+    argv = ["--data", data, "--out", tmp_path / "out", *TINY] + (["--val-images", 1000] if damage == "validation" else [])
+    with pytest.raises(SystemExit) as exit_:
+        imagenet.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
