@@ -79,8 +79,7 @@ class Settings:
                                    valid=NOT_NEGATIVE)
     phase_epochs: tuple = ()  # (teacher, importance, fine-tune, bo3, one) epochs given explicitly (imagenet.py)
     phase_dir: str = field(default="", metadata=dict(run_only=True))  # set by the run loop: --out/phases
-    # lr / 10 at these fractions of each phase (section 3.2: teachers and bo3 models at 250 of
-    # 300 epochs, the importance phase constant, fine-tuning at 100 of 150, one model at 800 of 900)
+    # lr / 10 at these fractions of each phase (3.2: at 250 of 300 epochs, none, at 100 of 150, at 800 of 900)
     drops_teacher: tuple = (5 / 6,)
     drops_importance: tuple = ()
     drops_finetune: tuple = (2 / 3,)
@@ -341,9 +340,9 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False):
 def summarize(rows, metric, strategies, extra=None):
     """Markdown table of min, max, median, mean and std (ddof = 1) of `metric` over runs per strategy (Tables
     1-2), extra columns (name -> f(rows) -> str), and the mean epochs and forward multiply-adds of training."""
-    total = lambda i: lambda mine: f"{np.mean([sum(c[i] for c in r['compute'].values()) for r in mine]):.3g}" \
-        if all("compute" in r for r in mine) else ""
-    extra = {**(extra or {}), "epochs": total(0), "multiply-adds": total(1)}
+    total = lambda i, form: lambda mine: format(np.mean([sum(c[i] for c in r["compute"].values()) for r in mine]),
+                                                form) if all("compute" in r for r in mine) else ""
+    extra = {**(extra or {}), "epochs": total(0, ".0f"), "multiply-adds": total(1, ".3g")}
     lines = ["| strategy | runs | min | max | median | mean | std |" + "".join(f" {c} |" for c in extra),
              "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
     for name in strategies:
@@ -397,9 +396,13 @@ def report_sine(s, rows, out):
     matplotlib.use("Agg")
     names = s.strategies.split(",")
     shares = lambda mine: " / ".join(f"{v:.2f}" for v in np.mean([r["kept_from_teacher"] for r in mine], 0))
+    student = {r["run"]: r["test_mse"] for r in rows if r["strategy"] == "student"}  # to compare run by run
+    beaten = lambda mine: f"{sum(student[r['run']] < r['test_mse'] for r in mine)}/{len(mine)}"
     table = summarize(rows, "test_mse", names, extra={
         "all 5 peaks": lambda mine: f"{sum(r['peaks'] == 5 for r in mine)}/{len(mine)}",
-        "kept from teachers": lambda mine: shares(mine) if "kept_from_teacher" in mine[0] else ""})
+        "kept from teachers": lambda mine: shares(mine) if "kept_from_teacher" in mine[0] else "",
+        "student lower": lambda mine: beaten(mine) if mine[0]["strategy"] != "student" and student.keys() >= {
+            r["run"] for r in mine} else ""})
     text = (f"# Sine problem, Table 1: test MSE over {s.runs} runs, {s.epochs} epochs per strategy, "
             f"k = {s.teachers}\n\n{table}\n")
     if any(r["strategy"] in ("student", "random") for r in rows):
@@ -419,9 +422,8 @@ def report_sine(s, rows, out):
     merge.log.info(f"wrote {out}/summary.md and figures")
 
 def bench(s):
-    """Seconds per model-epoch of the sine's teacher phase and of its gated importance phase (big students of
-    two teachers): fit, one at a time, against the stacked trainer at several stack sizes, in this process,
-    on the same data; the median of epochs 2 to 4 (compiling not counted). Speed-ups against fit."""
+    """Seconds per model-epoch of the sine's teacher and importance phases: fit, one at a time, against the
+    stacked trainer at several stack sizes, in this process, on the same data; the median of epochs 2 to 4."""
     device, rows = resolve_device(s.device), []
     data = merge.sine_data(s, 0, device)
     for phase, trainer, R in [("teacher", "one at a time", 1), ("teacher", "stacked", 1), ("teacher", "stacked", 10),

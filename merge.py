@@ -6,8 +6,8 @@ the same epoch budget it beats the best of three models (bo3) and one model trai
 
     python merge.py --task sine --runs 50     # Table 1 and Figs. 5, 8a, 9, 10 -> runs/sine/
 
-Result (50 runs, 900 epochs per strategy, 2 min 30 s on a 2-core AMD EPYC CPU): mean test MSE of
-the student 0.0766, bo3 0.0998, one model 0.1191; all five peaks in 50/50, 45/50 and 38/50 runs.
+Result (50 runs, 900 epochs per strategy, 1 min 47 s on a 2-core AMD EPYC CPU): mean test MSE of
+the student 0.0768, bo3 0.0929, one model 0.1240; all five peaks in 50/50, 47/50 and 36/50 runs.
 """
 import copy
 import logging

@@ -433,10 +433,28 @@ def test_the_readme_reports_what_the_committed_run_produced(tmp_path):
     out.mkdir()
     for name in ("results.jsonl", "settings.json"):
         (out / name).write_text((ROOT / "figures" / name).read_text())
-    result = run_cli("--task", "sine", "--runs", "50", "--strategies", "student,bo3,one,fusion", "--out", str(out))
+    result = run_cli("--task", "sine", "--runs", "50", "--strategies", "student,bo3,one,fusion,random,one_compute",
+                     "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "200 results already" in result.stdout and "  teacher:" not in result.stdout
+    assert "300 results already" in result.stdout and "  teacher:" not in result.stdout
     summary = (out / "summary.md").read_text()
     assert summary == (ROOT / "figures" / "summary.md").read_text()
     table = summary.split("\n\n", 1)[1].strip()
     assert table in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_reports_the_committed_study_of_k_teachers_and_the_bench():
+    """figures/sine_teachers holds the rows of sine_teachers.py's run; figures/bench.md what --bench printed;
+    figures/gpu the GPU check's report. The README's tables are theirs."""
+    import sine_teachers
+    readme = (ROOT / "README.md").read_text()
+    study = ROOT / "figures" / "sine_teachers"
+    rows_of = {int(d.name[1:]): [json.loads(line) for line in (d / "results.jsonl").read_text().splitlines()]
+               for d in sorted(study.glob("k*"))}
+    assert sorted(rows_of) == [2, 3, 4, 5] and all(len(rows) >= 50 for rows in rows_of.values())
+    table = sine_teachers.teachers_table(rows_of)
+    assert table in (study / "summary.md").read_text() and table in readme
+    bench = (ROOT / "figures" / "bench.md").read_text()
+    assert "\n".join(line for line in bench.splitlines() if line.startswith("|")) in readme
+    gpu = (ROOT / "figures" / "gpu" / "gpu_check_h200.md").read_text().split("\n\n")[1]
+    assert gpu.strip() in readme
