@@ -451,9 +451,8 @@ def run_task(s):
     bench(s) if s.bench else run_sine(s)
 
 class Progress(logging.Handler):
-    """Shows what merge.log reports: each line stamped with the seconds since the command began; a
-    phase's epochs as a bar on a terminal (epochs done, training error, time left), in a file as
-    a line at each fifth of a phase of 20 epochs or more."""
+    """Shows merge.log's reports stamped with the seconds since the command began; a phase's epochs as a bar on a
+    terminal (epochs done, training error, time left), in a file a line at each fifth of a phase of 20 or more."""
 
     def __init__(self):
         super().__init__()
@@ -469,21 +468,22 @@ class Progress(logging.Handler):
             print(f"[{time.time() - self.start:7.1f}s] {record.getMessage()}", flush=True)
 
 def show_progress(quiet=False):
-    """merge.log's reports on stdout from now on, timed from now (one Progress handler at most);
-    quiet: its warnings only (torchrun's ranks but 0)."""
+    """merge.log's reports on stdout, timed from now (one Progress handler); quiet: warnings only (ranks > 0)."""
     merge.log.handlers = [Progress()]
     merge.log.setLevel(logging.WARNING if quiet else logging.INFO)
     merge.log.propagate = False
 
 def main(argv=None, parse=parse_settings, run=run_task):
-    """The command line of merge.py and of the experiment scripts: bad input ends as one line on
-    stderr and exit code 2; Ctrl-C as one line saying what was kept."""
+    """merge.py's and the scripts' command line: bad input is one line and exit code 2; Ctrl-C one line."""
     s = parse(argv)
     show_progress(quiet=ranks()[0] > 0)
     try:
         if ranks()[1] > 1:
             start_ranks(s)
         run(s)
+        if torch.distributed.is_initialized():  # every rank finished before any tears down its process group
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
     except InputError as e:
         fail(e)
     except KeyboardInterrupt:
