@@ -220,9 +220,7 @@ def run(s):
         given = given if experiment.ranks()[0] == 0 else []  # rank 0 writes
         for i, teacher in enumerate(given):  # the finished teacher phase that student() and fusion() load
             path = out / "phases" / f"teacher-{merge.phase_seed(merge.run_seed(s.seed, 0), 'teacher', i)}.pt"
-            path.parent.mkdir(exist_ok=True)
-            torch.save(teacher.state_dict(), path.with_suffix(".part"))
-            path.with_suffix(".part").replace(path)
+            merge.save_whole(teacher.state_dict(), path)
         rows = experiment.run_experiment(s, title, lambda seed, device: data, make_teacher, images.accuracy_result)
         if "student" in s.strategies.split(","):  # each teacher gets rows of its own, as in Table 3
             rows = rows + [dict(run=r["run"], strategy=f"teacher {i}", test_accuracy=acc)

@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 class InputError(ValueError):
     """Bad input from the user: the command line reports it as one line and exit code 2."""
 
@@ -463,9 +462,8 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, after_
         if after_epoch:
             after_epoch(epoch)
         if checkpoint and data.rank == 0:  # the other ranks hold the same
-            torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), epoch=epoch, step=int(step),
-                            history=history, rng=torch.get_rng_state()), checkpoint.with_suffix(".part"))
-            checkpoint.with_suffix(".part").replace(checkpoint)
+            save_whole(dict(model=model.state_dict(), opt=opt.state_dict(), epoch=epoch, step=int(step),
+                            history=history, rng=torch.get_rng_state()), checkpoint)
     for gate in gates(model):
         gate.key = gate.step = None
     return history
@@ -534,7 +532,6 @@ def compiled(step, use_compile):
     """torch.compile(step), or where that fails (no C++ compiler) the eager step, with a notice."""
     torch._dynamo.reset()  # each phase compiles afresh instead of piling up recompiles
     fast = torch.compile(step) if use_compile else step
-
     def call(*args):
         nonlocal fast
         try:
@@ -546,6 +543,12 @@ def compiled(step, use_compile):
             fast = step
             return step(*args)
     return call
+
+def save_whole(obj, path):
+    """torch.save into a temporary file, then renamed: a file is whole or absent. Its folder is made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path.with_suffix(".part"))
+    path.with_suffix(".part").replace(path)
 
 def train(models, datas, s, epochs, drops, seeds, lambdas=None, keep=0.5, phase="models", warmup=0):
     """Train models[i] on datas[i] from seeds[i], as one stack when s.stack, else one at a time.
@@ -569,13 +572,10 @@ def train(models, datas, s, epochs, drops, seeds, lambdas=None, keep=0.5, phase=
                     [seeds[i] for i in todo], lambdas, keep, warmup)
     for i in todo:
         epochs_file = paths[i] and paths[i].with_suffix(".epochs")
-        if paths[i] and datas[i].rank == 0:  # the only writer among torchrun's ranks
-            paths[i].parent.mkdir(parents=True, exist_ok=True)
         if not s.stack:
             fit(models[i], datas[i], s, epochs, drops, seeds[i], lambdas, keep, warmup=warmup, checkpoint=epochs_file)
-        if paths[i] and datas[i].rank == 0:
-            torch.save(models[i].state_dict(), paths[i].with_suffix(".tmp"))
-            paths[i].with_suffix(".tmp").replace(paths[i])  # whole or not at all
+        if paths[i] and datas[i].rank == 0:  # the only writer among torchrun's ranks
+            save_whole(models[i].state_dict(), paths[i])
             epochs_file.unlink(missing_ok=True)
     return models
 
