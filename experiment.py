@@ -1,6 +1,7 @@
 """What the experiments share: settings and the command line, the run loop with results and resuming
-(also over torchrun's ranks), the summary tables, the bench and the sine's report. merge.py is the
-method; read this file to learn how runs are stored, resumed and drawn (`python merge.py` runs main).
+(also over torchrun's ranks or --workers' processes), the summary tables, the bench and the sine's
+report. merge.py is the method; read this file to learn how runs are stored, resumed and drawn
+(`python merge.py` runs main).
 
 An --out folder holds settings.json (a later command on it must use the same settings), results.jsonl
 (one line per finished run and strategy), phases/ (every finished training phase, so that a killed run
@@ -13,6 +14,9 @@ import json
 import logging
 import math
 import os
+import signal
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -96,6 +100,8 @@ class SineSettings(Settings):
     noise: float = setting(0.2, "standard deviation of the noise on y (paper: N(0, 0.2))", valid=NOT_NEGATIVE)
     bench: bool = setting(False, "print the speed of the one-at-a-time and the stacked trainers, then exit",
                           run_only=True)
+    workers: int = setting(0, "processes that share the runs, each a rank with one thread (ours); 0: one per CPU "
+                              "core, at most 8 and at most --runs, or 1 on a GPU", run_only=True, valid=NOT_NEGATIVE)
 
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
@@ -116,7 +122,9 @@ def check_settings(s):
         enough = next(e for e in range(1, 10_000) if min(merge.budget(dataclasses.replace(s, epochs=e)).values()) >= 1)
         raise InputError(f"--epochs {s.epochs} leaves a phase without epochs for {s.teachers} teachers; "
                          f"use at least {enough}")
-    resolve_device(s.device)
+    if resolve_device(s.device) == "cuda" and getattr(s, "workers", 0) > 1 and torch.cuda.device_count() < s.workers:
+        raise InputError(f"--workers {s.workers} on --device cuda wants a GPU each; torch sees "
+                         f"{torch.cuda.device_count()}")
     checked_out(s)
 
 def resolve_device(name):
@@ -223,11 +231,25 @@ def read_rows(out, metric):
 def locked(s):
     """--out for this command alone: its settings.json and results.jsonl checked first (a wrong one is
     refused before anything is written), then --out/.lock locked until the command ends (fcntl; without
-    it, two commands on one --out are the user's to avoid). Under torchrun, rank 0 checks and locks."""
-    out = checked_out(s)
-    if ranks()[0] > 0:
+    it, two commands on one --out are the user's to avoid). Over ranks, rank 0 checks and locks, and
+    every rank learns its answer: none trains into an --out that rank 0 refused."""
+    out, handle, refusal = checked_out(s), contextlib.nullcontext(), None
+    if ranks()[0] == 0:
+        try:
+            handle = lock(s, out)
+        except InputError as e:
+            refusal = str(e)
+    if ranks()[1] > 1:
+        answer = [refusal]
+        torch.distributed.broadcast_object_list(answer)
+        refusal = answer[0]
+    if refusal:
+        raise InputError(refusal)
+    with handle:
         yield out
-        return
+
+def lock(s, out):
+    """out/.lock, open and locked, after out's settings.json and results.jsonl passed their checks."""
     settings_record(s, out)
     read_rows(out, s.metric)
     try:
@@ -235,15 +257,15 @@ def locked(s):
         handle = open(out / ".lock", "a")
     except OSError as e:
         raise InputError(f"cannot write to --out {out} ({e.strerror or type(e).__name__})") from None
-    with handle:
-        try:
-            import fcntl
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass
-        except OSError:
-            raise InputError(f"--out {out} is in use by another command; let it finish or use another --out") from None
-        yield out
+    try:
+        import fcntl
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:
+        handle.close()
+        raise InputError(f"--out {out} is in use by another command; let it finish or use another --out") from None
+    return handle
 
 def append_result(out, row):
     with open(out / "results.jsonl", "a") as f:
@@ -291,6 +313,44 @@ def start_ranks(s):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
 
+def workers(s):
+    """--workers with 0 resolved: one process per CPU core, at most 8 (each holds its own torch) and at
+    most --runs; on a GPU, one."""
+    if s.workers or resolve_device(s.device) == "cuda":
+        return s.workers or 1
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8, s.runs)
+
+def launch(s, n):
+    """This command as n processes, ranks of one process group with one thread each (as torchrun would
+    start them): each trains every n-th run, rank 0 writes the rows, which are those of one process (a
+    test checks it). On a CPU, n single-threaded processes beat one with n threads: much of a step of the
+    small sine models is Python that one thread runs. This process waits, and passes Ctrl-C on."""
+    out = checked_out(s)  # a wrong --out is refused here, before any process starts
+    settings_record(s, out)
+    read_rows(out, s.metric)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free.getsockname()[1]),
+                   WORLD_SIZE=str(n))
+    argv = [f"{f.metadata.get('flag', '--' + f.name.replace('_', '-'))}={getattr(s, f.name)}"
+            for f in dataclasses.fields(s) if "help" in f.metadata and not isinstance(getattr(s, f.name), (bool, tuple))]
+    procs = [subprocess.Popen([sys.executable, merge.__file__, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              start_new_session=True) for r in range(n)]  # Ctrl-C reaches them from here, once
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() for p in procs):  # one failed: the others would wait for it for ever
+                for p in procs:
+                    p.poll() is None and p.terminate()
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.poll() is None and p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+    code = procs[0].returncode or next((p.returncode for p in procs if p.returncode), 0)
+    if code:
+        sys.exit(code if code > 0 else 1)  # a signal's negative code: 1
+
 def run_experiment(s, title, make_data, make_teacher, result, replicas=False):
     """The loop of every experiment, inside `with locked(s)`: for each strategy, the runs not yet in
     --out/results.jsonl, in stacks (s.stack) or one at a time; each finished (run, strategy) written at once
@@ -306,7 +366,8 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False):
         merge.log.info(f"repaired {out / 'results.jsonl'}: a cut or repeated line removed")
     s, done = dataclasses.replace(s, phase_dir=str(out / "phases")), {(r["run"], r["strategy"]) for r in results}
     names, split = s.strategies.split(","), world > 1 and not replicas
-    merge.log.info(f"{title}: {s.runs} runs x {len(names)} strategies, {s.epochs} epochs each, on {device}; "
+    merge.log.info(f"{title}: {s.runs} runs x {len(names)} strategies, {s.epochs} epochs each, on {device}"
+                   f"{f' in {world} processes' if world > 1 else ''}; "
                    f"{len(done)} results already in {out}")
     share = slice(rank, None, world) if split else slice(None)  # the runs of this rank
     todo = {name: [run for run in range(s.runs) if (run, name) not in done][share] for name in names}
@@ -448,7 +509,12 @@ def bench(s):
 
 def run_task(s):
     check_settings(s)
-    bench(s) if s.bench else run_sine(s)
+    if s.bench:
+        bench(s)
+    elif ranks()[1] == 1 and workers(s) > 1:  # not yet a rank: start the ranks
+        launch(s, workers(s))
+    else:
+        run_sine(s)
 
 class Progress(logging.Handler):
     """Shows merge.log's reports stamped with the seconds since the command began; a phase's epochs as a bar on a
@@ -485,8 +551,10 @@ def main(argv=None, parse=parse_settings, run=run_task):
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     except InputError as e:
-        fail(e)
+        fail(e) if ranks()[0] == 0 else sys.exit(2)  # rank 0 says it
     except KeyboardInterrupt:
+        if ranks()[0] > 0:
+            sys.exit(130)
         out = Path(s.out)
         try:
             kept = f"{len(read_rows(out, s.metric)[0])} results in {out / 'results.jsonl'}"

@@ -23,7 +23,8 @@ import merge
 import plots
 
 ROOT = Path(__file__).parent
-SMALL = ["--runs", "2", "--epochs", "12", "--n-train", "300", "--n-val", "100", "--n-test", "300", "--compile", "0"]
+SMALL = ["--runs", "2", "--epochs", "12", "--n-train", "300", "--n-val", "100", "--n-test", "300", "--compile", "0",
+         "--workers", "1"]
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +96,7 @@ def copy_of(finished, tmp_path):
     (["--n-train", "0"], "--n-train must be at least 1"),
     (["--epochs", "3"], "use at least"),
     (["--stack", "2"], "invalid choice"),
+    (["--workers", "-1"], "--workers must be 0 or more"),
     (["--runs", "many"], "invalid int value"),
     (["--strategies", ""], "--strategies '': name each of student"),
     (["--strategies", "student,student"], "at most once"),
@@ -190,6 +192,18 @@ def test_two_commands_on_one_out_are_refused_and_rows_stay_unique(tmp_path):
     assert cli(*args).returncode == 0  # free again once the first is done
 
 
+def test_an_out_in_use_is_refused_by_every_process_before_any_trains(tmp_path):
+    """With --workers 2 rank 0 finds the lock taken, and rank 1 learns it before it trains its share."""
+    import fcntl
+    out = tmp_path / "sine"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = cli(*SMALL, "--workers", "2", "--out", out)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "in use by another command" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no phases/, no rows, no settings.json
+
+
 def test_a_repeated_row_is_read_once_and_a_last_line_without_newline_kept(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     lines = (out / "results.jsonl").read_text().splitlines()
@@ -212,6 +226,21 @@ def test_phases_of_several_strategies_in_one_stack_give_the_rows_of_one_at_a_tim
     for key, row in rows(alone).items():
         assert row["test_mse"] == pytest.approx(stacked[key]["test_mse"], abs=2e-6), key
     assert (finished / "phases" / f"bo3-{merge.phase_seed(merge.run_seed(0, 1), 'bo3', 2)}.pt").exists()
+
+
+def test_workers_share_the_runs_and_give_the_rows_of_one_process(finished, tmp_path):
+    """--workers 2: two processes, each a rank with every other run; rank 0 writes every row once."""
+    out = tmp_path / "two"
+    result = cli(*SMALL, "--workers", "2", "--strategies", "student,bo3,one", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "in 2 processes" in result.stdout and "bo3 and teacher: 5 x 4 epochs" in result.stdout  # run 0 alone
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    theirs = {(r["run"], r["strategy"]): r for r in map(json.loads, open(finished / "results.jsonl"))}
+    assert sorted((r["run"], r["strategy"]) for r in rows) == sorted((run, name) for run in range(2)
+                                                                     for name in ("student", "bo3", "one"))
+    for row in rows:
+        assert row["test_mse"] == pytest.approx(theirs[row["run"], row["strategy"]]["test_mse"], abs=2e-6)
+    assert "| student | 2 |" in (out / "summary.md").read_text()
 
 
 def test_runs_in_smaller_stacks_give_the_same_rows(finished, tmp_path, monkeypatch, capsys):
@@ -249,10 +278,12 @@ def test_every_subset_of_strategies_reports(finished, tmp_path, monkeypatch, cap
     capsys.readouterr()
 
 
-def test_ctrl_c_ends_with_one_line_saying_what_was_kept(tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_ctrl_c_ends_with_one_line_saying_what_was_kept(tmp_path, workers):
     out = tmp_path / "sine"
     run = subprocess.Popen([sys.executable, str(ROOT / "merge.py"), *SMALL[:2], "--epochs", "600", *SMALL[4:],
-                            "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            "--workers", workers, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
     while not (out / "settings.json").exists() and run.poll() is None:
         time.sleep(0.05)
     time.sleep(1)
