@@ -328,17 +328,23 @@ def launch(s, n):
     out = checked_out(s)  # a wrong --out is refused here, before any process starts
     settings_record(s, out)
     read_rows(out, s.metric)
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free.getsockname()[1]),
-                   WORLD_SIZE=str(n))
+    try:  # a free port for the ranks' process group
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+    except OSError as e:
+        merge.log.warning(f"note: no local port for {n} processes ({e.strerror or type(e).__name__}); one process trains")
+        return run_sine(s)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n))
     argv = [f"{f.metadata.get('flag', '--' + f.name.replace('_', '-'))}={getattr(s, f.name)}"
             for f in dataclasses.fields(s) if "help" in f.metadata and not isinstance(getattr(s, f.name), (bool, tuple))]
     procs = [subprocess.Popen([sys.executable, merge.__file__, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               start_new_session=True) for r in range(n)]  # Ctrl-C reaches them from here, once
+    failed = None  # when the first process failed
     try:
         while any(p.poll() is None for p in procs):
-            if any(p.poll() for p in procs):  # one failed: the others would wait for it for ever
+            failed = failed or (time.time() if any(p.poll() for p in procs) else None)
+            if failed and time.time() > failed + 10:  # the others did not end with it: they would wait for ever
                 for p in procs:
                     p.poll() is None and p.terminate()
             time.sleep(0.1)
@@ -347,9 +353,9 @@ def launch(s, n):
             p.poll() is None and p.send_signal(signal.SIGINT)
         for p in procs:
             p.wait()
-    code = procs[0].returncode or next((p.returncode for p in procs if p.returncode), 0)
-    if code:
-        sys.exit(code if code > 0 else 1)  # a signal's negative code: 1
+    codes = [p.returncode for p in procs]
+    if any(codes):  # rank 0's exit code where it has one, else another's; a signal's (negative): 1
+        sys.exit(next((code for code in codes if code > 0), 1))
 
 def run_experiment(s, title, make_data, make_teacher, result, replicas=False):
     """The loop of every experiment, inside `with locked(s)`: for each strategy, the runs not yet in
@@ -551,6 +557,8 @@ def main(argv=None, parse=parse_settings, run=run_task):
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
     except InputError as e:
+        if torch.distributed.is_initialized():  # torn down, so that no rank aborts at exit
+            torch.distributed.destroy_process_group()
         fail(e) if ranks()[0] == 0 else sys.exit(2)  # rank 0 says it
     except KeyboardInterrupt:
         if ranks()[0] > 0:

@@ -243,6 +243,25 @@ def test_workers_share_the_runs_and_give_the_rows_of_one_process(finished, tmp_p
     assert "| student | 2 |" in (out / "summary.md").read_text()
 
 
+def test_without_a_local_port_one_process_trains_with_a_note(finished, tmp_path, monkeypatch, capsys):
+    class NoPort:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(experiment.socket, "socket", NoPort)
+    out = tmp_path / "sine"
+    experiment.main([*SMALL, "--workers", "2", "--strategies", "bo3", "--out", str(out)])
+    assert "note: no local port for 2 processes (Permission denied); one process trains" in capsys.readouterr().out
+    theirs = {r["run"]: r for r in map(json.loads, open(finished / "results.jsonl")) if r["strategy"] == "bo3"}
+    for row in map(json.loads, open(out / "results.jsonl")):
+        assert row["test_mse"] == pytest.approx(theirs[row["run"]]["test_mse"], abs=2e-6)
+
+
 def test_runs_in_smaller_stacks_give_the_same_rows(finished, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiment, "STACK_RUNS", 1)  # memory bounded by the stack, not by --runs
     out = tmp_path / "sine"
