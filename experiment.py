@@ -346,11 +346,13 @@ def launch(s, n):
             failed = failed or (time.time() if any(p.poll() for p in procs) else None)
             if failed and time.time() > failed + 10:  # the others did not end with it: they would wait for ever
                 for p in procs:
-                    p.poll() is None and p.terminate()
+                    if p.poll() is None:
+                        p.terminate()
             time.sleep(0.1)
     except KeyboardInterrupt:
         for p in procs:
-            p.poll() is None and p.send_signal(signal.SIGINT)
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
         for p in procs:
             p.wait()
     codes = [p.returncode for p in procs]
