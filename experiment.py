@@ -103,6 +103,10 @@ class SineSettings(Settings):
     workers: int = setting(0, "processes that share the runs, each a rank with one thread (ours); 0: one per CPU "
                               "core, at most 8 and at most --runs, or 1 on a GPU", run_only=True, valid=NOT_NEGATIVE)
 
+def flag(f):
+    """The command-line flag of a settings field: n_train -> --n-train."""
+    return "--" + f.name.replace("_", "-")
+
 def fail(message):
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -110,10 +114,9 @@ def fail(message):
 def check_settings(s):
     """One InputError for the first setting that cannot work, before anything is trained or written."""
     for f in dataclasses.fields(s):
-        value, flag = getattr(s, f.name), "--" + f.name.replace("_", "-")
-        test, what = f.metadata.get("valid", (None, ""))
+        value, (test, what) = getattr(s, f.name), f.metadata.get("valid", (None, ""))
         if test and not (math.isfinite(value) and test(value)):
-            raise InputError(f"{flag} must be {what}, got {value}")
+            raise InputError(f"{flag(f)} must be {what}, got {value}")
     names = s.strategies.split(",")
     if set(names) - set(STRATEGIES) or len(set(names)) < len(names):
         raise InputError(f"--strategies {s.strategies!r}: name each of {', '.join(STRATEGIES)} at most once, "
@@ -139,14 +142,14 @@ def parse_settings(argv=None, defaults=SineSettings(), description=merge.__doc__
     flags = [f for f in dataclasses.fields(defaults) if "help" in f.metadata]
     for f in flags:
         value = getattr(defaults, f.name)
-        flag, text = f.metadata.get("flag", "--" + f.name.replace("_", "-")), f"{f.metadata['help']} [{value}]"
+        name, text = flag(f), f"{f.metadata['help']} [{value}]"
         if isinstance(value, bool):
-            parser.add_argument(flag, dest=f.name, action="store_true", help=text)
+            parser.add_argument(name, dest=f.name, action="store_true", help=text)
         elif isinstance(value, tuple):  # file names, epochs
-            parser.add_argument(flag, dest=f.name, nargs=f.metadata["nargs"], default=value, help=text,
+            parser.add_argument(name, dest=f.name, nargs=f.metadata["nargs"], default=value, help=text,
                                 type=f.metadata.get("type", str), metavar=f.metadata.get("metavar", "FILE"))
         else:
-            parser.add_argument(flag, dest=f.name, type=type(value), default=value, choices=f.metadata.get("choices"),
+            parser.add_argument(name, dest=f.name, type=type(value), default=value, choices=f.metadata.get("choices"),
                                 help=text)
     args = parser.parse_args(argv)
     return dataclasses.replace(defaults, **{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
@@ -336,7 +339,7 @@ def launch(s, n):
         merge.log.warning(f"note: no local port for {n} processes ({e.strerror or type(e).__name__}); one process trains")
         return run_sine(s)
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n))
-    argv = [f"{f.metadata.get('flag', '--' + f.name.replace('_', '-'))}={getattr(s, f.name)}"
+    argv = [f"{flag(f)}={getattr(s, f.name)}"
             for f in dataclasses.fields(s) if "help" in f.metadata and not isinstance(getattr(s, f.name), (bool, tuple))]
     procs = [subprocess.Popen([sys.executable, merge.__file__, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               start_new_session=True) for r in range(n)]  # Ctrl-C reaches them from here, once
