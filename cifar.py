@@ -70,7 +70,7 @@ def read_batches(folder, names, labels_key, classes):
         path = folder / name
         if not path.is_file():
             other = [d["folder"] for d in DATASETS.values() if (folder / d["train"][0]).is_file()]
-            raise merge.InputError(f"--data {folder}: no {name}" + (f"; this looks like {other[0]}, the other "
+            raise experiment.InputError(f"--data {folder}: no {name}" + (f"; this looks like {other[0]}, the other "
                                                                     "data set" if other else ""))
         try:
             with open(path, "rb") as f:
@@ -78,11 +78,11 @@ def read_batches(folder, names, labels_key, classes):
             x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             y = np.asarray(batch[labels_key], dtype=np.int64)
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as e:
-            raise merge.InputError(f"cannot read {path} as a CIFAR batch ({type(e).__name__}: {e})") from None
+            raise experiment.InputError(f"cannot read {path} as a CIFAR batch ({type(e).__name__}: {e})") from None
         if not len(x):
-            raise merge.InputError(f"{path} holds no images")
+            raise experiment.InputError(f"{path} holds no images")
         if len(y) != len(x) or not 0 <= y.min() <= y.max() < classes:
-            raise merge.InputError(f"{path}: labels do not fit its {len(x)} images of {classes} classes")
+            raise experiment.InputError(f"{path}: labels do not fit its {len(x)} images of {classes} classes")
         images.append(x)
         labels.append(y)
     return np.concatenate(images), np.concatenate(labels)
@@ -92,7 +92,7 @@ def load_cifar(folder, dataset, val_fraction=0.1, seed=0):
     """The data set as uint8 arrays: train minus a validation split fixed by seed, and test."""
     spec = DATASETS[dataset]
     if not folder.is_dir():
-        raise merge.InputError(f"--data {folder}: no such folder")
+        raise experiment.InputError(f"--data {folder}: no such folder")
     if (folder / spec["folder"]).is_dir():  # the folder the archive was extracted into, as torchvision's root
         folder = folder / spec["folder"]
     images, labels = read_batches(folder, spec["train"], spec["labels"], spec["classes"])
@@ -100,7 +100,7 @@ def load_cifar(folder, dataset, val_fraction=0.1, seed=0):
     order = np.random.default_rng(seed).permutation(len(images))
     n_val = max(1, round(val_fraction * len(images)))
     if n_val >= len(images):
-        raise merge.InputError(f"--data {folder}: {len(images)} training images leave none to train on after "
+        raise experiment.InputError(f"--data {folder}: {len(images)} training images leave none to train on after "
                                f"--val-fraction {val_fraction}")
     val, train = order[:n_val], order[n_val:]
     return dict(x_train=images[train], y_train=labels[train], x_val=images[val], y_val=labels[val],
@@ -173,9 +173,9 @@ def parse(argv=None):
 def check(s):
     experiment.check_settings(s)
     if s.experiment == "resnet20-cifar100" and s.stack:
-        raise merge.InputError("--stack 1 is for networks without BatchNorm; ResNet20 trains one model at a time")
+        raise experiment.InputError("--stack 1 is for networks without BatchNorm; ResNet20 trains one model at a time")
     if s.teacher_files and (s.runs != 1 or len(s.teacher_files) != s.teachers):
-        raise merge.InputError(f"--teacher-files gives the {s.teachers} teachers (--teachers) of one run: pass "
+        raise experiment.InputError(f"--teacher-files gives the {s.teachers} teachers (--teachers) of one run: pass "
                                f"{s.teachers} files and use --runs 1")
 
 
@@ -186,20 +186,20 @@ def load_teacher(path, model):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
     except pickle.UnpicklingError:
-        raise merge.InputError(f"--teacher-files: {path} holds Python objects besides tensors; save its state dict "
+        raise experiment.InputError(f"--teacher-files: {path} holds Python objects besides tensors; save its state dict "
                                "alone (torch.save(checkpoint['model_state_dict'], path)) and pass that") from None
     except Exception as e:  # noqa: BLE001 - missing, truncated, not a torch file: all one line
-        raise merge.InputError(f"--teacher-files: cannot read {path} ({type(e).__name__})") from None
+        raise experiment.InputError(f"--teacher-files: cannot read {path} ({type(e).__name__})") from None
     for key in ("model_state_dict", "state_dict"):
         if isinstance(state, dict) and key in state:
             state = state[key]
     ours, kind = model.state_dict(), type(model).__name__
     theirs = [(k, v) for k, v in state.items() if torch.is_tensor(v)] if isinstance(state, dict) else []
     if len(theirs) != len(ours):
-        raise merge.InputError(f"--teacher-files: {path} holds {len(theirs)} tensors, a {kind} {len(ours)}")
+        raise experiment.InputError(f"--teacher-files: {path} holds {len(theirs)} tensors, a {kind} {len(ours)}")
     for i, ((name, want), (their_name, got)) in enumerate(zip(ours.items(), theirs)):
         if got.shape != want.shape:
-            raise merge.InputError(f"--teacher-files: {path}: its tensor {i}, {their_name}, is {tuple(got.shape)} "
+            raise experiment.InputError(f"--teacher-files: {path}: its tensor {i}, {their_name}, is {tuple(got.shape)} "
                                    f"where this {kind}'s {name} is {tuple(want.shape)} (another --width?)")
     model.load_state_dict(dict(zip(ours, (v for _, v in theirs))))
     return model
@@ -212,15 +212,15 @@ def run(s):
     folder = Path(s.data) if s.data else images.fetch(Path(s.root), spec["url"], dict(md5=spec["md5"]),
                                                       spec["folder"])
     d = load_cifar(folder, dataset, s.val_fraction, s.seed)
-    merge.log.info(f"{folder}: train {len(d['x_train'])}, validation {len(d['x_val'])}, test {len(d['x_test'])} images")
+    experiment.log.info(f"{folder}: train {len(d['x_train'])}, validation {len(d['x_val'])}, test {len(d['x_test'])} images")
     make_teacher = lambda: network(spec["classes"], s.width)
     given = [load_teacher(path, make_teacher()) for path in s.teacher_files]  # all checked before writing
     data = images.image_data(d, experiment.resolve_device(s.device), augment=random_crop_flip)
     with experiment.locked(s) as out:
         given = given if experiment.ranks()[0] == 0 else []  # rank 0 writes
         for i, teacher in enumerate(given):  # the finished teacher phase that student() and fusion() load
-            path = out / "phases" / f"teacher-{merge.phase_seed(merge.run_seed(s.seed, 0), 'teacher', i)}.pt"
-            merge.save_whole(teacher.state_dict(), path)
+            path = out / "phases" / f"teacher-{merge.phase_seed(experiment.run_seed(s.seed, 0), 'teacher', i)}.pt"
+            experiment.save_whole(teacher.state_dict(), path)
         rows = experiment.run_experiment(s, title, lambda seed, device: data, make_teacher, images.accuracy_result)
         if "student" in s.strategies.split(","):  # each teacher gets rows of its own, as in Table 3
             rows = rows + [dict(run=r["run"], strategy=f"teacher {i}", test_accuracy=acc)

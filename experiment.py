@@ -1,7 +1,7 @@
-"""What the experiments share: settings and the command line, the run loop with results and resuming
-(also over torchrun's ranks or --workers' processes), the summary tables, the bench and the sine's
-report. merge.py is the method; read this file to learn how runs are stored, resumed and drawn
-(`python merge.py` runs main).
+"""The run machinery around merge.py, shared by every experiment: settings and the command line, the
+--out folder (results, resuming, one command at a time), the trainer the strategies are given (finished
+phases kept, epoch checkpoints, alike phases of all runs trained as one stack), runs over processes
+(torchrun's ranks), the summary tables and progress. merge.py knows nothing of it.
 
 An --out folder holds settings.json (a later command on it must use the same settings), results.jsonl
 (one line per finished run and strategy), phases/ (every finished training phase, so that a killed run
@@ -9,99 +9,65 @@ resumes), summary.md and the figures. One command at a time uses it (a lock); fi
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
-import logging
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import numpy as np
 import torch
 
-import baselines
 import merge
-import plots
-from merge import InputError
+import report
+import stacked
 
-# == Settings and the command line ================================================================
+log = report.log  # what the runs report, shown by report.Progress
 
-STRATEGIES = {**merge.STRATEGIES, **baselines.STRATEGIES}  # by name: the paper's, our controls, the baselines
-AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
-NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
-POSITIVE = (lambda v: v > 0, "above 0")
-FRACTION = (lambda v: 0 < v < 1, "between 0 and 1")
-MAX_SEED = 10 ** 9  # phase seeds stay far below 2^63, torch's limit
+class InputError(ValueError):
+    """Bad input from the user: the command line reports it as one line and exit code 2."""
+
+# == Settings and the command line =================================================================
+
+STRATEGIES = merge.STRATEGIES
+MAX_RUNS, MAX_SEED = 1000, 10 ** 9  # run seeds 1000 seed + run; phase seeds stay far below 2^63, torch's limit
+AT_LEAST_1, NOT_NEGATIVE = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0 or more")
+POSITIVE, FRACTION = (lambda v: v > 0, "above 0"), (lambda v: 0 < v < 1, "between 0 and 1")
+VALID = dict(  # what the numbers of merge.Settings and Settings must be, checked before anything runs
+    epochs=AT_LEAST_1, batch=AT_LEAST_1, lr=POSITIVE, momentum=(lambda v: 0 <= v < 1, "from 0 to below 1"),
+    weight_decay=NOT_NEGATIVE, gate_lr=POSITIVE, lambda_start=POSITIVE, lambda_step=NOT_NEGATIVE,
+    paper_epochs=AT_LEAST_1, finetune_lr=NOT_NEGATIVE, finetune_warmup=NOT_NEGATIVE,
+    fold=(lambda v: v in (0, 1), "0 or 1"),
+    teachers=(lambda v: 2 <= v <= merge.MAX_TEACHERS, f"from 2 to {merge.MAX_TEACHERS}"),
+    runs=(lambda v: 1 <= v <= MAX_RUNS, f"from 1 to {MAX_RUNS}"),
+    seed=(lambda v: 0 <= v <= MAX_SEED, f"from 0 to {MAX_SEED}"))
 
 def setting(default, help, **extra):
-    """A settings field with its help text (unit, and where the value comes from) and, as valid,
-    the test a number must pass with what it must be."""
-    return field(default=default, metadata=dict(help=help, **extra))
+    """A settings field: its help (unit, and where its value comes from) and what else the command line needs:
+    choices, valid (a test, what it asks), run_only (how to run, not what: a later command may change it)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, **extra))
 
 @dataclass
-class Settings:
-    """The settings every experiment has; the defaults are the sine's (section 3.2 and
-    REFERENCE.md). Each experiment adds its own fields (SineSettings below, the image scripts')."""
+class Settings(merge.Settings):
+    """merge.Settings and what every experiment adds: runs, seeds, where to train and to write."""
     metric: ClassVar[str] = "test_mse"  # the number every row has, the one the summaries compare
-    runs: int = setting(50, "independent runs, each with its own models and seeds", run_only=True,
-                        valid=(lambda v: 1 <= v <= merge.MAX_RUNS, f"from 1 to {merge.MAX_RUNS}"))
-    seed: int = setting(0, "base seed: run r has the run seed 1000 seed + r (ours)",
-                        valid=(lambda v: 0 <= v <= MAX_SEED, f"from 0 to {MAX_SEED}"))
-    epochs: int = setting(900, "epochs per strategy, the whole budget; every phase and lr drop scales with it",
-                          valid=AT_LEAST_1)
-    teachers: int = setting(2, "k, the number of teachers merged into one student (paper: 2)",
-                            valid=(lambda v: 2 <= v <= merge.MAX_TEACHERS, f"from 2 to {merge.MAX_TEACHERS}"))
-    device: str = setting("auto", "where to train: auto picks cuda when torch sees a GPU",
-                          choices=("auto", "cpu", "cuda"), run_only=True)
+    runs: int = setting(50, "independent runs, each with its own models and seeds", run_only=True)
+    seed: int = setting(0, "base seed: run r has the run seed 1000 seed + r (ours)")
+    device: str = setting("auto", "where to train: auto picks cuda when torch sees a GPU", run_only=True,
+                          choices=("auto", "cpu", "cuda"))
     out: str = setting("runs/sine", "folder for results.jsonl, summary.md and the figures", run_only=True)
     strategies: str = setting("student,bo3,one", "comma-separated, of student, bo3, one (section 3.1), the controls "
-                                                 "random and one_compute (ours), prune and fusion (3.3); more may "
-                                                 "be added to an --out later", run_only=True)
-    batch: int = setting(32, "examples per SGD step", valid=AT_LEAST_1)
-    lr: float = setting(0.01, "SGD learning rate, divided by 10 at each drop", valid=POSITIVE)
-    momentum: float = setting(0.9, "SGD momentum", valid=(lambda v: 0 <= v < 1, "from 0 to below 1"))
-    weight_decay: float = setting(0.0, "SGD weight decay", valid=NOT_NEGATIVE)
-    gate_lr: float = setting(0.1, "learning rate of the gates' own SGD, momentum 0.9, no weight decay",
-                             valid=POSITIVE)
-    lambda_start: float = setting(0.01, "lambda at the start of the importance phase (Fig. 5)", valid=POSITIVE)
-    lambda_step: float = setting(0.05, "lambda += step sqrt(lambda) before each epoch (Fig. 5)", valid=NOT_NEGATIVE)
-    paper_epochs: int = setting(900, "the budget the lambda step is tuned for; other budgets rescale the step so "
-                                     "that lambda ends where the paper's does (ours)", valid=AT_LEAST_1)
-    stack: int = setting(1, "1: train the models of a phase of all runs as one stack (fit_stacked); "
-                            "0: one at a time, like the paper's scripts (ours)", run_only=True, choices=(0, 1))
+                              "random and one_compute (ours), prune and fusion (3.3); more may be added to an --out "
+                              "later", run_only=True)
+    stack: int = setting(1, "1: train alike phases of all runs as one stack (stacked.py); 0: one model at a time, "
+                         "as the paper's scripts do (ours)", run_only=True, choices=(0, 1))
     compile: int = setting(1, "1: torch.compile the stacked step, falling back to eager where it can't (ours)",
                            run_only=True, choices=(0, 1))
-    finetune_lr: float = setting(0.0, "lr at the start of fine-tuning; 0: --lr (ImageNet: 0.07)", valid=NOT_NEGATIVE)
-    finetune_warmup: int = setting(0, "epochs of linear lr warm-up at the start of fine-tuning (ImageNet: 2)",
-                                   valid=NOT_NEGATIVE)
-    phase_epochs: tuple = ()  # (teacher, importance, fine-tune, bo3, one) epochs given explicitly (imagenet.py)
-    phase_dir: str = field(default="", metadata=dict(run_only=True))  # set by the run loop: --out/phases
-    # lr / 10 at these fractions of each phase (3.2: at 250 of 300 epochs, none, at 100 of 150, at 800 of 900)
-    drops_teacher: tuple = (5 / 6,)
-    drops_importance: tuple = ()
-    drops_finetune: tuple = (2 / 3,)
-    drops_one: tuple = (8 / 9,)
-
-@dataclass
-class SineSettings(Settings):
-    """The sine experiment (section 3.2): Settings, and its data."""
-    task: str = setting("sine", "experiment (section 3.2); the image experiments have their own scripts",
-                        choices=("sine",))
-    n_train: int = setting(10_000, "training points (paper: 10,000)", valid=AT_LEAST_1)
-    n_val: int = setting(2_000, "validation points, drawn the same way, for choosing bo3 (ours)", valid=AT_LEAST_1)
-    n_test: int = setting(10_000, "test points, drawn the same way (ours)", valid=AT_LEAST_1)
-    noise: float = setting(0.2, "standard deviation of the noise on y (paper: N(0, 0.2))", valid=NOT_NEGATIVE)
-    bench: bool = setting(False, "print the speed of the one-at-a-time and the stacked trainers, then exit",
-                          run_only=True)
-    workers: int = setting(0, "processes that share the runs, each a rank with one thread (ours); 0: one per CPU "
-                              "core, at most 8 and at most --runs, or 1 on a GPU", run_only=True, valid=NOT_NEGATIVE)
 
 def flag(f):
     """The command-line flag of a settings field: n_train -> --n-train."""
@@ -114,7 +80,7 @@ def fail(message):
 def check_settings(s):
     """One InputError for the first setting that cannot work, before anything is trained or written."""
     for f in dataclasses.fields(s):
-        value, (test, what) = getattr(s, f.name), f.metadata.get("valid", (None, ""))
+        value, (test, what) = getattr(s, f.name), VALID.get(f.name, f.metadata.get("valid", (None, "")))
         if test and not (math.isfinite(value) and test(value)):
             raise InputError(f"{flag(f)} must be {what}, got {value}")
     names = s.strategies.split(",")
@@ -125,9 +91,7 @@ def check_settings(s):
         enough = next(e for e in range(1, 10_000) if min(merge.budget(dataclasses.replace(s, epochs=e)).values()) >= 1)
         raise InputError(f"--epochs {s.epochs} leaves a phase without epochs for {s.teachers} teachers; "
                          f"use at least {enough}")
-    if resolve_device(s.device) == "cuda" and getattr(s, "workers", 0) > 1 and torch.cuda.device_count() < s.workers:
-        raise InputError(f"--workers {s.workers} on --device cuda wants a GPU each; torch sees "
-                         f"{torch.cuda.device_count()}")
+    resolve_device(s.device)
     checked_out(s)
 
 def resolve_device(name):
@@ -135,7 +99,7 @@ def resolve_device(name):
         raise InputError("--device cuda, but torch sees no GPU here; use --device cpu or auto")
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
-def parse_settings(argv=None, defaults=SineSettings(), description=merge.__doc__):
+def parse_settings(argv, defaults, description):
     """Settings from the command line: one flag per documented field of `defaults`."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = fail  # one line and exit code 2, not a usage dump
@@ -164,13 +128,19 @@ def parse_with_presets(argv, base, choice, presets, description):
     chosen = getattr(pre.parse_known_args(argv)[0], choice)
     return parse_settings(argv, dataclasses.replace(base, **{choice: chosen}, **presets[chosen]), description)
 
-# == The --out folder: one command at a time, files written whole, each row read once ===========
+# == The --out folder: one command at a time, files written whole, each row read once ==============
 
 def write_whole(path, text):
     """path holds text, or what it held before: never a part (a temporary file, then a rename)."""
     part = path.with_name(f".{path.name}.{os.getpid()}.part")
     part.write_text(text)
     part.replace(path)
+
+def save_whole(obj, path):
+    """torch.save into a temporary file, then renamed: a file is whole or absent. Its folder is made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path.with_suffix(".part"))
+    path.with_suffix(".part").replace(path)
 
 def checked_out(s):
     """--out as a folder this command may create and write, or one line saying why not."""
@@ -270,290 +240,183 @@ def lock(s, out):
         raise InputError(f"--out {out} is in use by another command; let it finish or use another --out") from None
     return handle
 
-def append_result(out, row):
-    with open(out / "results.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+# == Training, from outside the method =============================================================
 
-# == The run loop =================================================================================
+def phase_trainer(phases, rank=0, wrap=lambda model: model):
+    """fit_phases for Lockstep: every model asked for kept as phases/<phase>-<seed>.pt, and loaded when it is
+    there (a damaged file is trained again, with one line); the others trained, alike phases of all runs as
+    one stack (--stack 1, stacked.py) or one at a time with a checkpoint per epoch (fit_one). Gate noise
+    comes from a counter either way, so both give the same models. Each job's compute is counted by phase."""
+    def fit_phases(asked):
+        groups, twins = {}, {}  # alike phases: the models to train and those loaded; models asked for twice
+        for a in asked:
+            model, data, s = a["models"][0], a["data"], a["s"]
+            cost = len(a["models"]) * a["epochs"]  # epochs, and forward multiply-adds (a step costs about three)
+            a["job"].setdefault("compute", {})[a["phase"]] = [cost, cost * data.size * merge.macs(model, data)]
+            stack = bool(s.stack) and not a["hooks"] and not list(model.buffers())  # no BatchNorm in a stack
+            kind = (stack, type(model), repr(model.hparams), a["epochs"], a["drops"], repr(a["lambdas"]), a["keep"],
+                    a["warmup"], s.lr, s.batch, data.size, data.metric, str(data.device))
+            group = groups.setdefault(kind, dict(todo=[], loaded=0, phases={}))
+            group["phases"][a["phase"]] = True
+            for model, seed in zip(a["models"], a["seeds"]):
+                path = phases / f"{a['phase']}-{seed}.pt"
+                if path in twins:  # the same phase asked twice (random's and the student's teachers): trained once
+                    twins[path].append(model)
+                elif twins.setdefault(path, [model]) and load(model, path, data.device):
+                    group["loaded"] += 1
+                else:
+                    group["todo"].append((model, seed, path, a))
+        for kind, group in groups.items():
+            (stack, *_, epochs), todo = kind[:4], group["todo"]
+            done = f" ({group['loaded']} done before)" if group["loaded"] else ""
+            log.info(f"  {' and '.join(group['phases'])}: {len(todo)} x {epochs} epochs{done}")
+            if todo and stack:
+                a = todo[0][3]
+                stacked.fit_stacked([t[0] for t in todo], [t[3]["data"] for t in todo], a["s"], epochs, a["drops"],
+                                    [t[1] for t in todo], a["lambdas"], a["keep"], a["warmup"], report.progress(epochs),
+                                    a["s"].compile)
+            for model, seed, path, a in todo:
+                if not stack:
+                    fit_one(model, a["data"], a["s"], a, seed, path.with_suffix(".epochs"), rank, wrap)
+                if rank == 0:  # the only writer among the ranks
+                    save_whole(model.state_dict(), path)
+                    path.with_suffix(".epochs").unlink(missing_ok=True)
+        for models in twins.values():
+            for twin in models[1:]:
+                twin.load_state_dict(models[0].state_dict())
+    return fit_phases
 
-STACK_RUNS = 100  # runs trained as one stack at most, so that memory does not grow with --runs
+def load(model, path, device):
+    """Whether model now holds the finished phase in path; False when there is none, or a damaged one."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        copy.deepcopy(model).load_state_dict(state)  # raises on a wrong file before model changes
+        model.load_state_dict(state)
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        log.warning(f"  {path} is damaged ({type(e).__name__}); training its model again")
+        return False
 
-def stack_first_phases(s, todo, make_data, make_teacher, device):
-    """The first phases of several strategies that are one computation (fresh models of the teachers'
-    architecture, equal epochs and lr drops: the sine's teachers and bo3 models) trained as one stack,
-    before the strategies run and load them from --out/phases. todo: strategy -> its runs to do.
-    A stack changes no model: each trains on its own data, order and noise (merge.fit_stacked)."""
-    groups = {}  # (epochs, drops) -> the phases (name, models a run) and the runs to train them for
-    for name, runs in todo.items():
-        if merge.first_phase(s, name) and runs:
-            phase, copies, epochs, drops = merge.first_phase(s, name)
-            group = groups.setdefault((epochs, tuple(drops)), dict(phases=set(), runs=set()))
-            group["phases"].add((phase, copies))
-            group["runs"] |= set(runs)
-    for (epochs, drops), group in groups.items():
-        if len(group["phases"]) < 2:
-            continue  # one strategy's own phase: it trains it itself
-        runs = sorted(group["runs"])
-        for chunk in [runs[i:i + STACK_RUNS] for i in range(0, len(runs), STACK_RUNS)]:
-            seeds = [merge.run_seed(s.seed, run) for run in chunk]
-            datas = [make_data(seed, device) for seed in seeds]
-            models = [(phase, merge.phase_seed(seed, phase, i), data) for phase, copies in sorted(group["phases"])
-                      for i in range(copies) for seed, data in zip(seeds, datas)]
-            merge.train(merge.new_models(make_teacher, [m[1] for m in models], device), [m[2] for m in models], s,
-                        epochs, drops, [m[1] for m in models], phase=[m[0] for m in models])
+def fit_one(model, data, s, a, seed, checkpoint, rank, wrap):
+    """merge.fit of one model with counter noise and a checkpoint after each epoch, on from it if one is
+    there (a damaged one is trained again, with one line); under DDP the ranks' noise differs."""
+    noises = stacked.counter_noise(model, seed + (rank << 48))
+    net = wrap(model)
+    opts, start, history = merge.optimizers(net, s, a["lambdas"] is not None), 0, []
+    if checkpoint.exists():
+        saved = {name: t.clone() for name, t in model.state_dict().items()}
+        try:
+            state = torch.load(checkpoint, map_location=data.device, weights_only=True)
+            model.load_state_dict(state["model"])
+            for opt, opt_state in zip(opts, state["opts"], strict=True):
+                opt.load_state_dict(opt_state)
+            start, history = state["epoch"] + 1, state["history"]
+            for noise in noises:
+                noise.step = state["step"]
+            log.info(f"    resumed after epoch {start} of {a['epochs']}")
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint
+            log.warning(f"  {checkpoint} is damaged ({type(e).__name__}); training its phase from the start")
+            model.load_state_dict(saved)
+            opts, start, history = merge.optimizers(net, s, a["lambdas"] is not None), 0, []
+    report_epoch, hooks = report.progress(a["epochs"]), a["hooks"]
+
+    def after_epoch(epoch, epoch_history):
+        history.append(epoch_history[-1])
+        report_epoch(epoch, history)
+        if hooks.get("after_epoch"):
+            hooks["after_epoch"](epoch, history)
+        if rank == 0:  # the other ranks hold the same
+            save_whole(dict(model=model.state_dict(), opts=[opt.state_dict() for opt in opts], epoch=epoch,
+                            step=noises[0].step if noises else 0, history=history), checkpoint)
+    merge.fit(net, data, s, a["epochs"], a["drops"], seed, a["lambdas"], a["keep"], a["warmup"], opts, start,
+              hooks.get("after_step"), after_epoch)
+    for gate in merge.gates(model):
+        del gate.noise  # torch's generator again
+    return history
+
+# == Runs, over processes ==========================================================================
+
+STACK_RUNS = 100  # runs in lockstep at most, so that memory does not grow with --runs
 
 def ranks():
     """(this process's rank, the number of processes): torchrun's, or (0, 1) for a plain python."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 def start_ranks(s):
-    """The process group of torchrun's processes: NCCL between GPUs (a rank each), else gloo."""
-    if sys.platform == "linux":
-        import ctypes
-        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG: killed with its launcher, so no rank outlives a kill
+    """The process group of torchrun's processes (or launch()'s in sine.py): NCCL between GPUs (a rank each),
+    else gloo. A rank ends itself within a second of its launcher's end, so that none trains on alone."""
+    launcher = int(os.environ.get("MERGE_LAUNCHER", 0)) or os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
     cuda = resolve_device(s.device) == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
 
-def workers(s):
-    """--workers with 0 resolved: one process per CPU core, at most 8 (each holds its own torch) and at
-    most --runs; on a GPU, one."""
-    if s.workers or resolve_device(s.device) == "cuda":
-        return s.workers or 1
-    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8, s.runs)
-
-def launch(s, n):
-    """This command as n processes, ranks of one process group with one thread each (as torchrun would
-    start them): each trains every n-th run, rank 0 writes the rows, which are those of one process (a
-    test checks it). On a CPU, n single-threaded processes beat one with n threads: much of a step of the
-    small sine models is Python that one thread runs. This process waits, and passes Ctrl-C on."""
-    out = checked_out(s)  # a wrong --out is refused here, before any process starts
-    settings_record(s, out)
-    read_rows(out, s.metric)
-    try:  # a free port for the ranks' process group
-        with socket.socket() as free:
-            free.bind(("127.0.0.1", 0))
-            port = free.getsockname()[1]
-    except OSError as e:
-        merge.log.warning(f"note: no local port for {n} processes ({e.strerror or type(e).__name__}); one process trains")
-        return run_sine(s)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n))
-    argv = [f"{flag(f)}={getattr(s, f.name)}"
-            for f in dataclasses.fields(s) if "help" in f.metadata and not isinstance(getattr(s, f.name), (bool, tuple))]
-    procs = [subprocess.Popen([sys.executable, merge.__file__, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              start_new_session=True) for r in range(n)]  # Ctrl-C reaches them from here, once
-    failed = None  # when the first process failed
-    try:
-        while any(p.poll() is None for p in procs):
-            failed = failed or (time.time() if any(p.poll() for p in procs) else None)
-            if failed and time.time() > failed + 10:  # the others did not end with it: they would wait for ever
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
-    codes = [p.returncode for p in procs]
-    if any(codes):  # rank 0's exit code where it has one, else another's; a signal's (negative): 1
-        sys.exit(next((code for code in codes if code > 0), 1))
-
-def run_experiment(s, title, make_data, make_teacher, result, replicas=False):
-    """The loop of every experiment, inside `with locked(s)`: for each strategy, the runs not yet in
-    --out/results.jsonl, in stacks (s.stack) or one at a time; each finished (run, strategy) written at once
-    as a JSON line, finished phases kept in --out/phases, so that a killed experiment resumes. make_data(seed,
-    device) -> a run's Data; result(model, data) -> its row's numbers. Under torchrun each rank takes whole
-    runs and rank 0 writes all rows; with replicas (DDP, imagenet.py) every rank runs every run."""
+def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wrap=lambda model: model):
+    """The loop of every experiment, inside `with locked(s)`: the (run, strategy) pairs not yet in
+    --out/results.jsonl run in Lockstep, STACK_RUNS runs at a time, each finished one written at once as a
+    JSON line; finished phases are kept in --out/phases, so that a killed experiment resumes. make_data(seed,
+    device) -> a run's Data; result(model, data) -> its row's numbers. Over ranks each rank takes whole runs
+    and rank 0 writes all rows; with replicas (DDP, imagenet.py) every rank runs every run."""
     (rank, world), device, out = ranks(), resolve_device(s.device), Path(s.out)
     results, repair = read_rows(out, s.metric)
     if rank == 0:
         write_whole(out / "settings.json", json.dumps(settings_record(s, out), indent=1) + "\n")
     if rank == 0 and repair:
         write_whole(out / "results.jsonl", "".join(json.dumps(row) + "\n" for row in results))
-        merge.log.info(f"repaired {out / 'results.jsonl'}: a cut or repeated line removed")
-    s, done = dataclasses.replace(s, phase_dir=str(out / "phases")), {(r["run"], r["strategy"]) for r in results}
+        log.info(f"repaired {out / 'results.jsonl'}: a cut or repeated line removed")
     names, split = s.strategies.split(","), world > 1 and not replicas
-    merge.log.info(f"{title}: {s.runs} runs x {len(names)} strategies, {s.epochs} epochs each, on {device}"
-                   f"{f' in {world} processes' if world > 1 else ''}; "
-                   f"{len(done)} results already in {out}")
-    share = slice(rank, None, world) if split else slice(None)  # the runs of this rank
-    todo = {name: [run for run in range(s.runs) if (run, name) not in done][share] for name in names}
-    if s.stack:
-        stack_first_phases(s, todo, make_data, make_teacher, device)
-    for name in names:
-        size, rows = STACK_RUNS if s.stack else 1, []
-        for runs in [todo[name][i:i + size] for i in range(0, len(todo[name]), size)]:
-            merge.log.info(f"{name}: runs {runs[0] + 1}-{runs[-1] + 1} of {s.runs}" if len(runs) > 1 else
-                           f"{name}: run {runs[0] + 1} of {s.runs}")
-            seeds = [merge.run_seed(s.seed, run) for run in runs]
-            datas = [make_data(seed, device) for seed in seeds]
-            outcomes = STRATEGIES[name](datas, s, make_teacher, seeds)
-            for run, seed, data, (model, info) in zip(runs, seeds, datas, outcomes):
-                rows.append(dict(run=run, strategy=name, seed=seed, **info, **result(model, data)))
-                if rank == 0 and not split:
-                    append_result(out, rows[-1])
+    done = {(r["run"], r["strategy"]) for r in results}
+    log.info(f"{title}: {s.runs} runs x {len(names)} strategies, {s.epochs} epochs each, on {device}"
+             f"{f' in {world} processes' if world > 1 else ''}; {len(done)} results already in {out}")
+    mine = [run for run in range(s.runs) if any((run, name) not in done for name in names)]
+    mine = mine[rank::world] if split else mine
+    trainer = phase_trainer(out / "phases", rank if replicas else 0, wrap)
+    for chunk in [mine[i:i + STACK_RUNS] for i in range(0, len(mine), STACK_RUNS)]:
+        log.info(f"{len(chunk)} of the {s.runs} runs in lockstep, {chunk[0] + 1} to {chunk[-1] + 1}" if len(chunk) > 1
+                 else f"run {chunk[0] + 1} of {s.runs}")
+        datas, rows = {run: make_data(run_seed(s.seed, run), device) for run in chunk}, []
+        jobs = [dict(run=run, strategy=name, work=lambda train, run=run, name=name: STRATEGIES[name](
+            datas[run], s, make_teacher, run_seed(s.seed, run), train)) for name in names for run in chunk
+            if (run, name) not in done]
+
+        def finished(job, outcome):
+            model, info = outcome
+            rows.append(dict(run=job["run"], strategy=job["strategy"], seed=run_seed(s.seed, job["run"]), **info,
+                             compute=job.get("compute", {}), **result(model, datas[job["run"]])))
+            if rank == 0 and not split:
+                append_result(out, rows[-1])
+        stacked.Lockstep(trainer).run(jobs, finished)
         if split:  # every rank's rows, to rank 0
             gathered = [None] * world
             torch.distributed.all_gather_object(gathered, rows)
-            rows = sorted((row for part in gathered for row in part), key=lambda row: row["run"])
-            if rank == 0:
-                for row in rows:
-                    append_result(out, row)
+            rows = sorted((row for part in gathered for row in part), key=lambda row: (row["run"], row["strategy"]))
+            for row in rows if rank == 0 else ():
+                append_result(out, row)
         results += rows
-        merge.log.info(f"{name}: {len(rows)} runs written to {out / 'results.jsonl'}")
+    log.info(f"{len(results)} results in {out / 'results.jsonl'}")
     return [r for r in results if r["run"] < s.runs]
 
-# == Summaries =====================================================================================
+def run_seed(seed, run):
+    return 1000 * seed + run
 
-def summarize(rows, metric, strategies, extra=None):
-    """Markdown table of min, max, median, mean and std (ddof = 1) of `metric` over runs per strategy (Tables
-    1-2), extra columns (name -> f(rows) -> str), and the mean epochs and forward multiply-adds of training."""
-    total = lambda i, form: lambda mine: format(np.mean([sum(c[i] for c in r["compute"].values()) for r in mine]),
-                                                form) if all("compute" in r for r in mine) else ""
-    extra = {**(extra or {}), "epochs": total(0, ".0f"), "multiply-adds": total(1, ".3g")}
-    lines = ["| strategy | runs | min | max | median | mean | std |" + "".join(f" {c} |" for c in extra),
-             "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
-    for name in strategies:
-        mine = [r for r in rows if r["strategy"] == name]
-        if mine:
-            v = np.array([r[metric] for r in mine])
-            std = f"{v.std(ddof=1):.4f}" if len(v) > 1 else "-"  # no spread from one run
-            lines.append(f"| {name} | {len(v)} | {v.min():.4f} | {v.max():.4f} | {np.median(v):.4f} | "
-                         f"{v.mean():.4f} | {std} |" + "".join(f" {f(mine)} |" for f in extra.values()))
-    return "\n".join(lines)
+def append_result(out, row):
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
 
-STAGES = ("best teacher (test)", "big student after importance (test)", "compressed, before fine-tuning (val)",
-          "compressed, before fine-tuning (test)", "final (test)")
+# == The command line ==============================================================================
 
-def stage_table(rows, metric, per_run=False):
-    """The metric at each stage of the student and of the random control: the better teacher, the big student
-    after importance, the compressed student before fine-tuning, the final one; per run (per_run), and means."""
-    best = max if metric == "test_accuracy" else min
-    lines = ["| strategy | run | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
-    for name in ("student", "random"):
-        mine = [r for r in rows if r["strategy"] == name]
-        stages = np.array([[best(r["teachers_test"]), r["big_student_test"], r["compressed_val"], r["compressed_test"],
-                            r[metric]] for r in mine]).reshape(-1, len(STAGES))
-        if per_run:
-            lines += [f"| {name} | {r['run']} | " + " | ".join(f"{v:.4f}" for v in values) + " |"
-                      for r, values in zip(mine, stages)]
-        if mine:
-            lines.append(f"| {name} | mean of {len(mine)} | " + " | ".join(f"{v:.4f}" for v in stages.mean(0)) + " |")
-    return "\n".join(lines)
-
-# == The sine experiment (section 3.2): its rows, report and bench ==============================
-
-def sine_result(model, data):
-    """Test and validation MSE, the waves it gets right, and its curve on GRID (Fig. 10)."""
-    curve = merge.predict(model, merge.GRID.to(data.x_train.device)).squeeze(1).cpu()
-    return dict(test_mse=round(merge.evaluate(model, data, "test"), 6),
-                val_mse=round(merge.evaluate(model, data, "val"), 6),
-                peaks=merge.count_peaks(curve), curve=[round(v, 4) for v in curve.tolist()])
-
-def run_sine(s):
-    with locked(s) as out:
-        rows = run_experiment(s, "sine", lambda seed, device: merge.sine_data(s, seed, device), merge.SineMLP,
-                              sine_result)
-        report_sine(s, rows, out)
-
-def report_sine(s, rows, out):
-    """summary.md (Table 1) printed and saved; Figs. 5, 8a, 9, 10 and the kept shares as PNG."""
-    if ranks()[0] > 0:
-        return  # rank 0 writes
-    import matplotlib
-    matplotlib.use("Agg")
-    names = s.strategies.split(",")
-    shares = lambda mine: " / ".join(f"{v:.2f}" for v in np.mean([r["kept_from_teacher"] for r in mine], 0))
-    student = {r["run"]: r["test_mse"] for r in rows if r["strategy"] == "student"}  # to compare run by run
-    beaten = lambda mine: f"{sum(student[r['run']] < r['test_mse'] for r in mine)}/{len(mine)}"
-    table = summarize(rows, "test_mse", names, extra={
-        "all 5 peaks": lambda mine: f"{sum(r['peaks'] == 5 for r in mine)}/{len(mine)}",
-        "kept from teachers": lambda mine: shares(mine) if "kept_from_teacher" in mine[0] else "",
-        "student lower": lambda mine: beaten(mine) if mine[0]["strategy"] != "student" and student.keys() >= {
-            r["run"] for r in mine} else ""})
-    text = (f"# Sine problem, Table 1: test MSE over {s.runs} runs, {s.epochs} epochs per strategy, "
-            f"k = {s.teachers}\n\n{table}\n")
-    if any(r["strategy"] in ("student", "random") for r in rows):
-        text += f"\nTest MSE at each stage (per run in stages.md):\n\n{stage_table(rows, 'test_mse')}\n"
-        write_whole(out / "stages.md", stage_table(rows, "test_mse", per_run=True) + "\n")
-    write_whole(out / "summary.md", text)
-    print(text)
-    importance = merge.budget(s)["importance"]
-    plots.plot_lambda(merge.lambda_schedule(importance, s.lambda_start, s.lambda_step, round(s.paper_epochs / 6)),
-                merge.lambda_schedule(round(s.paper_epochs / 6), s.lambda_start, s.lambda_step),
-                out / "fig5_lambda.png")
-    plots.plot_sine_data(merge.sine_data(s, merge.run_seed(s.seed, 0)), out / "fig8a_data.png")
-    plots.plot_box(rows, "test_mse", names, out / "fig9_box.png", f"Fig. 9: test MSE over {s.runs} runs")
-    plots.plot_curves(rows, names, out / "fig10_curves.png")
-    if any(r["strategy"] == "student" for r in rows):
-        plots.plot_kept_share(rows, out / "fig2_kept_share.png")
-    merge.log.info(f"wrote {out}/summary.md and figures")
-
-def bench(s):
-    """Seconds per model-epoch of the sine's teacher and importance phases: fit, one at a time, against the
-    stacked trainer at several stack sizes, in this process, on the same data; the median of epochs 2 to 4."""
-    device, rows = resolve_device(s.device), []
-    data = merge.sine_data(s, 0, device)
-    for phase, trainer, R in [("teacher", "one at a time", 1), ("teacher", "stacked", 1), ("teacher", "stacked", 10),
-                              ("teacher", "stacked", 50), ("teacher", "stacked", 300),
-                              ("teacher", "stacked, eager", 300), ("importance", "one at a time", 1),
-                              ("importance", "stacked", 1), ("importance", "stacked", 10), ("importance", "stacked", 50)]:
-        models, lambdas = merge.new_models(merge.SineMLP, range(2 * R), device), None
-        if phase == "importance":
-            models, lambdas = [merge.make_big_student(models[2 * r:2 * r + 2]) for r in range(R)], [1.0] * 4
-        history = (merge.fit(models[0], data, s, 4, lambdas=lambdas) if trainer == "one at a time" else
-                   merge.fit_stacked(models[:R], [data] * R, dataclasses.replace(s, compile=int(trainer == "stacked")),
-                                     4, seeds=range(R), lambdas=lambdas))
-        rows.append((phase, trainer, R, float(np.median([h["seconds"] for h in history[1:]])) / R))
-        merge.log.info(f"bench: {phase}, {trainer}, {R} models: {rows[-1][3]:.5f} s per model-epoch")
-    alone = {phase: sec for phase, trainer, _, sec in rows if trainer == "one at a time"}
-    lines = [f"Sine, {s.n_train} points, batch {s.batch}, {torch.get_num_threads()} threads, {device}: seconds per "
-             "model-epoch", "", "| phase | trainer | models | s / model-epoch | speed-up |", "|---|---|---|---|---|"]
-    lines += [f"| {p} | {t} | {R} | {sec:.5f} | {alone[p] / sec:.1f}x |" for p, t, R, sec in rows]
-    print("\n".join(lines))
-
-# == Command line ===================================================================================
-
-def run_task(s):
-    check_settings(s)
-    if s.bench:
-        bench(s)
-    elif ranks()[1] == 1 and workers(s) > 1:  # not yet a rank: start the ranks
-        launch(s, workers(s))
-    else:
-        run_sine(s)
-
-class Progress(logging.Handler):
-    """Shows merge.log's reports stamped with the seconds since the command began; a phase's epochs as a bar on a
-    terminal (epochs done, training error, time left), in a file a line at each fifth of a phase of 20 or more."""
-
-    def __init__(self):
-        super().__init__()
-        self.start = time.time()
-
-    def emit(self, record):
-        done, epochs, error = record.args if hasattr(record, "epochs") else (0, 0, 0)
-        if epochs and sys.stdout.isatty():
-            left = (time.time() - record.began) / done * (epochs - done)
-            print(f"\r    [{'#' * (30 * done // epochs):<30}] {done}/{epochs} epochs, training error {error:.4f}, "
-                  f"{left:.0f} s left ", end="\n" if done == epochs else "", flush=True)
-        elif not epochs or done % max(1, epochs // 5) == 0 and epochs >= 20:
-            print(f"[{time.time() - self.start:7.1f}s] {record.getMessage()}", flush=True)
-
-def show_progress(quiet=False):
-    """merge.log's reports on stdout, timed from now (one Progress handler); quiet: warnings only (ranks > 0)."""
-    merge.log.handlers = [Progress()]
-    merge.log.setLevel(logging.WARNING if quiet else logging.INFO)
-    merge.log.propagate = False
-
-def main(argv=None, parse=parse_settings, run=run_task):
-    """merge.py's and the scripts' command line: bad input is one line and exit code 2; Ctrl-C one line."""
+def main(argv, parse, run):
+    """Every script's command line: bad input is one line and exit code 2; Ctrl-C one line and 130."""
     s = parse(argv)
-    show_progress(quiet=ranks()[0] > 0)
+    report.show_progress(quiet=ranks()[0] > 0)
     try:
         if ranks()[1] > 1:
             start_ranks(s)
@@ -578,4 +441,3 @@ def main(argv=None, parse=parse_settings, run=run_task):
         print(f"interrupted: kept {kept} and every finished phase in {out / 'phases'}; the same command "
               "resumes from there", file=sys.stderr)
         sys.exit(130)
-

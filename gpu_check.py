@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 import cifar
-import experiment
 import lenet_imagewoof
+import sine
 
-SINE = ["--runs", "10", "--epochs", "60", "--n-train", "2000", "--n-val", "500", "--n-test", "2000"]
+SINE = ["--runs", "10", "--epochs", "60", "--n-train", "2000", "--n-val", "500", "--n-test", "2000", "--workers", "1"]
 
 
 def write_images(root, classes=4, per_class=24, size=40):
@@ -138,7 +138,7 @@ def main(argv=None):
     print("\n".join(lines), flush=True)
     scratch = Path(tempfile.mkdtemp())
     steps = [
-        ("sine, 10 runs x 60 epochs", experiment.main, SINE, "test_mse", [("stacked", ["--stack", "1"])]),
+        ("sine, 10 runs x 60 epochs", sine.main, SINE, "test_mse", [("stacked", ["--stack", "1"])]),
         ("LeNet, 2 runs x 12 epochs", lenet_imagewoof.main,
          ["--data", write_images(scratch / "woof"), "--runs", 2, "--epochs", 12, "--compile", 0], "test_accuracy",
          [("stacked", ["--stack", "1"]), ("one at a time", ["--stack", "0"])]),
@@ -176,7 +176,7 @@ def main(argv=None):
     lines += ["", "## The bench (sine), on " + device, ""]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        experiment.main(["--bench", "--device", device])
+        sine.main(["--bench", "--device", device])
     lines += [line for line in printed.getvalue().splitlines() if line.startswith("|") or line.startswith("Sine")]
     report.write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-12:]))

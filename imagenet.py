@@ -19,7 +19,6 @@ last finished epoch. --out must be on a file system that every machine sees.
 """
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch.nn as nn
 
 import experiment
 import merge
-import plots
+import report
 from experiment import AT_LEAST_1, setting
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's channel statistics
@@ -73,11 +72,11 @@ def random_resized_crop(image, rng, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3
 class Images(torch.utils.data.Dataset):
     """Images decoded with Pillow, as floats (3, size, size) normalised with ImageNet's statistics.
     For training, the authors' augmentation (REFERENCE.md): a random resized crop, a flip half the
-    time and colour jitter 0.4, their draws fixed by (seed, epoch, index), so that a resumed epoch
+    time and colour jitter 0.4, their draws fixed by (the epoch's seed, index), so that a resumed epoch
     sees the same images; for evaluation, the shorter side resized to size / 0.95, the centre crop."""
 
     def __init__(self, paths, labels, size, train):
-        self.paths, self.labels, self.size, self.train, self.seed, self.epoch = paths, labels, size, train, 0, 0
+        self.paths, self.labels, self.size, self.train, self.seed = paths, labels, size, train, 0
 
     def __len__(self):
         return len(self.paths)
@@ -87,7 +86,7 @@ class Images(torch.utils.data.Dataset):
         with Image.open(self.paths[i]) as image:
             image = image.convert("RGB")
         if self.train:
-            rng = np.random.default_rng([self.seed, self.epoch, i])
+            rng = np.random.default_rng([self.seed, i])
             image = random_resized_crop(image, rng, self.size)
             image = ImageOps.mirror(image) if rng.random() < 0.5 else image
             for enhance in rng.permutation([ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]):
@@ -117,23 +116,22 @@ class Streamed(merge.Data):
         return torch.utils.data.DataLoader(self.splits[split], batch, sampler=sampler, num_workers=self.s.workers,
                                            pin_memory=self._device.type == "cuda", drop_last=sampler is not None)
 
-    def batches(self, size, seed, epoch):
-        """The training batches of this rank: size / world images each; progress on rank 0."""
+    def batches(self, size):
+        """The training batches of this rank, size / world images each, in an order and with augmentation
+        drawn from torch's generator (merge.fit seeds it alike on every rank); progress on rank 0."""
         train = self.splits["train"]
-        train.seed, train.epoch = seed, epoch
-        sampler = torch.utils.data.DistributedSampler(train, self.world, self.rank, seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
+        train.seed = int(torch.randint(2 ** 62, ()))  # the sampler's and the augmentation's seed for this epoch
+        sampler = torch.utils.data.DistributedSampler(train, self.world, self.rank, seed=train.seed, drop_last=True)
         loader, started = self.loader("train", size // self.world, sampler), time.time()
         for i, (x, y) in enumerate(loader):
             yield self.to_device(x), y.to(self._device, non_blocking=True)
             if self.rank == 0 and (i + 1) % max(1, len(loader) // 10) == 0:
                 seconds = time.time() - started
-                merge.log.info(f"    epoch {epoch + 1}: {i + 1}/{len(loader)} batches, {(i + 1) * size / seconds:.0f} "
+                experiment.log.info(f"    {i + 1}/{len(loader)} batches, {(i + 1) * size / seconds:.0f} "
                                f"images/s, {seconds / (i + 1) * (len(loader) - i - 1):.0f} s left in the epoch")
         if self.world > 1:  # BatchNorm's statistics: rank 0's on every rank, as timm's distribute_bn
-            for name, buffer in self.trained.named_buffers():
-                if not name.endswith((".key", ".step")):
-                    dist.broadcast(buffer, 0)
+            for buffer in self.trained.buffers():
+                dist.broadcast(buffer, 0)
 
     def to_device(self, x):
         x = x.to(self._device, non_blocking=True)
@@ -146,8 +144,6 @@ class Streamed(merge.Data):
             model = model.to(memory_format=torch.channels_last)
         if self.world > 1:
             same_on_every_rank(model)
-            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                model, [name for name, _ in model.named_buffers() if name.endswith((".key", ".step"))])
             model = nn.parallel.DistributedDataParallel(model, [self._device] if self._device.type == "cuda" else None)
         return Autocast(model) if self._device.type == "cuda" else model
 
@@ -165,7 +161,7 @@ class Streamed(merge.Data):
             count += len(y)
         return (right / count).tolist()
 
-    def evaluate(self, model, split):
+    def evaluate(self, model, split="test"):
         return self.accuracies(model, split, top=(1,))[0]
 
 class Autocast(nn.Module):
@@ -196,18 +192,18 @@ def load_imagenet(s, rank, world, device):
     paths, labels, classes = list_folder(data / "train")
     test_paths, test_labels, test_classes = list_folder(data / "val")
     if not paths or not test_paths:
-        raise merge.InputError(f"--data {data}: train/<class>/ and val/<class>/ must hold .JPEG images (README.md "
+        raise experiment.InputError(f"--data {data}: train/<class>/ and val/<class>/ must hold .JPEG images (README.md "
                                "says how to sort ImageNet's val images into class folders)")
     if classes != test_classes:
-        raise merge.InputError(f"--data {data}: train and val have different classes")
+        raise experiment.InputError(f"--data {data}: train and val have different classes")
     if s.val_images + s.batch > len(paths):
-        raise merge.InputError(f"--val-images {s.val_images} leaves fewer of the {len(paths)} training images than "
+        raise experiment.InputError(f"--val-images {s.val_images} leaves fewer of the {len(paths)} training images than "
                                f"one batch of {s.batch}")
     order = np.random.default_rng(s.seed).permutation(len(paths))
     pick = lambda idx, train: Images([paths[i] for i in idx], [labels[i] for i in idx], s.size, train)
     splits = dict(train=pick(order[s.val_images:], True), val=pick(order[:s.val_images], False),
                   test=Images(test_paths, test_labels, s.size, False))
-    merge.log.info(f"{data}: {len(classes)} classes; train {len(splits['train'])}, validation {s.val_images}, "
+    experiment.log.info(f"{data}: {len(classes)} classes; train {len(splits['train'])}, validation {s.val_images}, "
                    f"test {len(test_paths)} images; {world} rank(s), batch {s.batch // world} each on {device}")
     return Streamed(splits, s, rank, world, device), len(classes)
 
@@ -252,7 +248,7 @@ def run(s):
     experiment.check_settings(s)
     rank, world = experiment.ranks()
     if s.batch % world or s.stack:
-        raise merge.InputError(f"--batch {s.batch} must split evenly over {world} ranks, and --stack must be 0")
+        raise experiment.InputError(f"--batch {s.batch} must split evenly over {world} ranks, and --stack must be 0")
     cuda = experiment.resolve_device(s.device) == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     data, classes = load_imagenet(s, rank, world, device)
@@ -264,24 +260,25 @@ def run(s):
     for settings, title in ((scaled, "ResNet18 on ImageNet"), (short, f"one model of {s.short} epochs")):
         with experiment.locked(settings):
             rows.append(experiment.run_experiment(settings, title, lambda seed, device: data, make_teacher, result,
+                                                  wrap=data.wrap,
                                                   replicas=True))
     if rank == 0:
-        report(s, rows[0] + [dict(r, strategy=f"one, {s.short} epochs") for r in rows[1]])
+        write_report(s, rows[0] + [dict(r, strategy=f"one, {s.short} epochs") for r in rows[1]])
 
-def report(s, rows):
+def write_report(s, rows):
     """summary.md with Table 4's rows (top-1 and top-5 test accuracy) and the box plot."""
     b = merge.budget(s)
     label = {"one": f"one, {b['one']} epochs"}
     rows = [dict(r, strategy=label.get(r["strategy"], r["strategy"])) for r in rows]
     names = [label.get(name, name) for name in s.strategies.split(",")] + [f"one, {s.short} epochs"]
-    table = experiment.summarize(rows, "test_accuracy", names, extra={
+    table = report.summarize(rows, "test_accuracy", names, extra={
         "top-5 (mean)": lambda mine: f"{np.mean([r['test_top5'] for r in mine]):.4f}"})
     text = (f"# ResNet18 on ImageNet, Table 4: top-1 test accuracy over {s.runs} run(s); the student's epochs: "
             f"{s.teachers} x {b['teacher']} teachers, {b['importance']} importance, {b['finetune']} fine-tuning"
             f"\n\n{table}\n")
     experiment.write_whole(Path(s.out) / "summary.md", text)
     print(text)
-    plots.plot_box(rows, "test_accuracy", names, Path(s.out) / "box_imagenet.png", "ResNet18 on ImageNet, top-1")
+    report.plot_box(rows, "test_accuracy", names, Path(s.out) / "box_imagenet.png", "ResNet18 on ImageNet, top-1")
 
 def main(argv=None):
     experiment.main(argv, parse, run)

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import experiment
-from experiment import stage_table, summarize, write_whole
-from plots import plot_box, plot_kept_share
-from merge import Data, InputError, evaluate, log
+from experiment import InputError, log, write_whole
+from merge import Data
+from report import plot_box, plot_kept_share, stage_table, summarize
 
 
 def matches(path, digests):
@@ -117,7 +117,7 @@ def image_data(d, device, size=None, augment=None):
 
 def accuracy_result(model, data):
     """The numbers of a row of an image experiment."""
-    return dict(test_accuracy=round(evaluate(model, data, "test"), 6), val_accuracy=round(evaluate(model, data, "val"), 6))
+    return dict(test_accuracy=round(data.evaluate(model, "test"), 6), val_accuracy=round(data.evaluate(model, "val"), 6))
 
 
 ACCURACY_COLUMNS = {"its teachers (mean)": "teachers_test", "big student (mean)": "big_student_test",

@@ -75,7 +75,7 @@ def decode(path, size, whole=False):
             left, top = (w - size) // 2, (h - size) // 2
             return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # not an image, cut short, too many pixels
-        raise merge.InputError(f"cannot read image {path}: {e}") from None
+        raise experiment.InputError(f"cannot read image {path}: {e}") from None
 
 
 def load_split(data, split, size, whole=False):
@@ -93,30 +93,30 @@ def load_split(data, split, size, whole=False):
     except FileNotFoundError:
         pass
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file: decode again
-        merge.log.info(f"{cache} cannot be read ({type(e).__name__}); decoding the images again")
+        experiment.log.info(f"{cache} cannot be read ({type(e).__name__}); decoding the images again")
     images = np.stack([decode(p, size, whole) for p in paths])
     try:
         cache.parent.mkdir(exist_ok=True)
         np.savez(cache.with_suffix(".part.npz"), images=images, labels=np.array(labels), stamps=stamps)
         cache.with_suffix(".part.npz").replace(cache)
     except OSError as e:
-        merge.log.info(f"cannot write the image cache {cache} ({e.strerror}); the images will be decoded again next time")
+        experiment.log.info(f"cannot write the image cache {cache} ({e.strerror}); the images will be decoded again next time")
     return images, np.array(labels), classes
 
 
 def check_folder(data):
     """One clear line for a folder that is not in the Imagewoof layout."""
     if not data.is_dir():
-        raise merge.InputError(f"--data {data}: no such folder")
+        raise experiment.InputError(f"--data {data}: no such folder")
     for split in ("train", "val"):
         if not list_images(data / split)[0]:
-            raise merge.InputError(f"--data {data}: {split}/<class>/ holds no .jpg, .jpeg or .png images")
+            raise experiment.InputError(f"--data {data}: {split}/<class>/ holds no .jpg, .jpeg or .png images")
     train, val = list_images(data / "train")[2], list_images(data / "val")[2]
     if train != val:
-        raise merge.InputError(f"--data {data}: train and val have different classes with images "
+        raise experiment.InputError(f"--data {data}: train and val have different classes with images "
                                f"({sorted(set(train) ^ set(val))[:3]} in one only)")
     if len(train) < 2:
-        raise merge.InputError(f"--data {data}: one class only ({train[0]}); classifying needs at least 2")
+        raise experiment.InputError(f"--data {data}: one class only ({train[0]}); classifying needs at least 2")
 
 
 def load_imagewoof(data, size, val_fraction=0.1, seed=0, whole=False):
@@ -128,7 +128,7 @@ def load_imagewoof(data, size, val_fraction=0.1, seed=0, whole=False):
     order = np.random.default_rng(seed).permutation(len(images))
     n_val = max(1, round(val_fraction * len(images)))
     if n_val >= len(images):
-        raise merge.InputError(f"--data {data}: {len(images)} training images leave none to train on after "
+        raise experiment.InputError(f"--data {data}: {len(images)} training images leave none to train on after "
                                f"--val-fraction {val_fraction}; lower it or add images")
     val, train = order[:n_val], order[n_val:]
     return dict(x_train=images[train], y_train=labels[train], x_val=images[val], y_val=labels[val],
@@ -222,10 +222,10 @@ def parse(argv=None):
 def check(s):
     experiment.check_settings(s)
     if s.arch == "lenet" and s.size != 28:
-        raise merge.InputError(f"LeNet takes 28x28 images (section 3.3.1); --size {s.size} would not fit its "
+        raise experiment.InputError(f"LeNet takes 28x28 images (section 3.3.1); --size {s.size} would not fit its "
                                "first linear layer")
     if s.arch == "resnet18" and s.stack:
-        raise merge.InputError("--stack 1 is for networks without BatchNorm; ResNet18 trains one model at a time")
+        raise experiment.InputError("--stack 1 is for networks without BatchNorm; ResNet18 trains one model at a time")
 
 
 def run(s):
@@ -237,7 +237,7 @@ def run(s):
     resnet = s.arch == "resnet18"
     d = load_imagewoof(folder, min(s.size, 160), s.val_fraction, s.seed, whole=resnet)
     classes = len(d["classes"])
-    merge.log.info(f"{folder}: {classes} classes; train {len(d['x_train'])}, validation {len(d['x_val'])}, "
+    experiment.log.info(f"{folder}: {classes} classes; train {len(d['x_train'])}, validation {len(d['x_val'])}, "
               f"test {len(d['x_test'])} images")
     augment = (lambda x: color_jitter(random_resized_crop_flip(x, s.size))) if resnet else None
     data = images.image_data(d, experiment.resolve_device(s.device), s.size, augment)

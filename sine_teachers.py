@@ -15,12 +15,13 @@ import numpy as np
 
 import experiment
 import merge
-import plots
+import report
+import sine
 from experiment import setting
 
 
 @dataclass
-class TeachersSettings(experiment.SineSettings):
+class TeachersSettings(sine.SineSettings):
     """The sine's settings, and the largest k of the study."""
     most: int = setting(5, "the study merges k = 2, 3, ... up to this many teachers (ours)",
                         valid=(lambda v: 2 <= v <= merge.MAX_TEACHERS, f"from 2 to {merge.MAX_TEACHERS}"))
@@ -60,7 +61,7 @@ def teachers_table(rows_of):
 
 def plot_teachers(rows_of, path=None):
     """Test MSE of the student for each k, beside bo3 and one model; and where its units came from."""
-    fig, (left, right) = plots.plt.subplots(1, 2, figsize=(11, 3.4))
+    fig, (left, right) = report.plt.subplots(1, 2, figsize=(11, 3.4))
     ks = sorted(rows_of)
     students = [[r["test_mse"] for r in rows_of[k] if r["strategy"] == "student"] for k in ks]
     baseline = [[r["test_mse"] for r in rows_of[2] if r["strategy"] == name] for name in ("bo3", "one")]
@@ -73,7 +74,7 @@ def plot_teachers(rows_of, path=None):
     right.axhline(0, color="k", lw=0.5)
     right.set(xlabel="teacher", ylabel="mean share of the kept units", title="Where the kept units come from")
     right.legend()
-    return plots._finish(fig, path)
+    return report._finish(fig, path)
 
 
 def run(s):
@@ -83,9 +84,9 @@ def run(s):
         sk = settings_of(s, k)
         experiment.check_settings(sk)
         with experiment.locked(sk) as out:
-            rows_of[k] = experiment.run_experiment(sk, f"sine, k = {k}", lambda seed, device: merge.sine_data(
-                sk, seed, device), merge.SineMLP, experiment.sine_result)
-            experiment.report_sine(sk, rows_of[k], out)
+            rows_of[k] = experiment.run_experiment(sk, f"sine, k = {k}", lambda seed, device: sine.data(
+                sk, seed, device), merge.SineMLP, sine.result)
+            sine.write_report(sk, rows_of[k], out)
     table = teachers_table(rows_of)
     text = (f"# Merging k teachers on the sine problem: test MSE over {s.runs} runs, {s.epochs} epochs per "
             f"strategy\n\n{table}\n")

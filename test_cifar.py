@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import baselines
 import cifar
 import images
 import experiment
@@ -95,7 +94,7 @@ def test_a_tampered_pickle_is_refused_before_it_runs_anything(tmp_path):
             return (print, ("this ran",))
     with open(folder / "data_batch_3", "wb") as f:
         pickle.dump({b"data": Payload(), b"labels": []}, f)
-    with pytest.raises(merge.InputError, match="data_batch_3.*not part of a CIFAR batch"):
+    with pytest.raises(experiment.InputError, match="data_batch_3.*not part of a CIFAR batch"):
         cifar.load_cifar(folder, "cifar10")
 
 
@@ -118,9 +117,9 @@ def test_weight_matching_recovers_a_permutation_and_fusion_gives_the_teacher_bac
     shuffle = [torch.randperm(producers[0].weight.shape[0]) for _, producers, _ in teacher.unit_groups()]
     permuted = merge.compress(teacher, shuffle)  # unit c of permuted is unit shuffle[c] of teacher
     assert any(not torch.equal(a, b) for a, b in zip(permuted.state_dict().values(), teacher.state_dict().values()))
-    perms = baselines.weight_matching(teacher, permuted, seed=1)
+    perms = merge.weight_matching(teacher, permuted, seed=1)
     assert all(torch.equal(p, s.argsort()) for p, s in zip(perms, shuffle))
-    fused = baselines.fuse([teacher, permuted])
+    fused = merge.fuse([teacher, permuted])
     assert type(fused) is type(teacher)
     assert all(torch.equal(fused.state_dict()[name], value) for name, value in teacher.state_dict().items())
 
@@ -131,11 +130,12 @@ def test_pruning_keeps_the_function_and_ends_in_the_teachers_architecture():
     y = torch.randint(0, 4, (48,))
     data = images.image_data(dict(x_train=x, y_train=y, x_val=x[:8], y_val=y[:8], x_test=x[:16], y_test=y[:16]),
                             "cpu")
-    s = experiment.SineSettings(batch=16, lr=0.05)
+    s = merge.Settings(batch=16, lr=0.05)
     make = lambda: merge.resnet20(4, width=4)
     masked = merge.variant(merge.variant(make(), k=2), gated=True)
-    masks = baselines.with_masks(masked)
-    alive = baselines.prune_channels(masked, masks, data, s, 3, seed=5)
+    masks = merge.with_masks(masked)
+    merge.fit(masked, data, s, 3, seed=5, **merge.taylor_pruning(masks, 3))
+    alive = [mask.m.detach().nonzero().flatten() for mask in masks]
     assert [len(a) for a in alive] == [len(m.m) // 2 for m in masks] == [4] * 4 + [8] * 4 + [16] * 4
     assert all(int(m.m.sum()) == len(a) for m, a in zip(masks, alive))
     # a residual stage is one group, so one mask: its channel is 0 wherever the stream is
@@ -147,17 +147,6 @@ def test_pruning_keeps_the_function_and_ends_in_the_teachers_architecture():
                           merge.predict(masked, data.x_test, data.prepare), atol=1e-5)
     fresh = make()
     fresh.load_state_dict(pruned.state_dict())  # strict: the teachers' architecture exactly
-
-
-def test_prune_and_fusion_run_on_the_sine_with_equal_budgets():
-    s = experiment.SineSettings(n_train=300, n_val=100, n_test=200, epochs=18, compile=0)
-    datas = [merge.sine_data(s, seed) for seed in (0, 1)]
-    for name in ("prune", "fusion"):
-        outcomes = experiment.STRATEGIES[name](datas, s, merge.SineMLP, [0, 1])
-        assert len(outcomes) == 2
-        for model, info in outcomes:
-            assert type(model) is merge.SineMLP and model.hidden.out_features == 100
-            assert ("pruned_test" if name == "prune" else "fused_test") in info
 
 
 # --- the command line ----------------------------------------------------------

@@ -2,7 +2,6 @@
 give one line and exit code 2 and write nothing; one command at a time per --out; rows are
 read once; every subset of strategies reports; Ctrl-C says what was kept; the experiments'
 presets are REFERENCE.md's. Most bad inputs share this process through main(argv)."""
-import dataclasses
 import itertools
 import json
 import os
@@ -20,7 +19,8 @@ import cifar
 import experiment
 import lenet_imagewoof as woof
 import merge
-import plots
+import report
+import sine
 
 ROOT = Path(__file__).parent
 SMALL = ["--runs", "2", "--epochs", "12", "--n-train", "300", "--n-val", "100", "--n-test", "300", "--compile", "0",
@@ -29,11 +29,7 @@ SMALL = ["--runs", "2", "--epochs", "12", "--n-train", "300", "--n-val", "100", 
 
 @pytest.fixture(autouse=True)
 def float32():
-    """As the command line runs (test_merge.py sets float64 for its exactness checks)."""
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(torch.float32)  # as the command line runs; conftest.py restores it
 
 
 def files(root):
@@ -41,9 +37,9 @@ def files(root):
 
 
 def main(argv, capsys):
-    """experiment.main(argv) in this process: (exit code, what it wrote to stderr)."""
+    """sine.main(argv), merge.py's command line, in this process: (exit code, what it wrote to stderr)."""
     try:
-        experiment.main([str(a) for a in argv])
+        sine.main([str(a) for a in argv])
         code = 0
     except SystemExit as e:
         code = e.code
@@ -61,7 +57,8 @@ def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "sine"
     result = cli(*SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out)
     assert result.returncode == 0, result.stderr
-    assert "bo3 and teacher: 10 x 4 epochs" in result.stdout  # one stack for both (stack_first_phases)
+    assert "teacher and bo3: 10 x 4 epochs" in result.stdout  # one stack for both, random's and fusion's teachers
+    assert "importance: 2 x 2 epochs" in result.stdout  # trained once for student and random
     return out
 
 
@@ -97,6 +94,7 @@ def copy_of(finished, tmp_path):
     (["--epochs", "3"], "use at least"),
     (["--stack", "2"], "invalid choice"),
     (["--workers", "-1"], "--workers must be 0 or more"),
+    (["--fold", "2"], "--fold must be 0 or 1"),
     (["--runs", "many"], "invalid int value"),
     (["--strategies", ""], "--strategies '': name each of student"),
     (["--strategies", "student,student"], "at most once"),
@@ -225,7 +223,7 @@ def test_phases_of_several_strategies_in_one_stack_give_the_rows_of_one_at_a_tim
     stacked = rows(finished)
     for key, row in rows(alone).items():
         assert row["test_mse"] == pytest.approx(stacked[key]["test_mse"], abs=2e-6), key
-    assert (finished / "phases" / f"bo3-{merge.phase_seed(merge.run_seed(0, 1), 'bo3', 2)}.pt").exists()
+    assert (finished / "phases" / f"bo3-{merge.phase_seed(experiment.run_seed(0, 1), 'bo3', 2)}.pt").exists()
 
 
 def test_workers_share_the_runs_and_give_the_rows_of_one_process(finished, tmp_path):
@@ -233,7 +231,7 @@ def test_workers_share_the_runs_and_give_the_rows_of_one_process(finished, tmp_p
     out = tmp_path / "two"
     result = cli(*SMALL, "--workers", "2", "--strategies", "student,bo3,one", "--out", out)
     assert result.returncode == 0, result.stderr
-    assert "in 2 processes" in result.stdout and "bo3 and teacher: 5 x 4 epochs" in result.stdout  # run 0 alone
+    assert "in 2 processes" in result.stdout and "teacher and bo3: 5 x 4 epochs" in result.stdout  # run 0 alone
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     theirs = {(r["run"], r["strategy"]): r for r in map(json.loads, open(finished / "results.jsonl"))}
     assert sorted((r["run"], r["strategy"]) for r in rows) == sorted((run, name) for run in range(2)
@@ -253,9 +251,9 @@ def test_without_a_local_port_one_process_trains_with_a_note(finished, tmp_path,
 
         def bind(self, address):
             raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(experiment.socket, "socket", NoPort)
+    monkeypatch.setattr(sine.socket, "socket", NoPort)
     out = tmp_path / "sine"
-    experiment.main([*SMALL, "--workers", "2", "--strategies", "bo3", "--out", str(out)])
+    sine.main([*SMALL, "--workers", "2", "--strategies", "bo3", "--out", str(out)])
     assert "note: no local port for 2 processes (Permission denied); one process trains" in capsys.readouterr().out
     theirs = {r["run"]: r for r in map(json.loads, open(finished / "results.jsonl")) if r["strategy"] == "bo3"}
     for row in map(json.loads, open(out / "results.jsonl")):
@@ -281,15 +279,15 @@ def test_one_strategy_alone_runs_and_reports(tmp_path):
 
 
 def test_every_subset_of_strategies_reports(finished, tmp_path, monkeypatch, capsys):
-    import matplotlib.pyplot as plt
     drawn = []
-    monkeypatch.setattr(plots, "_finish", lambda fig, path: (drawn.append(path.name), plt.close(fig)))
+    for name in [name for name in dir(report) if name.startswith("plot_")]:  # which figures, not how they look
+        monkeypatch.setattr(report, name, lambda *args: drawn.append(next(a.name for a in args if isinstance(a, Path))))
     rows = [json.loads(line) for line in (finished / "results.jsonl").read_text().splitlines()]
     names = list(experiment.STRATEGIES)
     for k in range(1, len(names) + 1):
         for subset in itertools.combinations(names, k):
-            s = experiment.SineSettings(runs=2, epochs=12, strategies=",".join(subset))
-            experiment.report_sine(s, [r for r in rows if r["strategy"] in subset], tmp_path)
+            s = sine.SineSettings(runs=2, epochs=12, strategies=",".join(subset))
+            sine.write_report(s, [r for r in rows if r["strategy"] in subset], tmp_path)
             summary = (tmp_path / "summary.md").read_text()
             assert all(f"| {name} | 2 |" in summary for name in subset) and summary.count("| 2 |") == k
             assert ("fig2_kept_share.png" in drawn) == ("student" in subset)
@@ -313,20 +311,21 @@ def test_ctrl_c_ends_with_one_line_saying_what_was_kept(tmp_path, workers):
 
 
 def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file(monkeypatch, capsys):
-    experiment.show_progress()
+    report.show_progress()
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    merge.report_progress(9, 20, 0.25, time.time() - 5)
+    report.progress(20, began=time.time() - 5)(9, [dict(error=[0.2, 0.3])])
     bar = capsys.readouterr().out
     assert bar.startswith("\r") and "[###############               ] 10/20 epochs" in bar and "5 s left" in bar
+    assert "training error 0.2500" in bar  # the mean over a stack
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
-    merge.report_progress(3, 20, 0.25, time.time())
-    merge.report_progress(5, 20, 0.25, time.time())
+    report.progress(20)(3, [dict(error=0.25)])
+    report.progress(20)(5, [dict(error=0.25)])
     assert capsys.readouterr().out.count("\n") == 1  # one line at each fifth of the phase: epoch 4 of 20
 
 
 # -- the experiments' settings are the paper's (REFERENCE.md) ------------------------------------
 
-PARSERS = {"sine": lambda: experiment.parse_settings([]), "lenet": lambda: woof.parse([]),
+PARSERS = {"sine": lambda: sine.parse([]), "lenet": lambda: woof.parse([]),
            "resnet18": lambda: woof.parse(["--arch", "resnet18"]), "resnet20-cifar100": lambda: cifar.parse([]),
            "vgg11-cifar10": lambda: cifar.parse(["--experiment", "vgg11-cifar10"])}
 # One row per experiment and setting, as REFERENCE.md's table gives it. Phases are epochs from

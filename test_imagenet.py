@@ -2,6 +2,7 @@
 the tests write runs end to end through python and through torchrun; DDP really averages; a
 killed 2-process run resumes at its last finished epoch; runs spread over ranks give the rows of
 a plain run, each once."""
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,6 @@ from PIL import Image
 
 import experiment
 import imagenet
-import merge
 
 ROOT = Path(__file__).parent
 TINY = ["--width", 4, "--size", 32, "--batch", 8, "--val-images", 4, "--workers", 0, "--device", "cpu"]
@@ -68,7 +68,8 @@ def test_the_protocol_runs_end_to_end_on_one_process_and_on_two(folder, tmp_path
     main, short = rows(out), rows(out / "one_short")
     assert sorted(r["strategy"] for r in main) == ["one", "student"] and [r["strategy"] for r in short] == ["one"]
     assert all(0 <= r["test_accuracy"] <= r["test_top5"] <= 1 for r in main + short)
-    assert sum(main[0]["compute"][phase][0] for phase in main[0]["compute"]) == 2 * 2 + 1 + 2
+    student, = [r for r in main if r["strategy"] == "student"]
+    assert sum(epochs for epochs, _ in student["compute"].values()) == 2 * 2 + 1 + 2
     summary = (out / "summary.md").read_text()
     assert "Table 4" in summary and "| one, 3 epochs | 1 |" in summary and "| one, 2 epochs | 1 |" in summary
     assert "images/s" in output and (out / "box_imagenet.png").exists()
@@ -90,7 +91,7 @@ data, classes = imagenet.load_imagenet(s, rank, world, torch.device("cpu"))
 torch.manual_seed(0)
 model = merge.LeNet(classes)
 torch.save(model.state_dict(), f"{tmp_path}/start.pt")
-merge.fit(model, data, s, 2, drops=(0.5,), seed=3)
+merge.fit(data.wrap(model), data, s, 2, drops=(0.5,), seed=3)  # DDP over the ranks, as the runs do
 torch.save(model.state_dict(), f"{tmp_path}/rank{{rank}}-of-{{world}}.pt")
 if world > 1:  # as experiment.main does: no rank leaves while another still talks to it
     dist.barrier()
@@ -129,7 +130,7 @@ def test_runs_spread_over_ranks_give_the_rows_of_a_plain_run_each_once(tmp_path)
     data = test_lenet_imagewoof.make_folder(tmp_path / "woof")
     args = ["lenet_imagewoof.py", "--data", data, "--epochs", 6, "--runs", 3, "--device", "cpu"]
     finished(launch(*args, "--out", tmp_path / "plain"))
-    output = finished(launch(*args, "--out", tmp_path / "ranks", processes=2))
+    finished(launch(*args, "--out", tmp_path / "ranks", processes=2))
     key = lambda row: (row["run"], row["strategy"])
     spread, plain = rows(tmp_path / "ranks"), rows(tmp_path / "plain")
     assert len({key(r) for r in spread}) == len(spread) == 9 and sorted(spread, key=key) == sorted(plain, key=key)
@@ -154,3 +155,18 @@ def test_a_wrong_folder_gives_one_line_and_exit_code_2(folder, tmp_path, capsys,
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_its_own_settings_never_meet_the_shared_checks(monkeypatch):
+    """--workers is imagenet.py's DataLoader workers and sine.py's processes: the shared checks read
+    neither, so eight loader workers on a machine that reports one GPU are accepted."""
+    import sine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    s = imagenet.parse(["--data", "x", "--workers", "8", "--device", "cuda", "--out", "/nonexistent-parent/out"])
+    assert s.workers == 8
+    experiment.check_settings(s)  # no "--workers 8 on --device cuda wants a GPU each"
+    shared = {f.name for f in dataclasses.fields(experiment.Settings)}
+    for own in (imagenet.ImageNetSettings, sine.SineSettings):
+        mine = {f.name for f in dataclasses.fields(own)} - shared
+        assert "workers" in mine

@@ -19,6 +19,8 @@ import lenet_imagewoof as woof
 import images
 import experiment
 import merge
+import report
+import stacked
 
 ROOT = Path(__file__).parent
 CLASSES = ("n02086240", "n02087394", "n02088364")
@@ -118,21 +120,29 @@ def test_stacked_lenet_on_uint8_images_equals_one_at_a_time(tmp_path):
     """The cross-entropy path of fit_stacked, one data set shared by every model, batches
     prepared on the device: each model still trains as fit() trains it alone."""
     d = woof.load_imagewoof(make_folder(tmp_path / "woof"), 28)
-    s = dataclasses.replace(woof.parse([]), batch=4, compile=0)
+    s = dataclasses.replace(woof.parse([]), batch=4)
     data = images.image_data(d, "cpu")
     make = lambda: merge.LeNet(3)
     close = lambda a, b: all(torch.allclose(a.state_dict()[n], b.state_dict()[n], rtol=1e-4, atol=1e-6)
                              for n in a.state_dict())
-    alone, stacked = merge.new_models(make, [1, 2], "cpu"), merge.new_models(make, [1, 2], "cpu")
+    def new(seeds):
+        models = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            models.append(make())
+        return models
+    alone, stack = new([1, 2]), new([1, 2])
     for model, seed in zip(alone, [5, 6]):
+        stacked.counter_noise(model, seed)
         merge.fit(model, data, s, 2, drops=(0.5,), seed=seed)
-    merge.fit_stacked(stacked, [data, data], s, 2, drops=(0.5,), seeds=[5, 6])
-    assert all(close(a, b) for a, b in zip(alone, stacked))
+    stacked.fit_stacked(stack, [data, data], s, 2, drops=(0.5,), seeds=[5, 6], compile=False)
+    assert all(close(a, b) for a, b in zip(alone, stack))
     assert not torch.allclose(alone[0].fc3.weight, make().fc3.weight)  # it did train
     lambdas = merge.lambda_schedule(2, 0.5, 0.5)
-    bigs = [merge.make_big_student(merge.new_models(make, [1, 2], "cpu")) for _ in range(2)]
+    bigs = [merge.make_big_student(new([1, 2])) for _ in range(2)]
+    stacked.counter_noise(bigs[0], 7)
     merge.fit(bigs[0], data, s, 2, seed=7, lambdas=lambdas)
-    merge.fit_stacked(bigs[1:], [data], s, 2, seeds=[7], lambdas=lambdas)
+    stacked.fit_stacked(bigs[1:], [data], s, 2, seeds=[7], lambdas=lambdas, compile=False)
     assert close(bigs[0], bigs[1]) and not torch.equal(bigs[0].gates[0].loc, bigs[1].gates[0].loc * 0 + 1)
 
 
@@ -202,6 +212,7 @@ def test_bad_data_and_settings_give_one_line_exit_code_2_and_write_nothing(tmp_p
 
 
 def test_the_image_cache_survives_damage_and_sees_a_replaced_image(tmp_path, capsys):
+    report.show_progress()  # the command line's reports on stdout
     data = make_folder(tmp_path / "woof")
     image = data / "train" / CLASSES[0] / f"{CLASSES[0]}_0.JPEG"
     first = woof.load_split(data, "train", 20)[0]
@@ -261,7 +272,7 @@ def test_a_broken_download_is_fetched_again_and_a_wrong_checksum_refused(tmp_pat
     root.mkdir()
     (root / "imagewoof2-160.tgz").write_bytes(b"the first 10 bytes of a cut download")
     assert (images.fetch(root, url, digests, "imagewoof2-160") / "val").is_dir()  # replaced, then extracted
-    with pytest.raises(merge.InputError, match="checksum"):
+    with pytest.raises(experiment.InputError, match="checksum"):
         images.fetch(tmp_path / "elsewhere", url, {"md5": "0" * 32}, "imagewoof2-160")
     assert not (tmp_path / "elsewhere" / "imagewoof2-160").exists()
 
@@ -291,7 +302,7 @@ def test_a_download_cut_short_is_fetched_again_and_no_network_is_one_line(tmp_pa
     monkeypatch.setattr(images.urllib.request, "urlopen", flaky_urlopen)
     assert (images.fetch(tmp_path / "data", url, digests, "imagewoof2-160") / "train").is_dir()
     assert calls.count(url) == 2
-    with pytest.raises(merge.InputError, match="cannot download"):
+    with pytest.raises(experiment.InputError, match="cannot download"):
         images.fetch(tmp_path / "other", (tmp_path / "nowhere.tgz").as_uri(), digests, "imagewoof2-160")
 
 

@@ -1,6 +1,10 @@
 """Tests for merge.py: exact function-preservation checks first, then the pieces of the
 method, then the command line end to end. Run: python -m pytest -q"""
+import ast
+import copy
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +13,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-import experiment
 import merge
 
 ROOT = Path(__file__).parent
-torch.set_default_dtype(torch.float64)  # exactness checks at double precision
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    torch.set_default_dtype(torch.float64)  # exactness checks at double precision; conftest.py restores it
+
 
 # Every architecture at a small width, with an input of the size it expects.
 ARCHS = {
@@ -82,14 +90,11 @@ def test_concatenated_basic_block_runs_the_teachers_side_by_side():
     assert torch.allclose(big_block(torch.cat([x0, x1], 1)), torch.cat([blocks[0](x0), blocks[1](x1)], 1))
 
 
-def test_teachers_of_different_shapes_are_refused_with_one_line():
-    with pytest.raises(merge.InputError, match="differ") as error:
-        merge.make_big_student([merge.SineMLP(widths=(6,)), merge.SineMLP(widths=(7,))])
-    assert "\n" not in str(error.value)
-    with pytest.raises(merge.InputError):
-        merge.make_big_student([merge.SineMLP(), merge.LeNet()])
-    with pytest.raises(merge.InputError):
-        merge.make_big_student([merge.SineMLP()])
+def test_teachers_of_different_shapes_are_refused():
+    for teachers in ([merge.SineMLP(widths=(6,)), merge.SineMLP(widths=(7,))], [merge.SineMLP(), merge.LeNet()],
+                     [merge.SineMLP()]):
+        with pytest.raises(ValueError, match="one architecture"):
+            merge.make_big_student(teachers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,6 +114,20 @@ def test_compression_preserves_the_gated_function(arch, k):
         fresh.load_state_dict(student.state_dict())  # strict: the teachers' architecture exactly
         x = torch.randn(ARCHS[arch][1])
         assert torch.allclose(student(x), big_student(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["sine", "lenet", "vgg11"])
+def test_folding_keeps_the_gated_function_with_kept_gates_anywhere_in_between(arch):
+    """fold: the kept gates' test-time values go into the next layers' weights, so compression keeps the
+    gated function whatever the kept gates' values, where the dropped ones are 0 (--fold 1, ours)."""
+    big_student = randomize(merge.make_big_student(make_teachers(arch, 2)), seed=3).eval()
+    keep = random_keep(big_student, 1)
+    force_gates(big_student, keep)
+    for (gate, _, _), units in zip(big_student.unit_groups(), keep):
+        gate.loc.data[units] = torch.randn(len(units))  # kept: test-time values between 0 and 1
+    x = torch.randn(ARCHS[arch][1])
+    assert torch.allclose(merge.compress(big_student, fold=True).eval()(x), big_student(x), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(merge.compress(big_student).eval()(x), big_student(x), atol=1e-3)  # as in the paper
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -147,7 +166,28 @@ def test_p_open_agrees_with_monte_carlo():
     gate.loc.data = torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0, 4.0])
     frequency = (gate.sample(torch.zeros(200_000, 6)) > 0).double().mean(0)
     assert torch.allclose(frequency, merge.p_open(gate.loc).detach(), atol=0.005)
-    assert abs(merge.p_open(merge.Gate(1000).loc).mean().item() - 0.93) < 0.01  # REFERENCE.md: about 0.93 at init
+    assert abs(merge.p_open(merge.Gate(1000).loc).mean().item() - 0.93) < 0.01  # about 0.93 at first
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_the_sampled_gates_follow_p_open_at_another_temperature(monkeypatch, beta):
+    """Gate.sample is the paper's formula: change beta and both the samples and p_open follow it."""
+    monkeypatch.setattr(merge.Gate, "beta", beta)
+    torch.manual_seed(1)
+    gate = merge.Gate(5)
+    gate.loc.data = torch.tensor([-2.0, -0.5, 0.0, 0.7, 2.0])
+    g = gate.sample(torch.zeros(200_000, 5))
+    assert torch.allclose((g > 0).double().mean(0), merge.p_open(gate.loc).detach(), atol=0.005)
+    # and P[g = 1] = P[s > (1 - gamma) / (zeta - gamma)] = sigmoid(loc - beta log((1 - gamma) / (zeta - 1)))
+    p_one = torch.sigmoid(gate.loc - beta * torch.log(torch.tensor((1 - gate.gamma) / (gate.zeta - 1))))
+    assert torch.allclose((g == 1).double().mean(0), p_one.detach(), atol=0.005)
+
+
+def test_a_trainer_may_give_the_gates_its_own_noise():
+    gate = merge.Gate(3)
+    gate.noise = lambda B, n: torch.full((B, n), 0.5)  # u = 1/2: s = sigmoid(loc / beta)
+    want = (torch.sigmoid(gate.loc / gate.beta) * (gate.zeta - gate.gamma) + gate.gamma).clamp(0, 1)
+    assert torch.allclose(gate.sample(torch.ones(4, 3)), want.expand(4, 3))
 
 
 def test_gates_sample_per_example_in_training_and_are_deterministic_in_eval():
@@ -187,86 +227,66 @@ def test_lambda_schedule_follows_fig5_and_ends_at_the_papers_value_when_shortene
 
 
 # ---------------------------------------------------------------------------------------
-# Strategies and the command line
+# Training and the strategies, one run each
 # ---------------------------------------------------------------------------------------
 
 def test_budgets_are_equal_and_split_as_in_section_3_1():
-    s = experiment.SineSettings()
-    b = merge.budget(s)
+    b = merge.budget(merge.Settings())
     assert (b["teacher"], b["importance"], b["finetune"], b["bo3"], b["one"]) == (300, 150, 150, 300, 900)
     for k in (2, 3, 4):
-        b = merge.budget(experiment.SineSettings(teachers=k, epochs=120))
+        b = merge.budget(merge.Settings(teachers=k, epochs=120))
         assert k * b["teacher"] + b["importance"] + b["finetune"] == 120
 
 
-def small_sine(seed, **changes):
-    s = experiment.SineSettings(n_train=200, n_val=50, n_test=50, batch=32, **changes)  # last batch of 8
-    return s, merge.sine_data(s, seed)
+def test_an_epoch_is_the_same_whenever_it_is_trained():
+    """fit draws an epoch's order, noise and augmentation from (seed, epoch): two epochs at once, or
+    one and then the second on its own with the optimizers' state, give the same model."""
+    s, data = merge.Settings(batch=32), merge.sine_data(0, 200, 50, 50)
+    torch.manual_seed(0)
+    whole = merge.make_big_student([merge.SineMLP(widths=(6,)), merge.SineMLP(widths=(6,))])
+    halves = copy.deepcopy(whole)
+    lambdas = [0.5, 1.0]
+    merge.fit(whole, data, s, 2, seed=4, lambdas=lambdas)
+    opts = merge.optimizers(halves, s, importance=True)
+    merge.fit(halves, data, s, 1, seed=4, lambdas=lambdas, opts=opts)
+    torch.manual_seed(123)  # whatever happened in between
+    merge.fit(halves, data, s, 2, seed=4, lambdas=lambdas, opts=opts, start=1)
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), halves.state_dict().values()))
 
 
-@pytest.mark.parametrize("use_compile", [0, 1])
-def test_stacked_training_equals_one_at_a_time(use_compile):
-    s, datas = None, []
-    for seed in (0, 1):
-        s, data = small_sine(seed, compile=use_compile)
-        datas.append(data)
-    make = lambda: merge.SineMLP(widths=(8,))
-    tolerance = dict(rtol=1e-9, atol=1e-9) if not use_compile else dict(rtol=1e-6, atol=1e-6)
-    # teacher phase: plain SGD with an lr drop
-    alone, stacked = merge.new_models(make, [5, 6], "cpu"), merge.new_models(make, [5, 6], "cpu")
-    for model, data, seed in zip(alone, datas, [5, 6]):
-        merge.fit(model, data, s, 3, drops=(0.5,), seed=seed)
-    merge.fit_stacked(stacked, datas, s, 3, drops=(0.5,), seeds=[5, 6])
-    for a, b in zip(alone, stacked):
-        assert all(torch.allclose(a.state_dict()[n], b.state_dict()[n], **tolerance) for n in a.state_dict())
-    assert not torch.allclose(alone[0].out.weight, make().out.weight)  # it did train
-    # importance phase: the big students with gate noise fixed by each model's seed
-    lambdas = merge.lambda_schedule(3, 0.5, 0.5)
-    bigs = [merge.make_big_student(merge.new_models(make, [2 * r, 2 * r + 1], "cpu")) for r in (0, 1)]
-    twins = [merge.make_big_student(merge.new_models(make, [2 * r, 2 * r + 1], "cpu")) for r in (0, 1)]
-    for big, data, seed in zip(bigs, datas, [7, 8]):
-        merge.fit(big, data, s, 3, seed=seed, lambdas=lambdas)
-    merge.fit_stacked(twins, datas, s, 3, seeds=[7, 8], lambdas=lambdas)
-    for a, b in zip(bigs, twins):
-        assert all(torch.allclose(a.state_dict()[n], b.state_dict()[n], **tolerance) for n in a.state_dict())
-        assert not torch.allclose(a.gates[0].loc, torch.ones_like(a.gates[0].loc), atol=0.05)  # gates moved
-    # epochs after the first skip torch.compile's guards; after the phase every guard counts again
-    double = torch.compile(lambda x: x * 2)
-    assert double(torch.ones(3)).dtype == torch.get_default_dtype()
-    assert double(torch.ones(3, dtype=torch.int64)).dtype == torch.int64  # a guard chose a new graph
+def test_random_keeps_other_units_than_the_gates_on_the_students_phases():
+    s, data = merge.Settings(epochs=12), merge.sine_data(0, 200, 50, 50)
+    student, mine = merge.student(data, s, merge.SineMLP, 0)
+    random, theirs = merge.random(data, s, merge.SineMLP, 0)
+    assert mine["teachers_test"] == theirs["teachers_test"] and mine["big_student_test"] == theirs["big_student_test"]
+    assert not torch.equal(student.hidden.weight, random.hidden.weight)
+    big = merge.make_big_student([merge.SineMLP(), merge.SineMLP()])
+    big.gates[0].loc.data = torch.arange(200.0)  # the gates would keep units 100-199
+    keep = merge.random_units(big, seed=3)
+    assert len(keep[0]) == 100 and keep[0].unique().tolist() == keep[0].tolist()  # 1/k, sorted, no repeats
+    assert not torch.equal(keep[0], merge.top_units(big)[0]) and torch.equal(keep[0], merge.random_units(big, 3)[0])
+    assert not torch.equal(keep[0], merge.random_units(big, 4)[0])
 
 
-def test_every_strategy_gives_the_same_models_stacked_or_one_at_a_time():
-    s = experiment.SineSettings(n_train=200, n_val=50, n_test=50, epochs=12, compile=0)
-    datas = [merge.sine_data(s, seed) for seed in (0, 1)]
-    for name, strategy in experiment.STRATEGIES.items():
-        stacked = strategy(datas, s, merge.SineMLP, [0, 1])
-        alone = strategy(datas, experiment.SineSettings(**{**s.__dict__, "stack": 0}), merge.SineMLP, [0, 1])
-        for (a, info_a), (b, info_b) in zip(stacked, alone):
-            assert all(torch.allclose(a.state_dict()[n], b.state_dict()[n], rtol=1e-8, atol=1e-10)
-                       for n in a.state_dict()), name
-            assert info_a.keys() == info_b.keys()
+def test_every_strategy_trains_the_phases_of_its_budget():
+    """Each strategy asks its train for the phases of section 3.1 (and ours): their epochs add up."""
+    s, data = merge.Settings(epochs=12), merge.sine_data(0, 100, 20, 20)
+    for name, strategy in merge.STRATEGIES.items():
+        asked = []
+
+        def train(models, data, s, epochs, drops, seeds, phase, *args, **kwargs):
+            asked.append((phase, len(models), epochs))
+            return merge.train(models, data, s, epochs, drops, seeds, phase, *args, **kwargs)
+        model, info = strategy(data, s, merge.SineMLP, 0, train)
+        assert type(model) is merge.SineMLP and model.hidden.out_features == 100, name
+        epochs = sum(copies * epochs for phase, copies, epochs in asked)
+        want = dict(one_compute=2 * 4 + 2 * 2 + 2, fusion=10)  # the wider importance phase; no importance phase
+        assert epochs == want.get(name, 12), (name, asked)
 
 
-def test_a_failing_compiler_falls_back_to_eager_with_one_notice(monkeypatch, caplog):
-    def broken_compile(fn, **kwargs):
-        def call(*args):
-            raise RuntimeError("no C++ compiler")
-        return call
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(merge.log, "propagate", True)  # to caplog, whatever experiment.show_progress did
-    s, data = small_sine(0, compile=1)
-    compiled, eager = merge.new_models(merge.SineMLP, [3], "cpu"), merge.new_models(merge.SineMLP, [3], "cpu")
-    merge.fit_stacked(compiled, [data], s, 2, seeds=[3])
-    merge.fit_stacked(eager, [data], experiment.SineSettings(**{**s.__dict__, "compile": 0}), 2, seeds=[3])
-    assert torch.equal(compiled[0].out.weight, eager[0].out.weight)
-    assert sum("torch.compile is unavailable" in r.getMessage() for r in caplog.records) == 1
-
-
-def test_compute_is_counted_from_the_architecture():
-    """Forward multiply-adds of one example, by hand: each layer's outputs times its weights' fan-in."""
-    sine = experiment.SineSettings(n_train=10)
-    data = merge.sine_data(sine, 0)
+def test_macs_counts_each_layers_outputs_times_its_fan_in():
+    """Forward multiply-adds of one example, by hand."""
+    data = merge.sine_data(0, 10, 2, 2)
     assert merge.macs(merge.SineMLP(), data) == 100 * 1 + 1 * 100
     assert merge.macs(merge.variant(merge.SineMLP(), k=2, gated=True), data) == 200 * 1 + 1 * 200
     x = torch.zeros(4, 28, 28, 3, dtype=torch.uint8)
@@ -275,34 +295,6 @@ def test_compute_is_counted_from_the_architecture():
     assert merge.macs(merge.LeNet(), images) == lenet == 651_200
     big = 12 * 28 * 28 * (3 * 25) + 32 * 10 * 10 * (12 * 25) + 240 * 800 + 160 * 240 + 10 * 160
     assert merge.macs(merge.variant(merge.LeNet(), k=2, gated=True), images) == big  # about 2.9 times
-    assert merge.spent(merge.LeNet(), images, epochs=3, copies=2) == [6, 6 * 4 * lenet]
-
-
-def test_random_keeps_other_units_than_the_gates_on_the_students_budget():
-    s = experiment.SineSettings(n_train=200, n_val=50, n_test=50, epochs=12, compile=0)
-    datas = [merge.sine_data(s, seed) for seed in (0, 1)]
-    students, randoms = merge.student(datas, s, merge.SineMLP, [0, 1]), merge.random(datas, s, merge.SineMLP, [0, 1])
-    for (student, mine), (random, theirs) in zip(students, randoms):
-        assert mine["compute"] == theirs["compute"]  # the same phases, epochs and multiply-adds
-        assert mine["teachers_test"] == theirs["teachers_test"] and mine["big_student_test"] == theirs["big_student_test"]
-        assert not torch.equal(student.hidden.weight, random.hidden.weight)
-    big = merge.make_big_student(merge.new_models(merge.SineMLP, [1, 2], "cpu"))
-    big.gates[0].loc.data = torch.arange(200.0)  # the gates would keep units 100-199
-    keep = merge.random_units(big, seed=3)
-    assert len(keep[0]) == 100 and keep[0].unique().tolist() == keep[0].tolist()  # 1/k, sorted, no repeats
-    assert not torch.equal(keep[0], merge.top_units(big)[0]) and torch.equal(keep[0], merge.random_units(big, 3)[0])
-    assert not torch.equal(keep[0], merge.random_units(big, 4)[0])
-
-
-def test_one_compute_trains_for_the_students_multiply_adds_not_its_epochs():
-    s = experiment.SineSettings(n_train=200, n_val=50, n_test=50, epochs=12, compile=0)
-    datas = [merge.sine_data(s, 0)]
-    (_, student), = merge.student(datas, s, merge.SineMLP, [0])
-    (_, equal), = merge.one_compute(datas, s, merge.SineMLP, [0])
-    (_, one), = merge.one(datas, s, merge.SineMLP, [0])
-    total = lambda info, i: sum(c[i] for c in info["compute"].values())
-    assert total(student, 1) == total(equal, 1) == 2 * 4 * 200 * 200 + 2 * 200 * 400 + 2 * 200 * 200
-    assert total(equal, 0) == 2 * 4 + 2 * 2 + 2 == 14 and total(student, 0) == total(one, 0) == 12
 
 
 def test_count_peaks_needs_each_crest_and_trough():
@@ -316,10 +308,39 @@ def test_count_peaks_needs_each_crest_and_trough():
 
 
 def test_a_small_run_of_the_student_beats_its_teachers():
-    s = experiment.SineSettings(n_train=2000, n_val=500, n_test=2000, epochs=60, compile=0)
-    datas = [merge.sine_data(s, seed) for seed in (0, 1)]
-    for data, (merged, info) in zip(datas, merge.student(datas, s, merge.SineMLP, [0, 1])):
-        assert merge.evaluate(merged, data, "test") < min(info["teachers_test"])
+    s = merge.Settings(epochs=60)
+    for seed in (0, 1):
+        data = merge.sine_data(seed, 2000, 500, 2000)
+        merged, info = merge.student(data, s, merge.SineMLP, seed)
+        assert data.evaluate(merged, "test") < min(info["teachers_test"])
+
+
+def test_the_method_stands_alone_in_a_folder_of_its_own(tmp_path):
+    """merge.py imports the standard library and torch (scipy inside fusion), and runs alone: in a folder
+    holding merge.py only, with matplotlib and Pillow unimportable, every strategy runs on the sine."""
+    tree = ast.parse((ROOT / "merge.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                            if isinstance(node, ast.ImportFrom)}
+    assert imported - set(sys.stdlib_module_names) == {"torch", "scipy", "sine"}  # sine: in __main__ alone
+    assert sum(1 for _ in open(ROOT / "merge.py")) <= 650
+    shutil.copy(ROOT / "merge.py", tmp_path / "merge.py")
+    code = """
+import sys
+for name in ("matplotlib", "PIL", "experiment", "stacked", "sine"):
+    sys.modules[name] = None  # import raises ImportError
+import merge
+s, data = merge.Settings(epochs=12), merge.sine_data(0, 300, 100, 100)
+for name, strategy in merge.STRATEGIES.items():
+    model, info = strategy(data, s, merge.SineMLP, 0)
+    assert type(model) is merge.SineMLP, name
+print("alone:", ", ".join(merge.STRATEGIES))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "alone: student, bo3, one, random, one_compute, prune, fusion"
 
 
 def run_cli(*args, cwd=ROOT):
@@ -330,28 +351,6 @@ def run_cli(*args, cwd=ROOT):
 SMALL = ["--runs", "2", "--epochs", "12", "--n-train", "300", "--n-val", "100", "--n-test", "300", "--compile", "0"]
 
 
-def test_the_method_stands_alone_without_the_other_project_modules():
-    """merge.py imports only the standard library and torch: with every other project module
-    (and matplotlib, scipy, Pillow) made unimportable, it imports and merges two teachers."""
-    code = """
-import sys, types
-for name in ("experiment", "images", "lenet_imagewoof", "cifar", "imagenet", "matplotlib", "scipy", "PIL"):
-    sys.modules[name] = None  # import raises ImportError
-import merge
-s = types.SimpleNamespace(epochs=12, teachers=2, batch=32, lr=0.01, momentum=0.9, weight_decay=0.0, gate_lr=0.1,
-                          lambda_start=0.01, lambda_step=0.05, paper_epochs=900, stack=0, compile=0, phase_dir="",
-                          drops_teacher=(5 / 6,), drops_importance=(), drops_finetune=(2 / 3,), drops_one=(8 / 9,),
-                          n_train=300, n_val=100, n_test=100, noise=0.2, finetune_lr=0.0, finetune_warmup=0,
-                          phase_epochs=())
-data = merge.sine_data(s, 0)
-(model, info), = merge.student([data], s, merge.SineMLP, [0])
-assert type(model) is merge.SineMLP and len(info["kept_from_teacher"]) == 2
-print("alone", merge.evaluate(model, data))
-"""
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "alone" in result.stdout, result.stderr
-
-
 def test_short_sine_run_writes_everything_and_resumes_without_training(tmp_path):
     out = tmp_path / "sine"
     first = run_cli(*SMALL, "--out", str(out))
@@ -359,21 +358,17 @@ def test_short_sine_run_writes_everything_and_resumes_without_training(tmp_path)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted((r["run"], r["strategy"]) for r in rows) == sorted(
         (run, name) for run in range(2) for name in ("student", "bo3", "one"))
-    settings = experiment.SineSettings(n_train=300, n_val=100, n_test=300)
     for row in rows:  # each row is what its model gives: the fine-tuned student is in phases/
-        assert row["seed"] == merge.run_seed(0, row["run"]) and len(row["curve"]) == len(merge.GRID)
+        assert row["seed"] == row["run"] and len(row["curve"]) == len(merge.GRID)
         assert row["peaks"] == merge.count_peaks(torch.tensor(row["curve"]))
         if row["strategy"] == "student":
             shares = row["kept_from_teacher"]  # found through the gates: none would give no shares
             assert len(shares) == 2 and sum(shares) == pytest.approx(1) and min(shares) > 0
             torch.set_default_dtype(torch.float32)  # as the command line ran
-            try:
-                student, data = merge.SineMLP(), merge.sine_data(settings, row["seed"])
-                seed = merge.phase_seed(row["seed"], "finetune")
-                student.load_state_dict(torch.load(out / "phases" / f"finetune-{seed}.pt"))
-                assert row["test_mse"] == round(merge.evaluate(student, data, "test"), 6) > 0
-            finally:
-                torch.set_default_dtype(torch.float64)
+            student, data = merge.SineMLP(), merge.sine_data(row["seed"], 300, 100, 300)
+            seed = merge.phase_seed(row["seed"], "finetune")
+            student.load_state_dict(torch.load(out / "phases" / f"finetune-{seed}.pt"))
+            assert row["test_mse"] == round(data.evaluate(student, "test"), 6) > 0
     for figure in ("fig5_lambda", "fig8a_data", "fig9_box", "fig10_curves", "fig2_kept_share"):
         assert (out / f"{figure}.png").stat().st_size > 1000
     summary = (out / "summary.md").read_text()

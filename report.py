@@ -1,0 +1,157 @@
+"""What a run reports, shared by the experiment scripts and the notebooks: its progress while it trains,
+the summary tables (the paper's Tables 1-4, and the stages of the student) and the figures, small plot_*
+functions, each returning its figure and, given a path, saving it as a PNG (whole: a temporary file,
+then a rename) and closing it."""
+import logging
+import os
+import sys
+import time
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+
+import merge
+
+log = logging.getLogger("merge")  # what the runs report; Progress shows it
+
+# == Progress ======================================================================================
+
+class Progress(logging.Handler):
+    """Shows log's reports stamped with the seconds since the command began; a phase's epochs as a bar on a
+    terminal (epochs done, training error, time left), in a file a line at each fifth of a phase of 20 or more."""
+
+    def __init__(self):
+        super().__init__()
+        self.start = time.time()
+
+    def emit(self, record):
+        done, epochs, error = record.args if hasattr(record, "epochs") else (0, 0, 0)
+        if epochs and sys.stdout.isatty():
+            left = (time.time() - record.began) / done * (epochs - done)
+            print(f"\r    [{'#' * (30 * done // epochs):<30}] {done}/{epochs} epochs, training error {error:.4f}, "
+                  f"{left:.0f} s left ", end="\n" if done == epochs else "", flush=True)
+        elif not epochs or done % max(1, epochs // 5) == 0 and epochs >= 20:
+            print(f"[{time.time() - self.start:7.1f}s] {record.getMessage()}", flush=True)
+
+def show_progress(quiet=False):
+    """log's reports on stdout, timed from now (one Progress handler); quiet: warnings only (ranks > 0)."""
+    log.handlers = [Progress()]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+def progress(epochs, began=None):
+    """after_epoch that reports each epoch to log (Progress shows a bar, or a line now and then)."""
+    began = began or time.time()
+
+    def report(epoch, history):
+        error = np.mean(history[-1]["error"])
+        log.info("    epoch %d/%d, training error %.4f", epoch + 1, epochs, error,
+                 extra=dict(epochs=epochs, began=began))
+    return report
+
+
+# == Tables ========================================================================================
+
+def summarize(rows, metric, strategies, extra=None):
+    """Markdown table of min, max, median, mean and std (ddof = 1) of `metric` over runs per strategy (Tables
+    1-2), extra columns (name -> f(rows) -> str), and the mean epochs and forward multiply-adds of training."""
+    total = lambda i, form: lambda mine: format(np.mean([sum(c[i] for c in r["compute"].values()) for r in mine]),
+                                                form) if all("compute" in r for r in mine) else ""
+    extra = {**(extra or {}), "epochs": total(0, ".0f"), "multiply-adds": total(1, ".3g")}
+    lines = ["| strategy | runs | min | max | median | mean | std |" + "".join(f" {c} |" for c in extra),
+             "|---|---|---|---|---|---|---|" + "---|" * len(extra)]
+    for name in strategies:
+        mine = [r for r in rows if r["strategy"] == name]
+        if mine:
+            v = np.array([r[metric] for r in mine])
+            std = f"{v.std(ddof=1):.4f}" if len(v) > 1 else "-"  # no spread from one run
+            lines.append(f"| {name} | {len(v)} | {v.min():.4f} | {v.max():.4f} | {np.median(v):.4f} | "
+                         f"{v.mean():.4f} | {std} |" + "".join(f" {f(mine)} |" for f in extra.values()))
+    return "\n".join(lines)
+
+STAGES = ("best teacher (test)", "big student after importance (test)", "compressed, before fine-tuning (val)",
+          "compressed, before fine-tuning (test)", "final (test)")
+
+def stage_table(rows, metric, per_run=False):
+    """The metric at each stage of the student and of the random control: the better teacher, the big student
+    after importance, the compressed student before fine-tuning, the final one; per run (per_run), and means."""
+    best = max if metric == "test_accuracy" else min
+    lines = ["| strategy | run | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
+    for name in ("student", "random"):
+        mine = sorted((r for r in rows if r["strategy"] == name), key=lambda r: r["run"])
+        stages = np.array([[best(r["teachers_test"]), r["big_student_test"], r["compressed_val"], r["compressed_test"],
+                            r[metric]] for r in mine]).reshape(-1, len(STAGES))
+        if per_run:
+            lines += [f"| {name} | {r['run']} | " + " | ".join(f"{v:.4f}" for v in values) + " |"
+                      for r, values in zip(mine, stages)]
+        if mine:
+            lines.append(f"| {name} | mean of {len(mine)} | " + " | ".join(f"{v:.4f}" for v in stages.mean(0)) + " |")
+    return "\n".join(lines)
+
+# == Figures =======================================================================================
+
+def _finish(fig, path):
+    """Save fig as a PNG at path, whole, and close it; without a path, return it open."""
+    if path:
+        part = path.with_name(f".{path.name}.{os.getpid()}.part")
+        fig.savefig(part, dpi=110, bbox_inches="tight", format="png")
+        part.replace(path)
+        plt.close(fig)
+    return fig
+
+def plot_lambda(lambdas, paper_lambdas=None, path=None):
+    """Fig. 5: lambda over the epochs of the importance phase."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    if paper_lambdas is not None:
+        ax.plot(np.linspace(0, 1, len(paper_lambdas)), paper_lambdas, "--", color="gray", label="paper (Fig. 5)")
+    ax.plot(np.linspace(0, 1, len(lambdas)), lambdas, label=f"this run, {len(lambdas)} epochs")
+    ax.set(xlabel="fraction of the importance phase", ylabel="lambda", title="Fig. 5: lambda schedule")
+    ax.legend()
+    return _finish(fig, path)
+
+def plot_box(rows, metric, strategies, path=None, title=""):
+    """Figs. 9, 11, 12: box plot over runs per strategy; the line is the median, x the mean."""
+    names = [n for n in strategies if any(r["strategy"] == n for r in rows)]
+    values = [[r[metric] for r in rows if r["strategy"] == n] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 0.6 + 0.7 * len(names)))
+    horizontal = dict(orientation="horizontal") if matplotlib.__version_info__ >= (3, 10) else dict(vert=False)
+    ax.boxplot(values, showmeans=True, meanprops=dict(marker="x", markeredgecolor="k"), **horizontal)
+    ax.set_yticks(range(1, len(names) + 1), names)
+    ax.set(xlabel=metric.replace("_", " "), title=title)
+    return _finish(fig, path)
+
+def plot_sine_data(data, path=None):
+    """Fig. 8a: the training set and the noise-free curve."""
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.scatter(data.x_train.cpu(), data.y_train.cpu(), s=1, alpha=0.3, label="training points")
+    ax.plot(merge.GRID, merge.sine_curve(merge.GRID), "k", lw=1, label="sin(10 pi x)")
+    ax.set(xlabel="x", ylabel="y", title=f"Fig. 8a: {len(data.x_train)} training points")
+    ax.legend(loc="upper right")
+    return _finish(fig, path)
+
+def plot_curves(rows, strategies, path=None):
+    """Fig. 10: the learned curve of every run, overlaid, one panel per strategy with rows."""
+    names = [n for n in strategies if any(r["strategy"] == n for r in rows)]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        mine = [r for r in rows if r["strategy"] == name]
+        for r in mine:
+            ax.plot(merge.GRID, r["curve"], lw=0.7, alpha=0.5)
+        ax.plot(merge.GRID, merge.sine_curve(merge.GRID), "k--", lw=0.8)
+        ax.set(title=f"{name}: {sum(r['peaks'] == 5 for r in mine)}/{len(mine)} get all 5 peaks", xlabel="x",
+               ylim=(-1.6, 1.6))
+    return _finish(fig, path)
+
+def plot_kept_share(rows, path=None):
+    """Fig. 2's idea as numbers: the share of the student's units that each teacher gave."""
+    mine = [r for r in rows if r["strategy"] == "student"]
+    shares = np.array([r["kept_from_teacher"] for r in mine])
+    fig, ax = plt.subplots(figsize=(max(4, 0.15 * len(mine) + 2), 3))
+    bottom = np.zeros(len(mine))
+    for i in range(shares.shape[1]):
+        ax.bar([r["run"] for r in mine], shares[:, i], bottom=bottom, label=f"teacher {i}")
+        bottom += shares[:, i]
+    ax.set(xlabel="run", ylabel="share of kept units", title="Which teacher the kept units came from")
+    ax.legend(loc="lower right")
+    return _finish(fig, path)

@@ -1,0 +1,185 @@
+"""The sine experiment (section 3.2) run by the machinery: `python merge.py --task sine` hands over to
+main() here. Its settings, the numbers of a row, the report (Table 1, Figs. 5, 8a, 9, 10), the bench of
+the stacked trainer, and the command spread over one process per CPU core (--workers)."""
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import experiment
+import merge
+import report
+import stacked
+from experiment import AT_LEAST_1, NOT_NEGATIVE, setting
+
+@dataclass
+class SineSettings(experiment.Settings):
+    """The sine experiment: the method's and the runs' settings (their defaults are the sine's), and its data."""
+    task: str = setting("sine", "experiment (section 3.2); the image experiments have their own scripts",
+                        choices=("sine",))
+    n_train: int = setting(10_000, "training points (3.2: 10,000)", valid=AT_LEAST_1)
+    n_val: int = setting(2_000, "validation points, drawn the same way, for choosing bo3 (ours)", valid=AT_LEAST_1)
+    n_test: int = setting(10_000, "test points, drawn the same way (ours)", valid=AT_LEAST_1)
+    noise: float = setting(0.2, "standard deviation of the noise on y (3.2: N(0, 0.2))", valid=NOT_NEGATIVE)
+    bench: bool = setting(False, "print the speed of the one-at-a-time and the stacked trainers, then exit", run_only=True)
+    workers: int = setting(0, "processes that share the runs, each a rank with one thread (ours); 0: one per CPU "
+                                  "core, at most 8 and at most --runs, or 1 on a GPU", valid=NOT_NEGATIVE, run_only=True)
+
+def data(s, seed, device="cpu"):
+    return merge.sine_data(seed, s.n_train, s.n_val, s.n_test, s.noise, device)
+
+def result(model, data):
+    """Test and validation MSE, the waves it gets right, and its curve on GRID (Fig. 10)."""
+    curve = merge.predict(model, merge.GRID.to(data.device)).squeeze(1).cpu()
+    return dict(test_mse=round(data.evaluate(model, "test"), 6), val_mse=round(data.evaluate(model, "val"), 6),
+                peaks=merge.count_peaks(curve), curve=[round(v, 4) for v in curve.tolist()])
+
+def run(s):
+    with experiment.locked(s) as out:
+        rows = experiment.run_experiment(s, "sine", lambda seed, device: data(s, seed, device), merge.SineMLP, result)
+        write_report(s, rows, out)
+
+def write_report(s, rows, out):
+    """summary.md (Table 1) printed and saved; Figs. 5, 8a, 9, 10 and the kept shares as PNG."""
+    if experiment.ranks()[0] > 0:
+        return  # rank 0 writes
+    import matplotlib
+    matplotlib.use("Agg")
+    names = s.strategies.split(",")
+    shares = lambda mine: " / ".join(f"{v:.2f}" for v in np.mean([r["kept_from_teacher"] for r in mine], 0))
+    student = {r["run"]: r["test_mse"] for r in rows if r["strategy"] == "student"}  # to compare run by run
+    beaten = lambda mine: f"{sum(student[r['run']] < r['test_mse'] for r in mine)}/{len(mine)}"
+    table = report.summarize(rows, "test_mse", names, extra={
+        "all 5 peaks": lambda mine: f"{sum(r['peaks'] == 5 for r in mine)}/{len(mine)}",
+        "kept from teachers": lambda mine: shares(mine) if "kept_from_teacher" in mine[0] else "",
+        "student lower": lambda mine: beaten(mine) if mine[0]["strategy"] != "student" and student.keys() >= {
+            r["run"] for r in mine} else ""})
+    text = (f"# Sine problem, Table 1: test MSE over {s.runs} runs, {s.epochs} epochs per strategy, "
+            f"k = {s.teachers}\n\n{table}\n")
+    if any(r["strategy"] in ("student", "random") for r in rows):
+        text += f"\nTest MSE at each stage (per run in stages.md):\n\n{report.stage_table(rows, 'test_mse')}\n"
+        experiment.write_whole(out / "stages.md", report.stage_table(rows, "test_mse", per_run=True) + "\n")
+    experiment.write_whole(out / "summary.md", text)
+    print(text)
+    importance = merge.budget(s)["importance"]
+    report.plot_lambda(merge.lambda_schedule(importance, s.lambda_start, s.lambda_step, round(s.paper_epochs / 6)),
+                       merge.lambda_schedule(round(s.paper_epochs / 6), s.lambda_start, s.lambda_step),
+                       out / "fig5_lambda.png")
+    report.plot_sine_data(data(s, experiment.run_seed(s.seed, 0)), out / "fig8a_data.png")
+    report.plot_box(rows, "test_mse", names, out / "fig9_box.png", f"Fig. 9: test MSE over {s.runs} runs")
+    report.plot_curves(rows, names, out / "fig10_curves.png")
+    if any(r["strategy"] == "student" for r in rows):
+        report.plot_kept_share(rows, out / "fig2_kept_share.png")
+    experiment.log.info(f"wrote {out}/summary.md and figures")
+
+def bench(s):
+    """Seconds per model-epoch of the sine's teacher and importance phases: merge.fit, one at a time, against
+    the stacked trainer at several stack sizes, in this process, on the same data; the median of epochs 2 to 4."""
+    device, rows = experiment.resolve_device(s.device), []
+    sine = data(s, 0, device)
+    for phase, trainer, R in [("teacher", "one at a time", 1), ("teacher", "stacked", 1), ("teacher", "stacked", 10),
+                              ("teacher", "stacked", 50), ("teacher", "stacked", 300),
+                              ("teacher", "stacked, eager", 300), ("importance", "one at a time", 1),
+                              ("importance", "stacked", 1), ("importance", "stacked", 10), ("importance", "stacked", 50)]:
+        models, lambdas, times = [], None, [time.time()]
+        for seed in range(2 * R):
+            torch.manual_seed(seed)
+            models.append(merge.SineMLP().to(device))
+        if phase == "importance":
+            models, lambdas = [merge.make_big_student(models[2 * r:2 * r + 2]) for r in range(R)], [1.0] * 4
+        clock = lambda epoch, history: times.append(time.time())
+        if trainer == "one at a time":
+            stacked.counter_noise(models[0], 0)
+            merge.fit(models[0], sine, s, 4, lambdas=lambdas, after_epoch=clock)
+        else:
+            stacked.fit_stacked(models[:R], [sine] * R, s, 4, seeds=range(R), lambdas=lambdas, after_epoch=clock,
+                                compile=trainer == "stacked")
+        rows.append((phase, trainer, R, float(np.median(np.diff(times)[1:])) / R))
+        experiment.log.info(f"bench: {phase}, {trainer}, {R} models: {rows[-1][3]:.5f} s per model-epoch")
+    alone = {phase: sec for phase, trainer, _, sec in rows if trainer == "one at a time"}
+    lines = [f"Sine, {s.n_train} points, batch {s.batch}, {torch.get_num_threads()} threads, {device}: seconds per "
+             "model-epoch", "", "| phase | trainer | models | s / model-epoch | speed-up |", "|---|---|---|---|---|"]
+    lines += [f"| {p} | {t} | {R} | {sec:.5f} | {alone[p] / sec:.1f}x |" for p, t, R, sec in rows]
+    print("\n".join(lines))
+
+# == One process per core ==========================================================================
+
+def workers(s):
+    """--workers with 0 resolved: one process per CPU core, at most 8 (each holds its own torch) and at
+    most --runs; on a GPU, one."""
+    if s.workers or experiment.resolve_device(s.device) == "cuda":
+        return s.workers or 1
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8, s.runs)
+
+def launch(s, n):
+    """This command as n processes, ranks of one process group with one thread each, as torchrun would start
+    them: each trains every n-th run and rank 0 writes the rows, which are those of one process (a test checks
+    it). On a CPU n single-threaded processes beat one with n threads: much of a step of the small sine models
+    is Python, which one thread runs. This process waits; Ctrl-C, or a rank that fails, ends them all."""
+    out = experiment.checked_out(s)  # a wrong --out is refused here, before any process starts
+    experiment.settings_record(s, out)
+    experiment.read_rows(out, s.metric)
+    try:  # a free port for the ranks' process group
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+    except OSError as e:
+        experiment.log.warning(f"note: no local port for {n} processes ({e.strerror or type(e).__name__}); "
+                               "one process trains")
+        return run(s)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n),
+               MERGE_LAUNCHER=str(os.getpid()))
+    argv = [f"{experiment.flag(f)}={getattr(s, f.name)}" for f in dataclasses.fields(s)
+            if "help" in f.metadata and not isinstance(getattr(s, f.name), (bool, tuple))]
+    procs = [subprocess.Popen([sys.executable, merge.__file__, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              start_new_session=True) for r in range(n)]  # Ctrl-C reaches them from here, once
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() for p in procs):  # one failed: the others would wait for it for ever
+                stop(procs)
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        stop(procs)
+        raise
+    codes = [p.returncode for p in procs]
+    if any(codes):  # rank 0's exit code where it has one, else another's; a signal's (negative): 1
+        sys.exit(next((code for code in codes if code > 0), 1))
+
+def stop(procs):
+    """Ends the ranks still running (SIGTERM) and waits for them."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.wait()
+
+def guard():
+    """In a rank that launch() started, SIGTERM ends it quietly: the launcher says what happened. (Its
+    launcher's end ends it too: experiment.start_ranks.)"""
+    if os.environ.get("MERGE_LAUNCHER"):
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+
+# == The command line ==============================================================================
+
+def parse(argv=None):
+    return experiment.parse_settings(argv, SineSettings(), merge.__doc__)
+
+def run_task(s):
+    experiment.check_settings(s)
+    if s.bench:
+        bench(s)
+    elif experiment.ranks()[1] == 1 and workers(s) > 1:  # not yet a rank: start the ranks
+        launch(s, workers(s))
+    else:
+        run(s)
+
+def main(argv=None):
+    guard()
+    experiment.main(argv, parse, run_task)

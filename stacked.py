@@ -1,0 +1,211 @@
+"""The fast path beside merge.py: many small models of one architecture trained as one stack (vmap
+over functional_call, SGD written out, the step compiled), with gate noise from a counter.
+
+merge.fit draws its gates' u from torch's generator, which a stack cannot share out model by model.
+Here u is a hash of (seed, layer, step, index), a counter-based generator like Philox: a model
+drawing it alone (counter_noise, given to merge.fit) and the same model inside a stack (KeyedGate)
+see the same u, and take the same data orders (merge.epoch_seed), so the stack trains exactly what
+merge.fit trains one model at a time (test_stacked.py checks it, teacher and importance phases).
+"""
+import copy
+import logging
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+import merge
+
+log = logging.getLogger("merge")
+
+# == Counter-based noise ===========================================================================
+
+def mix(x):
+    """An integer hash (Mueller's) of the 32 bits of each int32 in x; the products wrap around."""
+    x = (x ^ (x >> 16) & 0xFFFF) * 0x45D9F3B  # >> keeps the sign: & 0xFFFF keeps the bits shifted in
+    x = (x ^ (x >> 16) & 0xFFFF) * 0x45D9F3B
+    return x ^ (x >> 16) & 0xFFFF
+
+def counter(*parts):
+    """The key, an int32 tensor, of non-negative integers (seed, layer), each of up to 64 bits."""
+    key = torch.zeros((), dtype=torch.int32)
+    for half in torch.tensor([[part & 0xFFFFFFFF, part >> 32] for part in parts]).flatten().to(torch.int32):
+        key = mix(key ^ half)
+    return key
+
+def uniform(key, step, count):
+    """count numbers in [0, 1): the top 24 bits of mix(mix(key ^ step) + index), index = 0 ... count - 1."""
+    index = torch.arange(count, device=key.device, dtype=torch.int32)
+    return (mix(mix(key ^ step) + index) >> 8 & 0xFFFFFF) / 2 ** 24
+
+class CounterNoise:
+    """gate.noise of a model trained alone: at its t-th call (the t-th training step), the u of step t."""
+
+    def __init__(self, seed, layer, device, step=0):
+        self.key, self.step = counter(seed, layer).to(device), step
+
+    def __call__(self, B, n):
+        u = uniform(self.key, torch.tensor(self.step, dtype=torch.int32, device=self.key.device), B * n)
+        self.step += 1
+        return u.view(B, n)
+
+def counter_noise(model, seed, step=0):
+    """Every gate of model given counter noise of (seed, its layer), from training step `step` on."""
+    noises = [CounterNoise(seed, layer, gate.loc.device, step) for layer, gate in enumerate(merge.gates(model))]
+    for gate, noise in zip(merge.gates(model), noises):
+        gate.noise = noise
+    return noises
+
+class KeyedGate(merge.Gate):
+    """A gate of the stack: u from its model's key and the step, buffers that functional_call passes in."""
+
+    def noise(self, B, n):
+        return uniform(self.key, self.step, B * n).view(B, n)
+
+# == The stacked trainer ===========================================================================
+
+def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, keep=0.5, warmup=0,
+                after_epoch=None, compile=True):
+    """merge.fit for many small models of one architecture without BatchNorm, as one stack. The summed loss
+    gives each model its own gradient and SGD is elementwise, so each trains as merge.fit trains it alone
+    with counter_noise(model, seed), on its own data, order and noise. The step is compiled (compile), and
+    after_epoch(epoch, history) is called after each epoch."""
+    device, models = datas[0].device, [model.train() for model in models]  # gates draw noise, as in merge.fit
+    base = copy.deepcopy(models[0]).to("meta")  # the architecture, without weights
+    gate_names = [name for name, m in base.named_modules() if isinstance(m, merge.Gate)]
+    for gate in merge.gates(base):
+        gate.__class__ = KeyedGate  # its noise from the buffers key and step below
+        gate.register_buffer("key", None, persistent=False)
+        gate.register_buffer("step", None, persistent=False)
+    params, buffers = torch.func.stack_module_state(models)
+    assert not buffers, "fit_stacked is for networks without BatchNorm statistics"
+    params = {name: p.detach().clone() for name, p in params.items()}  # (R, ...) each
+    momenta = {name: torch.zeros_like(p) for name, p in params.items()}
+    is_gate = {name: name.rsplit(".", 1)[0] in gate_names for name in params}
+    shared = all(d.x_train is datas[0].x_train for d in datas)  # one data set for all: no R copies of it
+    X, Y = ((datas[0].x_train, datas[0].y_train) if shared else  # (N, ...) or (R, N, ...)
+            (torch.stack([d.x_train for d in datas]), torch.stack([d.y_train for d in datas])))
+    N = len(datas[0].x_train)
+    rows, step = torch.arange(len(models), device=device)[:, None], torch.zeros((), dtype=torch.int32, device=device)
+    keys = {f"{name}.key": torch.stack([counter(seed, layer) for seed in seeds]).view(-1, 1).to(device)  # (R, 1)
+            for layer, name in enumerate(gate_names)}
+    error_loss = F.mse_loss if datas[0].metric == "mse" else F.cross_entropy
+
+    def loss(params, keys, x, y, lam, step):  # one model: params and gate keys without the R axis
+        steps = {f"{name}.step": step for name in gate_names}
+        error = error_loss(torch.func.functional_call(base, (params, keys, steps), (x,)), y)
+        return error + lam * merge.l_half([params[f"{name}.loc"] for name in gate_names], keep), error
+
+    def update(params, momenta, total, x, y, step, lr, lam):  # x, y (R, B, ...)
+        def summed(params):
+            losses, errors = torch.func.vmap(loss, in_dims=(0, 0, 0, 0, None, None), randomness="error")(
+                params, keys, x, y, lam, step)
+            return losses.sum(), errors
+        grads, errors = torch.func.grad(summed, has_aux=True)(params)
+        for name, p in params.items():  # torch.optim.SGD's update: buf = m buf + d_p; p -= lr buf
+            if is_gate[name] and lambdas is None:
+                continue
+            d_p = grads[name] + s.weight_decay * p if s.weight_decay and not is_gate[name] else grads[name]
+            momenta[name].mul_(0.9 if is_gate[name] else s.momentum).add_(d_p)
+            p.sub_((s.gate_lr if is_gate[name] else lr) * momenta[name])
+        total.add_(errors.detach() * x.shape[1])
+        step.add_(1)
+
+    update, history = compiled(update, compile), []
+    for epoch in range(epochs):
+        start, total = time.time(), torch.zeros(len(models), device=device)
+        lr = torch.tensor(merge.lr_at(s, epoch, epochs, drops, warmup), device=device)  # tensors: a new value
+        lam = torch.tensor(lambdas[epoch] if lambdas is not None else 0.0, device=device)  # needs no recompile
+        order = torch.stack([torch.randperm(N, device=device, generator=torch.Generator(device).manual_seed(
+            merge.epoch_seed(seed, epoch))) for seed in seeds])  # (R, N): merge.fit's orders
+        X_epoch, Y_epoch = (X[order], Y[order]) if shared else (X[rows, order], Y[rows, order])  # (R, N, ...)
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=epoch > 0):  # epoch 0 compiled all it needs
+            for x, y in zip(X_epoch.split(s.batch, dim=1), Y_epoch.split(s.batch, dim=1)):  # (R, B, ...)
+                x = datas[0].prepare(x.flatten(0, 1), True).unflatten(0, x.shape[:2])
+                for t in (x, y) if epoch == 0 else ():  # one compiled step for any batch size, the last one's too
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
+                update(params, momenta, total, x, y, step, lr, lam)
+        history.append(dict(epoch=epoch, error=(total / N).tolist(), seconds=time.time() - start))
+        if lambdas is not None:
+            locs = [params[f"{name}.loc"] for name in gate_names]  # (R, n) each
+            history[-1].update(l_half=merge.l_half(locs, keep).tolist(), open=[merge.p_open(l).tolist() for l in locs])
+        if after_epoch:
+            after_epoch(epoch, history)
+    for r, model in enumerate(models):
+        model.load_state_dict({name: p[r] for name, p in params.items()})
+    return history
+
+def compiled(step, use_compile):
+    """torch.compile(step), or where that fails (no C++ compiler) the eager step, with a notice."""
+    torch._dynamo.reset()  # each phase compiles afresh instead of piling up recompiles
+    fast = torch.compile(step) if use_compile else step
+
+    def call(*args):
+        nonlocal fast
+        try:
+            return fast(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+            if fast is step:
+                raise
+            log.warning(f"note: torch.compile is unavailable here ({type(e).__name__}); training eagerly")
+            fast = step
+            return step(*args)
+    return call
+
+# == Runs in lockstep, so that their alike phases meet in one stack ================================
+
+class Lockstep:
+    """Runs jobs, each one strategy on one run as merge.py writes it, one at a time: a job goes on until it
+    asks its `train` for a phase, then waits. When every job waits or is done, the phases asked for are
+    trained by fit_phases (alike ones of all runs as one stack) and the waiting jobs go on. The jobs are
+    threads that take turns, never two at once: torch's random state is theirs while they run."""
+
+    def __init__(self, fit_phases):
+        self.fit_phases, self.asked, self.running, self.aborted = fit_phases, [], None, False
+        self.back = threading.Event()  # a job's turn is over
+
+    def train(self, models, data, s, epochs, drops, seeds, phase, lambdas=None, keep=0.5, warmup=0, **hooks):
+        job = self.running
+        self.asked.append(dict(job=job, models=models, data=data, s=s, epochs=epochs, drops=tuple(drops),
+                               seeds=seeds, phase=phase, lambdas=lambdas, keep=keep, warmup=warmup, hooks=hooks))
+        self.back.set()
+        job["go"].wait()
+        job["go"].clear()
+        if self.aborted:
+            raise SystemExit  # ends this job's thread quietly: another job failed, or Ctrl-C
+        return models
+
+    def run(self, jobs, done):
+        """jobs: dicts holding work(train) -> its result; done(job, result) for each as it finishes."""
+        def turn(job):
+            job["go"].wait()
+            job["go"].clear()
+            try:
+                if not self.aborted:
+                    job["result"] = job["work"](self.train)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                job["error"] = e
+            job["finished"] = True
+            self.back.set()
+        for job in jobs:
+            job.update(go=threading.Event(), finished=False)
+            threading.Thread(target=turn, args=(job,), daemon=True).start()
+        try:
+            while not all(job["finished"] for job in jobs):
+                for job in (job for job in jobs if not job["finished"]):
+                    self.running = job
+                    self.back.clear()
+                    job["go"].set()
+                    self.back.wait()
+                    if job["finished"] and "error" in job and not isinstance(job["error"], SystemExit):
+                        raise job["error"]
+                    if job["finished"]:
+                        done(job, job["result"])
+                asked, self.asked = self.asked, []
+                if asked:
+                    self.fit_phases(asked)
+        finally:
+            self.aborted = True
+            for job in jobs:
+                job["go"].set()

@@ -1,0 +1,127 @@
+"""Tests for stacked.py, the fast path: given the same counter noise, the stacked trainer trains
+exactly what merge.fit trains one model at a time (teacher and importance phases, eager and
+compiled); a compiler that fails falls back to eager with one notice; Lockstep runs the plain
+strategies of merge.py so that their phases stack, and changes no model."""
+import logging
+
+import pytest
+import torch
+
+import merge
+import stacked
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    torch.set_default_dtype(torch.float64)  # exactness at double precision; conftest.py restores it
+
+
+def settings(**changes):
+    return merge.Settings(**changes)
+
+
+def fresh(seeds, width=8):
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        models.append(merge.SineMLP(widths=(width,)))
+    return models
+
+
+def same(a, b, tolerance):
+    return all(torch.allclose(a.state_dict()[n], b.state_dict()[n], **tolerance) for n in a.state_dict())
+
+
+@pytest.mark.parametrize("use_compile", [0, 1])
+def test_the_stack_trains_what_merge_fit_trains_given_the_same_noise(use_compile):
+    s = settings()
+    datas = [merge.sine_data(seed, 200, 50, 50) for seed in (0, 1)]  # 200 points: a last batch of 8
+    tolerance = dict(rtol=1e-6, atol=1e-6) if use_compile else dict(rtol=1e-12, atol=1e-12)
+    # the teacher phase: SGD with an lr drop
+    alone, stack = fresh([5, 6]), fresh([5, 6])
+    for model, data, seed in zip(alone, datas, [5, 6]):
+        stacked.counter_noise(model, seed)
+        merge.fit(model, data, s, 3, drops=(0.5,), seed=seed)
+    stacked.fit_stacked(stack, datas, s, 3, drops=(0.5,), seeds=[5, 6], compile=use_compile)
+    assert all(same(a, b, tolerance) for a, b in zip(alone, stack))
+    assert not torch.allclose(alone[0].out.weight, fresh([5])[0].out.weight)  # it did train
+    # the importance phase: gates, L_half and the gates' own SGD
+    lambdas = merge.lambda_schedule(3, 0.5, 0.5)
+    bigs = [merge.make_big_student(fresh([2 * r, 2 * r + 1])) for r in (0, 1)]
+    twins = [merge.make_big_student(fresh([2 * r, 2 * r + 1])) for r in (0, 1)]
+    for big, data, seed in zip(bigs, datas, [7, 8]):
+        stacked.counter_noise(big, seed)
+        merge.fit(big, data, s, 3, seed=seed, lambdas=lambdas)
+    stacked.fit_stacked([twin.eval() for twin in twins], datas, s, 3, seeds=[7, 8], lambdas=lambdas,  # in train
+                        compile=use_compile)  # mode, whatever mode a model was left in
+    assert all(same(a, b, tolerance) for a, b in zip(bigs, twins))
+    assert not torch.allclose(bigs[0].gates[0].loc, twins[1].gates[0].loc)  # each its own noise and data
+    assert (bigs[0].gates[0].loc - 1).abs().max() > 0.05  # the gates moved
+
+
+def test_counter_noise_is_uniform_and_another_for_every_seed_layer_and_step():
+    noise = stacked.CounterNoise(seed=3, layer=0, device="cpu")
+    u = noise(1000, 100)
+    assert u.shape == (1000, 100) and 0 <= u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    assert not torch.equal(u, noise(1000, 100))  # the next step
+    assert not torch.equal(u, stacked.CounterNoise(4, 0, "cpu")(1000, 100))
+    assert not torch.equal(u, stacked.CounterNoise(3, 1, "cpu")(1000, 100))
+    assert torch.equal(u, stacked.CounterNoise(3, 0, "cpu")(1000, 100))
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_notice(monkeypatch, caplog):
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+        return call
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(stacked.log, "propagate", True)  # to caplog, whatever a Progress handler did
+    s, data = settings(), merge.sine_data(0, 200, 50, 50)
+    compiled, eager = fresh([3]), fresh([3])
+    with caplog.at_level(logging.WARNING, logger=stacked.log.name):
+        stacked.fit_stacked(compiled, [data], s, 2, seeds=[3])
+    stacked.fit_stacked(eager, [data], s, 2, seeds=[3], compile=False)
+    assert torch.equal(compiled[0].out.weight, eager[0].out.weight)
+    assert sum("torch.compile is unavailable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_guards_skipped_in_a_phase_count_again_after_it():
+    s, data = settings(), merge.sine_data(0, 64, 16, 16)
+    stacked.fit_stacked(fresh([1]), [data], s, 2, seeds=[1])
+    double = torch.compile(lambda x: x * 2)
+    assert double(torch.ones(3)).dtype == torch.get_default_dtype()
+    assert double(torch.ones(3, dtype=torch.int64)).dtype == torch.int64  # a guard chose a new graph
+
+
+def test_lockstep_stacks_the_phases_of_all_runs_and_changes_no_model():
+    """Every strategy of merge.py, two runs, in Lockstep with a trainer that stacks alike phases,
+    gives the models of the plain strategies, one run after another, with the same noise."""
+    s = settings(epochs=12)
+    datas = {seed: merge.sine_data(seed, 200, 50, 50) for seed in (0, 1)}
+    asked = []
+
+    def fit_phases(phases):  # the stack of every phase asked for in a round, as experiment.py's trainer does
+        asked.append([(p["phase"], len(p["models"])) for p in phases])
+        for p in phases:  # alike phases: the same epochs, drops and lambdas; here one stack each
+            stacked.fit_stacked(p["models"], [p["data"]] * len(p["models"]), p["s"], p["epochs"], p["drops"],
+                                p["seeds"], p["lambdas"], p["keep"], p["warmup"], compile=False) if not p["hooks"] else \
+                plain(p["models"], p["data"], p["s"], p["epochs"], p["drops"], p["seeds"], p["phase"], p["lambdas"],
+                      p["keep"], p["warmup"], **p["hooks"])
+
+    def plain(models, data, s, epochs, drops, seeds, phase, lambdas=None, keep=0.5, warmup=0, **hooks):
+        for model, seed in zip(models, seeds):
+            stacked.counter_noise(model, seed)
+        return merge.train(models, data, s, epochs, drops, seeds, phase, lambdas, keep, warmup, **hooks)
+
+    results = {}
+    jobs = [dict(key=(name, seed), work=lambda train, name=name, seed=seed: merge.STRATEGIES[name](
+        datas[seed], s, merge.SineMLP, seed, train)) for name in merge.STRATEGIES for seed in (0, 1)]
+    stacked.Lockstep(fit_phases).run(jobs, lambda job, outcome: results.__setitem__(job["key"], outcome))
+    assert len(results) == 2 * len(merge.STRATEGIES)
+    assert {("teacher", 2), ("bo3", 3), ("one", 1)} <= set(asked[0]), asked  # round 1: every run
+    assert len(asked[0]) == 2 * len(merge.STRATEGIES)  # every strategy's first phase, for each run
+    for (name, seed), (model, info) in results.items():
+        alone, alone_info = merge.STRATEGIES[name](datas[seed], s, merge.SineMLP, seed, plain)
+        assert same(model, alone, dict(rtol=1e-9, atol=1e-12)), name
+        assert info.keys() == alone_info.keys()
