@@ -1,7 +1,7 @@
 """The run machinery around merge.py, shared by every experiment: settings and the command line, the
 --out folder (results, resuming, one command at a time), the trainer the strategies are given (finished
-phases kept, epoch checkpoints, alike phases of all runs trained as one stack), runs over processes
-(torchrun's ranks), the summary tables and progress. merge.py knows nothing of it.
+phases kept, epoch checkpoints, alike phases of all runs trained as one stack) and runs over processes
+(torchrun's ranks). merge.py knows nothing of it; report.py shows what it reports.
 
 An --out folder holds settings.json (a later command on it must use the same settings), results.jsonl
 (one line per finished run and strategy), phases/ (every finished training phase, so that a killed run
@@ -36,6 +36,7 @@ class InputError(ValueError):
 
 STRATEGIES = merge.STRATEGIES
 MAX_RUNS, MAX_SEED = 1000, 10 ** 9  # run seeds 1000 seed + run; phase seeds stay far below 2^63, torch's limit
+MAX_TEACHERS = 10  # merge.PHASE_SEEDS gives the teachers the offsets 0 to 9
 AT_LEAST_1, NOT_NEGATIVE = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0 or more")
 POSITIVE, FRACTION = (lambda v: v > 0, "above 0"), (lambda v: 0 < v < 1, "between 0 and 1")
 VALID = dict(  # what the numbers of merge.Settings and Settings must be, checked before anything runs
@@ -43,7 +44,7 @@ VALID = dict(  # what the numbers of merge.Settings and Settings must be, checke
     weight_decay=NOT_NEGATIVE, gate_lr=POSITIVE, lambda_start=POSITIVE, lambda_step=NOT_NEGATIVE,
     paper_epochs=AT_LEAST_1, finetune_lr=NOT_NEGATIVE, finetune_warmup=NOT_NEGATIVE,
     fold=(lambda v: v in (0, 1), "0 or 1"),
-    teachers=(lambda v: 2 <= v <= merge.MAX_TEACHERS, f"from 2 to {merge.MAX_TEACHERS}"),
+    teachers=(lambda v: 2 <= v <= MAX_TEACHERS, f"from 2 to {MAX_TEACHERS}"),
     runs=(lambda v: 1 <= v <= MAX_RUNS, f"from 1 to {MAX_RUNS}"),
     seed=(lambda v: 0 <= v <= MAX_SEED, f"from 0 to {MAX_SEED}"))
 
@@ -248,35 +249,38 @@ def phase_trainer(phases, rank=0, wrap=lambda model: model):
     one stack (--stack 1, stacked.py) or one at a time with a checkpoint per epoch (fit_one). Gate noise
     comes from a counter either way, so both give the same models. Each job's compute is counted by phase."""
     def fit_phases(asked):
-        groups, twins = {}, {}  # alike phases: the models to train and those loaded; models asked for twice
+        groups, twins, starts = {}, {}, {}  # alike phases; a phase's models asked for twice, how each started
         for a in asked:
             model, data, s = a["models"][0], a["data"], a["s"]
             cost = len(a["models"]) * a["epochs"]  # epochs, and forward multiply-adds (a step costs about three)
             a["job"].setdefault("compute", {})[a["phase"]] = [cost, cost * data.size * merge.macs(model, data)]
-            stack = bool(s.stack) and not a["hooks"] and not list(model.buffers())  # no BatchNorm in a stack
-            kind = (stack, type(model), repr(model.hparams), a["epochs"], a["drops"], repr(a["lambdas"]), a["keep"],
+            stack = bool(s.stack) and not a["hooks"] and not list(model.buffers()) and not getattr(
+                data, "augments", False)  # a stack holds no BatchNorm, and draws no augmentation for each model
+            kind = (stack, type(model), repr(model.hparams), a["epochs"], a["drops"], repr(a["lambdas"]), a["share"],
                     a["warmup"], s.lr, s.batch, data.size, data.metric, str(data.device))
-            group = groups.setdefault(kind, dict(todo=[], loaded=0, phases={}))
+            group = groups.setdefault(kind, dict(stack=stack, epochs=a["epochs"], todo=[], loaded=0, phases={}))
             group["phases"][a["phase"]] = True
             for model, seed in zip(a["models"], a["seeds"]):
-                path = phases / f"{a['phase']}-{seed}.pt"
+                path, start = phases / f"{a['phase']}-{seed}.pt", [float(t.sum()) for t in model.state_dict().values()]
                 if path in twins:  # the same phase asked twice (random's and the student's teachers): trained once
+                    assert starts[path] == start, f"{path} is asked for twice, from other weights"
                     twins[path].append(model)
-                elif twins.setdefault(path, [model]) and load(model, path, data.device):
+                    continue
+                twins[path], starts[path] = [model], start
+                if load(model, path, data.device):
                     group["loaded"] += 1
                 else:
                     group["todo"].append((model, seed, path, a))
-        for kind, group in groups.items():
-            (stack, *_, epochs), todo = kind[:4], group["todo"]
-            done = f" ({group['loaded']} done before)" if group["loaded"] else ""
-            log.info(f"  {' and '.join(group['phases'])}: {len(todo)} x {epochs} epochs{done}")
-            if todo and stack:
+        for group in groups.values():
+            todo, done = group["todo"], f" ({group['loaded']} done before)" if group["loaded"] else ""
+            log.info(f"  {' and '.join(group['phases'])}: {len(todo)} x {group['epochs']} epochs{done}")
+            if todo and group["stack"]:
                 a = todo[0][3]
-                stacked.fit_stacked([t[0] for t in todo], [t[3]["data"] for t in todo], a["s"], epochs, a["drops"],
-                                    [t[1] for t in todo], a["lambdas"], a["keep"], a["warmup"], report.progress(epochs),
-                                    a["s"].compile)
+                stacked.fit_stacked([t[0] for t in todo], [t[3]["data"] for t in todo], a["s"], a["epochs"],
+                                    a["drops"], [t[1] for t in todo], a["lambdas"], a["share"], a["warmup"],
+                                    report.progress(a["epochs"]), a["s"].compile)
             for model, seed, path, a in todo:
-                if not stack:
+                if not group["stack"]:
                     fit_one(model, a["data"], a["s"], a, seed, path.with_suffix(".epochs"), rank, wrap)
                 if rank == 0:  # the only writer among the ranks
                     save_whole(model.state_dict(), path)
@@ -330,7 +334,7 @@ def fit_one(model, data, s, a, seed, checkpoint, rank, wrap):
         if rank == 0:  # the other ranks hold the same
             save_whole(dict(model=model.state_dict(), opts=[opt.state_dict() for opt in opts], epoch=epoch,
                             step=noises[0].step if noises else 0, history=history), checkpoint)
-    merge.fit(net, data, s, a["epochs"], a["drops"], seed, a["lambdas"], a["keep"], a["warmup"], opts, start,
+    merge.fit(net, data, s, a["epochs"], a["drops"], seed, a["lambdas"], a["share"], a["warmup"], opts, start,
               hooks.get("after_step"), after_epoch)
     for gate in merge.gates(model):
         del gate.noise  # torch's generator again
@@ -361,10 +365,11 @@ def start_ranks(s):
 
 def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wrap=lambda model: model):
     """The loop of every experiment, inside `with locked(s)`: the (run, strategy) pairs not yet in
-    --out/results.jsonl run in Lockstep, STACK_RUNS runs at a time, each finished one written at once as a
-    JSON line; finished phases are kept in --out/phases, so that a killed experiment resumes. make_data(seed,
-    device) -> a run's Data; result(model, data) -> its row's numbers. Over ranks each rank takes whole runs
-    and rank 0 writes all rows; with replicas (DDP, imagenet.py) every rank runs every run."""
+    --out/results.jsonl run in Lockstep, STACK_RUNS runs at a time, and every finished phase is kept in
+    --out/phases, so that a killed experiment resumes. make_data(seed, device) -> a run's Data; result(model,
+    data) -> its row's numbers. In one process each finished pair is written at once as a JSON line. Over
+    ranks each rank takes every world-th run of each chunk and rank 0 writes all the chunk's rows when every
+    rank is done with it; with replicas (DDP, imagenet.py) every rank runs every run."""
     (rank, world), device, out = ranks(), resolve_device(s.device), Path(s.out)
     results, repair = read_rows(out, s.metric)
     if rank == 0:
@@ -376,12 +381,12 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
     done = {(r["run"], r["strategy"]) for r in results}
     log.info(f"{title}: {s.runs} runs x {len(names)} strategies, {s.epochs} epochs each, on {device}"
              f"{f' in {world} processes' if world > 1 else ''}; {len(done)} results already in {out}")
-    mine = [run for run in range(s.runs) if any((run, name) not in done for name in names)]
-    mine = mine[rank::world] if split else mine
+    todo = [run for run in range(s.runs) if any((run, name) not in done for name in names)]
     trainer = phase_trainer(out / "phases", rank if replicas else 0, wrap)
-    for chunk in [mine[i:i + STACK_RUNS] for i in range(0, len(mine), STACK_RUNS)]:
-        log.info(f"{len(chunk)} of the {s.runs} runs in lockstep, {chunk[0] + 1} to {chunk[-1] + 1}" if len(chunk) > 1
-                 else f"run {chunk[0] + 1} of {s.runs}")
+    for chunk in [todo[i:i + STACK_RUNS * world] for i in range(0, len(todo), STACK_RUNS * world)]:
+        chunk = chunk[rank::world] if split else chunk  # every rank goes through as many chunks, some maybe empty
+        log.info(f"runs {', '.join(str(run + 1) for run in chunk[:3])}{', ...' if len(chunk) > 3 else ''} of {s.runs}"
+                 f"{f' (this process: {len(chunk)})' if split else ''}, in lockstep")
         datas, rows = {run: make_data(run_seed(s.seed, run), device) for run in chunk}, []
         jobs = [dict(run=run, strategy=name, work=lambda train, run=run, name=name: STRATEGIES[name](
             datas[run], s, make_teacher, run_seed(s.seed, run), train)) for name in names for run in chunk

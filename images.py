@@ -111,8 +111,10 @@ def image_data(d, device, size=None, augment=None):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return ((x - mean) / std).contiguous()  # NCHW, not channels-last
     to = lambda key: torch.as_tensor(d[key]).to(device)
-    return Data(x_train, to("y_train"), to("x_val"), to("y_val"), to("x_test"), to("y_test"), metric="accuracy",
+    data = Data(x_train, to("y_train"), to("x_val"), to("y_val"), to("x_test"), to("y_test"), metric="accuracy",
                 prepare=prepare)
+    data.augments = augment is not None  # its models train one at a time: a stack draws no augmentation for each
+    return data
 
 
 def accuracy_result(model, data):

@@ -6,10 +6,9 @@ L_half (2.2); the big student is compressed to the teachers' width (2.3) and fin
 
     python merge.py --task sine --runs 50     # Table 1 and Figs. 5, 8a, 9, 10 -> runs/sine/
 
-Result (50 runs, 900 epochs per strategy, 3 min 54 s on a 2-core AMD EPYC CPU): mean test MSE of the
-student 0.0759, bo3 0.0866, one model 0.1242; all five peaks in 50/50, 49/50 and 36/50 runs. The run
-machinery (results, resuming, stacked training, processes) wraps this file from outside (sine.py).
-"""
+Result (50 runs, 900 epochs per strategy, 3 min 54 s on a 2-core AMD EPYC CPU): mean test MSE of the student
+0.0759, bo3 0.0866, one model 0.1242; all five peaks in 50/50, 49/50 and 36/50 runs. The run machinery wraps
+this file from outside: experiment.py, stacked.py (the fast trainer) and sine.py."""
 import math
 from dataclasses import dataclass, field, replace
 
@@ -79,7 +78,7 @@ class Gate(nn.Module):
     beta, gamma, zeta = 2 / 3, -0.1, 1.1  # temperature and stretch, fixed as in the authors' scripts
     def __init__(self, n):
         super().__init__()
-        self.loc = nn.Parameter(1 + 0.01 * torch.randn(n))  # loc ~ N(1, 0.01^2): P[g > 0] ~ 0.93 at first
+        self.loc = nn.Parameter(1 + 0.01 * torch.randn(n))  # log alpha in Louizos et al.: P[g > 0] ~ 0.93 at first
     def noise(self, B, n):
         """u ~ U(0, 1), (B, n), from torch's generator. A trainer may put another source in its
         place (gate.noise = f): the run machinery uses a counter-based one (stacked.py)."""
@@ -106,15 +105,15 @@ def p_open(loc):
 def gates(model):
     return [m for m in model.modules() if isinstance(m, Gate)]
 
-def l_half(locs, keep=0.5):
-    """sum over gate layers l of L_half^l = (keep - 1/n sum_i P[g_i > 0])^2, from each layer's
-    loc, (n,) or stacked (R, n). Section 2.2: keep = 1/2; k teachers keep 1/k."""
-    return sum((keep - p_open(loc).mean(-1)) ** 2 for loc in locs)
+def l_half(locs, share=0.5):
+    """sum over gate layers l of L_half^l = (share - 1/n sum_i P[g_i > 0])^2, from each layer's loc, (n,) or
+    stacked (R, n), n units. Section 2.2 asks for share = 1/2 (and writes k for n); k teachers, 1/k."""
+    return sum((share - p_open(loc).mean(-1)) ** 2 for loc in locs)
 
-def lambda_schedule(epochs, start, step, paper_epochs=None):
+def lambda_schedule(epochs, start, step, tuned_epochs=None):
     """lambda for each epoch of the importance phase, lambda += step sqrt(lambda) before each (Fig. 5).
-    DEVIATION: the paper tunes the step for its budget only; a phase of another length than
-    `paper_epochs` gets the step, found by bisection, that ends at the paper's final lambda."""
+    DEVIATION: the paper tunes the step for its budget only; a phase of another length than the
+    `tuned_epochs` of the paper's gets the step, found by bisection, that ends at the paper's last lambda."""
     def schedule(step, n):
         lam, lambdas = start, []
         for _ in range(n):
@@ -122,9 +121,11 @@ def lambda_schedule(epochs, start, step, paper_epochs=None):
             lambdas.append(lam)
         return lambdas
 
-    if paper_epochs is None or paper_epochs == epochs or epochs == 0:
+    if tuned_epochs is None or tuned_epochs == epochs or epochs == 0:
         return schedule(step, epochs)
-    target, low, high = schedule(step, paper_epochs)[-1], 0.0, step * paper_epochs / epochs * 4
+    target, low, high = schedule(step, tuned_epochs)[-1], 0.0, step
+    while schedule(high, epochs)[-1] < target:  # a step too large, then bisection between 0 and it
+        high *= 2
     for _ in range(60):
         mid = (low + high) / 2
         low, high = (mid, high) if schedule(mid, epochs)[-1] < target else (low, mid)
@@ -146,7 +147,8 @@ def compress(big_student, keep=None, fold=False):
     keep = top_units(big_student) if keep is None else keep
     out_units, in_features, scale = {}, {}, {}
     for (gate, producers, consumers), units in zip(big_student.unit_groups(), keep):
-        n, value = producers[0].weight.shape[0], gate.eval().sample(gate.loc[None])[0].detach() if fold else None
+        n = producers[0].weight.shape[0]
+        value = (torch.sigmoid(gate.loc) * (gate.zeta - gate.gamma) + gate.gamma).clamp(0, 1).detach() if fold else 0
         for m in producers:
             out_units[m] = units
         for m in consumers:
@@ -167,9 +169,8 @@ def compress(big_student, keep=None, fold=False):
     return student
 
 # == Architectures =================================================================================
-# Each takes the teachers' widths, k (the big student has k times every width) and gated (gates
-# after the ReLUs, Fig. 6), and lists its unit groups (gate, producers, consumers): the layers
-# whose outputs and inputs a gate's units are.
+# Each takes the teachers' widths, k (the big student has k times every width) and gated (gates after the ReLUs,
+# Fig. 6), and lists its unit groups (gate, producers, consumers): the layers a gate's units are outputs, inputs of.
 def chain_groups(gates, layers):
     """Unit groups of a plain chain: gate i sits between layers i and i + 1."""
     return [(g, [a], [b]) for g, a, b in zip(gates, layers, layers[1:])]
@@ -305,9 +306,7 @@ def setting(default, help):
 
 @dataclass
 class Settings:
-    """The method's settings, with the sine problem's values (section 3.2). Each experiment extends
-    them and gives its own values (SETTINGS.md: every experiment's, with the source of each)."""
-    # the budget (3.1)
+    """The method's settings, with the sine problem's values (section 3.2); each experiment extends them."""
     epochs: int = setting(900, "epochs per strategy, the whole budget; every phase and lr drop scales with it (3.1)")
     teachers: int = setting(2, "k, the number of teachers merged into one student (paper: 2)")
     phase_epochs: tuple = ()  # (teacher, importance, fine-tune, bo3, one) epochs given, not from epochs (ImageNet)
@@ -384,7 +383,7 @@ def optimizers(model, s, importance=False):
     opts = [torch.optim.SGD(weights, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)]
     return opts + [torch.optim.SGD(locs, lr=s.gate_lr, momentum=0.9)] if importance else opts
 
-def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, warmup=0, opts=None, start=0,
+def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, share=0.5, warmup=0, opts=None, start=0,
         after_step=None, after_epoch=None):
     """Train one model in place with SGD, the lr divided by 10 at each fraction of the epochs in drops.
     With `lambdas`, one per epoch, this is the importance phase (2.2): L = L_E + lambda sum_l L_half^l.
@@ -400,7 +399,7 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, warmup
         total, seen = 0, 0
         for x, y in data.batches(s.batch):
             error = error_loss(model(x), y)
-            loss = error + lambdas[epoch] * l_half(locs, keep) if lambdas is not None else error
+            loss = error + lambdas[epoch] * l_half(locs, share) if lambdas is not None else error  # L_E + lambda L_half
             for opt in opts:
                 opt.zero_grad()
             loss.backward()
@@ -411,24 +410,24 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, keep=0.5, warmup
             total, seen = total + error.detach() * len(y), seen + len(y)
         history.append(dict(epoch=epoch, error=float(total / seen)))
         if lambdas is not None:
-            history[-1].update(l_half=l_half(locs, keep).item(), open=[p_open(loc).tolist() for loc in locs])
+            history[-1].update(l_half=l_half(locs, share).item(), open=[p_open(loc).tolist() for loc in locs])
         if after_epoch:
             after_epoch(epoch, history)
     return history
 
-def train(models, data, s, epochs, drops, seeds, phase, lambdas=None, keep=0.5, warmup=0, **hooks):
+def train(models, data, s, epochs, drops, seeds, phase, lambdas=None, share=0.5, warmup=0, **hooks):
     """One phase of a run (3.1): each model fitted on data from its seed, one after another. Strategies
     take it as an argument; the run machinery passes one that stacks, resumes and keeps finished phases."""
     for model, seed in zip(models, seeds):
-        fit(model, data, s, epochs, drops, seed, lambdas, keep, warmup, **hooks)
+        fit(model, data, s, epochs, drops, seed, lambdas, share, warmup, **hooks)
     return models
 
 # == 3.1  Strategies ===============================================================================
 # Plain functions of one run: (data, settings, teacher constructor, run seed, train) -> (model, info). Each phase
-# of a run trains from 100 (run seed) + its offset here (+ i for its i-th model): no two phases share a seed.
+# of a run trains from 100 (run seed) + its offset here (+ i for its i-th model): no two phases share a seed
+# (but random's fine-tuning takes the student's: the same data order).
 PHASE_SEEDS = dict(teacher=0, importance=10, finetune=11, random=12, bo3=20, one=30, one_compute=31,  # teacher i: + i
                    wide=40, pruning=41, prune_finetune=42, fusion_finetune=50)
-MAX_TEACHERS = 10
 
 def phase_seed(run_seed, phase, i=0):
     return 100 * run_seed + PHASE_SEEDS[phase] + i
@@ -468,7 +467,7 @@ def student(data, s, make_teacher, seed, train=train, control=False):
     big_student = make_big_student(teachers)
     lambdas = lambda_schedule(b["importance"], s.lambda_start, s.lambda_step, round(s.paper_epochs / 6))
     train([big_student], data, s, b["importance"], s.drops_importance, [phase_seed(seed, "importance")],
-          "importance", lambdas, keep=1 / k)
+          "importance", lambdas, share=1 / k)
     keep = random_units(big_student, phase_seed(seed, "random")) if control else top_units(big_student)
     merged = compress(big_student, keep, s.fold)
     compressed_val, compressed_test = data.evaluate(merged, "val"), data.evaluate(merged, "test")
@@ -546,8 +545,7 @@ class Mask(nn.Module):
         self.register_buffer("m", torch.ones(n, device=device).requires_grad_())  # made on its device: a leaf
     def sample(self, x):
         return self.m.view(1, -1, *[1] * (x.dim() - 2))
-    def forward(self, x):
-        return x * self.sample(x)
+    forward = Gate.forward  # x * self.sample(x)
 
 def with_masks(model):
     """A Mask in place of every Gate (a ResNet stage's shared gate: one shared mask), in group order."""
@@ -577,8 +575,9 @@ def taylor_pruning(masks, epochs):
     return dict(after_step=after_step, after_epoch=after_epoch)
 
 def prune(data, s, make_teacher, seed, train=train):
-    """Channel pruning (3.1): a network of double width trained for 2/3 of the budget, pruned to the
-    teachers' width over the next 1/6, compressed to their architecture, fine-tuned for the last 1/6."""
+    """Channel pruning (3.1): a network of double width trained for 2/3 of the budget, pruned to the teachers'
+    width over the next 1/6, compressed to their architecture, fine-tuned for the last 1/6. DEVIATION: the
+    paper's pruning method "[4]" could not be checked; ours is Taylor importance pruned epoch by epoch."""
     b = budget(s)
     wide, = trained(lambda: variant(make_teacher(), k=2), data, s, seed, train, "wide", s.teachers * b["teacher"],
                     s.drops_teacher)
@@ -631,8 +630,9 @@ def fuse(teachers, seed=0):
     return fused
 
 def fusion(data, s, make_teacher, seed, train=train):
-    """Model fusion: the student's teachers, aligned and averaged by fuse(), then fine-tuned for the
-    student's fine-tuning epochs. It has no importance phase: it uses 5/6 of the budget."""
+    """Model fusion: the student's teachers, aligned and averaged by fuse(), then fine-tuned for the student's
+    fine-tuning epochs (5/6 of the budget). DEVIATION: the paper quotes OTFusion and GAMF (Table 3); ours is
+    Git Re-Basin's weight matching and fine-tuning, so its rows are not Table 3's."""
     b = budget(s)
     teachers = trained(make_teacher, data, s, seed, train, "teacher", b["teacher"], s.drops_teacher, s.teachers)
     fused = fuse(teachers, seed)

@@ -79,6 +79,22 @@ def write_report(s, rows, out):
         report.plot_kept_share(rows, out / "fig2_kept_share.png")
     experiment.log.info(f"wrote {out}/summary.md and figures")
 
+def fold_table(rows, folded):
+    """The fold study: the student and the random control, compressed as the paper does (rows) and with the
+    kept gates folded into the next layer (folded rows, --fold 1): test MSE compressed and at the end."""
+    lines = ["| strategy | compression | compressed, before fine-tuning (test, mean) | final (test, mean) | median | "
+             "all 5 peaks | student lower |", "|---|---|---|---|---|---|---|"]
+    for name in ("student", "random"):
+        for how, these in (("gates dropped (paper)", rows), ("gates folded (--fold 1)", folded)):
+            student = {r["run"]: r["test_mse"] for r in these if r["strategy"] == "student"}  # the same compression
+            mine = [r for r in these if r["strategy"] == name]
+            final = [r["test_mse"] for r in mine]
+            lower = f"{sum(student[r['run']] < r['test_mse'] for r in mine)}/{len(mine)}" if name == "random" else ""
+            lines.append(f"| {name} | {how} | {np.mean([r['compressed_test'] for r in mine]):.4f} | "
+                         f"{np.mean(final):.4f} | {np.median(final):.4f} | {sum(r['peaks'] == 5 for r in mine)}/"
+                         f"{len(mine)} | {lower} |")
+    return "\n".join(lines)
+
 def bench(s):
     """Seconds per model-epoch of the sine's teacher and importance phases: merge.fit, one at a time, against
     the stacked trainer at several stack sizes, in this process, on the same data; the median of epochs 2 to 4."""

@@ -24,7 +24,7 @@ from experiment import setting
 class TeachersSettings(sine.SineSettings):
     """The sine's settings, and the largest k of the study."""
     most: int = setting(5, "the study merges k = 2, 3, ... up to this many teachers (ours)",
-                        valid=(lambda v: 2 <= v <= merge.MAX_TEACHERS, f"from 2 to {merge.MAX_TEACHERS}"))
+                        valid=(lambda v: 2 <= v <= experiment.MAX_TEACHERS, f"from 2 to {experiment.MAX_TEACHERS}"))
 
 
 def parse(argv=None):

@@ -4,8 +4,10 @@ over functional_call, SGD written out, the step compiled), with gate noise from 
 merge.fit draws its gates' u from torch's generator, which a stack cannot share out model by model.
 Here u is a hash of (seed, layer, step, index), a counter-based generator like Philox: a model
 drawing it alone (counter_noise, given to merge.fit) and the same model inside a stack (KeyedGate)
-see the same u, and take the same data orders (merge.epoch_seed), so the stack trains exactly what
-merge.fit trains one model at a time (test_stacked.py checks it, teacher and importance phases).
+see the same u, and take the same data orders (merge.epoch_seed), so the stack trains what merge.fit
+trains one model at a time: to the last digit in float64, up to rounding in float32 (test_stacked.py
+checks it, teacher and importance phases). Data that is augmented is not for a stack: its draws would
+be the stack's, not each model's (experiment.py trains such phases one at a time).
 """
 import copy
 import logging
@@ -65,7 +67,7 @@ class KeyedGate(merge.Gate):
 
 # == The stacked trainer ===========================================================================
 
-def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, keep=0.5, warmup=0,
+def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, share=0.5, warmup=0,
                 after_epoch=None, compile=True):
     """merge.fit for many small models of one architecture without BatchNorm, as one stack. The summed loss
     gives each model its own gradient and SGD is elementwise, so each trains as merge.fit trains it alone
@@ -95,7 +97,7 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, ke
     def loss(params, keys, x, y, lam, step):  # one model: params and gate keys without the R axis
         steps = {f"{name}.step": step for name in gate_names}
         error = error_loss(torch.func.functional_call(base, (params, keys, steps), (x,)), y)
-        return error + lam * merge.l_half([params[f"{name}.loc"] for name in gate_names], keep), error
+        return error + lam * merge.l_half([params[f"{name}.loc"] for name in gate_names], share), error
 
     def update(params, momenta, total, x, y, step, lr, lam):  # x, y (R, B, ...)
         def summed(params):
@@ -113,6 +115,8 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, ke
         step.add_(1)
 
     update, history = compiled(update, compile), []
+    if compile:
+        log.info("    compiling the stacked step (torch keeps it for later runs)")
     for epoch in range(epochs):
         start, total = time.time(), torch.zeros(len(models), device=device)
         lr = torch.tensor(merge.lr_at(s, epoch, epochs, drops, warmup), device=device)  # tensors: a new value
@@ -129,7 +133,7 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, ke
         history.append(dict(epoch=epoch, error=(total / N).tolist(), seconds=time.time() - start))
         if lambdas is not None:
             locs = [params[f"{name}.loc"] for name in gate_names]  # (R, n) each
-            history[-1].update(l_half=merge.l_half(locs, keep).tolist(), open=[merge.p_open(l).tolist() for l in locs])
+            history[-1].update(l_half=merge.l_half(locs, share).tolist(), open=[merge.p_open(l).tolist() for l in locs])
         if after_epoch:
             after_epoch(epoch, history)
     for r, model in enumerate(models):
@@ -159,16 +163,17 @@ class Lockstep:
     """Runs jobs, each one strategy on one run as merge.py writes it, one at a time: a job goes on until it
     asks its `train` for a phase, then waits. When every job waits or is done, the phases asked for are
     trained by fit_phases (alike ones of all runs as one stack) and the waiting jobs go on. The jobs are
-    threads that take turns, never two at once: torch's random state is theirs while they run."""
+    threads that take turns, never two at once, so a job that seeds torch's generator draws from it
+    undisturbed until it next asks for training (merge.py's strategies seed it before each draw)."""
 
     def __init__(self, fit_phases):
         self.fit_phases, self.asked, self.running, self.aborted = fit_phases, [], None, False
         self.back = threading.Event()  # a job's turn is over
 
-    def train(self, models, data, s, epochs, drops, seeds, phase, lambdas=None, keep=0.5, warmup=0, **hooks):
+    def train(self, models, data, s, epochs, drops, seeds, phase, lambdas=None, share=0.5, warmup=0, **hooks):
         job = self.running
         self.asked.append(dict(job=job, models=models, data=data, s=s, epochs=epochs, drops=tuple(drops),
-                               seeds=seeds, phase=phase, lambdas=lambdas, keep=keep, warmup=warmup, hooks=hooks))
+                               seeds=seeds, phase=phase, lambdas=lambdas, share=share, warmup=warmup, hooks=hooks))
         self.back.set()
         job["go"].wait()
         job["go"].clear()

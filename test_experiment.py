@@ -241,6 +241,16 @@ def test_workers_share_the_runs_and_give_the_rows_of_one_process(finished, tmp_p
     assert "| student | 2 |" in (out / "summary.md").read_text()
 
 
+def test_more_runs_on_a_finished_out_over_two_processes_that_get_unequal_shares(finished, tmp_path):
+    """Two processes, one new run: one process trains it, the other has nothing to do; neither waits for ever."""
+    out = copy_of(finished, tmp_path)
+    result = cli(*SMALL[:1], "3", *SMALL[2:-2], "--workers", "2", "--strategies", ",".join(experiment.STRATEGIES),
+                 "--out", out)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted({r["run"] for r in rows}) == [0, 1, 2] and len(rows) == 3 * len(experiment.STRATEGIES)
+
+
 def test_without_a_local_port_one_process_trains_with_a_note(finished, tmp_path, monkeypatch, capsys):
     class NoPort:
         def __enter__(self):

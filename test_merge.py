@@ -208,8 +208,8 @@ def test_l_half_is_zero_at_exactly_one_kth(k):
     shift = merge.Gate.beta * torch.log(torch.tensor(-merge.Gate.gamma / merge.Gate.zeta))
     for gate in merge.gates(model):  # P[g > 0] = 1/k for every unit
         gate.loc.data = torch.full_like(gate.loc, torch.logit(torch.tensor(1 / k)) + shift)
-    assert merge.l_half([g.loc for g in merge.gates(model)], keep=1 / k).item() == pytest.approx(0, abs=1e-24)
-    assert merge.l_half([g.loc for g in merge.gates(model)], keep=1 / 2 + 0.1).item() > 0
+    assert merge.l_half([g.loc for g in merge.gates(model)], share=1 / k).item() == pytest.approx(0, abs=1e-24)
+    assert merge.l_half([g.loc for g in merge.gates(model)], share=1 / 2 + 0.1).item() > 0
     for gate in merge.gates(model):  # half open, half closed, mean exactly 1/2
         gate.loc.data = torch.tensor([30.0, -30.0]).repeat(len(gate.loc) // 2 + 1)[:len(gate.loc)]
     if all(len(g.loc) % 2 == 0 for g in merge.gates(model)):
@@ -221,9 +221,10 @@ def test_lambda_schedule_follows_fig5_and_ends_at_the_papers_value_when_shortene
     assert paper[0] == pytest.approx(0.01 + 0.05 * 0.1)
     assert all(b - a == pytest.approx(0.05 * a ** 0.5) for a, b in zip(paper, paper[1:]))
     assert 13 < paper[-1] < 16  # "about 15 after the sine's 150 epochs"
-    short = merge.lambda_schedule(10, 0.01, 0.05, paper_epochs=150)
-    assert len(short) == 10 and short[-1] == pytest.approx(paper[-1], rel=1e-6)
-    assert merge.lambda_schedule(150, 0.01, 0.05, paper_epochs=150) == paper
+    for epochs in (1, 10, 600):  # a phase of any length ends at the paper's last lambda
+        short = merge.lambda_schedule(epochs, 0.01, 0.05, tuned_epochs=150)
+        assert len(short) == epochs and short[-1] == pytest.approx(paper[-1], rel=1e-6)
+    assert merge.lambda_schedule(150, 0.01, 0.05, tuned_epochs=150) == paper
 
 
 # ---------------------------------------------------------------------------------------
@@ -436,6 +437,15 @@ def test_the_readme_reports_what_the_committed_run_produced(tmp_path):
     assert summary == (ROOT / "figures" / "summary.md").read_text()
     table = summary.split("\n\n", 1)[1].strip()
     assert table in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_reports_the_committed_fold_study():
+    """figures/fold holds the student and random of the same 50 runs with --fold 1; the README's table is theirs."""
+    import sine
+    rows = lambda folder: [json.loads(line) for line in (ROOT / "figures" / folder / "results.jsonl").read_text().splitlines()]
+    assert json.loads((ROOT / "figures" / "fold" / "settings.json").read_text())["fold"] == 1
+    table = sine.fold_table(rows(""), rows("fold"))
+    assert table.count("| 50/50 |") == 2 and table in (ROOT / "README.md").read_text()
 
 
 def test_the_readme_reports_the_committed_study_of_k_teachers_and_the_bench():

@@ -1,11 +1,16 @@
-"""Tests for the notebooks: sine_demo.ipynb and exercises.ipynb run top to bottom in a fresh
-kernel (at a tiny budget), are committed executed, and the exercises' checks pass with our
-solutions and fail, every one, with the solutions stripped as nbgrader strips them.
+"""The notebooks: sine_demo.ipynb and exercises.ipynb run top to bottom in a fresh kernel (at a tiny
+budget) and are committed executed; the exercises' release holds no answer, and every check passes
+with our solutions, fails with the stubs and fails with wrong answers of the kinds students write.
 
-    python test_notebooks.py exercises.ipynb release.ipynb    # the students' copy, without nbgrader
+    python test_notebooks.py --release DIR     # what a student gets: exercises.ipynb, merge.py, stacked.py
 """
+import ast
+import contextlib
+import importlib.util
 import json
+import re
 import sys
+import textwrap
 from pathlib import Path
 
 import nbformat
@@ -13,13 +18,18 @@ import pytest
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).parent
+EXERCISED = {"concat_weight": 1, "p_open": 2, "l_half": 2, "lambda_schedule": 3, "compress": 4}  # merge.py's
 
 
 def strip_solutions(notebook):
-    """What nbgrader's ClearSolutions does: the code between ### BEGIN SOLUTION and ### END
-    SOLUTION of each solution cell becomes a stub that raises NotImplementedError."""
+    """What nbgrader's generate_assignment does to the source: in each solution cell the code between
+    ### BEGIN SOLUTION and ### END SOLUTION becomes a stub that raises NotImplementedError, and a written
+    answer becomes YOUR ANSWER HERE; every output is cleared."""
     for cell in notebook.cells:
         if cell.get("metadata", {}).get("nbgrader", {}).get("solution"):
+            if cell.cell_type == "markdown":
+                cell.source = "YOUR ANSWER HERE"
+                continue
             lines, inside = [], False
             for line in cell.source.splitlines():
                 if line.strip() == "### BEGIN SOLUTION":
@@ -30,22 +40,48 @@ def strip_solutions(notebook):
                 elif not inside:
                     lines.append(line)
             cell.source = "\n".join(lines)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
     return notebook
 
 
-def execute(notebook, tmp_path, monkeypatch, allow_errors=False):
-    """The notebook run in a fresh kernel from a clean state, at its tiny budget, in tmp_path."""
+def stub_merge(source):
+    """merge.py with the functions the exercises ask for (their docstrings too) replaced by stubs."""
+    lines = source.splitlines(keepends=True)
+    functions = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name in EXERCISED]
+    for node in sorted(functions, key=lambda node: -node.lineno):
+        indent, number = " " * node.body[0].col_offset, EXERCISED[node.name]
+        lines[node.body[0].lineno - 1:node.end_lineno] = [
+            f'{indent}"""Exercise {number} of exercises.ipynb asks for this function: yours goes there."""\n',
+            f'{indent}raise NotImplementedError("exercise {number} of exercises.ipynb")\n']
+    return "".join(lines)
+
+
+def release(folder):
+    """Everything a student gets, in folder: the exercises without our answers and outputs, merge.py without
+    the functions they ask for, and stacked.py, the fast trainer that exercise 5's experiment uses."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    nbformat.write(strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4)), folder / "exercises.ipynb")
+    (folder / "merge.py").write_text(stub_merge((ROOT / "merge.py").read_text()))
+    (folder / "stacked.py").write_text((ROOT / "stacked.py").read_text())  # the fast trainer of exercise 5
+    return folder
+
+
+def execute(notebook, folder, monkeypatch, allow_errors=False, path=None):
+    """The notebook run in a fresh kernel from a clean state, at its tiny budget, in folder, importing the
+    merge.py of path (the project's by default)."""
     monkeypatch.setenv("NOTEBOOK_SMOKE", "1")
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("PYTHONPATH", str(path or ROOT))
     for cell in notebook.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     NotebookClient(notebook, timeout=600, kernel_name="python3", allow_errors=allow_errors,
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on a cell's error
+                   resources={"metadata": {"path": str(folder)}}).execute()  # raises on a cell's error
     return notebook
 
 
-def checks(notebook):
+def graded(notebook):
     return [c for c in notebook.cells if c.get("metadata", {}).get("nbgrader", {}).get("grade")]
 
 
@@ -56,7 +92,7 @@ def failed(cell):
 def test_the_demo_runs_top_to_bottom_in_a_fresh_kernel_and_writes_nothing(tmp_path, monkeypatch):
     notebook = execute(nbformat.read(ROOT / "sine_demo.ipynb", as_version=4), tmp_path, monkeypatch)
     assert all(cell.outputs for cell in notebook.cells if cell.cell_type == "code")
-    assert list(tmp_path.iterdir()) == []  # phases go to a temporary folder, nothing to the working folder
+    assert list(tmp_path.iterdir()) == []  # nothing to the working folder
 
 
 @pytest.mark.parametrize("name, images", [("sine_demo.ipynb", 9), ("exercises.ipynb", 0)])
@@ -71,30 +107,183 @@ def test_the_committed_notebooks_are_executed_without_errors_and_linked(name, im
     assert name in (ROOT / "README.md").read_text()
 
 
-def test_every_exercise_check_passes_with_our_solutions(tmp_path, monkeypatch):
-    notebook = execute(nbformat.read(ROOT / "exercises.ipynb", as_version=4), tmp_path, monkeypatch)
-    graded = checks(notebook)
-    assert len(graded) == 5 and sum(c.metadata.nbgrader.points for c in graded) == 12
-    assert all("passed" in "".join(o.get("text", "") for o in c.outputs) or "valid" in
-               "".join(o.get("text", "") for o in c.outputs) for c in graded)
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    return release(tmp_path_factory.mktemp("release"))
 
 
-def test_every_exercise_check_fails_with_the_solutions_stripped(tmp_path, monkeypatch):
-    """Graders that cannot fail are worthless: each check must fail on the stubs nbgrader leaves."""
-    notebook = strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4))
-    code = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
-    assert "### BEGIN SOLUTION" not in code and code.count("raise NotImplementedError()") == 6
-    notebook = execute(notebook, tmp_path, monkeypatch, allow_errors=True)
-    graded = checks(notebook)
-    assert len(graded) == 5 and all(failed(cell) for cell in graded)
+def test_the_release_holds_no_answer_and_no_output(released):
+    student = nbformat.read(released / "exercises.ipynb", as_version=4)
+    key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
+    text = "\n".join(cell.source for cell in student.cells)
+    assert "BEGIN SOLUTION" not in text and text.count("raise NotImplementedError()") == 6
+    assert not any(cell.get("outputs") or cell.get("execution_count") for cell in student.cells)
+    answer = [c for c in key.cells if c.cell_type == "markdown" and c.metadata.get("nbgrader", {}).get("solution")]
+    assert len(answer) == 1 and answer[0].source not in text and "YOUR ANSWER HERE" in text
+    merge_py = (released / "merge.py").read_text()
+    for name in EXERCISED:  # no line of our solutions, no line of merge.py's functions they ask for
+        assert f'raise NotImplementedError("exercise {EXERCISED[name]} of exercises.ipynb")' in merge_py
+    solutions = [line.strip() for cell in key.cells if cell.get("metadata", {}).get("nbgrader", {}).get("solution")
+                 for line in cell.source.split("### BEGIN SOLUTION")[-1].split("### END SOLUTION")[0].splitlines()]
+    assert not [line for line in solutions if len(line) > 20 and line in merge_py]
+    project = (ROOT / "merge.py").read_text()
+    answers = [ast.get_source_segment(project, node) for node in ast.parse(project).body
+               if isinstance(node, ast.FunctionDef) and node.name in EXERCISED]
+    bodies = {line.strip() for answer in answers for line in answer.splitlines()[1:] if len(line.strip()) > 12}
+    assert not [line for line in merge_py.splitlines() if line.strip() in bodies]
+    assert len(merge_py.splitlines()) < len(project.splitlines()) and "def make_big_student" in merge_py
+
+
+# Wrong answers of the kinds students write, for each graded function: every one must fail its check.
+CONCAT = """
+k = len(weights)
+if position == "first":
+    return FIRST
+if position == "last":
+    return LAST
+out, inp = weights[0].shape[:2]
+big = weights[0].new_zeros(k * out, k * inp, *weights[0].shape[2:])
+for i, w in enumerate(weights):
+    big[i * out:(i + 1) * out, i * inp:(i + 1) * inp] = w
+return MIDDLE
+"""
+RIGHT = dict(FIRST="torch.cat(weights, 0)", LAST="torch.cat(weights, 1) / k", MIDDLE="big")
+
+
+def concat(**wrong):
+    text = CONCAT
+    for place, code in {**RIGHT, **wrong}.items():
+        text = text.replace(place, code)
+    return text
+
+SCHEDULE = """
+lam, lambdas = start, []
+for _ in range(epochs):
+    FIRST
+    SECOND
+return lambdas
+"""
+COMPRESS = """
+student = merge.SineMLP(widths=big_student.hparams["widths"])
+state, keep = big_student.state_dict(), KEEP
+student.load_state_dict({"hidden.weight": state["hidden.weight"][keep], "hidden.bias": state["hidden.bias"][keep],
+                         "out.weight": state["out.weight"][:, keep], "out.bias": OUT_BIAS})
+return student
+"""
+WRONG = {
+    "concat_weight": [
+        concat(LAST="torch.cat(weights, 1)"),  # last: not divided by k
+        concat(MIDDLE="big + 0.01"),  # middle: no zero blocks
+        concat(FIRST="torch.cat(weights, 1)", LAST="torch.cat(weights, 0) / k"),  # the axes swapped
+        concat(LAST="torch.cat(weights, 1) / 2"),  # k = 2 only
+        concat(FIRST="torch.cat(weights[::-1], 0)"),  # teacher 1 first
+    ],
+    "p_open": [
+        "return torch.sigmoid(loc)",  # the test-time s, not P[g > 0]
+        "return torch.sigmoid(loc + merge.Gate.beta * torch.log(torch.tensor(-merge.Gate.gamma / merge.Gate.zeta)))",
+        "return torch.sigmoid(loc - torch.log(torch.tensor(-merge.Gate.gamma / merge.Gate.zeta)))",  # no beta
+    ],
+    "l_half": [
+        "return (share - torch.cat(list(open_probs)).mean()) ** 2",  # one mean pooled over every layer
+        "return sum((share - p.mean()).abs() for p in open_probs)",  # |.| for (.)^2
+        "return sum(((share - p) ** 2).mean() for p in open_probs)",  # the mean of squares, unit by unit
+        "return sum((share - p.mean()) ** 2 for p in open_probs) / len(open_probs)",  # a mean over layers
+    ],
+    "lambda_schedule": [
+        SCHEDULE.replace("FIRST", "lambdas.append(lam)").replace("SECOND", "lam += step * lam ** 0.5"),  # from start
+        SCHEDULE.replace("FIRST", "lam += step * lam").replace("SECOND", "lambdas.append(lam)"),  # step lambda
+        "return [start + step * (t + 1) for t in range(epochs)]",  # linear
+    ],
+    "compress_mlp": [
+        COMPRESS.replace("KEEP", "keep").replace("OUT_BIAS", 'state["out.bias"] / big_student.hparams["k"]'),
+        COMPRESS.replace("KEEP", 'torch.arange(big_student.hparams["widths"][0])').replace(  # the first units
+            "OUT_BIAS", 'state["out.bias"]'),
+        COMPRESS.replace("KEEP", "keep").replace("OUT_BIAS", 'state["out.bias"]').replace(  # inputs, not outputs
+            '"out.weight": state["out.weight"][:, keep]', '"out.weight": state["out.weight"][:, :len(keep)]'),
+    ],
+    "choose_units": [
+        "return merge.top_units(big_student)",  # the paper's rule
+        "return [g.loc.detach().sigmoid().topk(len(g.loc) // big_student.hparams['k']).indices.sort().values\n"
+        "        for g, _, _ in big_student.unit_groups()]",  # the test-time value: loc's order again
+        "return [torch.arange(len(g.loc) // big_student.hparams['k']) + len(g.loc) // 2 + 1\n"
+        "        for g, _, _ in big_student.unit_groups()]",  # past the end of a group
+        "return [torch.randperm(len(g.loc))[:len(g.loc) // big_student.hparams['k']]\n"
+        "        for g, _, _ in big_student.unit_groups()]",  # not sorted
+    ],
+}
+
+
+@contextlib.contextmanager
+def stubbed_merge(folder):
+    """`import merge` gives the released merge.py while the checks run in this process."""
+    spec = importlib.util.spec_from_file_location("merge", folder / "merge.py")
+    module, saved = importlib.util.module_from_spec(spec), sys.modules.get("merge")
+    sys.modules["merge"] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules["merge"] = saved
+
+
+def run_check(cells, name, body):
+    """Defines `name` with body (or our solution, body None) and runs its check: the error it raises, or None."""
+    setup = next(c for c in cells if c.metadata.get("nbgrader", {}).get("grade_id") == "setup")
+    solution = next(c for c in cells if c.metadata.get("nbgrader", {}).get("grade_id") == name)
+    check = next(c for c in cells if c.metadata.get("nbgrader", {}).get("grade_id") == f"check_{name}")
+    namespace = {}
+    exec(setup.source, namespace)
+    source = solution.source if body is None else re.sub(  # body in the place of our solution, indented as it
+        r"^( *)### BEGIN SOLUTION.*### END SOLUTION", lambda m: textwrap.indent(body.strip("\n"), m.group(1)),
+        solution.source, flags=re.S | re.M)
+    exec(source, namespace)
+    try:
+        exec(check.source, namespace)
+    except Exception as e:  # noqa: BLE001 - a failed check, whatever it raised
+        return e
+    return None
+
+
+@pytest.mark.parametrize("name", WRONG)
+def test_each_check_passes_our_solution_and_fails_stubs_and_wrong_answers(released, name, capsys):
+    """Against the released merge.py (the function under test is a stub there, so no check can lean on it)."""
+    cells = nbformat.read(ROOT / "exercises.ipynb", as_version=4).cells
+    with stubbed_merge(released):
+        assert run_check(cells, name, None) is None, f"our solution of {name} fails its check"
+        assert isinstance(run_check(cells, name, "raise NotImplementedError()"), NotImplementedError)
+        for body in WRONG[name]:
+            assert run_check(cells, name, body) is not None, f"a wrong {name} passes: {body}"
+    capsys.readouterr()
+
+
+def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_released_merge(released, tmp_path,
+                                                                                               monkeypatch):
+    """The round trip nbgrader makes: our solutions (the source) score every point, the release none, both
+    run in a fresh kernel beside the released merge.py."""
+    key = execute(nbformat.read(ROOT / "exercises.ipynb", as_version=4), tmp_path, monkeypatch, path=released)
+    assert len(graded(key)) == 7 and sum(c.metadata.nbgrader.points for c in graded(key)) == 15
+    assert not any(failed(c) for c in key.cells if c.cell_type == "code")
+    printed = "".join(o.get("text", "") for c in key.cells for o in c.get("outputs", []))
+    assert "| yours |" in printed  # the experiment ran, at its tiny budget
+    student = execute(nbformat.read(released / "exercises.ipynb", as_version=4), tmp_path, monkeypatch,
+                      allow_errors=True, path=released)
+    code_checks = [c for c in graded(student) if c.cell_type == "code"]
+    assert len(code_checks) == 6 and all(failed(c) for c in code_checks)
 
 
 def test_the_reference_table_of_exercise_5_is_what_the_committed_run_printed():
     notebook = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
-    printed = "".join(o.get("text", "") for o in notebook.cells[-1].outputs)
+    experiment = next(c for c in notebook.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "experiment")
+    text = next(c for c in notebook.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "ex5_experiment_text")
+    printed = "".join(o.get("text", "") for o in experiment.outputs)
     table = "\n".join(line for line in printed.splitlines() if line.startswith("|"))
-    assert table.count("\n") == 4 and table in notebook.cells[-2].source
+    assert table.count("\n") == 4 and table in text.source
+    seconds = re.search(r"\n(\d+) s\n", printed).group(1)
+    intro = notebook.cells[0].source
+    assert f"about {seconds} s" in intro.replace("\n", " "), "the time in the introduction is the one printed"
 
 
-if __name__ == "__main__":  # python test_notebooks.py exercises.ipynb release.ipynb
-    nbformat.write(strip_solutions(nbformat.read(sys.argv[1], as_version=4)), sys.argv[2])
+if __name__ == "__main__":  # python test_notebooks.py --release DIR
+    if len(sys.argv) != 3 or sys.argv[1] != "--release":
+        sys.exit("usage: python test_notebooks.py --release DIR")
+    print(f"wrote {release(sys.argv[2])}: exercises.ipynb, merge.py and stacked.py, for the students")

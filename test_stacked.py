@@ -105,14 +105,14 @@ def test_lockstep_stacks_the_phases_of_all_runs_and_changes_no_model():
         asked.append([(p["phase"], len(p["models"])) for p in phases])
         for p in phases:  # alike phases: the same epochs, drops and lambdas; here one stack each
             stacked.fit_stacked(p["models"], [p["data"]] * len(p["models"]), p["s"], p["epochs"], p["drops"],
-                                p["seeds"], p["lambdas"], p["keep"], p["warmup"], compile=False) if not p["hooks"] else \
+                                p["seeds"], p["lambdas"], p["share"], p["warmup"], compile=False) if not p["hooks"] else \
                 plain(p["models"], p["data"], p["s"], p["epochs"], p["drops"], p["seeds"], p["phase"], p["lambdas"],
-                      p["keep"], p["warmup"], **p["hooks"])
+                      p["share"], p["warmup"], **p["hooks"])
 
-    def plain(models, data, s, epochs, drops, seeds, phase, lambdas=None, keep=0.5, warmup=0, **hooks):
+    def plain(models, data, s, epochs, drops, seeds, phase, lambdas=None, share=0.5, warmup=0, **hooks):
         for model, seed in zip(models, seeds):
             stacked.counter_noise(model, seed)
-        return merge.train(models, data, s, epochs, drops, seeds, phase, lambdas, keep, warmup, **hooks)
+        return merge.train(models, data, s, epochs, drops, seeds, phase, lambdas, share, warmup, **hooks)
 
     results = {}
     jobs = [dict(key=(name, seed), work=lambda train, name=name, seed=seed: merge.STRATEGIES[name](
