@@ -1,19 +1,17 @@
-"""The run machinery around merge.py, shared by every experiment: settings and the command line, the
---out folder (results, resuming, one command at a time), the trainer the strategies are given (finished
-phases kept, epoch checkpoints, alike phases of all runs trained as one stack) and runs over processes
-(torchrun's ranks). merge.py knows nothing of it; report.py shows what it reports.
-
-An --out folder holds settings.json (a later command on it must use the same settings), results.jsonl
-(one line per finished run and strategy), phases/ (every finished training phase, so that a killed run
-resumes), summary.md and the figures. One command at a time uses it (a lock); files are written whole.
-"""
+"""The run machinery around merge.py, shared by every experiment: settings and the command line, the --out
+folder, the trainer the strategies are given (finished phases kept, epoch checkpoints, alike phases of all
+runs as one stack) and runs over processes (torchrun's ranks). An --out folder holds settings.json (a later
+command must use the same settings), results.jsonl (one line per finished run and strategy), phases/ (every
+finished phase: a killed run resumes), summary.md and the figures; one command at a time uses it (a lock)."""
 import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -57,6 +55,7 @@ def setting(default, help, **extra):
 class Settings(merge.Settings):
     """merge.Settings and what every experiment adds: runs, seeds, where to train and to write."""
     metric: ClassVar[str] = "test_mse"  # the number every row has, the one the summaries compare
+    row_keys: ClassVar[tuple] = ()  # what else every row of the experiment holds, for its report
     runs: int = setting(50, "independent runs, each with its own models and seeds", run_only=True)
     seed: int = setting(0, "base seed: run r has the run seed 1000 seed + r (ours)")
     device: str = setting("auto", "where to train: auto picks cuda when torch sees a GPU", run_only=True,
@@ -70,8 +69,7 @@ class Settings(merge.Settings):
     compile: int = setting(1, "1: torch.compile the stacked step, falling back to eager where it can't (ours)",
                            run_only=True, choices=(0, 1))
 
-def flag(f):
-    """The command-line flag of a settings field: n_train -> --n-train."""
+def flag(f):  # the command-line flag of a settings field: n_train -> --n-train
     return "--" + f.name.replace("_", "-")
 
 def fail(message):
@@ -82,12 +80,15 @@ def check_settings(s):
     """One InputError for the first setting that cannot work, before anything is trained or written."""
     for f in dataclasses.fields(s):
         value, (test, what) = getattr(s, f.name), VALID.get(f.name, f.metadata.get("valid", (None, "")))
-        if test and not (math.isfinite(value) and test(value)):
-            raise InputError(f"{flag(f)} must be {what}, got {value}")
+        for v in value if isinstance(value, tuple) else (value,):  # a tuple's every element
+            if test and not (math.isfinite(v) and test(v)):
+                raise InputError(f"{flag(f)} must be {what}, got {v}")
     names = s.strategies.split(",")
     if set(names) - set(STRATEGIES) or len(set(names)) < len(names):
         raise InputError(f"--strategies {s.strategies!r}: name each of {', '.join(STRATEGIES)} at most once, "
                          "with commas between")
+    if s.phase_epochs and min(s.phase_epochs) < 1:
+        raise InputError(f"--phase-epochs {' '.join(map(str, s.phase_epochs))}: each phase needs at least 1 epoch")
     if min(merge.budget(s).values()) < 1:
         enough = next(e for e in range(1, 10_000) if min(merge.budget(dataclasses.replace(s, epochs=e)).values()) >= 1)
         raise InputError(f"--epochs {s.epochs} leaves a phase without epochs for {s.teachers} teachers; "
@@ -121,8 +122,7 @@ def parse_settings(argv, defaults, description):
                                             for f in flags})
 
 def parse_with_presets(argv, base, choice, presets, description):
-    """parse_settings with defaults that follow one choice (--arch, --experiment): base's fields
-    replaced by those of presets[the choice], so that --help shows them."""
+    """parse_settings with base's defaults replaced by presets[one choice (--arch, --experiment)], shown by --help."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.error = fail
     pre.add_argument("--" + choice, default=getattr(base, choice), choices=presets)
@@ -131,30 +131,19 @@ def parse_with_presets(argv, base, choice, presets, description):
 
 # == The --out folder: one command at a time, files written whole, each row read once ==============
 
-def write_whole(path, text):
-    """path holds text, or what it held before: never a part (a temporary file, then a rename)."""
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")
-    part.write_text(text)
-    part.replace(path)
-
-def save_whole(obj, path):
-    """torch.save into a temporary file, then renamed: a file is whole or absent. Its folder is made."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, path.with_suffix(".part"))
-    path.with_suffix(".part").replace(path)
-
 def checked_out(s):
     """--out as a folder this command may create and write, or one line saying why not."""
     if not s.out.strip():
         raise InputError("--out is empty; name a folder")
     out = Path(s.out)
-    for place in [out, *out.parents]:
-        if place.exists():
-            if not place.is_dir():
-                raise InputError(f"--out {out}: {place} is not a folder")
-            if not os.access(place, os.W_OK | os.X_OK):
-                raise InputError(f"--out {out}: {place} is not writable")
-            return out
+    try:
+        place = next(place for place in [out, *out.parents] if place.exists())  # "." or "/" at the latest
+    except OSError as e:  # a name too long for the file system
+        raise InputError(f"--out {s.out[:80]}{'...' if len(s.out) > 80 else ''}: {e.strerror}") from None
+    if not place.is_dir():
+        raise InputError(f"--out {out}: {place} is not a folder")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {place} is not writable")
     return out
 
 def settings_record(s, out):
@@ -176,9 +165,10 @@ def settings_record(s, out):
                              "use another --out")
     return record
 
-def read_rows(out, metric):
+def read_rows(out, s):
     """The rows of out/results.jsonl, one per (run, strategy), and whether it needs a repair: a last line
-    cut short by a crash is dropped (its run redone), a repeated row read once; any other bad line refused."""
+    cut short by a crash is dropped (its run redone), a repeated row read once; any other bad line refused,
+    such as a row of another experiment or seed, or one whose number is not finite."""
     path = out / "results.jsonl"
     try:
         text = path.read_text() if path.exists() else ""
@@ -189,13 +179,16 @@ def read_rows(out, metric):
         try:
             row = json.loads(line)
             ok = isinstance(row, dict) and type(row.get("run")) is int and row["run"] >= 0 and \
-                isinstance(row.get("strategy"), str) and type(row.get(metric)) in (int, float)
+                isinstance(row.get("strategy"), str) and type(row.get(s.metric)) in (int, float) and \
+                math.isfinite(row[s.metric]) and row.get("seed") == run_seed(s.seed, row["run"]) and \
+                all(key in row for key in s.row_keys)
         except json.JSONDecodeError:
             ok = False
         if not ok and number == len(lines) and not text.endswith("\n"):
             continue  # the line a crash cut short
         if not ok:
-            raise InputError(f"{path}, line {number}, is not a result row ({line[:40]!r}); repair or remove it")
+            raise InputError(f"{path}, line {number}, is not a result row of this experiment, seed and metric "
+                             f"({line[:40]!r}); repair or remove it")
         if (row["run"], row["strategy"]) not in seen:
             seen.add((row["run"], row["strategy"]))
             rows.append(row)
@@ -203,10 +196,9 @@ def read_rows(out, metric):
 
 @contextlib.contextmanager
 def locked(s):
-    """--out for this command alone: its settings.json and results.jsonl checked first (a wrong one is
-    refused before anything is written), then --out/.lock locked until the command ends (fcntl; without
-    it, two commands on one --out are the user's to avoid). Over ranks, rank 0 checks and locks, and
-    every rank learns its answer: none trains into an --out that rank 0 refused."""
+    """--out for this command alone: its settings.json and results.jsonl checked first (a wrong one refused
+    before anything is written), then --out/.lock locked until the command ends (fcntl). Over ranks, rank 0
+    checks and locks, and every rank learns its answer: none trains into an --out that rank 0 refused."""
     out, handle, refusal = checked_out(s), contextlib.nullcontext(), None
     if ranks()[0] == 0:
         try:
@@ -225,7 +217,7 @@ def locked(s):
 def lock(s, out):
     """out/.lock, open and locked, after out's settings.json and results.jsonl passed their checks."""
     settings_record(s, out)
-    read_rows(out, s.metric)
+    read_rows(out, s)
     try:
         out.mkdir(parents=True, exist_ok=True)
         handle = open(out / ".lock", "a")
@@ -244,10 +236,9 @@ def lock(s, out):
 # == Training, from outside the method =============================================================
 
 def phase_trainer(phases, rank=0, wrap=lambda model: model):
-    """fit_phases for Lockstep: every model asked for kept as phases/<phase>-<seed>.pt, and loaded when it is
-    there (a damaged file is trained again, with one line); the others trained, alike phases of all runs as
-    one stack (--stack 1, stacked.py) or one at a time with a checkpoint per epoch (fit_one). Gate noise
-    comes from a counter either way, so both give the same models. Each job's compute is counted by phase."""
+    """fit_phases for Lockstep: every model kept as phases/<phase>-<seed>.pt, loaded when it is there (a damaged
+    file trained again, with one line); the others trained, alike phases of all runs as one stack (--stack 1)
+    or one at a time with a checkpoint per epoch (fit_one), alike: the gate noise comes from a counter."""
     def fit_phases(asked):
         groups, twins, starts = {}, {}, {}  # alike phases; a phase's models asked for twice, how each started
         for a in asked:
@@ -283,7 +274,7 @@ def phase_trainer(phases, rank=0, wrap=lambda model: model):
                 if not group["stack"]:
                     fit_one(model, a["data"], a["s"], a, seed, path.with_suffix(".epochs"), rank, wrap)
                 if rank == 0:  # the only writer among the ranks
-                    save_whole(model.state_dict(), path)
+                    report.save_whole(model.state_dict(), path)
                     path.with_suffix(".epochs").unlink(missing_ok=True)
         for models in twins.values():
             for twin in models[1:]:
@@ -297,10 +288,9 @@ def load(model, path, device):
         copy.deepcopy(model).load_state_dict(state)  # raises on a wrong file before model changes
         model.load_state_dict(state)
         return True
-    except FileNotFoundError:
-        return False
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
-        log.warning(f"  {path} is damaged ({type(e).__name__}); training its model again")
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file; none at all is no news
+        if not isinstance(e, FileNotFoundError):
+            log.warning(f"  {path} is damaged ({type(e).__name__}); training its model again")
         return False
 
 def fit_one(model, data, s, a, seed, checkpoint, rank, wrap):
@@ -332,7 +322,7 @@ def fit_one(model, data, s, a, seed, checkpoint, rank, wrap):
         if hooks.get("after_epoch"):
             hooks["after_epoch"](epoch, history)
         if rank == 0:  # the other ranks hold the same
-            save_whole(dict(model=model.state_dict(), opts=[opt.state_dict() for opt in opts], epoch=epoch,
+            report.save_whole(dict(model=model.state_dict(), opts=[opt.state_dict() for opt in opts], epoch=epoch,
                             step=noises[0].step if noises else 0, history=history), checkpoint)
     merge.fit(net, data, s, a["epochs"], a["drops"], seed, a["lambdas"], a["share"], a["warmup"], opts, start,
               hooks.get("after_step"), after_epoch)
@@ -364,18 +354,16 @@ def start_ranks(s):
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
 
 def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wrap=lambda model: model):
-    """The loop of every experiment, inside `with locked(s)`: the (run, strategy) pairs not yet in
-    --out/results.jsonl run in Lockstep, STACK_RUNS runs at a time, and every finished phase is kept in
-    --out/phases, so that a killed experiment resumes. make_data(seed, device) -> a run's Data; result(model,
-    data) -> its row's numbers. In one process each finished pair is written at once as a JSON line. Over
-    ranks each rank takes every world-th run of each chunk and rank 0 writes all the chunk's rows when every
-    rank is done with it; with replicas (DDP, imagenet.py) every rank runs every run."""
+    """The loop of every experiment, inside `with locked(s)`: the (run, strategy) pairs not yet in results.jsonl
+    run in Lockstep, STACK_RUNS runs at a time; make_data(seed, device) -> a run's Data, result(model, data) ->
+    its row's numbers. In one process each finished pair is written at once; over ranks each takes every
+    world-th run of a chunk and rank 0 writes the chunk's rows; with replicas (DDP) every rank runs every run."""
     (rank, world), device, out = ranks(), resolve_device(s.device), Path(s.out)
-    results, repair = read_rows(out, s.metric)
+    results, repair = read_rows(out, s)
     if rank == 0:
-        write_whole(out / "settings.json", json.dumps(settings_record(s, out), indent=1) + "\n")
+        report.write_whole(out / "settings.json", json.dumps(settings_record(s, out), indent=1) + "\n")
     if rank == 0 and repair:
-        write_whole(out / "results.jsonl", "".join(json.dumps(row) + "\n" for row in results))
+        report.write_whole(out / "results.jsonl", "".join(json.dumps(row) + "\n" for row in results))
         log.info(f"repaired {out / 'results.jsonl'}: a cut or repeated line removed")
     names, split = s.strategies.split(","), world > 1 and not replicas
     done = {(r["run"], r["strategy"]) for r in results}
@@ -420,6 +408,8 @@ def append_result(out, row):
 
 def main(argv, parse, run):
     """Every script's command line: bad input is one line and exit code 2; Ctrl-C one line and 130."""
+    if threading.current_thread() is threading.main_thread():  # Ctrl-C is KeyboardInterrupt again, past the imports
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     s = parse(argv)
     report.show_progress(quiet=ranks()[0] > 0)
     try:
@@ -433,12 +423,24 @@ def main(argv, parse, run):
         if torch.distributed.is_initialized():  # torn down, so that no rank aborts at exit
             torch.distributed.destroy_process_group()
         fail(e) if ranks()[0] == 0 else sys.exit(2)  # rank 0 says it
+    except RuntimeError as e:  # another rank died, and with it the process group: one line, not gloo's traceback
+        if ranks()[1] == 1 or not any(word in str(e) for word in ("gloo", "NCCL", "closed by peer")):
+            raise
+        if not os.environ.get("MERGE_LAUNCHER"):  # else sine.py's launcher names the dead worker itself
+            print(f"error: rank {ranks()[0]}: another rank ended ({str(e).splitlines()[0][-100:]})", file=sys.stderr)
+        os._exit(1)  # not destroy_process_group(): it would wait for the dead
+    except OSError as e:  # a full disk, a read-only one, a name too long: one line, and nothing half-written
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG):
+            raise
+        print(f"error: {e.strerror}{f' writing in {Path(e.filename).parent}' if e.filename else ''}; every finished "
+              "phase and row is kept, and the same command resumes once there is room", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         if ranks()[0] > 0:
             sys.exit(130)
         out = Path(s.out)
         try:
-            kept = f"{len(read_rows(out, s.metric)[0])} results in {out / 'results.jsonl'}"
+            kept = f"{len(read_rows(out, s)[0])} results in {out / 'results.jsonl'}"
         except Exception:  # noqa: BLE001 - the message must not fail
             kept = f"the results in {out / 'results.jsonl'}"
         if sys.stdout.isatty():

@@ -1,22 +1,33 @@
-"""Image data sets, shared by the image experiments (lenet_imagewoof.py, cifar.py):
-archives downloaded with a progress bar, verified and extracted once; images kept on the
-training device as uint8, each batch made into normalised floats (and augmented) there;
-the rows, summary and box plot of test accuracies (Tables 2 and 3)."""
+"""Image data, for every image experiment (lenet_imagewoof.py, cifar.py, imagenet.py): archives downloaded,
+verified and extracted once; folders in ImageFolder's layout listed by one rule, checked, decoded once and
+cached; CIFAR's pickles; one validation split; the crops (centre, random resized, padded), flips, colour
+jitter and normalisation; data kept on the device as uint8, each batch made floats there, or streamed from
+disk (ImageNet); and the accuracy report of Tables 2 to 4. Where each setting's value comes from:
+docs/settings.md."""
 import hashlib
+import math
+import os
+import pickle
 import shutil
+import stat
+import sys
 import tarfile
+import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 import experiment
-from experiment import InputError, log, write_whole
-from merge import Data
-from report import plot_box, plot_kept_share, stage_table, summarize
+import merge
+import report
+from experiment import InputError, log
 
+# == Archives: downloaded with a progress bar, verified, extracted once ============================
 
 def matches(path, digests):
     """Whether the file's digest is one of `digests` (name -> hex)."""
@@ -27,13 +38,11 @@ def matches(path, digests):
                 h.update(chunk)
     return any(hashes[name].hexdigest() == value for name, value in digests.items())
 
-
 def download(url, path):
-    """url -> path, with a progress bar, through a .part file: path appears only when the
-    download is whole (as many bytes as the server announced)."""
-    part = path.with_name(path.name + ".part")
+    """url -> path, with a progress bar; path appears only when the download is whole (as many bytes as the
+    server announced), else stays absent with one line said."""
     try:
-        with urllib.request.urlopen(url) as response, open(part, "wb") as f:
+        with urllib.request.urlopen(url) as response, report.written_whole(path) as part, open(part, "wb") as f:
             total, done = int(response.headers.get("Content-Length") or 0), 0
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 f.write(chunk)
@@ -41,18 +50,17 @@ def download(url, path):
                 if total:
                     bar = "#" * (30 * done // total)
                     print(f"\r  {path.name} [{bar:<30}] {done / 2**20:.0f}/{total / 2**20:.0f} MiB", end="", flush=True)
+            print()
+            if total and done != total:
+                raise EOFError(f"the download stopped at {done} of {total} bytes")  # written_whole keeps nothing
+    except EOFError as e:
+        log.info(str(e))
     except OSError as e:  # URLError, a connection cut, a full disk
         raise InputError(f"cannot download {url} ({e}); or pass --data DIR with an extracted copy") from None
-    print()
-    if total and done != total:
-        log.info(f"the download stopped at {done} of {total} bytes")
-        return
-    part.replace(path)
-
 
 def fetch(root, url, digests, folder):
-    """root/folder, extracted from the archive at url: downloaded and verified (a broken or
-    partial file is fetched again, once), extracted once, whole or not at all."""
+    """root/folder, extracted from the archive at url: downloaded and verified (a broken or partial file is
+    fetched again, once), extracted once, whole or not at all."""
     root.mkdir(parents=True, exist_ok=True)
     archive, target = root / url.rsplit("/", 1)[1], root / folder
     if target.is_dir():
@@ -79,27 +87,273 @@ def fetch(root, url, digests, folder):
     shutil.rmtree(scratch)
     return target
 
+# == Folders of images (ImageFolder's layout), decoded once and cached ================================
+
+EXTENSIONS = {".jpg", ".jpeg", ".png"}  # in any case
+
+def list_images(folder):
+    """(paths, labels, classes) of folder/<class>/<image>: regular files with an image suffix (a FIFO or a
+    folder named x.jpg is not one). The classes are the sorted folders that hold images: a class folder
+    without any is skipped, so that the splits of one data set give their classes the same indices."""
+    paths, labels, classes = [], [], []
+    for name in sorted(d.name for d in folder.iterdir() if d.is_dir()) if folder.is_dir() else []:
+        mine = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in EXTENSIONS and p.is_file())
+        if mine:
+            paths, labels, classes = paths + mine, labels + [len(classes)] * len(mine), classes + [name]
+    return paths, labels, classes
+
+def check_data(data):
+    """One clear line unless the folder --data is there: missing, a file, a name too long, a loop of links."""
+    try:
+        if stat.S_ISDIR(os.stat(data).st_mode):
+            return
+        problem = "not a folder"
+    except FileNotFoundError:
+        problem = "no such folder"
+    except OSError as e:
+        problem = e.strerror
+    name = str(data)
+    raise InputError(f"--data {name[:80]}{'...' if len(name) > 80 else ''}: {problem}")
+
+def check_folder(data):
+    """data's (train, val) listings, or one clear line for a folder that is not in the layout: train/ and
+    val/ hold images of the same classes, at least two."""
+    check_data(data)
+    listed = [list_images(data / split) for split in ("train", "val")]
+    for split, (paths, _, _) in zip(("train", "val"), listed):
+        if not paths:
+            raise InputError(f"--data {data}: {split}/<class>/ holds no .jpg, .jpeg or .png images")
+    train, val = listed[0][2], listed[1][2]
+    if train != val:
+        raise InputError(f"--data {data}: train and val have different classes with images "
+                         f"({sorted(set(train) ^ set(val))[:3]} in one only)")
+    if len(train) < 2:
+        raise InputError(f"--data {data}: one class only ({train[0]}); classifying needs at least 2")
+    return listed
+
+def opened(path):
+    """The RGB Pillow image at path, or one line naming the file (not an image, cut short, too many pixels)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"cannot read image {path}: {e}") from None
+
+def check_images(paths, threads=16):
+    """One line naming the first file Pillow cannot open as an image (empty, another format, too many pixels),
+    from headers only, so that a bad file stops a run before it trains rather than days into it. A file cut
+    short shows only when decoded: Images puts the next image in its place, with a warning."""
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+
+    def problem(path):
+        try:
+            with Image.open(path):
+                return None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return f"cannot read image {path}: {e}"
+    log.info(f"checking {len(paths)} images")
+    with ThreadPoolExecutor(threads) as pool:
+        for found in pool.map(problem, paths):
+            if found:
+                raise InputError(found)
+
+def decode(path, size, whole=False):
+    """RGB uint8 (size, size, 3): the whole image resized to size x size (whole), or the centre crop."""
+    image = opened(path)
+    image = image.resize((size, size), 2) if whole else centre_crop(image, size, resample=2)  # 2: bilinear
+    return np.asarray(image, dtype=np.uint8)
+
+def load_split(data, split, size, whole=False):
+    """(images uint8 (N, size, size, 3), labels int64 (N,), classes) of data/split, decoded once and cached in
+    data/.cache, rebuilt when a file is added, removed or changed (name, size and modification time). A cache
+    that cannot be read is rebuilt; one that cannot be written is skipped, with one line each."""
+    paths, labels, classes = list_images(data / split)
+    cache = data / ".cache" / f"{split}-{size}{'-whole' if whole else ''}.npz"
+    stamps = np.array([f"{p.relative_to(data)} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in paths])
+    try:
+        with np.load(cache) as saved:
+            if np.array_equal(saved["stamps"], stamps):
+                return saved["images"], saved["labels"], classes
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file: decode again
+        log.info(f"{cache} cannot be read ({type(e).__name__}); decoding the images again")
+    images = np.stack([decode(p, size, whole) for p in paths])
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        with report.written_whole(cache) as part, open(part, "wb") as f:
+            np.savez(f, images=images, labels=np.array(labels), stamps=stamps)
+    except OSError as e:
+        log.info(f"cannot write the image cache {cache} ({e.strerror}); the images will be decoded again next time")
+    return images, np.array(labels), classes
+
+def split(n, val_fraction, seed):
+    """(train, validation) indices of n training images, a share val_fraction held out, drawn by seed.
+    DEVIATION: the paper trains on the whole training set; we hold out a validation split to choose bo3."""
+    n_val = max(1, round(val_fraction * n)) if val_fraction < 1 else int(val_fraction)  # a share, or a count
+    if n_val >= n:
+        raise InputError(f"{n} training images leave none to train on after holding out {n_val} to validate; "
+                         "lower --val-fraction (--val-images) or add images")
+    order = np.random.default_rng(seed).permutation(n)
+    return order[n_val:], order[:n_val]
+
+def arrays(images, labels, test_images, test_labels, val_fraction, seed):
+    """The dict image_data takes: train minus the validation split, the validation split, the test set."""
+    train, val = split(len(images), val_fraction, seed)
+    return dict(x_train=images[train], y_train=labels[train], x_val=images[val], y_val=labels[val],
+                x_test=test_images, y_test=test_labels)
+
+def load_folder(data, size, val_fraction=0.1, seed=0, whole=False):
+    """A folder in ImageFolder's layout as uint8 arrays: train/ minus a validation split fixed by seed (to
+    choose bo3), and val/ as the test set (as Imagewoof's val is used)."""
+    check_folder(data)
+    images, labels, classes = load_split(data, "train", size, whole)
+    test_images, test_labels, _ = load_split(data, "val", size, whole)
+    return dict(arrays(images, labels, test_images, test_labels, val_fraction, seed), classes=classes)
+
+# == CIFAR's "python version" pickles, read with numpy ===============================================
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR batch (a dict of bytes, lists and numpy arrays) and nothing else: a pickle can run
+    any code it names, so only numpy's array constructors are allowed."""
+    allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # bytes, at protocol 2
+
+    def find_class(self, module, name):
+        if (module, name) in self.allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR batch")
+
+def read_batches(folder, names, labels_key, classes):
+    """Images uint8 (N, 32, 32, 3) and labels int64 (N,) of CIFAR's batch files `names` in folder."""
+    images, labels = [], []
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise InputError(f"--data {folder}: no {name}")
+        try:
+            with open(path, "rb") as f:
+                batch = BatchUnpickler(f, encoding="bytes").load()
+            x, y = np.asarray(batch[b"data"]), np.asarray(batch[labels_key])
+        except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError) as e:
+            raise InputError(f"cannot read {path} as a CIFAR batch ({type(e).__name__}: {e})") from None
+        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+            raise InputError(f"{path}: its data is shaped {x.shape}, not (images, 3072) of 32x32 RGB")
+        if not len(x):
+            raise InputError(f"{path} holds no images")
+        if x.dtype.kind not in "iu" or x.min() < 0 or x.max() > 255:
+            raise InputError(f"{path}: its pixels are not integers from 0 to 255 ({x.dtype})")
+        if y.shape != (len(x),) or y.dtype.kind not in "iu" or not 0 <= y.min() <= y.max() < classes:
+            raise InputError(f"{path}: its labels are not {len(x)} integers from 0 to {classes - 1}")
+        images.append(x.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(y.astype(np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+# == Crops, flips, colour jitter and normalisation =====================================================
+
+def centre_crop(image, size, crop_pct=1.0, resample=3):
+    """A Pillow image's shorter side resized to size / crop_pct (3: bicubic), then its centre size x size."""
+    scale = size / crop_pct / min(image.size)
+    image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), resample)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+def crop_box(w, h, rng, scale, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop draw for a w x h image: (left, top, width, height) of an area share in
+    scale and an aspect ratio in ratio, anywhere in the image (ten tries, then the centre crop with its
+    aspect ratio clamped into ratio); rng a numpy Generator."""
+    for _ in range(10):
+        area = w * h * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch
+    cw, ch = (w, round(w / ratio[0])) if w / h < ratio[0] else (round(h * ratio[1]), h) if w / h > ratio[1] else (w, h)
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+def random_resized_crop_flip(x, size, scale=(0.4, 0.8), ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop(size, scale, ratio) and RandomHorizontalFlip for a batch (B, 3, H, W) on its device,
+    in one grid_sample: each example its own crop_box, resized to size x size, mirrored half the time. The
+    draws come from torch's generator (merge.fit seeds it for each epoch). The scale (0.4, 0.8) is the
+    authors' Imagewoof script's."""
+    B, H, W = x.shape[0], x.shape[2], x.shape[3]
+    rng = np.random.default_rng(int(torch.randint(2 ** 62, ())))
+    boxes = torch.tensor([crop_box(W, H, rng, scale, ratio) for _ in range(B)], dtype=x.dtype, device=x.device)
+    left, top, cw, ch = boxes.unbind(1)
+    flip = torch.tensor(rng.random(B) < 0.5, device=x.device)
+    theta = torch.zeros(B, 2, 3, dtype=x.dtype, device=x.device)  # output grid [-1, 1]^2 -> input coordinates
+    theta[:, 0, 0], theta[:, 1, 1] = torch.where(flip, -cw / W, cw / W), ch / H
+    theta[:, 0, 2], theta[:, 1, 2] = (2 * left + cw) / W - 1, (2 * top + ch) / H - 1  # the crop's centre
+    grid = F.affine_grid(theta, [B, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+def random_crop_flip(x, pad=4):
+    """The authors' CIFAR augmentation for a batch (B, 3, H, W) on its device: a random H x W crop of the image
+    padded by `pad` on every side, mirrored half the time. The batch is in [0, 1], not yet normalised: the
+    padding is black, as torchvision's."""
+    B, _, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = torch.randint(0, 2 * pad + 1, (B, 1), device=x.device) + torch.arange(H, device=x.device)  # (B, H)
+    cols = torch.randint(0, 2 * pad + 1, (B, 1), device=x.device) + torch.arange(W, device=x.device)  # (B, W)
+    cols = torch.where(torch.rand(B, 1, device=x.device) < 0.5, cols.flip(1), cols)
+    crops = padded.permute(0, 2, 3, 1)[torch.arange(B, device=x.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return crops.permute(0, 3, 1, 2).contiguous()  # (B, 3, H, W); channels-last batches hung torch 2.13's CPU conv
+
+def jitter_factors(rng, strength, hue=None, count=None):
+    """Draws of color_jitter from the numpy Generator rng: brightness, contrast and saturation factors in
+    [1 - strength, 1 + strength] and the hue's turn in [-hue, hue] of a full turn (hue: strength if None),
+    as float32 (4,), or (count, 4) for count images."""
+    hue = strength if hue is None else hue
+    shape = (3,) if count is None else (count, 3)
+    factors = np.concatenate([rng.uniform(1 - strength, 1 + strength, shape),
+                              rng.uniform(-hue, hue, shape[:-1] + (1,))], -1)
+    return torch.tensor(factors, dtype=torch.float32)
+
+def color_jitter(x, strength=0.15, factors=None):
+    """torchvision's ColorJitter(brightness, contrast, saturation, hue = strength) for a batch of RGB images
+    in [0, 1], (B, 3, H, W), each example its own factors (B, 4) (jitter_factors; drawn from torch's
+    generator unless given). DEVIATION: always in this order (torchvision draws an order per image), and
+    the hue turned in YIQ space, a close approximation of torchvision's HSV shift."""
+    B, device = x.shape[0], x.device
+    if factors is None:
+        factors = jitter_factors(np.random.default_rng(int(torch.randint(2 ** 62, ()))), strength, count=B)
+    brightness, contrast, saturation, hue = (f.view(B, 1, 1, 1) for f in factors.to(device, x.dtype).unbind(1))
+    gray = lambda x: (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (B, 1, H, W)
+    x = (x * brightness).clamp(0, 1)
+    mean = gray(x).mean((2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean).clamp(0, 1)
+    x = ((x - gray(x)) * saturation + gray(x)).clamp(0, 1)
+    angle = hue.view(B) * 2 * math.pi
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=device)
+    cos, sin, zero, one = angle.cos(), angle.sin(), torch.zeros(B, device=device), torch.ones(B, device=device)
+    turn = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], 1).view(B, 3, 3)  # about the Y axis
+    matrix = torch.linalg.inv(to_yiq) @ turn.to(to_yiq) @ to_yiq  # (B, 3, 3), RGB -> RGB
+    return torch.einsum("bij,bjhw->bihw", matrix.to(x.dtype), x).clamp(0, 1)
 
 def channel_stats(x):
-    """Per-channel mean and std of uint8 images (N, H, W, 3) in [0, 1], in chunks.
-    DEVIATION: the statistics of the data in use; the authors' scripts swapped CIFAR's and
-    Imagewoof's."""
+    """Per-channel mean and std of uint8 images (N, H, W, 3) in [0, 1], in chunks. DEVIATION: the statistics
+    of the data in use; the authors' scripts swapped CIFAR's and Imagewoof's."""
     total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
     for chunk in x.split(256):
         c = chunk.to(torch.float64) / 255
         total += c.sum((0, 1, 2)).cpu()
         squares += (c * c).sum((0, 1, 2)).cpu()
     n = x.shape[0] * x.shape[1] * x.shape[2]
-    mean = total / n
-    dtype = torch.get_default_dtype()  # the models' parameters' dtype
+    mean, dtype = total / n, torch.get_default_dtype()  # the models' parameters' dtype
     return mean.to(dtype), (squares / n - mean ** 2).sqrt().to(dtype)
 
+def normalised(x, mean, std):
+    """uint8 images (B, 3, H, W) as floats, normalised with the channel statistics (3,)."""
+    return (x.to(mean.dtype) / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 def image_data(d, device, size=None, augment=None):
-    """Data holding d's uint8 images (N, H, W, 3) and labels on the device, moved there once. Its
-    prepare(x, train) makes a batch floats (B, 3, H, W) in [0, 1], for training augmented by
-    augment(floats) if given, then normalised with the channel statistics of d's training images;
-    otherwise resized to size x size if size is given. Nothing crosses between host and device."""
+    """Data holding d's uint8 images (N, H, W, 3) and labels on the device, moved there once. Its prepare(x,
+    train) makes a batch floats (B, 3, H, W) in [0, 1], for training augmented by augment(floats) if given,
+    then normalised with the channel statistics of d's training images; else resized to size x size if size
+    is given. Nothing crosses between host and device. A stack of models trains on it only without augment:
+    its draws would be the stack's, not each model's (experiment.phase_trainer)."""
     x_train = torch.as_tensor(d["x_train"]).to(device)
     mean, std = (v.to(device).view(1, 3, 1, 1) for v in channel_stats(x_train))
 
@@ -111,46 +365,196 @@ def image_data(d, device, size=None, augment=None):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return ((x - mean) / std).contiguous()  # NCHW, not channels-last
     to = lambda key: torch.as_tensor(d[key]).to(device)
-    data = Data(x_train, to("y_train"), to("x_val"), to("y_val"), to("x_test"), to("y_test"), metric="accuracy",
-                prepare=prepare)
-    data.augments = augment is not None  # its models train one at a time: a stack draws no augmentation for each
+    data = merge.Data(x_train, to("y_train"), to("x_val"), to("y_val"), to("x_test"), to("y_test"),
+                      metric="accuracy", prepare=prepare)
+    data.augments = augment is not None
     return data
 
+def check_unstacked(s, network):
+    """One line for --stack with a network that has BatchNorm (its statistics are each model's own)."""
+    if s.stack:
+        raise InputError(f"--stack 1 is for networks without BatchNorm; {network} trains one model at a time")
+
+# == Streamed from disk, decoded in DataLoader workers (ImageNet) ====================================
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's channel statistics
+
+class Images(torch.utils.data.Dataset):
+    """Images decoded with Pillow into uint8 (3, size, size) crops, with the colour jitter each is to get
+    (jitter_factors; none for evaluation). For training, the authors' augmentation: a random resized crop
+    of 8-100 % of the area (bicubic), a flip half the time, colour jitter 0.4 without hue, every draw fixed
+    by (the epoch's seed, index), so that a resumed epoch sees the same images; for evaluation, the shorter
+    side resized to size / 0.95, the centre crop. Normalising and jittering run on the batch, on the device
+    (Streamed): a uint8 crop is a quarter of the floats' bytes to pass between processes."""
+
+    def __init__(self, paths, labels, size, train):
+        self.paths, self.labels, self.size, self.train, self.seed = paths, labels, size, train, 0
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        for j in range(i, i + len(self)):  # check_images found every file an image; one may still be cut short
+            try:
+                image, label = opened(self.paths[j % len(self)]), self.labels[j % len(self)]
+                break
+            except InputError as e:
+                print(f"warning: {e}; the next image takes its place", file=sys.stderr, flush=True)
+        factors = torch.zeros(4)
+        if self.train:
+            rng = np.random.default_rng([self.seed, i])
+            left, top, w, h = crop_box(*image.size, rng, scale=(0.08, 1.0))
+            image = image.resize((self.size, self.size), 3, box=(left, top, left + w, top + h))  # 3: bicubic
+            image = image.transpose(0) if rng.random() < 0.5 else image  # 0: mirrored left to right
+            factors = jitter_factors(rng, 0.4, hue=0.0)
+        else:
+            image = centre_crop(image, self.size, crop_pct=0.95)  # timm's crop_pct 0.95
+        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1), label, factors
+
+class Streamed(merge.Data):
+    """merge.Data whose batches stream from disk through DataLoaders: each rank reads its own shard of
+    every training epoch (DistributedSampler, reshuffled from the seed), and evaluates whole splits."""
+
+    def __init__(self, splits, s, rank, world, device):
+        self.splits, self.s, self.rank, self.world, self._device = splits, s, rank, world, device
+        self.metric, self.prepare = "accuracy", None
+        self.mean, self.std = (torch.tensor(v, device=device) for v in (MEAN, STD))
+
+    device = property(lambda self: self._device)
+    size = property(lambda self: len(self.splits["train"]))
+    example = property(lambda self: torch.zeros(1, 3, self.s.size, self.s.size, device=self._device))
+
+    def loader(self, split, batch, sampler=None):
+        return torch.utils.data.DataLoader(self.splits[split], batch, sampler=sampler, num_workers=self.s.workers,
+                                           pin_memory=self._device.type == "cuda", drop_last=sampler is not None)
+
+    def batches(self, size):
+        """The training batches of this rank, size / world images each, in an order and with augmentation
+        drawn from torch's generator (merge.fit seeds it alike on every rank); progress on rank 0."""
+        train = self.splits["train"]
+        train.seed = int(torch.randint(2 ** 62, ()))  # the sampler's and the augmentation's seed for this epoch
+        sampler = torch.utils.data.DistributedSampler(train, self.world, self.rank, seed=train.seed, drop_last=True)
+        loader, started = self.loader("train", size // self.world, sampler), time.time()
+        for i, (x, y, factors) in enumerate(loader):
+            yield self.to_device(x, factors), y.to(self._device, non_blocking=True)
+            if self.rank == 0 and (i + 1) % max(1, len(loader) // 10) == 0:
+                seconds = time.time() - started
+                log.info(f"    {i + 1}/{len(loader)} batches, {(i + 1) * size / seconds:.0f} "
+                         f"images/s, {seconds / (i + 1) * (len(loader) - i - 1):.0f} s left in the epoch")
+        if self.world > 1:  # BatchNorm's statistics: rank 0's on every rank, as timm's distribute_bn
+            for buffer in self.trained.buffers():
+                dist.broadcast(buffer, 0)
+
+    def to_device(self, x, factors=None):
+        """uint8 crops as normalised floats on the device, colour-jittered by factors if given."""
+        x = x.to(self._device, non_blocking=True).float() / 255
+        if factors is not None:
+            x = color_jitter(x, factors=factors)
+        x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+        return x.contiguous(memory_format=torch.channels_last) if self._device.type == "cuda" else x
+
+    def wrap(self, model):
+        """Channels-last and bf16 autocast on GPUs; DDP across ranks, once the ranks' weights agree."""
+        self.trained = model
+        if self._device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        if self.world > 1:
+            same_on_every_rank(model)
+            model = nn.parallel.DistributedDataParallel(model, [self._device] if self._device.type == "cuda" else None)
+        return Autocast(model) if self._device.type == "cuda" else model
+
+    @torch.no_grad()
+    def accuracies(self, model, split, top=(1, 5)):
+        """Top-1 and top-5 accuracy of the model on a whole split, here on every rank alike."""
+        model.eval()
+        right, count = torch.zeros(len(top), device=self._device), 0
+        for x, y, _ in self.loader(split, self.s.batch // self.world):
+            with torch.autocast(self._device.type, torch.bfloat16, enabled=self._device.type == "cuda"):
+                logits = model(self.to_device(x))
+            best = logits.topk(min(max(top), logits.shape[1]), 1).indices  # top-5 of fewer classes: all of them
+            y = y.to(self._device)
+            right += torch.stack([(best[:, :k] == y[:, None]).any(1).sum() for k in top])
+            count += len(y)
+        return (right / count).tolist()
+
+    def evaluate(self, model, split="test"):
+        return self.accuracies(model, split, top=(1,))[0]
+
+class Autocast(nn.Module):
+    """The model under bf16 autocast (mixed precision), its outputs back in float32."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with torch.autocast("cuda", torch.bfloat16):
+            return self.model(x).float()
+
+def same_on_every_rank(model):
+    """Fail loudly unless every rank holds the same weights: concatenation and compression run on every rank
+    alike, and a rank that drifted would train another model."""
+    flat = torch.cat([t.detach().float().flatten() for t in model.state_dict().values()])
+    reference = flat.clone()
+    dist.broadcast(reference, 0)
+    largest = (flat - reference).abs().max()
+    dist.all_reduce(largest, dist.ReduceOp.MAX)
+    if largest > 0:
+        raise RuntimeError(f"the ranks hold different weights (largest difference {largest.item():.3g})")
+
+def streamed_folder(s, rank, world, device):
+    """(Streamed train / validation / test splits of the folder --data, its number of classes), or one line
+    saying what is wrong: --val-images training images, fixed by --seed, validate; val/ is the test set."""
+    (paths, labels, classes), (test_paths, test_labels, _) = check_folder(Path(s.data))
+    check_images(paths + test_paths)
+    if s.val_images + s.batch > len(paths):
+        raise InputError(f"--val-images {s.val_images} leaves fewer of the {len(paths)} training images than one "
+                         f"batch of {s.batch}")
+    train, val = split(len(paths), s.val_images, s.seed)
+    pick = lambda idx, train: Images([paths[i] for i in idx], [labels[i] for i in idx], s.size, train)
+    splits = dict(train=pick(train, True), val=pick(val, False), test=Images(test_paths, test_labels, s.size, False))
+    log.info(f"{s.data}: {len(classes)} classes; train {len(train)}, validation {len(val)}, test {len(test_paths)} "
+             f"images; {world} rank(s), batch {s.batch // world} each on {device}")
+    return Streamed(splits, s, rank, world, device), len(classes)
+
+# == The accuracy report (Tables 2 to 4) =============================================================
 
 def accuracy_result(model, data):
-    """The numbers of a row of an image experiment."""
+    """The numbers of a row of an image experiment: test and validation accuracy, and top-5 where the data
+    gives it (Table 4)."""
+    if isinstance(data, Streamed):
+        top1, top5 = data.accuracies(model, "test")
+        return dict(test_accuracy=round(top1, 6), test_top5=round(top5, 6),
+                    val_accuracy=round(data.evaluate(model, "val"), 6))
     return dict(test_accuracy=round(data.evaluate(model, "test"), 6), val_accuracy=round(data.evaluate(model, "val"), 6))
 
-
-ACCURACY_COLUMNS = {"its teachers (mean)": "teachers_test", "big student (mean)": "big_student_test",
+ACCURACY_COLUMNS = {"top-5 (mean)": "test_top5", "its teachers (mean)": "teachers_test",
+                    "big student (mean)": "big_student_test",
                     "compressed, before fine-tuning (mean)": "compressed_test",
-                    "fused, before fine-tuning (mean)": "fused_test",
-                    "pruned, before fine-tuning (mean)": "pruned_test"}
-
+                    "fused, before fine-tuning (mean)": "fused_test", "pruned, before fine-tuning (mean)": "pruned_test"}
 
 def accuracy_table(rows, strategies):
-    """The statistics of Tables 2 and 3 of test accuracy per strategy, and the mean test
-    accuracy of what came before: teachers, big students, fused and pruned models."""
+    """The statistics of Tables 2 to 4 of test accuracy per strategy; top-5 where the rows have it; and the
+    mean of what came before: the teachers, big students, fused and pruned models."""
     mean_of = lambda key: lambda mine: f"{np.mean([r[key] for r in mine]):.4f}" if key in mine[0] else ""
-    return summarize(rows, "test_accuracy", strategies, extra={
+    return report.summarize(rows, "test_accuracy", strategies, extra={
         column: mean_of(key) for column, key in ACCURACY_COLUMNS.items() if any(key in r for r in rows)})
 
-
-def report_accuracy(s, rows, heading, figure, figure_title, note=""):
-    """summary.md printed and saved; the box plot of test accuracies and, with students,
-    the teachers' shares of their units, as PNG."""
+def report_accuracy(s, rows, strategies, heading, figure, title, note=""):
+    """summary.md printed and saved, headed by the network, the data the rows came from and the paper's
+    table; the box plot of test accuracies and, with students, the teachers' shares of their units, as PNG."""
     if experiment.ranks()[0] > 0:
         return  # rank 0 writes
     import matplotlib
     matplotlib.use("Agg")
-    out, names = Path(s.out), s.strategies.split(",")
-    text = f"# {heading}: test accuracy over {s.runs} runs\n\n{accuracy_table(rows, names)}\n{note}"
+    out = Path(s.out)
+    text = f"# {heading}: test accuracy over {s.runs} run(s)\n\n{accuracy_table(rows, strategies)}\n{note}"
     if any(r["strategy"] in ("student", "random") for r in rows):
-        text += f"\nTest accuracy at each stage (per run in stages.md):\n\n{stage_table(rows, 'test_accuracy')}\n"
-        write_whole(out / "stages.md", stage_table(rows, "test_accuracy", per_run=True) + "\n")
-    write_whole(out / "summary.md", text)
+        text += f"\nTest accuracy at each stage (per run in stages.md):\n\n{report.stage_table(rows, 'test_accuracy')}\n"
+        report.write_whole(out / "stages.md", report.stage_table(rows, "test_accuracy", per_run=True) + "\n")
+    report.write_whole(out / "summary.md", text)
     print(text)
-    plot_box(rows, "test_accuracy", names, out / figure, f"{figure_title}, test accuracy over {s.runs} runs")
+    report.plot_box(rows, "test_accuracy", strategies, out / figure, f"{title}, test accuracy over {s.runs} run(s)")
     if any(r["strategy"] == "student" for r in rows):
-        plot_kept_share(rows, out / "fig2_kept_share.png")
+        report.plot_kept_share(rows, out / "fig2_kept_share.png")
     log.info(f"wrote {out}/summary.md and figures")

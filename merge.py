@@ -10,8 +10,13 @@ Result (50 runs, 900 epochs per strategy, 3 min 54 s on a 2-core AMD EPYC CPU): 
 0.0759, bo3 0.0866, one model 0.1242; all five peaks in 50/50, 49/50 and 36/50 runs. The run machinery wraps
 this file from outside: experiment.py, stacked.py (the fast trainer) and sine.py."""
 import math
+import os
+import signal
+import sys
 from dataclasses import dataclass, field, replace
 
+if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (experiment.main takes over)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted while starting", file=sys.stderr) or 130))
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -311,17 +316,17 @@ class Settings:
     teachers: int = setting(2, "k, the number of teachers merged into one student (paper: 2)")
     phase_epochs: tuple = ()  # (teacher, importance, fine-tune, bo3, one) epochs given, not from epochs (ImageNet)
     # SGD, its lr divided by 10 at these fractions of each phase (3.2: 250 of 300, none, 100 of 150, 800 of 900)
-    batch: int = setting(32, "examples per SGD step (3.2)")
+    batch: int = setting(32, "examples per SGD step (the authors' scripts)")
     lr: float = setting(0.01, "SGD learning rate, divided by 10 at each drop (3.2)")
     momentum: float = setting(0.9, "SGD momentum (3.2)")
-    weight_decay: float = setting(0.0, "SGD weight decay (3.2: none)")
+    weight_decay: float = setting(0.0, "SGD weight decay (the authors' scripts: none)")
     drops_teacher: tuple = (5 / 6,)
     drops_importance: tuple = ()
     drops_finetune: tuple = (2 / 3,)
     drops_one: tuple = (8 / 9,)
     # the importance phase (2.2)
     gate_lr: float = setting(0.1, "learning rate of the gates' own SGD, momentum 0.9 (the authors' scripts)")
-    lambda_start: float = setting(0.01, "lambda at the start of the importance phase (Fig. 5)")
+    lambda_start: float = setting(0.01, "lambda at the start of the importance phase (the authors' scripts)")
     lambda_step: float = setting(0.05, "lambda += step sqrt(lambda) before each epoch (Fig. 5)")
     paper_epochs: int = setting(900, "the budget the lambda step is for; others rescale it to end at its lambda (ours)")
     fold: int = setting(0, "1: fold the kept gates' test-time values into the next layers at compression (ours)")
@@ -341,12 +346,9 @@ def budget(s):
 @dataclass
 class Data:
     """Train, validation and test tensors on the device; prepare(x, train) makes a batch the model's input."""
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
+    x_train: torch.Tensor; y_train: torch.Tensor  # noqa: E702 - inputs and targets, pair by pair
+    x_val: torch.Tensor; y_val: torch.Tensor  # noqa: E702
+    x_test: torch.Tensor; y_test: torch.Tensor  # noqa: E702
     metric: str = "mse"  # "mse" (lower is better) or "accuracy" (higher is better)
     prepare: object = lambda x, train=False: x
     device = property(lambda self: self.x_train.device)
@@ -641,10 +643,8 @@ def fusion(data, s, make_teacher, seed, train=train):
     return fused, info
 
 # The paper's strategies (3.1), our controls and the baselines of section 3.3, by name.
-STRATEGIES = dict(student=student, bo3=bo3, one=one, random=random, one_compute=one_compute, prune=prune,
-                  fusion=fusion)
+STRATEGIES = dict(student=student, bo3=bo3, one=one, random=random, one_compute=one_compute, prune=prune, fusion=fusion)
 
 if __name__ == "__main__":  # hand over to the run machinery, which imports this file as `merge`: one copy of it
-    import sys
     import sine
     sine.main(sys.argv[1:])

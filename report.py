@@ -2,10 +2,12 @@
 the summary tables (the paper's Tables 1-4, and the stages of the student) and the figures, small plot_*
 functions, each returning its figure and, given a path, saving it as a PNG (whole: a temporary file,
 then a rename) and closing it."""
+import contextlib
 import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -14,6 +16,32 @@ import numpy as np
 import merge
 
 log = logging.getLogger("merge")  # what the runs report; Progress shows it
+
+# == Files written whole ===========================================================================
+
+@contextlib.contextmanager
+def written_whole(path):
+    """A temporary name beside path to write to; renamed to path when the block ends, removed if it fails:
+    path holds the whole new file or what it held before, never a part, and nothing is left behind."""
+    path = Path(path)
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        yield part
+        part.replace(path)
+    finally:
+        part.unlink(missing_ok=True)
+
+def write_whole(path, text):
+    """path holds text, or what it held before (written_whole)."""
+    with written_whole(path) as part:
+        part.write_text(text)
+
+def save_whole(obj, path):
+    """torch.save, whole or not at all (written_whole). Its folder is made."""
+    import torch
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with written_whole(path) as part:
+        torch.save(obj, part)
 
 # == Progress ======================================================================================
 
@@ -94,10 +122,11 @@ def stage_table(rows, metric, per_run=False):
 def _finish(fig, path):
     """Save fig as a PNG at path, whole, and close it; without a path, return it open."""
     if path:
-        part = path.with_name(f".{path.name}.{os.getpid()}.part")
-        fig.savefig(part, dpi=110, bbox_inches="tight", format="png")
-        part.replace(path)
-        plt.close(fig)
+        try:
+            with written_whole(path) as part:
+                fig.savefig(part, dpi=110, bbox_inches="tight", format="png")
+        finally:
+            plt.close(fig)
     return fig
 
 def plot_lambda(lambdas, paper_lambdas=None, path=None):

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -22,6 +24,7 @@ from experiment import AT_LEAST_1, NOT_NEGATIVE, setting
 @dataclass
 class SineSettings(experiment.Settings):
     """The sine experiment: the method's and the runs' settings (their defaults are the sine's), and its data."""
+    row_keys: ClassVar[tuple] = ("val_mse", "peaks", "curve")
     task: str = setting("sine", "experiment (section 3.2); the image experiments have their own scripts",
                         choices=("sine",))
     n_train: int = setting(10_000, "training points (3.2: 10,000)", valid=AT_LEAST_1)
@@ -46,6 +49,23 @@ def run(s):
         rows = experiment.run_experiment(s, "sine", lambda seed, device: data(s, seed, device), merge.SineMLP, result)
         write_report(s, rows, out)
 
+def run_study(s, studies, heading, table, plot, figure):
+    """A study of several sine experiments, each of studies [(key, title, settings)] in its own --out folder:
+    all checked before any trains, each run (resumable) and reported there; then the study's table(rows_of),
+    headed, in s.out/summary.md, and its plot(rows_of, path) as s.out/figure."""
+    for _, _, settings in studies:
+        experiment.check_settings(settings)
+    rows_of = {}
+    for key, title, settings in studies:
+        with experiment.locked(settings) as out:
+            rows_of[key] = experiment.run_experiment(settings, title, lambda seed, device: data(settings, seed, device),
+                                                     merge.SineMLP, result)
+            write_report(settings, rows_of[key], out)
+    text = f"# {heading}\n\n{table(rows_of)}\n"
+    report.write_whole(Path(s.out) / "summary.md", text)
+    print(text)
+    plot(rows_of, Path(s.out) / figure)
+
 def write_report(s, rows, out):
     """summary.md (Table 1) printed and saved; Figs. 5, 8a, 9, 10 and the kept shares as PNG."""
     if experiment.ranks()[0] > 0:
@@ -65,8 +85,8 @@ def write_report(s, rows, out):
             f"k = {s.teachers}\n\n{table}\n")
     if any(r["strategy"] in ("student", "random") for r in rows):
         text += f"\nTest MSE at each stage (per run in stages.md):\n\n{report.stage_table(rows, 'test_mse')}\n"
-        experiment.write_whole(out / "stages.md", report.stage_table(rows, "test_mse", per_run=True) + "\n")
-    experiment.write_whole(out / "summary.md", text)
+        report.write_whole(out / "stages.md", report.stage_table(rows, "test_mse", per_run=True) + "\n")
+    report.write_whole(out / "summary.md", text)
     print(text)
     importance = merge.budget(s)["importance"]
     report.plot_lambda(merge.lambda_schedule(importance, s.lambda_start, s.lambda_step, round(s.paper_epochs / 6)),
@@ -141,7 +161,7 @@ def launch(s, n):
     is Python, which one thread runs. This process waits; Ctrl-C, or a rank that fails, ends them all."""
     out = experiment.checked_out(s)  # a wrong --out is refused here, before any process starts
     experiment.settings_record(s, out)
-    experiment.read_rows(out, s.metric)
+    experiment.read_rows(out, s)
     try:  # a free port for the ranks' process group
         with socket.socket() as free:
             free.bind(("127.0.0.1", 0))
@@ -154,27 +174,40 @@ def launch(s, n):
                MERGE_LAUNCHER=str(os.getpid()))
     argv = [f"{experiment.flag(f)}={getattr(s, f.name)}" for f in dataclasses.fields(s)
             if "help" in f.metadata and not isinstance(getattr(s, f.name), (bool, tuple))]
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the ranks, as Ctrl-C does
     procs = [subprocess.Popen([sys.executable, merge.__file__, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               start_new_session=True) for r in range(n)]  # Ctrl-C reaches them from here, once
+    failed = None
     try:
         while any(p.poll() is None for p in procs):
-            if any(p.poll() for p in procs):  # one failed: the others would wait for it for ever
+            if failed is None and any(p.poll() for p in procs):  # one failed: the others would wait for it for ever
+                failed = next(rank for rank, p in enumerate(procs) if p.poll())
                 stop(procs)
             time.sleep(0.1)
     except KeyboardInterrupt:
         stop(procs)
         raise
     codes = [p.returncode for p in procs]
+    if failed is not None and codes[failed] < 0:  # killed: it could not say so itself
+        print(f"error: worker {failed} of {n} (pid {procs[failed].pid}) was ended by signal {-codes[failed]} "
+              f"({signal.Signals(-codes[failed]).name}); every finished row and phase is kept, and the same command "
+              "resumes", file=sys.stderr)
+        sys.exit(1)
     if any(codes):  # rank 0's exit code where it has one, else another's; a signal's (negative): 1
         sys.exit(next((code for code in codes if code > 0), 1))
 
-def stop(procs):
-    """Ends the ranks still running (SIGTERM) and waits for them."""
+def stop(procs, patience=5):
+    """Ends the ranks still running (SIGTERM; SIGKILL after `patience` seconds, for one stuck in a collective
+    with a dead peer) and waits for them."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
     for p in procs:
-        p.wait()
+        try:
+            p.wait(patience)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 def guard():
     """In a rank that launch() started, SIGTERM ends it quietly: the launcher says what happened. (Its

@@ -7,14 +7,18 @@ merge.py), the table in --out/summary.md, the figure in --out/fig_teachers.png.
     python sine_teachers.py --runs 50          # k = 2, 3, 4, 5: 50 runs each -> runs/sine_teachers/
 """
 import dataclasses
+import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (experiment.main takes over)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted while starting", file=sys.stderr) or 130))
+
 import numpy as np
 
 import experiment
-import merge
 import report
 import sine
 from experiment import setting
@@ -79,20 +83,9 @@ def plot_teachers(rows_of, path=None):
 
 def run(s):
     experiment.check_settings(s)
-    rows_of = {}
-    for k in range(2, s.most + 1):
-        sk = settings_of(s, k)
-        experiment.check_settings(sk)
-        with experiment.locked(sk) as out:
-            rows_of[k] = experiment.run_experiment(sk, f"sine, k = {k}", lambda seed, device: sine.data(
-                sk, seed, device), merge.SineMLP, sine.result)
-            sine.write_report(sk, rows_of[k], out)
-    table = teachers_table(rows_of)
-    text = (f"# Merging k teachers on the sine problem: test MSE over {s.runs} runs, {s.epochs} epochs per "
-            f"strategy\n\n{table}\n")
-    experiment.write_whole(Path(s.out) / "summary.md", text)
-    print(text)
-    plot_teachers(rows_of, Path(s.out) / "fig_teachers.png")
+    studies = [(k, f"sine, k = {k}", settings_of(s, k)) for k in range(2, s.most + 1)]
+    sine.run_study(s, studies, f"Merging k teachers on the sine problem: test MSE over {s.runs} runs, {s.epochs} "
+                   "epochs per strategy", teachers_table, plot_teachers, "fig_teachers.png")
 
 
 def main(argv=None):

@@ -22,6 +22,8 @@ import merge
 log = logging.getLogger("merge")
 
 # == Counter-based noise ===========================================================================
+# DEVIATION: the runs' gate noise comes from a counter, not from one generator's stream, so that a model gets
+# the same numbers alone or in a stack, and a resumed run the same as an unbroken one; alike in distribution.
 
 def mix(x):
     """An integer hash (Mueller's) of the 32 bits of each int32 in x; the products wrap around."""

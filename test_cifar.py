@@ -77,7 +77,7 @@ def test_the_pickles_load_with_shapes_labels_and_a_disjoint_seeded_split(tmp_pat
 def test_the_augmentation_crops_with_padding_and_flips_each_example():
     torch.manual_seed(0)
     x = torch.randn(200, 3, 8, 8)
-    out = cifar.random_crop_flip(x, pad=4)
+    out = images.random_crop_flip(x, pad=4)
     assert out.shape == x.shape
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for b in range(200):  # each output is one 8x8 window of the padded image, mirrored or not
@@ -159,7 +159,7 @@ def test_resnet20_cifar100_end_to_end_with_every_strategy(tmp_path):
     strategies = ("student", "bo3", "one", "prune")
     assert sorted((r["run"], r["strategy"]) for r in rows) == sorted((run, n) for run in range(2) for n in strategies)
     summary = (out / "summary.md").read_text()
-    assert "ResNet20 on CIFAR-100, Table 2" in summary and all(f"| {n} | 2 |" in summary for n in strategies)
+    assert "ResNet20 on cifar-100-python (the paper's Table 2)" in summary and all(f"| {n} | 2 |" in summary for n in strategies)
     assert "pruned, before fine-tuning" in summary and (out / "box_resnet20_cifar100.png").stat().st_size > 1000
     settings = json.loads((out / "settings.json").read_text())
     assert settings["lr"] == 0.1 and settings["weight_decay"] == 1e-4 and settings["drops_importance"] == [0.5, 0.7]
@@ -183,7 +183,7 @@ def test_vgg11_cifar10_with_given_teachers_against_fusion(tmp_path):
     assert student["teachers_test"] == fusion["teachers_test"]  # the same given teachers, loaded, not trained
     assert "teacher: 0 x 2 epochs (2 done before)" in result.stdout
     summary = (out / "summary.md").read_text()
-    assert "VGG-11 on CIFAR-10, section 3.3.4" in summary and "Table 3" not in summary.split("\n")[0]
+    assert "VGG-11 on cifar-10-batches-py (the paper's section 3.3.4)" in summary and "Table 3" not in summary.split("\n")[0]
     assert "not rerun" in summary  # our fusion is not Table 3's OTFusion or GAMF
     assert all(f"| {n} | 1 |" in summary for n in ("teacher 0", "teacher 1", "student", "fusion"))
     assert "fused, before fine-tuning" in summary and (out / "box_vgg11_cifar10.png").exists()
@@ -222,6 +222,10 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     ("one teacher", "pass 2 files"),
     ("cuda with teachers", "no GPU"),
     ("empty batch", "holds no images"),
+    ("missing batch", "no data_batch_4"),
+    ("float labels", "labels are not 16 integers"),
+    ("pixels out of range", "pixels are not integers from 0 to 255"),
+    ("wrong shape", "not (images, 3072)"),
     ("all for validation", "leave none to train on"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, damage, message):
@@ -250,6 +254,21 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
         with open(folder / "test", "wb") as f:
             pickle.dump({b"data": np.zeros((0, 3072), np.uint8), b"fine_labels": []}, f)
         args += ["--data", folder]
+    elif damage in ("missing batch", "float labels", "pixels out of range", "wrong shape"):
+        folder = make_cifar(tmp_path, "cifar10")
+        batch = {b"labels": list(range(4)) * 4, b"data": np.zeros((16, 3072), np.int64)}
+        if damage == "missing batch":
+            (folder / "data_batch_4").unlink()
+        elif damage == "float labels":
+            batch[b"labels"] = [0.5] * 16
+        elif damage == "pixels out of range":
+            batch[b"data"][0, 0] = 300
+        else:
+            batch[b"data"] = np.zeros((8, 6144), np.uint8)
+        if damage != "missing batch":
+            with open(folder / "data_batch_2", "wb") as f:
+                pickle.dump(batch, f, protocol=2)
+        args += ["--data", folder, "--experiment", "vgg11-cifar10"]
     elif damage == "all for validation":
         args += ["--data", make_cifar(tmp_path, "cifar100"), "--val-fraction", "0.999"]
     else:

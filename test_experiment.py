@@ -1,7 +1,9 @@
 """Tests for experiment.py, the machinery around the method: bad input and damaged project files
 give one line and exit code 2 and write nothing; one command at a time per --out; rows are
 read once; every subset of strategies reports; Ctrl-C says what was kept; the experiments'
-presets are REFERENCE.md's. Most bad inputs share this process through main(argv)."""
+presets are docs/settings.md's. Most bad inputs share this process through main(argv)."""
+import ast
+import errno
 import itertools
 import json
 import os
@@ -17,6 +19,7 @@ import torch
 
 import cifar
 import experiment
+import imagenet
 import lenet_imagewoof as woof
 import merge
 import report
@@ -110,7 +113,8 @@ def test_a_bad_out_gives_one_line_exit_code_2_and_writes_nothing(tmp_path, capsy
     (tmp_path / "a file").write_text("not a folder")
     cases = {str(tmp_path / "a file"): "is not a folder", str(tmp_path / "a file" / "inside"): "is not a folder",
              "/dev/null": "is not a folder", "": "--out is empty", " ": "--out is empty",
-             "/proc/no/such/folder": "cannot write to --out"}  # unwritable even for root
+             "/proc/no/such/folder": "cannot write to --out",  # unwritable even for root
+             str(tmp_path / ("x" * 300) / "out"): "File name too long", "/x" * 2200: "File name too long"}
     if os.geteuid() != 0:  # root writes into any folder
         (tmp_path / "locked").mkdir(mode=0o500)
         cases[str(tmp_path / "locked" / "out")] = "is not writable"
@@ -133,6 +137,9 @@ def test_settings_of_another_experiment_in_the_same_out_are_refused(finished, tm
     ("a line that is a number", "results.jsonl, line 1, is not a result row"),
     ("a row without run", "results.jsonl, line 2, is not a result row"),
     ("a row without its metric", "results.jsonl, line 3, is not a result row"),
+    ("a row without its curve", "results.jsonl, line 2, is not a result row"),
+    ("a row of another seed", "results.jsonl, line 1, is not a result row"),
+    ("a row whose metric is NaN", "results.jsonl, line 3, is not a result row"),
     ("results.jsonl a folder", "cannot read"),
     ("empty settings.json", "settings.json is not a settings file"),
     ("truncated settings.json", "settings.json is not a settings file"),
@@ -147,6 +154,12 @@ def test_damaged_project_files_are_refused_with_one_line_naming_them(finished, t
         rows[1] = json.dumps({k: v for k, v in json.loads(rows[1]).items() if k != "run"})
     elif damage == "a row without its metric":
         rows[2] = json.dumps({k: v for k, v in json.loads(rows[2]).items() if k != "test_mse"})
+    elif damage == "a row without its curve":
+        rows[1] = json.dumps({k: v for k, v in json.loads(rows[1]).items() if k not in ("peaks", "curve")})
+    elif damage == "a row of another seed":
+        rows[0] = json.dumps(dict(json.loads(rows[0]), seed=999))
+    elif damage == "a row whose metric is NaN":
+        rows[2] = json.dumps(dict(json.loads(rows[2]), test_mse=float("nan")))
     (out / "results.jsonl").write_text("".join(row + "\n" for row in rows))
     if damage == "results.jsonl a folder":
         (out / "results.jsonl").unlink()
@@ -171,6 +184,33 @@ def test_a_damaged_phase_file_is_trained_again_with_one_line(finished, tmp_path)
     assert f"{phase} is damaged" in again.stdout and "teacher: 1 x 4 epochs (3 done before)" in again.stdout
     redone = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines() if '"student"' in r]
     assert redone == [json.loads(r) for r in rows if '"student"' in r]  # the same teacher again, the same rows
+
+
+def test_a_damaged_epoch_checkpoint_is_trained_again_with_one_line(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    rows = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("".join(r + "\n" for r in rows if '"one"' not in r))
+    for phase in (out / "phases").glob("one-*.pt"):  # one model's phase, unfinished: a checkpoint of garbage
+        phase.unlink()
+        phase.with_suffix(".epochs").write_bytes(b"PK\x03\x04 a cut zip")
+    again = cli(*SMALL, "--strategies", "one", "--stack", "0", "--out", out)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count(".epochs is damaged") == 2 and "training its phase from the start" in again.stdout
+    redone = {r["run"]: r["test_mse"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
+              if r["strategy"] == "one"}
+    assert redone == pytest.approx({r["run"]: r["test_mse"] for r in map(json.loads, rows) if r["strategy"] == "one"},
+                                   rel=1e-3)  # one at a time: the stack's rows up to float32 rounding
+    assert not list((out / "phases").glob("*.epochs"))
+
+
+def test_a_full_disk_gives_one_line_and_leaves_no_part_file(tmp_path, capsys, monkeypatch):
+    def full(obj, path):  # as torch.save into a full file system: some bytes, then ENOSPC
+        Path(path).write_bytes(b"half a phase")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(experiment.torch, "save", full)
+    code, err = main([*SMALL, "--out", tmp_path / "out"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "No space left on device writing in" in err and "phases" in err, err
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".part")]
 
 
 # -- one command at a time, rows read once ------------------------------------------------------
@@ -320,6 +360,43 @@ def test_ctrl_c_ends_with_one_line_saying_what_was_kept(tmp_path, workers):
     assert f"interrupted: kept 0 results in {out / 'results.jsonl'}" in err and "same command resumes" in err
 
 
+def test_ctrl_c_while_torch_loads_is_one_line_too(tmp_path):
+    run = subprocess.Popen([sys.executable, str(ROOT / "merge.py"), *SMALL, "--out", str(tmp_path / "sine")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # importing torch takes seconds
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and err.count("\n") == 1 and "interrupted" in err, err
+    assert not (tmp_path / "sine").exists()
+
+
+def workers_of(parent):
+    """{rank: pid} of the worker processes that merge.py started."""
+    children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    environ = lambda pid: dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+    return {int(environ(pid)["RANK"]): int(pid) for pid in children}
+
+
+@pytest.mark.parametrize("killed", ["worker 1", "the launcher"])
+def test_a_killed_process_leaves_no_orphan_and_the_launcher_says_which(tmp_path, killed):
+    out = tmp_path / "sine"
+    run = subprocess.Popen([sys.executable, str(ROOT / "merge.py"), *SMALL[:2], "--epochs", "600", *SMALL[4:-2],
+                            "--workers", "2", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    while not (out / "settings.json").exists() and run.poll() is None:
+        time.sleep(0.05)
+    ranks = workers_of(run.pid)
+    assert sorted(ranks) == [0, 1]
+    os.kill(ranks[1] if killed == "worker 1" else run.pid, signal.SIGKILL)
+    _, err = run.communicate(timeout=60)
+    deadline = time.time() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in ranks.values()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks.values())  # no worker outlives it
+    if killed == "worker 1":
+        assert run.returncode == 1 and err.count("\n") == 1 and "worker 1 of 2" in err and "signal 9" in err, err
+
+
 def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file(monkeypatch, capsys):
     report.show_progress()
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
@@ -333,47 +410,33 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file(monkeypatch, capsys
     assert capsys.readouterr().out.count("\n") == 1  # one line at each fifth of the phase: epoch 4 of 20
 
 
-# -- the experiments' settings are the paper's (REFERENCE.md) ------------------------------------
+# -- the experiments' settings are docs/settings.md's ----------------------------------------------
 
 PARSERS = {"sine": lambda: sine.parse([]), "lenet": lambda: woof.parse([]),
            "resnet18": lambda: woof.parse(["--arch", "resnet18"]), "resnet20-cifar100": lambda: cifar.parse([]),
-           "vgg11-cifar10": lambda: cifar.parse(["--experiment", "vgg11-cifar10"])}
-# One row per experiment and setting, as REFERENCE.md's table gives it. Phases are epochs from
-# budget(); drops are the lr drops as fractions of each phase.
-PRESETS = [
-    ("sine", "runs", 50), ("sine", "epochs", 900), ("sine", "batch", 32), ("sine", "lr", 0.01),
-    ("sine", "momentum", 0.9), ("sine", "weight_decay", 0.0), ("sine", "gate_lr", 0.1),
-    ("sine", "lambda_start", 0.01), ("sine", "lambda_step", 0.05), ("sine", "n_train", 10_000),
-    ("sine", "noise", 0.2), ("sine", "phases", (300, 150, 150, 300, 900)),
-    ("sine", "drops_teacher", (250 / 300,)), ("sine", "drops_importance", ()), ("sine", "drops_finetune", (100 / 150,)),
-    ("sine", "drops_one", (800 / 900,)),
-    ("lenet", "runs", 10), ("lenet", "epochs", 6000), ("lenet", "size", 28), ("lenet", "lr", 0.01),
-    ("lenet", "momentum", 0.9), ("lenet", "gate_lr", 0.2), ("lenet", "drops_teacher", (1 / 2, 3 / 4)),
-    ("lenet", "drops_importance", ()), ("lenet", "drops_finetune", (1 / 2, 3 / 4)), ("lenet", "drops_one", (1 / 2, 3 / 4)),
-    ("resnet18", "runs", 5), ("resnet18", "epochs", 600), ("resnet18", "size", 224), ("resnet18", "batch", 32),
-    ("resnet18", "lr", 0.01), ("resnet18", "momentum", 0.9), ("resnet18", "weight_decay", 0.0),
-    ("resnet18", "gate_lr", 0.2), ("resnet18", "lambda_start", 0.01), ("resnet18", "lambda_step", 0.05),
-    ("resnet18", "width", 64), ("resnet18", "phases", (200, 100, 100, 200, 600)),
-    ("resnet18", "drops_teacher", (100 / 200, 150 / 200)), ("resnet18", "drops_importance", ()),
-    ("resnet18", "drops_finetune", (50 / 100, 75 / 100)), ("resnet18", "drops_one", (300 / 600, 450 / 600)),
-    ("resnet20-cifar100", "runs", 5), ("resnet20-cifar100", "epochs", 600), ("resnet20-cifar100", "batch", 128),
-    ("resnet20-cifar100", "lr", 0.1), ("resnet20-cifar100", "momentum", 0.9),
-    ("resnet20-cifar100", "weight_decay", 1e-4), ("resnet20-cifar100", "gate_lr", 0.2),
-    ("resnet20-cifar100", "lambda_start", 0.05), ("resnet20-cifar100", "lambda_step", 0.05),
-    ("resnet20-cifar100", "width", 16), ("resnet20-cifar100", "phases", (200, 100, 100, 200, 600)),
-    ("resnet20-cifar100", "drops_teacher", (100 / 200, 150 / 200)),
-    ("resnet20-cifar100", "drops_importance", (50 / 100, 70 / 100)),
-    ("resnet20-cifar100", "drops_finetune", (50 / 100, 75 / 100)),
-    ("resnet20-cifar100", "drops_one", (300 / 600, 450 / 600)),
-    ("vgg11-cifar10", "batch", 128), ("vgg11-cifar10", "lr", 0.05), ("vgg11-cifar10", "momentum", 0.9),
-    ("vgg11-cifar10", "weight_decay", 5e-4), ("vgg11-cifar10", "gate_lr", 0.2),
-    ("vgg11-cifar10", "lambda_start", 0.01), ("vgg11-cifar10", "lambda_step", 0.01), ("vgg11-cifar10", "width", 64),
-    ("vgg11-cifar10", "drops_importance", (50 / 100, 70 / 100)), ("vgg11-cifar10", "drops_finetune", (50 / 100, 75 / 100)),
-]
+           "vgg11-cifar10": lambda: cifar.parse(["--experiment", "vgg11-cifar10"]), "imagenet": lambda: imagenet.parse([])}
 
 
-@pytest.mark.parametrize("name, setting, value", PRESETS)
-def test_every_preset_is_the_papers_setting(name, setting, value):
+def documented_settings():
+    """(experiment, setting, value) of every row of docs/settings.md whose value is in backticks."""
+    rows = []
+    for line in (ROOT / "docs" / "settings.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in PARSERS and cells[2].startswith("`"):
+            rows.append((cells[0], cells[1], ast.literal_eval(cells[2].strip("`"))))
+    return rows
+
+
+def test_the_settings_table_covers_every_experiment_and_setting():
+    rows = documented_settings()
+    assert {name for name, _, _ in rows} == set(PARSERS) and len(rows) >= 90
+    for name in PARSERS:
+        mine = {setting for n, setting, _ in rows if n == name}
+        assert {"batch", "lr", "momentum", "weight_decay", "gate_lr", "lambda_start", "lambda_step"} <= mine, name
+
+
+@pytest.mark.parametrize("name, setting, value", documented_settings())
+def test_every_preset_is_the_documented_setting(name, setting, value):
     s = PARSERS[name]()
     if setting == "phases":  # teacher, importance, fine-tune, bo3 model and one model epochs
         b = merge.budget(s)
@@ -381,3 +444,13 @@ def test_every_preset_is_the_papers_setting(name, setting, value):
     else:
         got = getattr(s, setting)
     assert got == pytest.approx(value), (name, setting)
+
+
+def test_the_gpu_check_without_a_gpu_is_bad_input(tmp_path, capsys):
+    import gpu_check
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(["--report", str(tmp_path / "report.md")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "no GPU" in err and not (tmp_path / "report.md").exists()

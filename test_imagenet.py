@@ -6,9 +6,11 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +43,16 @@ def folder(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp("imagenet") / "data")
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(*args, processes=1, **kwargs):
     """imagenet.py (or another script) through torchrun with `processes`, or a plain python for 1."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)] if processes > 1 \
-        else [sys.executable]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
+               str(free_port())] if processes > 1 else [sys.executable]  # a port of its own: tests run side by side
     environment = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen([*command, *map(str, args)], cwd=ROOT, env=environment, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kwargs)
@@ -82,12 +90,12 @@ def test_ddp_averages_the_gradients_of_the_ranks(folder, tmp_path):
     script = tmp_path / "one_epoch.py"
     script.write_text(f"""
 import torch, torch.distributed as dist
-import experiment, imagenet, merge
+import experiment, images, imagenet, merge
 rank, world = experiment.ranks()
 if world > 1:
     dist.init_process_group("gloo")
 s = imagenet.parse(["--data", "{folder}", "--size", "28", "--batch", "8", "--val-images", "4", "--workers", "0"])
-data, classes = imagenet.load_imagenet(s, rank, world, torch.device("cpu"))
+data, classes = images.streamed_folder(s, rank, world, torch.device("cpu"))
 torch.manual_seed(0)
 model = merge.LeNet(classes)
 torch.save(model.state_dict(), f"{tmp_path}/start.pt")
@@ -140,21 +148,58 @@ def test_runs_spread_over_ranks_give_the_rows_of_a_plain_run_each_once(tmp_path)
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("missing", "must hold .JPEG images"),
+    ("missing", "no such folder"),
+    ("empty", "holds no .jpg, .jpeg or .png images"),
     ("classes", "different classes"),
     ("validation", "leaves fewer of the"),
+    ("no epochs", "each phase needs at least 1 epoch"),
+    ("epochs", "--epochs is not used"),
+    ("empty image", "cannot read image"),
+    ("text as an image", "cannot read image"),
+    ("bad image in val only", "cannot read image"),
+    ("too many pixels", "cannot read image"),
+    ("long name", "File name too long"),
 ])
-def test_a_wrong_folder_gives_one_line_and_exit_code_2(folder, tmp_path, capsys, damage, message):
+def test_a_wrong_folder_or_setting_gives_one_line_and_exit_code_2(folder, tmp_path, capsys, damage, message):
     data = tmp_path / "nowhere" if damage == "missing" else folder
     if damage == "classes":
         data = write_folder(tmp_path / "data")
         (data / "val" / "n02").rename(data / "val" / "n09")
-    argv = ["--data", data, "--out", tmp_path / "out", *TINY] + (["--val-images", 1000] if damage == "validation" else [])
+    if damage == "empty":
+        data = tmp_path / "empty"
+        for split in ("train", "val"):
+            (data / split / "n01").mkdir(parents=True)
+    if damage in ("empty image", "text as an image", "bad image in val only", "too many pixels"):
+        data = write_folder(tmp_path / "data")
+        split = "val" if damage == "bad image in val only" else "train"
+        bad = data / split / "n01" / "bad.JPEG"
+        if damage == "too many pixels":  # 20000 x 20000 declared in its header: Pillow's decompression bomb
+            Image.new("L", (1, 1)).save(bad.with_suffix(".png"))
+            raw = bytearray(bad.with_suffix(".png").read_bytes())
+            raw[16:24] = (20000).to_bytes(4, "big") * 2
+            raw[29:33] = zlib.crc32(raw[12:29]).to_bytes(4, "big")  # the header's checksum again
+            bad.with_suffix(".png").write_bytes(bytes(raw))
+        else:
+            bad.write_text("" if damage == "empty image" else "not an image")
+    if damage == "long name":
+        data = tmp_path / ("x" * 300)
+    extra = {"validation": ["--val-images", 1000], "no epochs": ["--phase-epochs", 0, 1, 1, 1, 1],
+             "epochs": ["--epochs", 6]}.get(damage, [])
     with pytest.raises(SystemExit) as exit_:
-        imagenet.main([str(a) for a in argv])
+        imagenet.main([str(a) for a in ["--data", data, "--out", tmp_path / "out", *TINY, *extra]])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_image_cut_short_is_replaced_by_the_next_with_a_warning(tmp_path):
+    data = write_folder(tmp_path / "data")
+    whole = (data / "train" / "n01" / "3.JPEG").read_bytes()
+    (data / "train" / "n01" / "3.JPEG").write_bytes(whole[:len(whole) // 2])  # its header fine, its pixels cut
+    output = finished(launch("imagenet.py", "--data", data, "--out", tmp_path / "out", *TINY, "--phase-epochs", 1, 1, 1,
+                             1, 1, "--short", 1, "--strategies", "one"))
+    assert "3.JPEG" in output and "the next image takes its place" in output
+    assert (tmp_path / "out" / "summary.md").exists()
 
 
 def test_its_own_settings_never_meet_the_shared_checks(monkeypatch):

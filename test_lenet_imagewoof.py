@@ -42,7 +42,7 @@ def make_folder(root, n_train=6, n_val=2, classes=CLASSES):
 
 def test_loader_gives_shapes_labels_from_folder_names_and_a_disjoint_seeded_split(tmp_path):
     data = make_folder(tmp_path / "woof")
-    d = woof.load_imagewoof(data, size=28, val_fraction=0.25, seed=1)
+    d = images.load_folder(data, size=28, val_fraction=0.25, seed=1)
     assert d["classes"] == list(CLASSES)
     assert d["x_train"].shape == (14, 28, 28, 3) and d["x_val"].shape == (4, 28, 28, 3)
     assert d["x_test"].shape == (6, 28, 28, 3) and d["x_train"].dtype == np.uint8
@@ -51,21 +51,21 @@ def test_loader_gives_shapes_labels_from_folder_names_and_a_disjoint_seeded_spli
         assert [c for c, _ in identity(x)] == y.tolist()  # labels follow the folder names
     train_ids, val_ids = set(identity(d["x_train"])), set(identity(d["x_val"]))
     assert not train_ids & val_ids and len(train_ids | val_ids) == 18
-    again, other = woof.load_imagewoof(data, 28, 0.25, seed=1), woof.load_imagewoof(data, 28, 0.25, seed=2)
+    again, other = images.load_folder(data, 28, 0.25, seed=1), images.load_folder(data, 28, 0.25, seed=2)
     assert np.array_equal(again["x_val"], d["x_val"]) and not np.array_equal(other["x_val"], d["x_val"])
 
 
 def test_images_are_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "woof")
-    first = woof.load_imagewoof(data, size=20)
+    first = images.load_folder(data, size=20)
     assert (data / ".cache" / "train-20.npz").exists() and (data / ".cache" / "val-20.npz").exists()
-    monkeypatch.setattr(woof, "decode", lambda *a: pytest.fail("decoded again"))
-    second = woof.load_imagewoof(data, size=20)
+    monkeypatch.setattr(images, "decode", lambda *a: pytest.fail("decoded again"))
+    second = images.load_folder(data, size=20)
     assert all(np.array_equal(first[k], second[k]) for k in ("x_train", "x_test", "y_train"))
     (data / "train" / CLASSES[0] / "extra.jpg").write_bytes((data / "train" / CLASSES[0] / f"{CLASSES[0]}_2.jpg")
                                                              .read_bytes())
     monkeypatch.undo()
-    assert len(woof.load_imagewoof(data, size=20)["x_train"]) == len(first["x_train"]) + 1  # a new file: rebuilt
+    assert len(images.load_folder(data, size=20)["x_train"]) == len(first["x_train"]) + 1  # a new file: rebuilt
 
 
 def run_cli(*args):
@@ -89,7 +89,7 @@ def test_lenet_end_to_end_through_the_command_line_then_resumed_from_the_cache(t
     assert len(student["teachers_test"]) == 2 and student["kept_from_teacher"][0] + student["kept_from_teacher"][1] == 1
     summary = (out / "summary.md").read_text()
     assert "LeNet on woof" in summary and all(f"| {name} | 2 |" in summary for name in STRATEGIES)
-    assert (out / "fig11_box.png").stat().st_size > 1000 and (out / "fig2_kept_share.png").exists()
+    assert (out / "box_lenet.png").stat().st_size > 1000 and (out / "fig2_kept_share.png").exists()
     cache = data / ".cache" / "train-28.npz"
     stamp = cache.stat().st_mtime_ns
     second = run_cli("--data", data, "--epochs", 6, "--runs", 3, "--out", out)  # one run more
@@ -105,7 +105,7 @@ def test_resnet18_end_to_end_through_the_command_line(tmp_path):
                      "--runs", 1, "--out", out)
     assert result.returncode == 0, result.stderr
     assert sorted(r["strategy"] for r in read_rows(out)) == sorted(STRATEGIES)
-    assert "ResNet18 on woof" in (out / "summary.md").read_text() and (out / "fig12_box.png").exists()
+    assert "ResNet18 on woof" in (out / "summary.md").read_text() and (out / "box_resnet18.png").exists()
     assert json.loads((out / "settings.json").read_text())["batch"] == 32  # ResNet18's paper settings
     assert "n_train" not in json.loads((out / "settings.json").read_text())  # the sine's are not recorded
 
@@ -119,7 +119,7 @@ def test_help_shows_each_architectures_paper_defaults_and_no_sine_flags():
 def test_stacked_lenet_on_uint8_images_equals_one_at_a_time(tmp_path):
     """The cross-entropy path of fit_stacked, one data set shared by every model, batches
     prepared on the device: each model still trains as fit() trains it alone."""
-    d = woof.load_imagewoof(make_folder(tmp_path / "woof"), 28)
+    d = images.load_folder(make_folder(tmp_path / "woof"), 28)
     s = dataclasses.replace(woof.parse([]), batch=4)
     data = images.image_data(d, "cpu")
     make = lambda: merge.LeNet(3)
@@ -147,14 +147,14 @@ def test_stacked_lenet_on_uint8_images_equals_one_at_a_time(tmp_path):
 
 
 def test_batches_are_normalised_with_the_data_sets_own_statistics(tmp_path):
-    d = woof.load_imagewoof(make_folder(tmp_path / "woof"), 28)
+    d = images.load_folder(make_folder(tmp_path / "woof"), 28)
     data = images.image_data(d, "cpu")
     x = data.prepare(data.x_train)
     assert x.shape == (16, 3, 28, 28) and x.dtype == torch.get_default_dtype()
     assert torch.equal(data.prepare(data.x_train, train=True), x)  # LeNet: no augmentation
     assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
     assert torch.allclose(x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-3)
-    resnet = images.image_data(d, "cpu", 40, augment=lambda x: woof.random_resized_crop_flip(x, 40))
+    resnet = images.image_data(d, "cpu", 40, augment=lambda x: images.random_resized_crop_flip(x, 40))
     assert resnet.prepare(resnet.x_test).shape == (6, 3, 40, 40)  # resized on the device
     assert resnet.prepare(resnet.x_train, train=True).shape == (16, 3, 40, 40)
 
@@ -162,11 +162,11 @@ def test_batches_are_normalised_with_the_data_sets_own_statistics(tmp_path):
 def test_the_augmentation_crops_and_flips_each_example_on_its_own():
     torch.manual_seed(0)
     x = torch.rand(64, 3, 16, 16)
-    whole = woof.random_resized_crop_flip(x, 16, scale=(1, 1), ratio=(1, 1))  # the whole image, maybe mirrored
+    whole = images.random_resized_crop_flip(x, 16, scale=(1, 1), ratio=(1, 1))  # the whole image, maybe mirrored
     same = [torch.allclose(b, a, atol=1e-5) for a, b in zip(x, whole)]
     mirrored = [torch.allclose(b, a.flip(-1), atol=1e-5) for a, b in zip(x, whole)]
     assert all(s or m for s, m in zip(same, mirrored)) and 16 < sum(mirrored) < 48
-    crops = woof.random_resized_crop_flip(x[:1].expand(8, -1, -1, -1), 24)
+    crops = images.random_resized_crop_flip(x[:1].expand(8, -1, -1, -1), 24)
     assert crops.shape == (8, 3, 24, 24)
     assert all(not torch.allclose(crops[i], crops[j]) for i in range(8) for j in range(i))  # each its own crop
 
@@ -215,14 +215,14 @@ def test_the_image_cache_survives_damage_and_sees_a_replaced_image(tmp_path, cap
     report.show_progress()  # the command line's reports on stdout
     data = make_folder(tmp_path / "woof")
     image = data / "train" / CLASSES[0] / f"{CLASSES[0]}_0.JPEG"
-    first = woof.load_split(data, "train", 20)[0]
+    first = images.load_split(data, "train", 20)[0]
     (data / ".cache" / "train-20.npz").write_bytes(b"not a zip file")  # damaged: decoded again
-    assert np.array_equal(woof.load_split(data, "train", 20)[0], first) and "cannot be read" in capsys.readouterr().out
+    assert np.array_equal(images.load_split(data, "train", 20)[0], first) and "cannot be read" in capsys.readouterr().out
     Image.new("RGB", (48, 36), (250, 250, 250)).save(image)  # the same name, other pixels
-    assert woof.load_split(data, "train", 20)[0][0, 10, 10, 0] > 240  # not the cached colour (20)
+    assert images.load_split(data, "train", 20)[0][0, 10, 10, 0] > 240  # not the cached colour (20)
     shutil.rmtree(data / ".cache")
     (data / ".cache").write_text("a file where the cache folder would be")  # cannot be written: decoded anyway
-    assert woof.load_split(data, "train", 20)[0].shape == first.shape
+    assert images.load_split(data, "train", 20)[0].shape == first.shape
     assert "cannot write the image cache" in capsys.readouterr().out
 
 
@@ -231,7 +231,7 @@ def test_a_fifo_and_an_empty_class_folder_are_not_images(tmp_path):
     os.mkfifo(data / "train" / CLASSES[0] / "pipe.jpg")  # reading it would hang
     for split in ("train", "val"):
         (data / split / "n00000000").mkdir()  # empty: not a class
-    paths, labels, classes = woof.list_images(data / "train")
+    paths, labels, classes = images.list_images(data / "train")
     assert classes == list(CLASSES) and len(paths) == 18 and all(p.is_file() for p in paths)
 
 
@@ -261,7 +261,7 @@ def test_the_archive_is_downloaded_verified_and_extracted_once(tmp_path, monkeyp
     url, digests = make_archive(tmp_path)
     root = tmp_path / "data"
     folder = images.fetch(root, url, digests, "imagewoof2-160")
-    assert folder == root / "imagewoof2-160" and len(woof.list_images(folder / "train")[0]) == 18
+    assert folder == root / "imagewoof2-160" and len(images.list_images(folder / "train")[0]) == 18
     monkeypatch.setattr(images, "download", lambda *a: pytest.fail("downloaded again"))
     assert images.fetch(root, url, digests, "imagewoof2-160") == folder
 
@@ -316,9 +316,9 @@ def test_the_readme_states_where_lenets_lambda_ends():
 def test_colour_jitter_keeps_images_in_range_and_gives_each_its_own_change():
     torch.manual_seed(0)
     x = torch.rand(16, 3, 8, 8)
-    assert torch.allclose(woof.color_jitter(x, strength=0.0), x, atol=1e-5)  # no jitter: the same image
-    jittered = woof.color_jitter(x[:1].expand(16, -1, -1, -1).clone())
+    assert torch.allclose(images.color_jitter(x, strength=0.0), x, atol=1e-5)  # no jitter: the same image
+    jittered = images.color_jitter(x[:1].expand(16, -1, -1, -1).clone())
     assert jittered.min() >= 0 and jittered.max() <= 1
     assert all(not torch.allclose(jittered[i], jittered[j]) for i in range(16) for j in range(i))
     gray = torch.full((1, 3, 8, 8), 0.5)  # a gray image has no hue or saturation to change
-    assert torch.allclose(woof.color_jitter(gray, 0.15).std(1), torch.zeros(1, 8, 8), atol=1e-5)
+    assert torch.allclose(images.color_jitter(gray, 0.15).std(1), torch.zeros(1, 8, 8), atol=1e-5)

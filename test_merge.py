@@ -1,5 +1,5 @@
 """Tests for merge.py: exact function-preservation checks first, then the pieces of the
-method, then the command line end to end. Run: python -m pytest -q"""
+method, then the command line end to end. Run: python -m pytest -q -n 2"""
 import ast
 import copy
 import json
@@ -450,7 +450,7 @@ def test_the_readme_reports_the_committed_fold_study():
 
 def test_the_readme_reports_the_committed_study_of_k_teachers_and_the_bench():
     """figures/sine_teachers holds the rows of sine_teachers.py's run; figures/bench.md what --bench printed;
-    figures/gpu the GPU check's report. The README's tables are theirs."""
+    figures/gpu the GPU check's report. The tables of the README and docs/speed.md are theirs."""
     import sine_teachers
     readme = (ROOT / "README.md").read_text()
     study = ROOT / "figures" / "sine_teachers"
@@ -459,7 +459,23 @@ def test_the_readme_reports_the_committed_study_of_k_teachers_and_the_bench():
     assert sorted(rows_of) == [2, 3, 4, 5] and all(len(rows) >= 50 for rows in rows_of.values())
     table = sine_teachers.teachers_table(rows_of)
     assert table in (study / "summary.md").read_text() and table in readme
+    speed = (ROOT / "docs" / "speed.md").read_text()
     bench = (ROOT / "figures" / "bench.md").read_text()
-    assert "\n".join(line for line in bench.splitlines() if line.startswith("|")) in readme
+    assert "\n".join(line for line in bench.splitlines() if line.startswith("|")) in speed
     gpu = (ROOT / "figures" / "gpu" / "gpu_check_h200.md").read_text().split("\n\n")[1]
-    assert gpu.strip() in readme
+    assert gpu.strip() in speed
+
+
+def test_the_readme_reports_the_committed_study_of_budgets():
+    """figures/budget holds the rows of sine_budgets.py at 180, 450, 900 and 1800 epochs, 50 runs each; the
+    README's table is theirs, and so is the study's own summary."""
+    import sine_budgets
+    folders = sorted((ROOT / "figures" / "budget").glob("epochs*"), key=lambda d: int(d.name[6:]))
+    rows_of = {int(d.name[6:]): [json.loads(line) for line in (d / "results.jsonl").read_text().splitlines()]
+               for d in folders}
+    assert sorted(rows_of) == [180, 450, 900, 1800] and all(len(rows) == 150 for rows in rows_of.values())
+    assert all(json.loads((d / "settings.json").read_text())["epochs"] == int(d.name[6:]) for d in folders)
+    main_run = [json.loads(line) for line in (ROOT / "figures" / "results.jsonl").read_text().splitlines()]
+    assert rows_of[900] == [r for r in main_run if r["strategy"] in sine_budgets.NAMES]  # the main run's, copied
+    table = sine_budgets.budget_table(rows_of)
+    assert table in (ROOT / "figures" / "budget" / "summary.md").read_text() and table in (ROOT / "README.md").read_text()

@@ -3,6 +3,7 @@ budget) and are committed executed; the exercises' release holds no answer, and 
 with our solutions, fails with the stubs and fails with wrong answers of the kinds students write.
 
     python test_notebooks.py --release DIR     # what a student gets: exercises.ipynb, merge.py, stacked.py
+    python test_notebooks.py --grade FILE      # the automatic points of a returned exercises notebook
 """
 import ast
 import contextlib
@@ -52,15 +53,18 @@ def stub_merge(source):
     for node in sorted(functions, key=lambda node: -node.lineno):
         indent, number = " " * node.body[0].col_offset, EXERCISED[node.name]
         lines[node.body[0].lineno - 1:node.end_lineno] = [
-            f'{indent}"""Exercise {number} of exercises.ipynb asks for this function: yours goes there."""\n',
+            f'{indent}"""Left out: exercise {number} of exercises.ipynb asks for what it does (yours goes there)."""\n',
             f'{indent}raise NotImplementedError("exercise {number} of exercises.ipynb")\n']
     return "".join(lines)
 
 
 def release(folder):
     """Everything a student gets, in folder: the exercises without our answers and outputs, merge.py without
-    the functions they ask for, and stacked.py, the fast trainer that exercise 5's experiment uses."""
+    the functions they ask for, and stacked.py, the fast trainer that exercise 5's experiment uses. The folder
+    must be new or empty: never the repository, whose exercises.ipynb and merge.py are the answer key."""
     folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise SystemExit(f"error: {folder} is not a new or empty folder; the release writes into one of its own")
     folder.mkdir(parents=True, exist_ok=True)
     nbformat.write(strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4)), folder / "exercises.ipynb")
     (folder / "merge.py").write_text(stub_merge((ROOT / "merge.py").read_text()))
@@ -265,10 +269,16 @@ def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_
     assert not any(failed(c) for c in key.cells if c.cell_type == "code")
     printed = "".join(o.get("text", "") for c in key.cells for o in c.get("outputs", []))
     assert "| yours |" in printed  # the experiment ran, at its tiny budget
-    student = execute(nbformat.read(released / "exercises.ipynb", as_version=4), tmp_path, monkeypatch,
-                      allow_errors=True, path=released)
-    code_checks = [c for c in graded(student) if c.cell_type == "code"]
-    assert len(code_checks) == 6 and all(failed(c) for c in code_checks)
+    # Grading a returned copy (--grade): a student who answered exercise 1 alone, and deleted the check of
+    # exercise 2a, gets exercise 1's 2 points; the key's checks run again, whatever was done to them.
+    student = nbformat.read(released / "exercises.ipynb", as_version=4)
+    answers = {nbgrader_id(cell): cell for cell in nbformat.read(ROOT / "exercises.ipynb", as_version=4).cells}
+    student.cells = [answers["concat_weight"] if nbgrader_id(cell) == "concat_weight" else cell
+                     for cell in student.cells if nbgrader_id(cell) != "check_p_open"]
+    nbformat.write(student, tmp_path / "returned.ipynb")
+    points = grade(tmp_path / "returned.ipynb", tmp_path / "grading")
+    assert len(points) == 6 and points["check_concat_weight"] == (2, 2) and points["check_p_open"] == (0, 2)
+    assert sum(got for got, _ in points.values()) == 2 and sum(most for _, most in points.values()) == 12
 
 
 def test_the_reference_table_of_exercise_5_is_what_the_committed_run_printed():
@@ -276,14 +286,57 @@ def test_the_reference_table_of_exercise_5_is_what_the_committed_run_printed():
     experiment = next(c for c in notebook.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "experiment")
     text = next(c for c in notebook.cells if c.metadata.get("nbgrader", {}).get("grade_id") == "ex5_experiment_text")
     printed = "".join(o.get("text", "") for o in experiment.outputs)
-    table = "\n".join(line for line in printed.splitlines() if line.startswith("|"))
-    assert table.count("\n") == 4 and table in text.source
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert len(table) == 5 and "\n".join(table[:4]) in text.source  # header, loc and random: what a run repeats
+    assert table[4].startswith("| yours |") and table[4] not in text.source  # our rule's row would be an answer
     seconds = re.search(r"\n(\d+) s\n", printed).group(1)
     intro = notebook.cells[0].source
     assert f"about {seconds} s" in intro.replace("\n", " "), "the time in the introduction is the one printed"
 
 
-if __name__ == "__main__":  # python test_notebooks.py --release DIR
-    if len(sys.argv) != 3 or sys.argv[1] != "--release":
-        sys.exit("usage: python test_notebooks.py --release DIR")
-    print(f"wrote {release(sys.argv[2])}: exercises.ipynb, merge.py and stacked.py, for the students")
+def nbgrader_id(cell):
+    return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+
+
+def grade(submission, folder):
+    """The automatic points of a returned exercises notebook, as nbgrader's autograde gives them: the answer
+    key's locked cells (setup, texts, checks) in place of the student's, by grade id, the student's solution
+    cells and any cells of their own kept where they were; run in a fresh kernel in folder, beside the released
+    merge.py and stacked.py, exercise 5's experiment skipped. Returns {check: (points, out of)}."""
+    key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
+    theirs, after, last = {}, {}, None
+    for cell in nbformat.read(submission, as_version=4).cells:
+        if nbgrader_id(cell):
+            theirs[last := nbgrader_id(cell)] = cell
+        else:
+            after.setdefault(last, []).append(cell)  # a cell of their own, after the labelled one before it
+    stubs = {nbgrader_id(cell): cell for cell in strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4)).cells}
+    cells = list(after.get(None, []))
+    for cell in key.cells:
+        locked = cell.metadata.nbgrader.get("locked")
+        cells += [cell if locked else theirs.get(nbgrader_id(cell), stubs[nbgrader_id(cell)]), *after.get(nbgrader_id(cell), [])]
+    key.cells = cells
+    released = release(Path(folder) / "handout")
+    with contextlib.ExitStack() as stack:
+        monkeypatch = stack.enter_context(pytest.MonkeyPatch.context())
+        monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")  # exercise 5's experiment skips itself
+        monkeypatch.setenv("PYTHONPATH", str(released))
+        NotebookClient(key, timeout=300, kernel_name="python3", allow_errors=True,
+                       resources={"metadata": {"path": str(released)}}).execute()
+    return {nbgrader_id(cell): (0 if failed(cell) else cell.metadata.nbgrader.points, cell.metadata.nbgrader.points)
+            for cell in graded(key) if cell.cell_type == "code"}
+
+
+if __name__ == "__main__":  # python test_notebooks.py --release DIR, or --grade FILE
+    import tempfile
+    if len(sys.argv) != 3 or sys.argv[1] not in ("--release", "--grade"):
+        sys.exit("usage: python test_notebooks.py --release DIR | --grade FILE")
+    if sys.argv[1] == "--release":
+        print(f"wrote {release(sys.argv[2])}: exercises.ipynb, merge.py and stacked.py, for the students")
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            points = grade(sys.argv[2], scratch)
+        for check, (got, most) in points.items():
+            print(f"{check}: {got} of {most}")
+        print(f"automatic points: {sum(got for got, _ in points.values())} of {sum(m for _, m in points.values())}; "
+              "the written answer of exercise 5 (3 points) is graded by hand")
