@@ -150,7 +150,7 @@ def run(s):
     experiment.log.info(f"{folder}: train {len(d['x_train'])}, validation {len(d['x_val'])}, test {len(d['x_test'])} images")
     make_teacher = lambda: network(spec["classes"], s.width)
     given = [load_teacher(path, make_teacher()) for path in s.teacher_files]  # all checked before writing
-    data = images.image_data(d, experiment.resolve_device(s.device), augment=images.random_crop_flip)
+    data = images.image_data(d, experiment.resolve_device(s), augment=images.random_crop_flip)
     title = f"{network_name} on {folder.name}"  # titled by the data it ran on
     with experiment.locked(s) as out:
         given = given if experiment.ranks()[0] == 0 else []  # rank 0 writes

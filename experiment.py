@@ -56,10 +56,11 @@ class Settings(merge.Settings):
     """merge.Settings and what every experiment adds: runs, seeds, where to train and to write."""
     metric: ClassVar[str] = "test_mse"  # the number every row has, the one the summaries compare
     row_keys: ClassVar[tuple] = ()  # what else every row of the experiment holds, for its report
+    gpu_pays: ClassVar[bool] = True  # whether --device auto takes a GPU torch sees
     runs: int = setting(50, "independent runs, each with its own models and seeds", run_only=True)
     seed: int = setting(0, "base seed: run r has the run seed 1000 seed + r (ours)")
-    device: str = setting("auto", "where to train: auto picks cuda when torch sees a GPU", run_only=True,
-                          choices=("auto", "cpu", "cuda"))
+    device: str = setting("auto", "where to train: auto picks a GPU torch sees if the experiment is faster there",
+                          run_only=True, choices=("auto", "cpu", "cuda"))
     out: str = setting("runs/sine", "folder for results.jsonl, summary.md and the figures", run_only=True)
     strategies: str = setting("student,bo3,one", "comma-separated, of student, bo3, one (section 3.1), the controls "
                               "random and one_compute (ours), prune and fusion (3.3); more may be added to an --out "
@@ -73,8 +74,7 @@ def flag(f):  # the command-line flag of a settings field: n_train -> --n-train
     return "--" + f.name.replace("_", "-")
 
 def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(print(f"error: {message}", file=sys.stderr) or 2)
 
 def check_settings(s):
     """One InputError for the first setting that cannot work, before anything is trained or written."""
@@ -93,13 +93,13 @@ def check_settings(s):
         enough = next(e for e in range(1, 10_000) if min(merge.budget(dataclasses.replace(s, epochs=e)).values()) >= 1)
         raise InputError(f"--epochs {s.epochs} leaves a phase without epochs for {s.teachers} teachers; "
                          f"use at least {enough}")
-    resolve_device(s.device)
+    resolve_device(s)
     checked_out(s)
 
-def resolve_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
+def resolve_device(s):  # --device as cpu or cuda
+    if s.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda, but torch sees no GPU here; use --device cpu or auto")
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return ("cuda" if torch.cuda.is_available() and s.gpu_pays else "cpu") if s.device == "auto" else s.device
 
 def parse_settings(argv, defaults, description):
     """Settings from the command line: one flag per documented field of `defaults`."""
@@ -348,7 +348,7 @@ def start_ranks(s):
             time.sleep(0.5)
         os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
-    cuda = resolve_device(s.device) == "cuda"
+    cuda = resolve_device(s) == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
@@ -358,7 +358,7 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
     run in Lockstep, STACK_RUNS runs at a time; make_data(seed, device) -> a run's Data, result(model, data) ->
     its row's numbers. In one process each finished pair is written at once; over ranks each takes every
     world-th run of a chunk and rank 0 writes the chunk's rows; with replicas (DDP) every rank runs every run."""
-    (rank, world), device, out = ranks(), resolve_device(s.device), Path(s.out)
+    (rank, world), device, out = ranks(), resolve_device(s), Path(s.out)
     results, repair = read_rows(out, s)
     if rank == 0:
         report.write_whole(out / "settings.json", json.dumps(settings_record(s, out), indent=1) + "\n")

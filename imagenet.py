@@ -80,7 +80,7 @@ def run(s):
     if s.batch % world:
         raise InputError(f"--batch {s.batch} must split evenly over {world} ranks")
     images.check_unstacked(s, "ResNet18")
-    cuda = experiment.resolve_device(s.device) == "cuda"
+    cuda = experiment.resolve_device(s) == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     data, classes = images.streamed_folder(s, rank, world, device)
     # DEVIATION: the paper's lr is for a batch of 256; another --batch scales it linearly (ours)

@@ -96,7 +96,7 @@ def run(s):
     experiment.log.info(f"{folder}: {classes} classes; train {len(d['x_train'])}, validation {len(d['x_val'])}, "
                         f"test {len(d['x_test'])} images")
     augment = (lambda x: images.color_jitter(images.random_resized_crop_flip(x, s.size))) if resnet else None
-    data = images.image_data(d, experiment.resolve_device(s.device), s.size, augment)
+    data = images.image_data(d, experiment.resolve_device(s), s.size, augment)
 
     def make_teacher():
         return merge.resnet18(classes, s.width) if resnet else merge.LeNet(classes)

@@ -25,6 +25,9 @@ from experiment import AT_LEAST_1, NOT_NEGATIVE, setting
 class SineSettings(experiment.Settings):
     """The sine experiment: the method's and the runs' settings (their defaults are the sine's), and its data."""
     row_keys: ClassVar[tuple] = ("val_mse", "peaks", "curve")
+    # --device auto keeps the sine on the CPU: its tiny steps are launch-bound on a GPU, where the full protocol
+    # took longer on one H100 than on 2 CPU cores (docs/speed.md); --device cuda still takes the GPU
+    gpu_pays: ClassVar[bool] = False
     task: str = setting("sine", "experiment (section 3.2); the image experiments have their own scripts",
                         choices=("sine",))
     n_train: int = setting(10_000, "training points (3.2: 10,000)", valid=AT_LEAST_1)
@@ -118,7 +121,7 @@ def fold_table(rows, folded):
 def bench(s):
     """Seconds per model-epoch of the sine's teacher and importance phases: merge.fit, one at a time, against
     the stacked trainer at several stack sizes, in this process, on the same data; the median of epochs 2 to 4."""
-    device, rows = experiment.resolve_device(s.device), []
+    device, rows = experiment.resolve_device(s), []
     sine = data(s, 0, device)
     for phase, trainer, R in [("teacher", "one at a time", 1), ("teacher", "stacked", 1), ("teacher", "stacked", 10),
                               ("teacher", "stacked", 50), ("teacher", "stacked", 300),
@@ -150,7 +153,7 @@ def bench(s):
 def workers(s):
     """--workers with 0 resolved: one process per CPU core, at most 8 (each holds its own torch) and at
     most --runs; on a GPU, one."""
-    if s.workers or experiment.resolve_device(s.device) == "cuda":
+    if s.workers or experiment.resolve_device(s) == "cuda":
         return s.workers or 1
     return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8, s.runs)
 

@@ -454,3 +454,11 @@ def test_the_gpu_check_without_a_gpu_is_bad_input(tmp_path, capsys):
         gpu_check.main(["--report", str(tmp_path / "report.md")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "no GPU" in err and not (tmp_path / "report.md").exists()
+
+
+def test_device_auto_takes_a_gpu_only_for_experiments_faster_there(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with a GPU
+    assert experiment.resolve_device(sine.parse([])) == "cpu"  # the sine's small steps: faster on the CPU
+    assert experiment.resolve_device(sine.parse(["--device", "cuda"])) == "cuda"  # asked for: given
+    assert experiment.resolve_device(woof.parse(["--arch", "resnet18"])) == "cuda"
+    assert experiment.resolve_device(imagenet.parse([])) == "cuda"

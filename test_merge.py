@@ -349,7 +349,8 @@ def run_cli(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=600)
 
 
-SMALL = ["--runs", "2", "--epochs", "12", "--n-train", "300", "--n-val", "100", "--n-test", "300", "--compile", "0"]
+SMALL = ["--runs", "2", "--epochs", "12", "--n-train", "300", "--n-val", "100", "--n-test", "300", "--compile", "0",
+         "--workers", "1"]  # one process: test_experiment.py tries --workers
 
 
 def test_short_sine_run_writes_everything_and_resumes_without_training(tmp_path):
@@ -383,12 +384,12 @@ def test_short_sine_run_writes_everything_and_resumes_without_training(tmp_path)
 
 def test_an_interrupted_run_redoes_no_finished_phase(tmp_path):
     out = tmp_path / "sine"
-    assert run_cli(*SMALL, "--workers", "1", "--out", str(out)).returncode == 0
+    assert run_cli(*SMALL, "--out", str(out)).returncode == 0
     lines = (out / "results.jsonl").read_text().splitlines()
     students = [line for line in lines if '"strategy": "student"' in line]
     # as if it crashed after the student phases finished, while writing the first student line
     (out / "results.jsonl").write_text("".join(line + "\n" for line in lines if line not in students) + students[0][:40])
-    again = run_cli(*SMALL, "--workers", "1", "--out", str(out))
+    again = run_cli(*SMALL, "--out", str(out))
     assert again.returncode == 0, again.stderr
     assert "teacher: 0 x 4 epochs (4 done before)" in again.stdout
     assert "finetune: 0 x 2 epochs (2 done before)" in again.stdout
