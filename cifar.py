@@ -17,16 +17,15 @@ Results go to --out as in merge.py: results.jsonl (one line per finished run and
 experiment resumes), summary.md (the rows of Tables 2 and 3), a box plot. `python cifar.py --experiment
 vgg11-cifar10 --help` shows that experiment's defaults.
 """
-import os
 import pickle
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (experiment.main takes over)
-    signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted while starting", file=sys.stderr) or 130))
+if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (startup.py)
+    import startup
+    startup.quiet_interrupt()
 
 import torch
 

@@ -78,7 +78,7 @@ def imagenet_throughput(scratch, device, workers=None):
     on a batch already there, bf16 and channels-last on a GPU) and end to end (an epoch of imagenet.py)."""
     import multiprocessing
     import imagenet
-    import images
+    import streaming
     import merge
     cuda = device == "cuda"
     size, batch, count = (224, 256, 12_800) if cuda else (64, 16, 640)
@@ -90,7 +90,7 @@ def imagenet_throughput(scratch, device, workers=None):
     argv = ["--data", folder, "--size", size, "--batch", batch, "--val-images", 4 * batch, "--workers", workers,
             "--device", device]
     s = imagenet.parse([str(a) for a in argv])
-    data, classes = images.streamed_folder(s, 0, 1, torch.device("cuda", 0) if cuda else torch.device("cpu"))
+    data, classes = streaming.streamed_folder(s, 0, 1, torch.device("cuda", 0) if cuda else torch.device("cpu"))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def rate(steps, warm=3):

@@ -1,7 +1,7 @@
 """ImageNet-1k, section 3.3.5 and Table 4: ResNet18 merged from two teachers of 20 epochs each (then
 20 epochs of importance and 90 of fine-tuning), against one model trained for 90 epochs and one for
 150, with the settings of docs/settings.md (the authors' configuration where the paper is silent). The images
-are streamed from disk by images.py, decoded with Pillow in DataLoader workers, and training runs on any number of GPUs and machines
+are streamed from disk by streaming.py, decoded with Pillow in DataLoader workers, and training runs on any number of GPUs and machines
 under torchrun (DistributedDataParallel: NCCL between GPUs, gloo on CPUs).
 
     python imagenet.py --data DIR                          # one process: one GPU (or the CPU)
@@ -18,20 +18,20 @@ Table 4's rows, a box plot; every epoch ends with a checkpoint, so that a killed
 last finished epoch. --out must be on a file system that every machine sees.
 """
 import dataclasses
-import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (experiment.main takes over)
-    signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted while starting", file=sys.stderr) or 130))
+if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (startup.py)
+    import startup
+    startup.quiet_interrupt()
 
 import torch
 
 import experiment
 import images
+import streaming
 import merge
 from experiment import AT_LEAST_1, InputError, setting
 
@@ -82,7 +82,7 @@ def run(s):
     images.check_unstacked(s, "ResNet18")
     cuda = experiment.resolve_device(s) == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    data, classes = images.streamed_folder(s, rank, world, device)
+    data, classes = streaming.streamed_folder(s, rank, world, device)
     # DEVIATION: the paper's lr is for a batch of 256; another --batch scales it linearly (ours)
     scaled = dataclasses.replace(s, lr=s.lr * s.batch / 256, finetune_lr=s.finetune_lr * s.batch / 256)
     short = dataclasses.replace(scaled, out=str(Path(s.out) / "one_short"), strategies="one",

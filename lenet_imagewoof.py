@@ -16,15 +16,14 @@ Results go to --out as in merge.py: results.jsonl (one line per finished run and
 experiment resumes), summary.md (Table 2's rows, headed by the data they ran on), the box plot.
 `python lenet_imagewoof.py --arch resnet18 --help` shows ResNet18's defaults.
 """
-import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (experiment.main takes over)
-    signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted while starting", file=sys.stderr) or 130))
+if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (startup.py)
+    import startup
+    startup.quiet_interrupt()
 
 import experiment
 import images

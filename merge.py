@@ -10,13 +10,12 @@ Result (50 runs, 900 epochs per strategy, 3 min 54 s on a 2-core AMD EPYC CPU): 
 0.0759, bo3 0.0866, one model 0.1242; all five peaks in 50/50, 49/50 and 36/50 runs. The run machinery wraps
 this file from outside: experiment.py, stacked.py (the fast trainer) and sine.py."""
 import math
-import os
-import signal
 import sys
 from dataclasses import dataclass, field, replace
 
-if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (experiment.main takes over)
-    signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted while starting", file=sys.stderr) or 130))
+if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (startup.py)
+    import startup
+    startup.quiet_interrupt()
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

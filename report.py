@@ -12,6 +12,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
 import merge
 
@@ -38,7 +39,6 @@ def write_whole(path, text):
 
 def save_whole(obj, path):
     """torch.save, whole or not at all (written_whole). Its folder is made."""
-    import torch
     path.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(path) as part:
         torch.save(obj, part)

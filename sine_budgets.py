@@ -7,14 +7,13 @@ lambda ends where the paper's does), the student against bo3 and one model. Resu
     python sine_budgets.py --runs 50          # 4 budgets x 50 runs -> runs/sine_budgets/
 """
 import dataclasses
-import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (experiment.main takes over)
-    signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted while starting", file=sys.stderr) or 130))
+if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (startup.py)
+    import startup
+    startup.quiet_interrupt()
 
 import numpy as np
 

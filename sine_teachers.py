@@ -7,14 +7,13 @@ merge.py), the table in --out/summary.md, the figure in --out/fig_teachers.png.
     python sine_teachers.py --runs 50          # k = 2, 3, 4, 5: 50 runs each -> runs/sine_teachers/
 """
 import dataclasses
-import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (experiment.main takes over)
-    signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted while starting", file=sys.stderr) or 130))
+if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (startup.py)
+    import startup
+    startup.quiet_interrupt()
 
 import numpy as np
 

@@ -90,12 +90,12 @@ def test_ddp_averages_the_gradients_of_the_ranks(folder, tmp_path):
     script = tmp_path / "one_epoch.py"
     script.write_text(f"""
 import torch, torch.distributed as dist
-import experiment, images, imagenet, merge
+import experiment, imagenet, merge, streaming
 rank, world = experiment.ranks()
 if world > 1:
     dist.init_process_group("gloo")
 s = imagenet.parse(["--data", "{folder}", "--size", "28", "--batch", "8", "--val-images", "4", "--workers", "0"])
-data, classes = images.streamed_folder(s, rank, world, torch.device("cpu"))
+data, classes = streaming.streamed_folder(s, rank, world, torch.device("cpu"))
 torch.manual_seed(0)
 model = merge.LeNet(classes)
 torch.save(model.state_dict(), f"{tmp_path}/start.pt")

@@ -323,7 +323,10 @@ def test_the_method_stands_alone_in_a_folder_of_its_own(tmp_path):
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
                                             if isinstance(node, ast.ImportFrom)}
-    assert imported - set(sys.stdlib_module_names) == {"torch", "scipy", "sine"}  # sine: in __main__ alone
+    assert imported - set(sys.stdlib_module_names) == {"torch", "scipy", "sine", "startup"}  # the last two: in
+    main_blocks = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    assert {alias.name for node in main_blocks for inner in ast.walk(node) if isinstance(inner, ast.Import)
+            for alias in inner.names} == {"sine", "startup"}  # `if __name__ == "__main__":` blocks alone
     assert sum(1 for _ in open(ROOT / "merge.py")) <= 650
     shutil.copy(ROOT / "merge.py", tmp_path / "merge.py")
     code = """
@@ -480,3 +483,15 @@ def test_the_readme_reports_the_committed_study_of_budgets():
     assert rows_of[900] == [r for r in main_run if r["strategy"] in sine_budgets.NAMES]  # the main run's, copied
     table = sine_budgets.budget_table(rows_of)
     assert table in (ROOT / "figures" / "budget" / "summary.md").read_text() and table in (ROOT / "README.md").read_text()
+
+
+def test_the_readme_is_short_and_states_every_difference_and_nothing_cites_files_outside():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    differences = readme.split("## Differences from the paper")[1].split("\n## ")[0]
+    for item in ("10,000 images", "after epochs 9 and 18", "after 50 and 70", "`--teacher-files`", "160 px",
+                 "ranked by `loc`", "standard deviation", "peak criterion", "deterministic at test time", "ddof"):
+        assert item in differences, item
+    cited = [p.name for p in ROOT.glob("*") if p.suffix in (".py", ".md", ".ipynb") and "REFERENCE" + ".md" in p.read_text()]
+    cited += [p.name for p in (ROOT / "docs").glob("*.md") if "REFERENCE" + ".md" in p.read_text()]
+    assert cited == []
