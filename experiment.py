@@ -339,7 +339,7 @@ def ranks():
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 def start_ranks(s):
-    """The process group of torchrun's processes (or launch()'s in sine.py): NCCL between GPUs (a rank each),
+    """The process group of torchrun's processes (or launcher.py's): NCCL between GPUs (a rank each),
     else gloo. A rank ends itself within a second of its launcher's end, so that none trains on alone."""
     launcher = int(os.environ.get("MERGE_LAUNCHER", 0)) or os.getppid()
 
@@ -426,7 +426,7 @@ def main(argv, parse, run):
     except RuntimeError as e:  # another rank died, and with it the process group: one line, not gloo's traceback
         if ranks()[1] == 1 or not any(word in str(e) for word in ("gloo", "NCCL", "closed by peer")):
             raise
-        if not os.environ.get("MERGE_LAUNCHER"):  # else sine.py's launcher names the dead worker itself
+        if not os.environ.get("MERGE_LAUNCHER"):  # else launcher.py names the dead worker itself
             print(f"error: rank {ranks()[0]}: another rank ended ({str(e).splitlines()[0][-100:]})", file=sys.stderr)
         os._exit(1)  # not destroy_process_group(): it would wait for the dead
     except OSError as e:  # a full disk, a read-only one, a name too long: one line, and nothing half-written

@@ -1,10 +1,12 @@
-"""The --device cuda path, checked in one go on a machine with a GPU: a short sine run on the GPU
-and on the CPU (do the rows agree?), the bench, and each image script at a tiny budget, stacked
-where that applies. It prints a report of seconds per model-epoch, stacked and one at a time,
-peak GPU memory, and how far the GPU's rows are from the CPU's, and writes it to --report.
+"""The --device cuda path, timed and checked in one go on a machine with a GPU, in under 6 minutes:
+the stacked step with and without CUDA graphs; the whole sine protocol (50 runs), compiling and
+again with torch's compiled steps cached; LeNet, 10 runs x 60 epochs, stacked; ImageNet's loader
+and ResNet18 on synthetic JPEGs (the loader alone, the model alone, both; Pillow and nvJPEG); then,
+while --budget lasts, the sine protocol on this machine's CPU cores and small runs of each
+experiment on the GPU against the CPU's rows. It writes its report to --report as it goes.
 
-    python gpu_check.py --report gpu_check.md      # a few minutes on one GPU
-    python gpu_check.py --device cpu               # the same steps on the CPU alone, to try it out
+    python gpu_check.py --report gpu_check.md --lenet-data DIR     # on one GPU
+    python gpu_check.py --device cpu --small                       # every step, tiny, on the CPU
 """
 import argparse
 import contextlib
@@ -71,24 +73,32 @@ def write_jpeg(args):
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-def imagenet_throughput(scratch, device, workers=None):
+def write_jpegs(folder, count):
+    """count natural-looking synthetic JPEGs of ImageNet's size in 10 classes (and 200 to validate), on every core."""
+    import multiprocessing
+    jobs = [(folder / split / f"n{c:02d}" / f"{j}.JPEG", c * 100_000 + j)
+            for split, n in (("train", count // 10), ("val", 20)) for c in range(10) for j in range(n)]
+    with multiprocessing.Pool(os.cpu_count()) as pool:
+        pool.map(write_jpeg, jobs, chunksize=64)
+    return folder
+
+
+def imagenet_throughput(scratch, device, decode="cpu", workers=None):
     """Images per second of ResNet18's training on ImageNet-sized JPEGs (500 x 375, natural-looking, synthetic)
     at 224 px, batch 256 (on a CPU, a try at 64 px and batch 16): the loader alone (decoding and cropping in its
-    workers, uint8 crops handed over, jitter and normalisation on the device), the model alone (a training step
-    on a batch already there, bf16 and channels-last on a GPU) and end to end (an epoch of imagenet.py)."""
-    import multiprocessing
+    workers, or on the GPU with --decode gpu; jitter and normalisation on the device), the model alone (a
+    training step on a batch already there, bf16 and channels-last on a GPU), the two together (the loader
+    feeding the steps) and an epoch of imagenet.py (its own count, from the start of the epoch)."""
     import imagenet
     import streaming
     import merge
     cuda = device == "cuda"
     size, batch, count = (224, 256, 12_800) if cuda else (64, 16, 640)
     folder, workers = scratch / "imagenet", workers or max(1, (os.cpu_count() or 2) - 2)
-    jobs = [(folder / split / f"n{c:02d}" / f"{j}.JPEG", c * 100_000 + j)
-            for split, n in (("train", count // 10), ("val", 20)) for c in range(10) for j in range(n)]
-    with multiprocessing.Pool(os.cpu_count()) as pool:
-        pool.map(write_jpeg, jobs, chunksize=64)
+    if not folder.exists():
+        write_jpegs(folder, count)
     argv = ["--data", folder, "--size", size, "--batch", batch, "--val-images", 4 * batch, "--workers", workers,
-            "--device", device]
+            "--device", device, "--decode", decode]
     s = imagenet.parse([str(a) for a in argv])
     data, classes = streaming.streamed_folder(s, 0, 1, torch.device("cuda", 0) if cuda else torch.device("cpu"))
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -102,25 +112,54 @@ def imagenet_throughput(scratch, device, workers=None):
             step()
         sync()
         return (i + 1 - warm) * batch / (time.time() - started)
+    steps = min(30, count // batch - 6)
     batches = data.batches(batch)
-    loader = rate(lambda: next(batches) for _ in range(min(30, count // batch - 6)))
+    loader = rate(lambda: next(batches) for _ in range(steps))
     model = merge.resnet18(classes).to(data.device)
     net, opt = data.wrap(model), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x, y = next(data.batches(batch))
 
-    def train_step():
+    def train_step(x, y):
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(net(x), y).backward()
         opt.step()
-    alone = rate(train_step for _ in range(23 if cuda else 5))
-    _, _, _, printed = run(imagenet.main, [*argv, "--out", scratch / "imagenet_out", "--strategies", "one",
+    decoding = float("nan")
+    if decode == "gpu":  # the main process's share: a batch decoded, cropped and resized on the GPU
+        raw, _, _ = next(iter(data.loader("train", batch)))
+        decoding = rate(lambda: data.decoded(*raw) for _ in range(8))
+    x, y = next(data.batches(batch))
+    alone = rate(lambda: train_step(x, y) for _ in range(23 if cuda else 5))
+    batches = data.batches(batch)
+    together = rate(lambda: train_step(*next(batches)) for _ in range(steps))
+    _, _, _, printed = run(imagenet.main, [*argv, "--out", scratch / f"imagenet_out_{decode}", "--strategies", "one",
                                            "--phase-epochs", 1, 1, 1, 1, 1, "--short", 1], device)
     rates = [float(line.split(" images/s")[0].rsplit(" ", 1)[1]) for line in printed.splitlines() if "images/s" in line]
-    return dict(size=size, batch=batch, workers=workers, loader=loader, model=alone, end_to_end=rates[len(rates) // 2])
+    return dict(size=size, batch=batch, workers=workers, loader=loader, model=alone, together=together,
+                decoding=decoding, epoch=rates[len(rates) // 2 - 1] if rates else float("nan"))
 
 
-def run(main, argv, device):
-    """One command line in this process: (seconds, peak GPU memory in MiB, rows, what it printed)."""
+def sine_graphs(device):
+    """The stacked sine step with and without CUDA graphs of 10 steps: microseconds a step of a stack of 50
+    models (the median epoch past the first) and the largest difference between the two's weights."""
+    import merge
+    import stacked
+    s, data = merge.Settings(), merge.sine_data(0, 10_000, 100, 100, device=device)
+    result = []
+    for graphs in (False, device == "cuda"):  # on a CPU, a try-out: both without graphs
+        models = []
+        for seed in range(50):
+            torch.manual_seed(seed)
+            models.append(merge.SineMLP().to(device))
+        history = stacked.fit_stacked(models, [data] * 50, s, 4, seeds=range(50), graphs=graphs)
+        steps = -(-10_000 // s.batch)
+        result.append((float(np.median([h["seconds"] for h in history[1:]])) / steps * 1e6,
+                       torch.cat([p.detach().flatten() for m in models for p in m.parameters()])))
+    (plain, plain_weights), (graphed, graphed_weights) = result
+    return plain, graphed, (graphed_weights - plain_weights).abs().max().item()
+
+
+def run(main, argv, device, log=None):
+    """One command line in this process: (seconds, peak GPU memory in MiB, rows, what it printed, also written
+    to the file log if given)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -132,6 +171,8 @@ def run(main, argv, device):
             if e.code:
                 raise RuntimeError(f"{argv}: exit code {e.code}") from None
     seconds = time.time() - started
+    if log:
+        Path(log).write_text(printed.getvalue())
     memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
     out = Path(argv[argv.index("--out") + 1])
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -147,39 +188,134 @@ def largest_difference(rows, reference, metric):
     return max(abs(r[metric] - theirs[(r["run"], r["strategy"])]) for r in rows)
 
 
+def protocol_line(what, device, seconds, rows, metric, lower_is_better):
+    """A row of the timing table: what, where, seconds, and each strategy's mean result."""
+    means = {}
+    for r in rows:
+        means.setdefault(r["strategy"], []).append(r[metric])
+    results = ", ".join(f"{name} {np.mean(v):.4f}" for name, v in means.items())
+    return f"| {what} | {device} | {seconds:.1f} | {len(rows)} rows; mean {metric}: {results} |"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--report", default="gpu_check.md")
+    parser.add_argument("--lenet-data", default="", help="a 10-class folder in the Imagewoof layout for LeNet's "
+                        "timing (MNIST written so is the stand-in of the committed report); empty: synthetic images")
+    parser.add_argument("--budget", type=float, default=300, help="seconds after which the optional steps (the "
+                        "CPU's sine protocol, LeNet again, small runs against the CPU's rows) are left out")
+    parser.add_argument("--small", action="store_true", help="tiny budgets throughout: a try-out of the steps")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: torch sees no GPU here; use --device cpu to try the steps on the CPU", file=sys.stderr)
         sys.exit(2)  # bad input, as every script's
-    device = args.device
+    device, began = args.device, time.time()
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU only"
-    lines = [f"# GPU check: {name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads", "",
-             "| experiment | device | trainer | model-epochs | seconds | s / model-epoch | peak GPU MiB | "
-             "largest difference from the CPU's rows |", "|---|---|---|---|---|---|---|---|"]
-    report = Path(args.report)
+    report, scratch = Path(args.report), Path(tempfile.mkdtemp())
+    logs = report.parent / (report.stem + "_logs")  # what each whole protocol printed
+    logs.mkdir(parents=True, exist_ok=True)
+    lines = [f"# GPU check: {name}, torch {torch.__version__}, {os.cpu_count()} CPU cores", ""]
+
+    def say(*new):
+        lines.extend(new)
+        print("\n".join(new), flush=True)
+        report.write_text("\n".join(lines) + "\n")
+
+    def step(what, work):
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - report it and go on with the next step
+            say(f"{what}: failed: {type(e).__name__}: {str(e)[:300]}", "")
+
+    say("## The stacked step in blocks of 10 (CUDA graphs)", "")
+    def graphs():
+        plain, graphed, difference = sine_graphs(device)
+        say(f"A stack of 50 sine MLPs, batch 32, compiled: {plain:.0f} us a step one launch a step, {graphed:.0f} "
+            f"us a step with 10 steps a CUDA graph ({plain / graphed:.1f}x); largest difference of the weights "
+            f"after 4 epochs {difference:.2e}.", "")
+    step("CUDA graphs", graphs)
+
+    say("## Whole protocols", "", "| what | device | seconds | results |", "|---|---|---|---|")
+    small = ["--n-train", 1000, "--n-val", 200, "--n-test", 1000, "--epochs", 30] if args.small else []
+    runs = 4 if args.small else 50
+    for i, attempt in enumerate(("compiling", "compiled steps cached by torch")):
+        def sine_protocol(attempt=attempt, i=i):
+            seconds, _, rows, _ = run(sine.main, ["--runs", runs, *small, "--device", device, "--out",
+                                                  scratch / f"sine-{i}"], device, logs / f"sine-{device}-{i}.log")
+            say(protocol_line(f"`python merge.py --task sine --runs {runs}`, {attempt}", device, seconds, rows,
+                              "test_mse", True))
+        step("sine protocol", sine_protocol)
+    lenet_data = Path(args.lenet_data) if args.lenet_data else write_images(scratch / "woof10", 10, 600, 32)
+    lenet_runs, lenet_epochs = (2, 6) if args.small else (10, 60)
+    def lenet(i, attempt):
+        seconds, _, rows, _ = run(lenet_imagewoof.main, ["--data", lenet_data, "--runs", lenet_runs, "--epochs",
+                                                         lenet_epochs, "--stack", 1, "--device", device, "--out",
+                                                         scratch / f"lenet-{i}"], device, logs / f"lenet-{i}.log")
+        data = f"{lenet_data.name}, stand-in data" if args.lenet_data else "synthetic images"
+        say(protocol_line(f"LeNet, {lenet_runs} runs x {lenet_epochs} epochs, stacked, on {data}, {attempt}", device,
+                          seconds, rows, "test_accuracy", False))
+    step("LeNet", lambda: lenet(0, "compiling"))
+
+    say("", "## ImageNet's loader and ResNet18 (synthetic JPEGs)", "")
+    import streaming
+    for decode in ("cpu", "gpu") if device == "cpu" or streaming.has_torchvision() else ("cpu",):
+        if decode == "gpu" and device == "cpu":
+            continue  # nvJPEG needs the GPU
+        def throughput(decode=decode):
+            r = imagenet_throughput(scratch, device, decode)
+            say(f"ResNet18 at {r['size']} px, batch {r['batch']}, --decode {decode}, on synthetic natural-looking "
+                f"JPEGs of ImageNet's size (500 x 375, about 80 KB), {r['workers']} loader workers on "
+                f"{os.cpu_count()} CPU cores, {name}: the loader alone {r['loader']:.0f} images/s" +
+                (f" (of which decoding and cropping a batch on the GPU, in the main process, alone: {r['decoding']:.0f}"
+                 " images/s)" if decode == "gpu" else "") + f", the model alone "
+                f"{r['model']:.0f} images/s, the two together {r['together']:.0f} images/s; an epoch of imagenet.py "
+                f"{r['epoch']:.0f} images/s from its start (an epoch of ImageNet's 1,281,167 images: about "
+                f"{1_281_167 / r['together'] / 60:.0f} min at the rate of the two together).", "")
+        step(f"ImageNet throughput, --decode {decode}", throughput)
+
+    left_out = []  # the optional steps past --budget, named in the report
+
+    def within_budget(what):
+        if time.time() - began < args.budget:
+            return True
+        left_out.append(what)
+        return False
+    if device == "cuda" and within_budget("the sine protocol on this machine's CPU cores"):
+        say("## The sine protocol on this machine's CPU cores", "", "| what | device | seconds | results |",
+            "|---|---|---|---|")
+        def on_cpu():
+            seconds, _, rows, _ = run(sine.main, ["--runs", runs, *small, "--device", "cpu", "--out",
+                                                  scratch / "sine-cpu"], "cpu", logs / "sine-cpu.log")
+            say(protocol_line(f"`python merge.py --task sine --runs {runs}`", "cpu", seconds, rows, "test_mse", True))
+        step("sine protocol on the CPU", on_cpu)
+    if within_budget("LeNet again, its compiled steps cached"):
+        say("", "| what | device | seconds | results |", "|---|---|---|---|")
+        step("LeNet", lambda: lenet(1, "compiled steps cached by torch"))
+    if within_budget("small runs of each experiment against the CPU's rows"):
+        say("", "## Small runs, the GPU's rows against the CPU's", "", "| experiment | device | trainer | model-epochs | "
+            "seconds | s / model-epoch | peak GPU MiB | largest difference from the CPU's rows |",
+            "|---|---|---|---|---|---|---|---|")
+        against_cpu(scratch, device, say, args.budget - (time.time() - began))
+    if left_out:
+        say("", f"Left out, past --budget {args.budget:.0f} s: {'; '.join(left_out)}.")
+    say("", f"{time.time() - began:.0f} s in all.")
+
+
+def against_cpu(scratch, device, say, seconds_left):
+    """Small runs of each experiment on the CPU and (on a GPU) on the GPU: timings and how far the rows differ."""
+    began = time.time()
 
     def add(what, where, trainer, result, reference=None, metric="test_accuracy"):
         seconds, memory, rows, _ = result
         difference = f"{largest_difference(rows, reference, metric):.2e}" if reference else "-"
-        lines.append(f"| {what} | {where} | {trainer} | {model_epochs(rows)} | {seconds:.1f} | "
-                     f"{seconds / model_epochs(rows):.5f} | {memory:.0f} | {difference} |")
-        print(lines[-1], flush=True)
-        report.write_text("\n".join(lines) + "\n")
-
-    print("\n".join(lines), flush=True)
-    scratch = Path(tempfile.mkdtemp())
+        say(f"| {what} | {where} | {trainer} | {model_epochs(rows)} | {seconds:.1f} | "
+            f"{seconds / model_epochs(rows):.5f} | {memory:.0f} | {difference} |")
     steps = [
         ("sine, 10 runs x 60 epochs", sine.main, SINE, "test_mse", [("stacked", ["--stack", "1"])]),
         ("LeNet on synthetic images, 2 runs x 12 epochs", lenet_imagewoof.main,
          ["--data", write_images(scratch / "woof"), "--runs", 2, "--epochs", 12, "--compile", 0], "test_accuracy",
          [("stacked", ["--stack", "1"]), ("one at a time", ["--stack", "0"])]),
-        ("ResNet18 on synthetic images at 64 px, width 8, 1 run x 6 epochs", lenet_imagewoof.main,
-         ["--arch", "resnet18", "--size", 64, "--width", 8, "--data", scratch / "woof", "--runs", 1, "--epochs", 6],
-         "test_accuracy", [("one at a time", ["--stack", "0"])]),
         ("ResNet20 on synthetic CIFAR-100-format pickles, width 8, 1 run x 6 epochs", cifar.main,
          ["--data", write_cifar(scratch / "cifar"), "--experiment", "resnet20-cifar100", "--width", 8, "--runs", 1,
           "--epochs", 6], "test_accuracy", [("one at a time", ["--stack", "0"])]),
@@ -189,6 +325,9 @@ def main(argv=None):
     ]
     for i, (what, script, common, metric, trainers) in enumerate(steps):
         for trainer, flags in trainers:
+            if time.time() - began > seconds_left:
+                say(f"| {what} | - | {trainer} | left out: past --budget |")
+                continue
             try:
                 on_cpu = run(script, [*common, *flags, "--device", "cpu", "--out", scratch / f"{i}{trainer}cpu"], "cpu")
                 if device == "cuda":
@@ -197,26 +336,7 @@ def main(argv=None):
                         on_cpu[2], metric)
                 add(what, "cpu", trainer, on_cpu)
             except Exception as e:  # noqa: BLE001 - report it and go on with the next step
-                lines.append(f"| {what} | {device} | {trainer} | failed: {type(e).__name__}: {str(e)[:200]} |")
-                print(lines[-1], flush=True)
-    try:
-        r = imagenet_throughput(scratch, device)
-        lines += ["", f"ResNet18 at {r['size']} px, batch {r['batch']}, on synthetic natural-looking JPEGs of ImageNet's "
-                      f"size (500 x 375, about 80 KB), {r['workers']} loader workers on {os.cpu_count()} CPU cores, "
-                      f"{name}: the loader alone {r['loader']:.0f} images/s, the model alone {r['model']:.0f} images/s, "
-                      f"end to end {r['end_to_end']:.0f} images/s (an epoch of ImageNet's 1,281,167 images would take "
-                      f"about {1_281_167 / r['end_to_end'] / 60:.0f} min at that rate)."]
-    except Exception as e:  # noqa: BLE001 - report it and go on with the bench
-        lines += ["", f"ImageNet throughput: failed: {type(e).__name__}: {str(e)[:300]}"]
-    report.write_text("\n".join(lines) + "\n")
-    print(lines[-1], flush=True)
-    lines += ["", "## The bench (sine), on " + device, ""]
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        sine.main(["--bench", "--device", device])
-    lines += [line for line in printed.getvalue().splitlines() if line.startswith("|") or line.startswith("Sine")]
-    report.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-12:]))
+                say(f"| {what} | {device} | {trainer} | failed: {type(e).__name__}: {str(e)[:200]} |")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
 """ImageNet-1k, section 3.3.5 and Table 4: ResNet18 merged from two teachers of 20 epochs each (then
 20 epochs of importance and 90 of fine-tuning), against one model trained for 90 epochs and one for
-150, with the settings of docs/settings.md (the authors' configuration where the paper is silent). The images
-are streamed from disk by streaming.py, decoded with Pillow in DataLoader workers, and training runs on any number of GPUs and machines
-under torchrun (DistributedDataParallel: NCCL between GPUs, gloo on CPUs).
+150, with the settings of docs/settings.md (the authors' configuration where the paper is silent). The
+images are streamed from disk by streaming.py, decoded with Pillow in DataLoader workers (--decode gpu:
+on the GPU), and training runs on any number of GPUs and machines (DistributedDataParallel: NCCL between
+GPUs, gloo on CPUs), their ranks started by this command on one machine or by torchrun on several.
 
     python imagenet.py --data DIR                          # one process: one GPU (or the CPU)
-    torchrun --nproc-per-node 8 imagenet.py --data DIR     # the 8 GPUs of one machine
+    python imagenet.py --data DIR --processes 8            # the 8 GPUs of one machine
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         imagenet.py --data DIR                             # on each of 2 machines: 16 GPUs
+
+A wrong setting or file stops the run with one line saying why: the last line printed with
+--processes; under torchrun, torchrun's own report of the failed rank follows it (ChildFailedError,
+or SignalException after Ctrl-C, some 40 lines), which no rank can prevent.
 
 DIR is the ImageFolder layout: DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG (docs/images.md says
 how to sort the official val images into class folders); val is the test set, and 10,000 training
@@ -18,6 +23,7 @@ Table 4's rows, a box plot; every epoch ends with a checkpoint, so that a killed
 last finished epoch. --out must be on a file system that every machine sees.
 """
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +37,9 @@ import torch
 
 import experiment
 import images
-import streaming
+import launcher
 import merge
+import streaming
 from experiment import AT_LEAST_1, InputError, setting
 
 
@@ -48,6 +55,12 @@ class ImageNetSettings(experiment.Settings):
                             "trains, one cut short is replaced by the next image, with a warning")
     workers: int = setting(8, "DataLoader workers a rank, decoding the images", run_only=True,
                            valid=experiment.NOT_NEGATIVE)
+    decode: str = setting("cpu", "where the JPEGs are decoded: cpu (Pillow, in the DataLoader workers) or gpu "
+                          "(nvJPEG, a batch in one call; needs a GPU and torchvision); the draws are the same, the "
+                          "pixels differ a little (ours)", choices=("cpu", "gpu"))
+    processes: int = setting(1, "ranks on this machine that this command starts, as torchrun would, without "
+                             "torchrun's report (one GPU each where it trains on GPUs); several machines: torchrun",
+                             run_only=True, valid=AT_LEAST_1)
     val_images: int = setting(10_000, "training images held out, fixed by --seed, to validate (ours)",
                               valid=AT_LEAST_1)
     size: int = setting(224, "input side in pixels", valid=(lambda v: v >= 16, "at least 16"))
@@ -71,15 +84,36 @@ PAPER = dict(  # docs/settings.md gives the source of every value
 def parse(argv=None):
     return experiment.parse_settings(argv, ImageNetSettings(**PAPER), __doc__)
 
-def run(s):
+def check(s, world):
+    """One line for a setting this run cannot take, on world ranks, before any data is read."""
     experiment.check_settings(s)
-    rank, world = experiment.ranks()
     if s.epochs != PAPER["epochs"]:
         raise InputError(f"--epochs {s.epochs}: imagenet.py takes its phases from --phase-epochs (teachers, importance, "
                          "fine-tuning, bo3, one model) and --short; --epochs is not used")
     if s.batch % world:
         raise InputError(f"--batch {s.batch} must split evenly over {world} ranks")
     images.check_unstacked(s, "ResNet18")
+    cuda = experiment.resolve_device(s) == "cuda"
+    if s.decode == "gpu" and not (cuda and streaming.has_torchvision()):
+        raise InputError("--decode gpu needs a GPU and torchvision (pip install torchvision, the build that matches "
+                         "torch); --decode cpu decodes in the DataLoader workers")
+    if s.processes > 1 and experiment.ranks()[1] > 1 and not os.environ.get("MERGE_LAUNCHER"):
+        raise InputError(f"--processes {s.processes} under torchrun, which starts the ranks itself; leave it out")
+    if s.processes > 1 and cuda and s.processes > torch.cuda.device_count():
+        raise InputError(f"--processes {s.processes} on --device cuda wants a GPU each; torch sees "
+                         f"{torch.cuda.device_count()}")
+
+def start(s):
+    """The command: run(s), or, with --processes, its ranks started on this machine (launcher.py)."""
+    if s.processes > 1 and experiment.ranks()[1] == 1:
+        check(s, s.processes)  # every setting, before any rank starts
+        launcher.launch(s, s.processes, __file__, run, out_checked_here=False)  # its results record the lr scaled
+    else:
+        run(s)
+
+def run(s):
+    rank, world = experiment.ranks()
+    check(s, world)
     cuda = experiment.resolve_device(s) == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     data, classes = streaming.streamed_folder(s, rank, world, device)
@@ -104,7 +138,8 @@ def run(s):
                            "fine-tuning", "box_imagenet.png", title)
 
 def main(argv=None):
-    experiment.main(argv, parse, run)
+    launcher.guard()
+    experiment.main(argv, parse, start)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ cached; CIFAR's pickles; one validation split; the crops (centre, random resized
 jitter and normalisation; data kept on the device as uint8, each batch made floats there (streaming.py
 streams ImageNet from disk instead); and the accuracy report of Tables 2 to 4. Where each setting's value comes from:
 docs/settings.md."""
+import functools
 import hashlib
 import math
 import os
@@ -127,12 +128,17 @@ def check_folder(data):
         raise InputError(f"--data {data}: one class only ({train[0]}); classifying needs at least 2")
     return listed
 
-def opened(path):
-    """The RGB Pillow image at path, or one line naming the file (not an image, cut short, too many pixels)."""
+def opened(path, at_least=None):
+    """(The RGB Pillow image at path, its size on disk), or one line naming the file (not an image, cut short,
+    too many pixels). at_least(width, height) -> the size the decoded image needs: a JPEG then decodes at 1/2,
+    1/4 or 1/8 of its size where that still gives it (Pillow's draft, some times faster for a small crop)."""
     from PIL import Image
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            size = image.size
+            if at_least:
+                image.draft("RGB", tuple(math.ceil(side) for side in at_least(*size)))
+            return image.convert("RGB"), size
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"cannot read image {path}: {e}") from None
 
@@ -157,7 +163,7 @@ def check_images(paths, threads=16):
 
 def decode(path, size, whole=False):
     """RGB uint8 (size, size, 3): the whole image resized to size x size (whole), or the centre crop."""
-    image = opened(path)
+    image, _ = opened(path)
     image = image.resize((size, size), 2) if whole else centre_crop(image, size, resample=2)  # 2: bilinear
     return np.asarray(image, dtype=np.uint8)
 
@@ -307,6 +313,12 @@ def jitter_factors(rng, strength, hue=None, count=None):
                               rng.uniform(-hue, hue, shape[:-1] + (1,))], -1)
     return torch.tensor(factors, dtype=torch.float32)
 
+@functools.lru_cache
+def yiq(device):
+    """RGB -> YIQ and back (float32), made once for each device: a tensor made on a GPU from numbers waits for it."""
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+    return to_yiq.to(device, torch.float32), torch.linalg.inv(to_yiq).to(device, torch.float32)
+
 def color_jitter(x, strength=0.15, factors=None):
     """torchvision's ColorJitter(brightness, contrast, saturation, hue = strength) for a batch of RGB images
     in [0, 1], (B, 3, H, W), each example its own factors (B, 4) (jitter_factors; drawn from torch's
@@ -322,10 +334,10 @@ def color_jitter(x, strength=0.15, factors=None):
     x = ((x - mean) * contrast + mean).clamp(0, 1)
     x = ((x - gray(x)) * saturation + gray(x)).clamp(0, 1)
     angle = hue.view(B) * 2 * math.pi
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=device)
     cos, sin, zero, one = angle.cos(), angle.sin(), torch.zeros(B, device=device), torch.ones(B, device=device)
     turn = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], 1).view(B, 3, 3)  # about the Y axis
-    matrix = torch.linalg.inv(to_yiq) @ turn.to(to_yiq) @ to_yiq  # (B, 3, 3), RGB -> RGB
+    to_yiq, from_yiq = yiq(device)
+    matrix = from_yiq @ turn.float() @ to_yiq  # (B, 3, 3), RGB -> RGB
     return torch.einsum("bij,bjhw->bihw", matrix.to(x.dtype), x).clamp(0, 1)
 
 def channel_stats(x):

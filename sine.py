@@ -1,12 +1,7 @@
 """The sine experiment (section 3.2) run by the machinery: `python merge.py --task sine` hands over to
 main() here. Its settings, the numbers of a row, the report (Table 1, Figs. 5, 8a, 9, 10), the bench of
 the stacked trainer, and the command spread over one process per CPU core (--workers)."""
-import dataclasses
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +11,7 @@ import numpy as np
 import torch
 
 import experiment
+import launcher
 import merge
 import report
 import stacked
@@ -125,7 +121,8 @@ def bench(s):
     sine = data(s, 0, device)
     for phase, trainer, R in [("teacher", "one at a time", 1), ("teacher", "stacked", 1), ("teacher", "stacked", 10),
                               ("teacher", "stacked", 50), ("teacher", "stacked", 300),
-                              ("teacher", "stacked, eager", 300), ("importance", "one at a time", 1),
+                              ("teacher", "stacked, eager", 300), ("teacher", "stacked, 1 step a block", 50),
+                              ("importance", "one at a time", 1),
                               ("importance", "stacked", 1), ("importance", "stacked", 10), ("importance", "stacked", 50)]:
         models, lambdas, times = [], None, [time.time()]
         for seed in range(2 * R):
@@ -139,7 +136,7 @@ def bench(s):
             merge.fit(models[0], sine, s, 4, lambdas=lambdas, after_epoch=clock)
         else:
             stacked.fit_stacked(models[:R], [sine] * R, s, 4, seeds=range(R), lambdas=lambdas, after_epoch=clock,
-                                compile=trainer == "stacked")
+                                compile=trainer != "stacked, eager", steps_per_block=1 if "1 step" in trainer else 10)
         rows.append((phase, trainer, R, float(np.median(np.diff(times)[1:])) / R))
         experiment.log.info(f"bench: {phase}, {trainer}, {R} models: {rows[-1][3]:.5f} s per model-epoch")
     alone = {phase: sec for phase, trainer, _, sec in rows if trainer == "one at a time"}
@@ -157,67 +154,6 @@ def workers(s):
         return s.workers or 1
     return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8, s.runs)
 
-def launch(s, n):
-    """This command as n processes, ranks of one process group with one thread each, as torchrun would start
-    them: each trains every n-th run and rank 0 writes the rows, which are those of one process (a test checks
-    it). On a CPU n single-threaded processes beat one with n threads: much of a step of the small sine models
-    is Python, which one thread runs. This process waits; Ctrl-C, or a rank that fails, ends them all."""
-    out = experiment.checked_out(s)  # a wrong --out is refused here, before any process starts
-    experiment.settings_record(s, out)
-    experiment.read_rows(out, s)
-    try:  # a free port for the ranks' process group
-        with socket.socket() as free:
-            free.bind(("127.0.0.1", 0))
-            port = free.getsockname()[1]
-    except OSError as e:
-        experiment.log.warning(f"note: no local port for {n} processes ({e.strerror or type(e).__name__}); "
-                               "one process trains")
-        return run(s)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n),
-               MERGE_LAUNCHER=str(os.getpid()))
-    argv = [f"{experiment.flag(f)}={getattr(s, f.name)}" for f in dataclasses.fields(s)
-            if "help" in f.metadata and not isinstance(getattr(s, f.name), (bool, tuple))]
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the ranks, as Ctrl-C does
-    procs = [subprocess.Popen([sys.executable, merge.__file__, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              start_new_session=True) for r in range(n)]  # Ctrl-C reaches them from here, once
-    failed = None
-    try:
-        while any(p.poll() is None for p in procs):
-            if failed is None and any(p.poll() for p in procs):  # one failed: the others would wait for it for ever
-                failed = next(rank for rank, p in enumerate(procs) if p.poll())
-                stop(procs)
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        stop(procs)
-        raise
-    codes = [p.returncode for p in procs]
-    if failed is not None and codes[failed] < 0:  # killed: it could not say so itself
-        print(f"error: worker {failed} of {n} (pid {procs[failed].pid}) was ended by signal {-codes[failed]} "
-              f"({signal.Signals(-codes[failed]).name}); every finished row and phase is kept, and the same command "
-              "resumes", file=sys.stderr)
-        sys.exit(1)
-    if any(codes):  # rank 0's exit code where it has one, else another's; a signal's (negative): 1
-        sys.exit(next((code for code in codes if code > 0), 1))
-
-def stop(procs, patience=5):
-    """Ends the ranks still running (SIGTERM; SIGKILL after `patience` seconds, for one stuck in a collective
-    with a dead peer) and waits for them."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(patience)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-def guard():
-    """In a rank that launch() started, SIGTERM ends it quietly: the launcher says what happened. (Its
-    launcher's end ends it too: experiment.start_ranks.)"""
-    if os.environ.get("MERGE_LAUNCHER"):
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
-
 # == The command line ==============================================================================
 
 def parse(argv=None):
@@ -228,10 +164,10 @@ def run_task(s):
     if s.bench:
         bench(s)
     elif experiment.ranks()[1] == 1 and workers(s) > 1:  # not yet a rank: start the ranks
-        launch(s, workers(s))
+        launcher.launch(s, workers(s), merge.__file__, run)
     else:
         run(s)
 
 def main(argv=None):
-    guard()
+    launcher.guard()
     experiment.main(argv, parse, run_task)

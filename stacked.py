@@ -69,12 +69,16 @@ class KeyedGate(merge.Gate):
 
 # == The stacked trainer ===========================================================================
 
+STEPS_PER_BLOCK = 10  # SGD steps a block: on a GPU one CUDA graph, launched at once (a small stack's step is
+# bound by launching its kernels); on a CPU the same steps one after another
+
 def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, share=0.5, warmup=0,
-                after_epoch=None, compile=True):
+                after_epoch=None, compile=True, steps_per_block=STEPS_PER_BLOCK, graphs=None):
     """merge.fit for many small models of one architecture without BatchNorm, as one stack. The summed loss
     gives each model its own gradient and SGD is elementwise, so each trains as merge.fit trains it alone
-    with counter_noise(model, seed), on its own data, order and noise. The step is compiled (compile), and
-    after_epoch(epoch, history) is called after each epoch."""
+    with counter_noise(model, seed), on its own data, order and noise. The step is compiled (compile); the
+    steps run in blocks of steps_per_block, each block one CUDA graph where graphs (None: on a GPU, when
+    compiled), and after_epoch(epoch, history) is called after each epoch."""
     device, models = datas[0].device, [model.train() for model in models]  # gates draw noise, as in merge.fit
     base = copy.deepcopy(models[0]).to("meta")  # the architecture, without weights
     gate_names = [name for name, m in base.named_modules() if isinstance(m, merge.Gate)]
@@ -91,17 +95,21 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, sh
     X, Y = ((datas[0].x_train, datas[0].y_train) if shared else  # (N, ...) or (R, N, ...)
             (torch.stack([d.x_train for d in datas]), torch.stack([d.y_train for d in datas])))
     N = len(datas[0].x_train)
-    rows, step = torch.arange(len(models), device=device)[:, None], torch.zeros((), dtype=torch.int32, device=device)
+    rows = torch.arange(len(models), device=device)[:, None]
     keys = {f"{name}.key": torch.stack([counter(seed, layer) for seed in seeds]).view(-1, 1).to(device)  # (R, 1)
             for layer, name in enumerate(gate_names)}
     error_loss = F.mse_loss if datas[0].metric == "mse" else F.cross_entropy
+    # the state the steps change in place: tensors that keep their place, as a CUDA graph needs
+    total, step = torch.zeros(len(models), device=device), torch.zeros((), dtype=torch.int32, device=device)
+    lr, lam = torch.zeros((), device=device), torch.zeros((), device=device)  # tensors: a new value, no recompile
+    state = (params, momenta, total, step, lr, lam)
 
     def loss(params, keys, x, y, lam, step):  # one model: params and gate keys without the R axis
         steps = {f"{name}.step": step for name in gate_names}
         error = error_loss(torch.func.functional_call(base, (params, keys, steps), (x,)), y)
         return error + lam * merge.l_half([params[f"{name}.loc"] for name in gate_names], share), error
 
-    def update(params, momenta, total, x, y, step, lr, lam):  # x, y (R, B, ...)
+    def update(params, momenta, total, step, lr, lam, x, y):  # one SGD step of every model; x, y (R, B, ...)
         def summed(params):
             losses, errors = torch.func.vmap(loss, in_dims=(0, 0, 0, 0, None, None), randomness="error")(
                 params, keys, x, y, lam, step)
@@ -119,19 +127,26 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, sh
     update, history = compiled(update, compile), []
     if compile:
         log.info("    compiling the stacked step (torch keeps it for later runs)")
+
+    def block(state, x, y):  # steps_per_block steps, or the epoch's last few; x, y (R, steps x batch, ...)
+        x = datas[0].prepare(x.flatten(0, 1), True).unflatten(0, x.shape[:2])
+        for x_step, y_step in zip(x.split(s.batch, dim=1), y.split(s.batch, dim=1)):  # (R, B, ...)
+            for t in (x_step, y_step) if epoch == 0 else ():  # one compiled step for any batch size, the last's too
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+            update(*state, x_step, y_step)
+    graphs = device.type == "cuda" and compile if graphs is None else graphs
+    run_block = Graphs(block, state) if graphs else lambda x, y: block(state, x, y)
     for epoch in range(epochs):
-        start, total = time.time(), torch.zeros(len(models), device=device)
-        lr = torch.tensor(merge.lr_at(s, epoch, epochs, drops, warmup), device=device)  # tensors: a new value
-        lam = torch.tensor(lambdas[epoch] if lambdas is not None else 0.0, device=device)  # needs no recompile
+        start = time.time()
+        total.zero_(), lr.fill_(merge.lr_at(s, epoch, epochs, drops, warmup))
+        lam.fill_(lambdas[epoch] if lambdas is not None else 0.0)
         order = torch.stack([torch.randperm(N, device=device, generator=torch.Generator(device).manual_seed(
             merge.epoch_seed(seed, epoch))) for seed in seeds])  # (R, N): merge.fit's orders
         X_epoch, Y_epoch = (X[order], Y[order]) if shared else (X[rows, order], Y[rows, order])  # (R, N, ...)
         with torch.compiler.set_stance(skip_guard_eval_unsafe=epoch > 0):  # epoch 0 compiled all it needs
-            for x, y in zip(X_epoch.split(s.batch, dim=1), Y_epoch.split(s.batch, dim=1)):  # (R, B, ...)
-                x = datas[0].prepare(x.flatten(0, 1), True).unflatten(0, x.shape[:2])
-                for t in (x, y) if epoch == 0 else ():  # one compiled step for any batch size, the last one's too
-                    torch._dynamo.maybe_mark_dynamic(t, 1)
-                update(params, momenta, total, x, y, step, lr, lam)
+            for x, y in zip(X_epoch.split(steps_per_block * s.batch, dim=1),
+                            Y_epoch.split(steps_per_block * s.batch, dim=1)):
+                run_block(x, y)
         history.append(dict(epoch=epoch, error=(total / N).tolist(), seconds=time.time() - start))
         if lambdas is not None:
             locs = [params[f"{name}.loc"] for name in gate_names]  # (R, n) each
@@ -141,6 +156,44 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, sh
     for r, model in enumerate(models):
         model.load_state_dict({name: p[r] for name, p in params.items()})
     return history
+
+class Graphs:
+    """block(state, x, y), several SGD steps, as CUDA graphs: one recorded for each shape of (x, y), then
+    replayed on x and y copied into its inputs, all the steps in one launch instead of hundreds of kernel
+    launches each. Before recording, the block runs once on a spare copy of the state (compiling, warming
+    up), so that the state moves only when a graph is replayed; where recording fails, the block runs as
+    it is, with one notice."""
+
+    def __init__(self, block, state):
+        self.block, self.state, self.graphs, self.pool, self.failed = block, state, {}, None, False
+
+    def __call__(self, x, y):
+        if self.failed:
+            return self.block(self.state, x, y)
+        key = (x.shape, y.shape)
+        if key not in self.graphs:
+            inputs = x.clone(), y.clone()  # where every replay finds its x and y
+            spare = [({k: v.clone() for k, v in t.items()} if isinstance(t, dict) else t.clone()) for t in self.state]
+            self.block(spare, *inputs)
+            try:
+                self.graphs[key] = self.record(lambda: self.block(self.state, *inputs)), inputs
+            except Exception as e:  # noqa: BLE001 - any failure to record means: run the block as it is
+                log.warning(f"note: CUDA graphs are unavailable here ({type(e).__name__}: {str(e)[:100]}); "
+                            "one launch a kernel")
+                self.failed = True
+                return self.block(self.state, x, y)
+        replay, (x_in, y_in) = self.graphs[key]
+        x_in.copy_(x), y_in.copy_(y)
+        replay()
+
+    def record(self, work):
+        """work's kernels as a CUDA graph (nothing runs): its replay; the graphs share one memory pool."""
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            work()
+        self.pool = graph.pool()
+        return graph.replay
 
 def compiled(step, use_compile):
     """torch.compile(step), or where that fails (no C++ compiler) the eager step, with a notice."""
@@ -152,8 +205,8 @@ def compiled(step, use_compile):
         try:
             return fast(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
-            if fast is step:
-                raise
+            if fast is step or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise  # a failure to record a CUDA graph is Graphs' to handle
             log.warning(f"note: torch.compile is unavailable here ({type(e).__name__}); training eagerly")
             fast = step
             return step(*args)

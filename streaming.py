@@ -1,6 +1,7 @@
 """ImageNet streamed from disk (imagenet.py): images decoded with Pillow in DataLoader workers into uint8
 crops, each batch jittered and normalised on the device; each rank its own shard of an epoch, under
 DistributedDataParallel across GPUs and machines. The crops, jitter and checks are images.py's."""
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 import merge
 from experiment import InputError, log
@@ -21,32 +23,85 @@ class Images(torch.utils.data.Dataset):
     (jitter_factors; none for evaluation). For training, the authors' augmentation: a random resized crop
     of 8-100 % of the area (bicubic), a flip half the time, colour jitter 0.4 without hue, every draw fixed
     by (the epoch's seed, index), so that a resumed epoch sees the same images; for evaluation, the shorter
-    side resized to size / 0.95, the centre crop. Normalising and jittering run on the batch, on the device
-    (Streamed): a uint8 crop is a quarter of the floats' bytes to pass between processes."""
+    side resized to size / 0.95, the centre crop. A JPEG decodes at the smallest of 1, 1/2, 1/4 and 1/8 of
+    its size that keeps the crop at size x size pixels or more (Pillow's draft). Normalising and jittering
+    run on the batch, on the device (Streamed): a uint8 crop is a quarter of the floats' bytes to pass
+    between processes. With raw (--decode gpu), a whole RGB JPEG is handed over undecoded (undecoded)."""
 
-    def __init__(self, paths, labels, size, train):
-        self.paths, self.labels, self.size, self.train, self.seed = paths, labels, size, train, 0
+    def __init__(self, paths, labels, size, train, raw=False):
+        self.paths, self.labels, self.size, self.train, self.seed, self.raw = paths, labels, size, train, 0, raw
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        for j in range(i, i + len(self)):  # check_images found every file an image; one may still be cut short
+        n, boxes = len(self), []
+
+        # DEVIATION: a JPEG decodes at a smaller scale where its crop keeps full resolution (Pillow's draft), some
+        # times faster; its pixels differ a little from a full decode's (the authors' loader decoded in full)
+        def at_least(w, h):  # the crop, drawn from the size on disk, then the size to decode to: its crop
+            if not self.train:  # keeps size x size pixels or more (a JPEG decodes at 1/2, 1/4, 1/8 where it can)
+                return (side * self.size / 0.95 / min(w, h) for side in (w, h))
+            boxes.append(crop_box(w, h, rng, scale=(0.08, 1.0)))
+            return w * self.size / boxes[-1][2], h * self.size / boxes[-1][3]
+        for j in range(i, i + n):  # check_images found every file an image; one may still be cut short
+            rng = np.random.default_rng([self.seed, i])
             try:
-                image, label = opened(self.paths[j % len(self)]), self.labels[j % len(self)]
+                if self.raw and (item := self.undecoded(self.paths[j % n], rng)):
+                    return item + (self.labels[j % n],)
+                (image, (w, h)), label = opened(self.paths[j % n], at_least), self.labels[j % n]
                 break
             except InputError as e:
                 print(f"warning: {e}; the next image takes its place", file=sys.stderr, flush=True)
         factors = torch.zeros(4)
         if self.train:
-            rng = np.random.default_rng([self.seed, i])
-            left, top, w, h = crop_box(*image.size, rng, scale=(0.08, 1.0))
-            image = image.resize((self.size, self.size), 3, box=(left, top, left + w, top + h))  # 3: bicubic
-            image = image.transpose(0) if rng.random() < 0.5 else image  # 0: mirrored left to right
+            (left, top, cw, ch), x, y = boxes[-1], image.width / w, image.height / h  # x, y: the decoder's scale
+            image = image.resize((self.size, self.size), 3, box=(left * x, top * y, (left + cw) * x, (top + ch) * y))
+            image = image.transpose(0) if rng.random() < 0.5 else image  # 3: bicubic; 0: mirrored left to right
             factors = jitter_factors(rng, 0.4, hue=0.0)
         else:
             image = centre_crop(image, self.size, crop_pct=0.95)  # timm's crop_pct 0.95
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1), label, factors
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return (pixels, torch.zeros(6, dtype=torch.int64), factors, label) if self.raw else (pixels, label, factors)
+
+    def undecoded(self, path, rng):
+        """--decode gpu: (a whole RGB JPEG's bytes, (width, height, left, top, crop width, crop height), flip,
+        jitter factors), the same draws as Pillow's crop; decoded and cropped on the GPU (Streamed.decoded).
+        None for another image (PNG, CMYK, grey, cut short: no end marker), which the worker decodes."""
+        from PIL import Image
+        try:
+            with Image.open(path) as image:
+                (w, h), whole_jpeg = image.size, image.format == "JPEG" and image.mode == "RGB"
+            data = Path(path).read_bytes() if whole_jpeg else b""
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # as opened() says it
+            raise InputError(f"cannot read image {path}: {e}") from None
+        if not data.endswith(b"\xff\xd9"):
+            return None
+        if self.train:
+            box = crop_box(w, h, rng, scale=(0.08, 1.0))  # Pillow's draws, in their order
+            flip, factors = rng.random() < 0.5, jitter_factors(rng, 0.4, hue=0.0)
+        else:  # the square that centre_crop's resize and crop keep, in the image's own pixels
+            side = min(w, h, round(min(w, h) * 0.95))
+            box, flip, factors = ((w - side) // 2, (h - side) // 2, side, side), False, torch.zeros(4)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor((w, h, *box)), factors, flip
+
+def collate_raw(items):
+    """A batch of Images.undecoded items (and of crops the workers decoded): ((JPEGs' bytes and the crops'
+    pixels, all in one tensor, a worker's batch passed between processes at once; sizes and boxes (B, 6);
+    flips (B,)), labels (B,), factors (B, 4))."""
+    data, boxes, factors, flips, labels = zip(*[item if len(item) == 5 else (item[0], item[1], item[2], False, item[3])
+                                                for item in items])
+    lengths = torch.tensor([d.numel() for d in data])
+    return ((torch.cat([d.flatten() for d in data]), lengths, torch.stack(boxes), torch.tensor(flips)),
+            torch.tensor(labels), torch.stack(factors))
+
+def has_torchvision():
+    """Whether torchvision loads beside this torch (--decode gpu needs its decode_jpeg)."""
+    try:
+        import torchvision.io  # noqa: F401 - only whether it loads beside this torch
+        return True
+    except Exception:  # noqa: BLE001 - missing, or built for another torch
+        return False
 
 class Streamed(merge.Data):
     """merge.Data whose batches stream from disk through DataLoaders: each rank reads its own shard of
@@ -63,7 +118,9 @@ class Streamed(merge.Data):
 
     def loader(self, split, batch, sampler=None):
         return torch.utils.data.DataLoader(self.splits[split], batch, sampler=sampler, num_workers=self.s.workers,
-                                           pin_memory=self._device.type == "cuda", drop_last=sampler is not None)
+                                           pin_memory=self._device.type == "cuda" and not self.splits[split].raw,
+                                           drop_last=sampler is not None,
+                                           collate_fn=collate_raw if self.splits[split].raw else None)
 
     def batches(self, size):
         """The training batches of this rank, size / world images each, in an order and with augmentation
@@ -73,7 +130,7 @@ class Streamed(merge.Data):
         sampler = torch.utils.data.DistributedSampler(train, self.world, self.rank, seed=train.seed, drop_last=True)
         loader, started = self.loader("train", size // self.world, sampler), time.time()
         for i, (x, y, factors) in enumerate(loader):
-            yield self.to_device(x, factors), y.to(self._device, non_blocking=True)
+            yield self.to_device(x, y, factors)
             if self.rank == 0 and (i + 1) % max(1, len(loader) // 10) == 0:
                 seconds = time.time() - started
                 log.info(f"    {i + 1}/{len(loader)} batches, {(i + 1) * size / seconds:.0f} "
@@ -82,13 +139,63 @@ class Streamed(merge.Data):
             for buffer in self.trained.buffers():
                 dist.broadcast(buffer, 0)
 
-    def to_device(self, x, factors=None):
-        """uint8 crops as normalised floats on the device, colour-jittered by factors if given."""
-        x = x.to(self._device, non_blocking=True).float() / 255
+    def to_device(self, x, y, factors=None):
+        """(uint8 crops, or raw JPEGs decoded, as normalised floats colour-jittered by factors; their labels),
+        on the device."""
+        if isinstance(x, tuple):
+            x, source = self.decoded(*x)
+            y = y[source]  # an image the GPU could not decode: another's in its place, with its label
+        else:
+            x = x.to(self._device, non_blocking=True).float() / 255
         if factors is not None:
-            x = color_jitter(x, factors=factors)
+            x = color_jitter(x, factors=factors.to(self._device, non_blocking=True))
         x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
-        return x.contiguous(memory_format=torch.channels_last) if self._device.type == "cuda" else x
+        x = x.contiguous(memory_format=torch.channels_last) if self._device.type == "cuda" else x
+        return x, y.to(self._device, non_blocking=True)
+
+    def decoded(self, data, lengths, boxes, flips):
+        """--decode gpu: (a batch of collate_raw's as floats in [0, 1] (B, 3, size, size) on the GPU, the index of
+        the image in each place): its JPEGs decoded in one call (torchvision's decode_jpeg, nvJPEG), each
+        cropped, resized (bicubic, antialiased) and flipped there, on a stream of its own beside training. One
+        the GPU cannot decode is decoded by the CPU; one neither can (its data damaged) gives way to the next
+        image of the batch, with a warning."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        def one(d):  # a JPEG on the GPU, else on the CPU, else None
+            for device in (self._device, "cpu"):
+                try:
+                    return decode_jpeg(d, mode=ImageReadMode.RGB, device=device).to(self._device)
+                except Exception:  # noqa: BLE001 - nvJPEG or libjpeg refused it
+                    continue
+            return None
+        cuda = self._device.type == "cuda"
+        side = self.side = getattr(self, "side", None) or (torch.cuda.Stream(self._device) if cuda else None)
+        data, size = data.split(lengths.tolist()), self.s.size
+        jpegs = [d for d, box in zip(data, boxes.tolist()) if box[0]]
+        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
+            try:
+                images = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self._device) if jpegs else [])
+            except Exception:  # noqa: BLE001 - one of them the GPU cannot decode: each alone
+                images = iter([one(d) for d in jpegs])
+            crops = []
+            for d, (w, h, left, top, cw, ch), flip in zip(data, boxes.tolist(), flips.tolist()):
+                image = next(images) if w else d.view(3, size, size).to(self._device, non_blocking=True)
+                if image is None or not w:  # not decoded; or decoded, cropped and flipped by the worker
+                    crops.append(image if image is None else image.unsqueeze(0).float())
+                    continue
+                crop = image[:, top:top + ch, left:left + cw].unsqueeze(0).float()
+                crop = F.interpolate(crop, (size, size), mode="bicubic", align_corners=False, antialias=True)
+                crops.append(crop.flip(3) if flip else crop)
+            source = [next(j % len(crops) for j in range(i, i + len(crops)) if crops[j % len(crops)] is not None)
+                      for i in range(len(crops))]
+            if source != list(range(len(crops))):
+                print(f"warning: {sum(c is None for c in crops)} JPEG(s) of a batch could not be decoded; the next "
+                      "image of the batch takes each place", file=sys.stderr, flush=True)
+            x = (torch.cat([crops[j] for j in source]) / 255).clamp(0, 1)
+        if cuda:
+            torch.cuda.current_stream(self._device).wait_stream(side)
+            x.record_stream(torch.cuda.current_stream(self._device))  # used there: not for the side stream's reuse
+        return x, torch.tensor(source)
 
     def wrap(self, model):
         """Channels-last and bf16 autocast on GPUs; DDP across ranks, once the ranks' weights agree."""
@@ -106,10 +213,10 @@ class Streamed(merge.Data):
         model.eval()
         right, count = torch.zeros(len(top), device=self._device), 0
         for x, y, _ in self.loader(split, self.s.batch // self.world):
+            x, y = self.to_device(x, y)
             with torch.autocast(self._device.type, torch.bfloat16, enabled=self._device.type == "cuda"):
-                logits = model(self.to_device(x))
+                logits = model(x)
             best = logits.topk(min(max(top), logits.shape[1]), 1).indices  # top-5 of fewer classes: all of them
-            y = y.to(self._device)
             right += torch.stack([(best[:, :k] == y[:, None]).any(1).sum() for k in top])
             count += len(y)
         return (right / count).tolist()
@@ -148,8 +255,10 @@ def streamed_folder(s, rank, world, device):
         raise InputError(f"--val-images {s.val_images} leaves fewer of the {len(paths)} training images than one "
                          f"batch of {s.batch}")
     train, val = split(len(paths), s.val_images, s.seed)
-    pick = lambda idx, train: Images([paths[i] for i in idx], [labels[i] for i in idx], s.size, train)
-    splits = dict(train=pick(train, True), val=pick(val, False), test=Images(test_paths, test_labels, s.size, False))
+    raw = s.decode == "gpu"  # JPEGs handed to the GPU undecoded
+    pick = lambda idx, train: Images([paths[i] for i in idx], [labels[i] for i in idx], s.size, train, raw)
+    splits = dict(train=pick(train, True), val=pick(val, False),
+                  test=Images(test_paths, test_labels, s.size, False, raw))
     log.info(f"{s.data}: {len(classes)} classes; train {len(train)}, validation {len(val)}, test {len(test_paths)} "
              f"images; {world} rank(s), batch {s.batch // world} each on {device}")
     return Streamed(splits, s, rank, world, device), len(classes)

@@ -20,6 +20,7 @@ import torch
 import cifar
 import experiment
 import imagenet
+import launcher
 import lenet_imagewoof as woof
 import merge
 import report
@@ -217,7 +218,7 @@ def test_a_full_disk_gives_one_line_and_leaves_no_part_file(tmp_path, capsys, mo
 
 def test_two_commands_on_one_out_are_refused_and_rows_stay_unique(tmp_path):
     out = tmp_path / "sine"
-    args = [*SMALL[:2], "--epochs", "120", *SMALL[4:], "--out", out]
+    args = [*SMALL[:2], "--epochs", "60", *SMALL[4:], "--out", out]
     first = subprocess.Popen([sys.executable, str(ROOT / "merge.py"), *map(str, args)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     while not (out / "settings.json").exists() and first.poll() is None:
@@ -301,7 +302,7 @@ def test_without_a_local_port_one_process_trains_with_a_note(finished, tmp_path,
 
         def bind(self, address):
             raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(sine.socket, "socket", NoPort)
+    monkeypatch.setattr(launcher.socket, "socket", NoPort)
     out = tmp_path / "sine"
     sine.main([*SMALL, "--workers", "2", "--strategies", "bo3", "--out", str(out)])
     assert "note: no local port for 2 processes (Permission denied); one process trains" in capsys.readouterr().out

@@ -1,7 +1,7 @@
-"""Tests for imagenet.py and the runs over torchrun's ranks, on the CPU with gloo: a tiny ImageFolder
-the tests write runs end to end through python and through torchrun; DDP really averages; a
-killed 2-process run resumes at its last finished epoch; runs spread over ranks give the rows of
-a plain run, each once."""
+"""Tests for imagenet.py and the runs over ranks, on the CPU with gloo: a tiny ImageFolder the tests
+write runs end to end in one process and over the ranks imagenet.py --processes starts; DDP (under
+torchrun) really averages; a killed 2-process run resumes at its last finished epoch; runs spread
+over torchrun's ranks give the rows of a plain run, each once; the loader's draft and GPU decoding."""
 import dataclasses
 import json
 import os
@@ -68,20 +68,25 @@ def rows(out):
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_the_protocol_runs_end_to_end_on_one_process_and_on_two(folder, tmp_path, processes):
-    out = tmp_path / "out"
-    output = finished(launch("imagenet.py", "--data", folder, "--out", out, *TINY, "--phase-epochs", 2, 1, 2, 1, 3,
-                             "--short", 2, processes=processes))
-    main, short = rows(out), rows(out / "one_short")
-    assert sorted(r["strategy"] for r in main) == ["one", "student"] and [r["strategy"] for r in short] == ["one"]
-    assert all(0 <= r["test_accuracy"] <= r["test_top5"] <= 1 for r in main + short)
+def protocol_ran(out, output, student_epochs, one, short):
+    """The rows, summary and figure of a whole run of imagenet.py with the student and one model."""
+    main, short_rows = rows(out), rows(out / "one_short")
+    assert sorted(r["strategy"] for r in main) == ["one", "student"] and [r["strategy"] for r in short_rows] == ["one"]
+    assert all(0 <= r["test_accuracy"] <= r["test_top5"] <= 1 for r in main + short_rows)
     student, = [r for r in main if r["strategy"] == "student"]
-    assert sum(epochs for epochs, _ in student["compute"].values()) == 2 * 2 + 1 + 2
+    assert sum(epochs for epochs, _ in student["compute"].values()) == student_epochs
     summary = (out / "summary.md").read_text()
-    assert "Table 4" in summary and "| one, 3 epochs | 1 |" in summary and "| one, 2 epochs | 1 |" in summary
+    assert "Table 4" in summary and f"| one, {one} epochs | 1 |" in summary and f"| one, {short} epochs | 1 |" in summary
     assert "images/s" in output and (out / "box_imagenet.png").exists()
     assert not list(out.glob("phases/*.epochs"))  # the epoch checkpoints go once their phase is done
+
+
+def test_the_protocol_runs_end_to_end(folder, tmp_path):
+    """One process; on two, the test of a killed run below."""
+    out = tmp_path / "out"
+    output = finished(launch("imagenet.py", "--data", folder, "--out", out, *TINY, "--phase-epochs", 2, 1, 2, 1, 3,
+                             "--short", 2))
+    protocol_ran(out, output, 2 * 2 + 1 + 2, 3, 2)
 
 
 def test_ddp_averages_the_gradients_of_the_ranks(folder, tmp_path):
@@ -116,19 +121,21 @@ if world > 1:  # as experiment.main does: no rank leaves while another still tal
 
 
 def test_a_killed_two_process_run_resumes_at_its_last_epoch_with_the_rows_of_an_unbroken_one(folder, tmp_path):
-    args = ["imagenet.py", "--data", folder, *TINY, "--phase-epochs", 1, 1, 1, 1, 40, "--short", 1,
-            "--strategies", "one"]
-    unbroken = finished(launch(*args, "--out", tmp_path / "unbroken", processes=2))
+    """Ranks that imagenet.py --processes 2 starts itself (torchrun's are the other tests'): the whole protocol
+    runs on two; killed with its launcher, it resumes at the last finished epoch, to the same rows."""
+    args = ["imagenet.py", "--data", folder, *TINY, "--phase-epochs", 1, 1, 1, 1, 20, "--short", 1]
+    unbroken = finished(launch(*args, "--out", tmp_path / "unbroken", "--processes", 2))
+    protocol_ran(tmp_path / "unbroken", unbroken, 2 * 1 + 1 + 1, 20, 1)
     out = tmp_path / "killed"
-    first = launch(*args, "--out", out, processes=2, start_new_session=True)
+    first = launch(*args, "--out", out, "--processes", 2, start_new_session=True)
     while not list(out.glob("phases/one-*.epochs")) and first.poll() is None:
         time.sleep(0.02)
     time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)  # the launcher; its ranks die with it
+    first.send_signal(signal.SIGKILL)  # the launcher; its ranks end themselves within a second
     first.communicate(timeout=60)
     time.sleep(1)
     assert not (out / "results.jsonl").exists() or not rows(out)
-    again = finished(launch(*args, "--out", out, processes=2))
+    again = finished(launch(*args, "--out", out, "--processes", 2))
     assert "resumed after epoch" in again and "resumed" not in unbroken
     assert rows(out) == rows(tmp_path / "unbroken")
 
@@ -159,6 +166,7 @@ def test_runs_spread_over_ranks_give_the_rows_of_a_plain_run_each_once(tmp_path)
     ("bad image in val only", "cannot read image"),
     ("too many pixels", "cannot read image"),
     ("long name", "File name too long"),
+    ("decode gpu", "--decode gpu needs a GPU and torchvision"),
 ])
 def test_a_wrong_folder_or_setting_gives_one_line_and_exit_code_2(folder, tmp_path, capsys, damage, message):
     data = tmp_path / "nowhere" if damage == "missing" else folder
@@ -184,7 +192,7 @@ def test_a_wrong_folder_or_setting_gives_one_line_and_exit_code_2(folder, tmp_pa
     if damage == "long name":
         data = tmp_path / ("x" * 300)
     extra = {"validation": ["--val-images", 1000], "no epochs": ["--phase-epochs", 0, 1, 1, 1, 1],
-             "epochs": ["--epochs", 6]}.get(damage, [])
+             "epochs": ["--epochs", 6], "decode gpu": ["--decode", "gpu"]}.get(damage, [])
     with pytest.raises(SystemExit) as exit_:
         imagenet.main([str(a) for a in ["--data", data, "--out", tmp_path / "out", *TINY, *extra]])
     err = capsys.readouterr().err
@@ -215,3 +223,94 @@ def test_its_own_settings_never_meet_the_shared_checks(monkeypatch):
     for own in (imagenet.ImageNetSettings, sine.SineSettings):
         mine = {f.name for f in dataclasses.fields(own)} - shared
         assert "workers" in mine
+
+
+def photo(path, w=500, h=375, seed=0):
+    """A smooth JPEG of a photo's size, so that decoding at a smaller scale changes little."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (3, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC).save(path, quality=95)
+    return path
+
+
+def crops(images, seed=5):
+    images.seed = seed
+    return [images[i] for i in range(len(images))]
+
+
+def test_a_jpeg_decodes_at_the_smallest_scale_that_keeps_its_crop(tmp_path, monkeypatch):
+    """Pillow's draft: a 500 x 375 JPEG of which a 32 x 32 crop is taken decodes at 1/2 to 1/8 scale; the crops
+    are close to those of a full decode, with the same draws, and the same again for a resumed epoch."""
+    import streaming
+    from PIL import JpegImagePlugin
+    paths = [photo(tmp_path / f"{i}.JPEG", seed=i) for i in range(6)]
+    for train in (True, False):
+        images = streaming.Images(paths, list(range(6)), 32, train)
+        scales = []
+        draft = JpegImagePlugin.JpegImageFile.draft
+        monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                            lambda self, mode, size: scales.append(draft(self, mode, size)[1][2] / 500) or None)
+        small = crops(images)
+        monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda self, mode, size: None)  # full decodes
+        whole = crops(images)
+        assert min(scales) <= 0.25 and len(scales) == 6, scales
+        for (a, label_a, factors_a), (b, label_b, factors_b) in zip(small, whole):
+            assert a.shape == b.shape == (3, 32, 32) and label_a == label_b and torch.equal(factors_a, factors_b)
+            assert 0 < (a.float() - b.float()).abs().mean() < 3  # of 255: decoded at a smaller scale, yet close
+        monkeypatch.undo()
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(crops(images), crops(images)))  # the same epoch again
+
+
+def test_decoding_on_the_gpu_crops_as_the_workers_do(tmp_path, monkeypatch, capsys):
+    """--decode gpu, its plumbing on the CPU: the workers hand JPEGs over undecoded (another image, here a PNG
+    and a JPEG cut short, decoded as before), collate_raw batches them, and Streamed.decoded gives crops close to
+    Pillow's, with the same draws; torchvision's decode_jpeg stood in for by Pillow."""
+    import io
+    import types
+    import streaming
+    from torch.utils.data import DataLoader
+
+    def decode_jpeg(data, mode=None, device=None):
+        def one(d):
+            if len(d) == len(damaged):
+                raise RuntimeError("damaged data")
+            return torch.from_numpy(np.array(Image.open(io.BytesIO(d.numpy().tobytes())).convert("RGB"))
+                                    ).permute(2, 0, 1).contiguous()
+        return [one(d) for d in data] if isinstance(data, list) else one(data)
+    monkeypatch.setitem(sys.modules, "torchvision.io", types.SimpleNamespace(decode_jpeg=decode_jpeg,
+                                                                             ImageReadMode=types.SimpleNamespace(RGB=3)))
+    paths = [photo(tmp_path / f"{i}.JPEG", seed=i) for i in range(5)]
+    Image.open(paths[4]).save(tmp_path / "4.png")
+    paths.append(tmp_path / "4.png")
+    whole = paths[0].read_bytes()
+    (tmp_path / "cut.JPEG").write_bytes(whole[:len(whole) // 2])
+    paths.append(tmp_path / "cut.JPEG")
+    damaged = b"x" * 7
+    s = imagenet.parse(["--data", "x", "--size", "32", "--workers", "0"])
+    for train in (True, False):
+        pillow, raw = (streaming.Images(paths, list(range(7)), 32, train, raw) for raw in (False, True))
+        pillow.seed = raw.seed = 3
+        data = streaming.Streamed(dict(pillow=pillow, raw=raw), s, 0, 1, torch.device("cpu"))
+        (x_pillow, y_pillow, f_pillow), = DataLoader(pillow, 7)
+        (x_raw, y_raw, f_raw), = data.loader("raw", 7)
+        data_, lengths, boxes, flips = x_raw  # the PNG decoded by the worker (no box), the rest JPEGs' bytes
+        assert lengths[5] == 3 * 32 * 32 and boxes[5].eq(0).all() and boxes[[0, 1, 2, 3, 4, 6], 0].eq(500).all()
+        assert len(data_) == lengths.sum() and (~flips if not train else flips).any()
+        assert torch.equal(y_pillow, y_raw) and torch.equal(f_pillow, f_raw)  # labels, jitter: the same draws
+        a, (b, source) = x_pillow.float() / 255, data.decoded(*x_raw)
+        assert a.shape == b.shape == (7, 3, 32, 32) and source.tolist() == list(range(7))
+        assert (a - b).abs().mean() < 0.02  # two bicubic resizes of the same crops and flips
+    damaged = paths[2].read_bytes()  # one neither the GPU nor the CPU decodes: the next image in its place
+    x, y = data.to_device(x_raw, y_raw)
+    assert torch.equal(y, y_raw[[0, 1, 3, 3, 4, 5, 6]]) and torch.equal(x[2], x[3])
+    assert "could not be decoded" in capsys.readouterr().err
+
+
+def test_over_ranks_it_starts_itself_a_wrong_setting_is_the_last_line_and_nothing_is_written(folder, tmp_path):
+    """--processes 2: a --batch the ranks cannot split is refused before they start, in one line, exit code 2
+    (an --out in use, or a file that is not an image, is rank 0's line for all: test_experiment.py's sine
+    checks the same launcher)."""
+    out = tmp_path / "out"
+    process = launch("imagenet.py", "--data", folder, "--out", out, *TINY, "--processes", 2, "--batch", 7)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 2 and output.count("\n") == 1 and "split evenly over 2 ranks" in output, output
+    assert not out.exists()

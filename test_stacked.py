@@ -125,3 +125,41 @@ def test_lockstep_stacks_the_phases_of_all_runs_and_changes_no_model():
         alone, alone_info = merge.STRATEGIES[name](datas[seed], s, merge.SineMLP, seed, plain)
         assert same(model, alone, dict(rtol=1e-9, atol=1e-12)), name
         assert info.keys() == alone_info.keys()
+
+
+def test_blocks_of_steps_train_what_one_step_at_a_time_trains():
+    """A block of several SGD steps per launch (on a GPU one CUDA graph) gives the rows of one step a launch:
+    teacher and importance phases, with a last block and a last batch shorter than the others (200 points)."""
+    s, datas = settings(), [merge.sine_data(seed, 200, 50, 50) for seed in (0, 1)]
+    lambdas = merge.lambda_schedule(3, 0.5, 0.5)
+    for phase_lambdas in (None, lambdas):
+        results = []
+        for steps_per_block in (1, 4):
+            models = fresh([3, 4]) if phase_lambdas is None else [merge.make_big_student(fresh(pair))
+                                                                  for pair in ([3, 4], [5, 6])]
+            history = stacked.fit_stacked(models, datas, s, 3, drops=(0.5,), seeds=[3, 4], lambdas=phase_lambdas,
+                                          compile=False, steps_per_block=steps_per_block)
+            results.append((models, [h["error"] for h in history]))
+        (one, errors_one), (blocks, errors_blocks) = results
+        assert all(same(a, b, dict(rtol=0, atol=0)) for a, b in zip(one, blocks))
+        assert errors_one == errors_blocks
+
+
+class Replayed(stacked.Graphs):
+    """Graphs on a CPU: 'recording' keeps the work, 'replaying' runs it, so the bookkeeping around the CUDA
+    graphs (inputs copied in, the warm-up on a spare state, one recording per shape) runs as on a GPU."""
+    recorded = []
+
+    def record(self, work):
+        Replayed.recorded.append(work)
+        return work
+
+
+def test_graphs_warm_up_on_a_spare_state_and_replay_on_their_own_inputs(monkeypatch):
+    s, data = settings(), merge.sine_data(0, 200, 50, 50)
+    plain, graphed = fresh([3]), fresh([3])
+    stacked.fit_stacked(plain, [data], s, 2, seeds=[3], compile=False, steps_per_block=4)
+    monkeypatch.setattr(stacked, "Graphs", Replayed)
+    history = stacked.fit_stacked(graphed, [data], s, 2, seeds=[3], compile=False, steps_per_block=4, graphs=True)
+    assert len(Replayed.recorded) == 2  # 200 points: blocks of 4 x 32 and the last of 72 (two steps of 32, one of 8)
+    assert torch.equal(plain[0].out.weight, graphed[0].out.weight) and len(history) == 2

@@ -1,0 +1,83 @@
+"""This command as several processes on one machine, started as torchrun starts its ranks (RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), without torchrun's own report: the sine's processes
+(merge.py --workers) and ImageNet's ranks on one machine (imagenet.py --processes). What went wrong is
+the last line printed: rank 0's, or the launcher's for a rank killed by a signal."""
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import experiment
+
+
+def launch(s, n, script, run, out_checked_here=True):
+    """This command as n processes of script, ranks of one process group with one thread each (and a GPU
+    each on --device cuda), as torchrun would start them; where no local port is free, run(s) in this process.
+    A wrong --out is refused before any starts (out_checked_here; else by rank 0, as where the results record
+    settings that the ranks derive from s). This process waits and adds nothing to what the ranks print
+    (rank 0 says what went wrong) but for a rank killed by a signal; Ctrl-C, or a rank that fails, ends them
+    all, and the exit code is the failed rank's."""
+    if out_checked_here:  # a wrong --out is refused here, before any process starts
+        out = experiment.checked_out(s)
+        experiment.settings_record(s, out)
+        experiment.read_rows(out, s)
+    try:  # a free port for the ranks' process group
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+    except OSError as e:
+        experiment.log.warning(f"note: no local port for {n} processes ({e.strerror or type(e).__name__}); "
+                               "one process trains")
+        return run(s)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n),
+               MERGE_LAUNCHER=str(os.getpid()))
+    argv = []  # every setting of the command line as s holds it (a list's values one by one; flags left out)
+    for f in (f for f in dataclasses.fields(s) if "help" in f.metadata):
+        value = getattr(s, f.name)
+        if isinstance(value, tuple) and value:
+            argv += [experiment.flag(f), *map(str, value)]
+        elif not isinstance(value, (bool, tuple)):
+            argv.append(f"{experiment.flag(f)}={value}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the ranks, as Ctrl-C does
+    procs = [subprocess.Popen([sys.executable, script, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              start_new_session=True) for r in range(n)]  # Ctrl-C reaches them from here, once
+    failed = None
+    try:
+        while any(p.poll() is None for p in procs):
+            if failed is None and any(p.poll() for p in procs):  # one failed: the others would wait for it for ever
+                failed = next(rank for rank, p in enumerate(procs) if p.poll())
+                stop(procs)
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        stop(procs)
+        raise
+    codes = [p.returncode for p in procs]
+    if failed is not None and codes[failed] < 0:  # killed: it could not say so itself
+        print(f"error: worker {failed} of {n} (pid {procs[failed].pid}) was ended by signal {-codes[failed]} "
+              f"({signal.Signals(-codes[failed]).name}); every finished row and phase is kept, and the same command "
+              "resumes", file=sys.stderr)
+        sys.exit(1)
+    if any(codes):  # the failed rank's exit code (the others were stopped); a signal's (negative): 1
+        sys.exit(codes[failed] if failed is not None and codes[failed] > 0 else next((c for c in codes if c > 0), 1))
+
+def stop(procs, patience=5):
+    """Ends the ranks still running (SIGTERM; SIGKILL after `patience` seconds, for one stuck in a collective
+    with a dead peer) and waits for them."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(patience)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+def guard():
+    """In a rank that launch() started, SIGTERM ends it quietly: the launcher says what happened. (Its
+    launcher's end ends it too: experiment.start_ranks.)"""
+    if os.environ.get("MERGE_LAUNCHER"):
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
