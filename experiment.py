@@ -334,8 +334,7 @@ def fit_one(model, data, s, a, seed, checkpoint, rank, wrap):
 
 STACK_RUNS = 100  # runs in lockstep at most, so that memory does not grow with --runs
 
-def ranks():
-    """(this process's rank, the number of processes): torchrun's, or (0, 1) for a plain python."""
+def ranks():  # (this process's rank, the number of processes): torchrun's (or launcher.py's), or (0, 1)
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 def start_ranks(s):
@@ -419,6 +418,7 @@ def main(argv, parse, run):
         if torch.distributed.is_initialized():  # every rank finished before any tears down its process group
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+            sys.stdout.flush(), sys.stderr.flush(), os._exit(0)  # no teardown, where gloo can abort a finished rank
     except InputError as e:
         if torch.distributed.is_initialized():  # torn down, so that no rank aborts at exit
             torch.distributed.destroy_process_group()

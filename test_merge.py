@@ -1,5 +1,5 @@
 """Tests for merge.py: exact function-preservation checks first, then the pieces of the
-method, then the command line end to end. Run: python -m pytest -q -n 2"""
+method, then the command line end to end. Run: python -m pytest -q -n 2 --dist worksteal"""
 import ast
 import copy
 import json
