@@ -34,16 +34,20 @@ class Images(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def draws(self, w, h, rng):
+        """A training image's augmentation, drawn from rng for its size on disk: (crop box, flip, jitter factors)."""
+        return crop_box(w, h, rng, scale=(0.08, 1.0)), rng.random() < 0.5, jitter_factors(rng, 0.4, hue=0.0)
+
     def __getitem__(self, i):
-        n, boxes = len(self), []
+        n, drawn = len(self), []
 
         # DEVIATION: a JPEG decodes at a smaller scale where its crop keeps full resolution (Pillow's draft), some
         # times faster; its pixels differ a little from a full decode's (the authors' loader decoded in full)
-        def at_least(w, h):  # the crop, drawn from the size on disk, then the size to decode to: its crop
-            if not self.train:  # keeps size x size pixels or more (a JPEG decodes at 1/2, 1/4, 1/8 where it can)
+        def at_least(w, h):  # the draws, for the size on disk, then the size to decode to: the crop keeps
+            if not self.train:  # size x size pixels or more (a JPEG decodes at 1/2, 1/4, 1/8 where it can)
                 return (side * self.size / 0.95 / min(w, h) for side in (w, h))
-            boxes.append(crop_box(w, h, rng, scale=(0.08, 1.0)))
-            return w * self.size / boxes[-1][2], h * self.size / boxes[-1][3]
+            drawn.append(self.draws(w, h, rng))
+            return w * self.size / drawn[-1][0][2], h * self.size / drawn[-1][0][3]
         for j in range(i, i + n):  # check_images found every file an image; one may still be cut short
             rng = np.random.default_rng([self.seed, i])
             try:
@@ -55,10 +59,10 @@ class Images(torch.utils.data.Dataset):
                 print(f"warning: {e}; the next image takes its place", file=sys.stderr, flush=True)
         factors = torch.zeros(4)
         if self.train:
-            (left, top, cw, ch), x, y = boxes[-1], image.width / w, image.height / h  # x, y: the decoder's scale
+            (left, top, cw, ch), flip, factors = drawn[-1]
+            x, y = image.width / w, image.height / h  # the decoder's scale (draft)
             image = image.resize((self.size, self.size), 3, box=(left * x, top * y, (left + cw) * x, (top + ch) * y))
-            image = image.transpose(0) if rng.random() < 0.5 else image  # 3: bicubic; 0: mirrored left to right
-            factors = jitter_factors(rng, 0.4, hue=0.0)
+            image = image.transpose(0) if flip else image  # 3: bicubic; 0: mirrored left to right
         else:
             image = centre_crop(image, self.size, crop_pct=0.95)  # timm's crop_pct 0.95
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -78,8 +82,7 @@ class Images(torch.utils.data.Dataset):
         if not data.endswith(b"\xff\xd9"):
             return None
         if self.train:
-            box = crop_box(w, h, rng, scale=(0.08, 1.0))  # Pillow's draws, in their order
-            flip, factors = rng.random() < 0.5, jitter_factors(rng, 0.4, hue=0.0)
+            box, flip, factors = self.draws(w, h, rng)  # as Pillow's path draws them
         else:  # the square that centre_crop's resize and crop keep, in the image's own pixels
             side = min(w, h, round(min(w, h) * 0.95))
             box, flip, factors = ((w - side) // 2, (h - side) // 2, side, side), False, torch.zeros(4)
