@@ -67,8 +67,8 @@ class Settings(merge.Settings):
                               "later", run_only=True)
     stack: int = setting(1, "1: train alike phases of all runs as one stack (stacked.py); 0: one model at a time, "
                          "as the paper's scripts do (ours)", run_only=True, choices=(0, 1))
-    compile: int = setting(1, "1: torch.compile the stacked step, falling back to eager where it can't (ours)",
-                           run_only=True, choices=(0, 1))
+    compile: int = setting(1, "1: torch.compile the stacked step, falling back to eager where it can't; on a GPU "
+                           "its steps run as CUDA graphs either way (ours)", run_only=True, choices=(0, 1))
 
 def flag(f):  # the command-line flag of a settings field: n_train -> --n-train
     return "--" + f.name.replace("_", "-")

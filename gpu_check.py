@@ -1,9 +1,10 @@
 """The --device cuda path, timed and checked in one go on a machine with a GPU, in under 6 minutes:
-the stacked step with and without CUDA graphs; the whole sine protocol (50 runs), compiling and
-again with torch's compiled steps cached; LeNet, 10 runs x 60 epochs, stacked; ImageNet's loader
-and ResNet18 on synthetic JPEGs (the loader alone, the model alone, both; Pillow and nvJPEG); then,
-while --budget lasts, the sine protocol on this machine's CPU cores and small runs of each
-experiment on the GPU against the CPU's rows. It writes its report to --report as it goes.
+the stacked step with and without CUDA graphs, compiled and eager; the whole sine protocol (50 runs),
+compiling and again with torch's compiled steps cached; LeNet, 10 runs x 60 epochs, stacked; ImageNet's
+loader and ResNet18 on synthetic JPEGs (the loader alone, the model alone, both; Pillow and nvJPEG);
+then, while --budget lasts, LeNet again eager (`--compile 0`), the sine protocol on this machine's CPU
+cores, LeNet with its compiled steps cached and small runs of each experiment on the GPU against the
+CPU's rows. It writes its report to --report as it goes.
 
     python gpu_check.py --report gpu_check.md --lenet-data DIR     # on one GPU
     python gpu_check.py --device cpu --small                       # every step, tiny, on the CPU
@@ -115,6 +116,7 @@ def imagenet_throughput(scratch, device, decode="cpu", workers=None):
     steps = min(30, count // batch - 6)
     batches = data.batches(batch)
     loader = rate(lambda: next(batches) for _ in range(steps))
+    batches.close()  # its loader thread ends before the next loader's workers start
     model = merge.resnet18(classes).to(data.device)
     net, opt = data.wrap(model), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
@@ -128,33 +130,48 @@ def imagenet_throughput(scratch, device, decode="cpu", workers=None):
         decoding = rate(lambda: data.decoded(*raw) for _ in range(8))
     x, y = next(data.batches(batch))
     alone = rate(lambda: train_step(x, y) for _ in range(23 if cuda else 5))
+    raw = [b for _, b in zip(range(3), data.loader("val", batch))]  # prepared's batches against to_device's,
+    expected, to_device = [data.to_device(x_, y_) for x_, y_, _ in raw], data.to_device  # its stream held back
+
+    def held_back(*args):
+        if cuda:
+            torch.cuda._sleep(200_000_000)  # some 0.1 s of the GPU on prepared's stream, before the batch's work
+        return to_device(*args)
+    data.to_device = held_back
+    prepared = list(data.prepared(raw))
+    data.to_device = to_device
+    same = max(max((a - b).abs().max().item(), (c != d).sum().item()) for (a, c), (b, d) in zip(prepared, expected))
     batches = data.batches(batch)
     together = rate(lambda: train_step(*next(batches)) for _ in range(steps))
+    batches.close()
     _, _, _, printed = run(imagenet.main, [*argv, "--out", scratch / f"imagenet_out_{decode}", "--strategies", "one",
                                            "--phase-epochs", 1, 1, 1, 1, 1, "--short", 1], device)
     rates = [float(line.split(" images/s")[0].rsplit(" ", 1)[1]) for line in printed.splitlines() if "images/s" in line]
     return dict(size=size, batch=batch, workers=workers, loader=loader, model=alone, together=together,
-                decoding=decoding, epoch=rates[len(rates) // 2 - 1] if rates else float("nan"))
+                decoding=decoding, epoch=rates[len(rates) // 2 - 1] if rates else float("nan"), same=same)
 
 
 def sine_graphs(device):
-    """The stacked sine step with and without CUDA graphs of 10 steps: microseconds a step of a stack of 50
-    models (the median epoch past the first) and the largest difference between the two's weights."""
+    """The stacked sine step with and without CUDA graphs of 10 steps, compiled and eager: {(compile, graphs):
+    microseconds a step of a stack of 50 models (the median epoch past the first two)}, and {compile: the
+    largest difference between the weights with graphs and without}."""
     import merge
     import stacked
     s, data = merge.Settings(), merge.sine_data(0, 10_000, 100, 100, device=device)
-    result = []
-    for graphs in (False, device == "cuda"):  # on a CPU, a try-out: both without graphs
-        models = []
-        for seed in range(50):
-            torch.manual_seed(seed)
-            models.append(merge.SineMLP().to(device))
-        history = stacked.fit_stacked(models, [data] * 50, s, 4, seeds=range(50), graphs=graphs)
-        steps = -(-10_000 // s.batch)
-        result.append((float(np.median([h["seconds"] for h in history[1:]])) / steps * 1e6,
-                       torch.cat([p.detach().flatten() for m in models for p in m.parameters()])))
-    (plain, plain_weights), (graphed, graphed_weights) = result
-    return plain, graphed, (graphed_weights - plain_weights).abs().max().item()
+    times, weights = {}, {}
+    for use_compile in (1, 0):
+        for graphs in (False, device == "cuda"):  # on a CPU, a try-out: both without graphs
+            models, ends = [], []
+            for seed in range(50):
+                torch.manual_seed(seed)
+                models.append(merge.SineMLP().to(device))
+            stacked.fit_stacked(models, [data] * 50, s, 6, seeds=range(50), compile=use_compile, graphs=graphs,
+                                after_epoch=lambda epoch, history: ends.append(time.time()))  # one epoch late
+            steps = -(-10_000 // s.batch)
+            times[use_compile, graphs] = float(np.median(np.diff(ends[1:]))) / steps * 1e6
+            weights[use_compile, graphs] = torch.cat([p.detach().flatten() for m in models for p in m.parameters()])
+    return times, {c: (weights[c, True] - weights[c, False]).abs().max().item() if (c, True) in weights else 0.0
+                   for c in (1, 0)}
 
 
 def run(main, argv, device, log=None):
@@ -230,10 +247,12 @@ def main(argv=None):
 
     say("## The stacked step in blocks of 10 (CUDA graphs)", "")
     def graphs():
-        plain, graphed, difference = sine_graphs(device)
-        say(f"A stack of 50 sine MLPs, batch 32, compiled: {plain:.0f} us a step one launch a step, {graphed:.0f} "
-            f"us a step with 10 steps a CUDA graph ({plain / graphed:.1f}x); largest difference of the weights "
-            f"after 4 epochs {difference:.2e}.", "")
+        times, difference = sine_graphs(device)
+        for c, how in ((1, "compiled"), (0, "eager")):
+            plain, graphed = times[c, False], times[c, device == "cuda"]
+            say(f"A stack of 50 sine MLPs, batch 32, {how}: {plain:.0f} us a step one launch a step, {graphed:.0f} "
+                f"us a step with 10 steps a CUDA graph ({plain / graphed:.1f}x); largest difference of the weights "
+                f"after 6 epochs {difference[c]:.2e}.", "")
     step("CUDA graphs", graphs)
 
     say("## Whole protocols", "", "| what | device | seconds | results |", "|---|---|---|---|")
@@ -248,10 +267,10 @@ def main(argv=None):
         step("sine protocol", sine_protocol)
     lenet_data = Path(args.lenet_data) if args.lenet_data else write_images(scratch / "woof10", 10, 600, 32)
     lenet_runs, lenet_epochs = (2, 6) if args.small else (10, 60)
-    def lenet(i, attempt):
-        seconds, _, rows, _ = run(lenet_imagewoof.main, ["--data", lenet_data, "--runs", lenet_runs, "--epochs",
-                                                         lenet_epochs, "--stack", 1, "--device", device, "--out",
-                                                         scratch / f"lenet-{i}"], device, logs / f"lenet-{i}.log")
+    def lenet(i, attempt, flags=()):
+        argv = ["--data", lenet_data, "--runs", lenet_runs, "--epochs", lenet_epochs, "--stack", 1, "--device", device,
+                *flags, "--out", scratch / f"lenet-{i}"]
+        seconds, _, rows, _ = run(lenet_imagewoof.main, argv, device, logs / f"lenet-{i}.log")
         data = f"{lenet_data.name}, stand-in data" if args.lenet_data else "synthetic images"
         say(protocol_line(f"LeNet, {lenet_runs} runs x {lenet_epochs} epochs, stacked, on {data}, {attempt}", device,
                           seconds, rows, "test_accuracy", False))
@@ -271,7 +290,9 @@ def main(argv=None):
                  " images/s)" if decode == "gpu" else "") + f", the model alone "
                 f"{r['model']:.0f} images/s, the two together {r['together']:.0f} images/s; an epoch of imagenet.py "
                 f"{r['epoch']:.0f} images/s from its start (an epoch of ImageNet's 1,281,167 images: about "
-                f"{1_281_167 / r['together'] / 60:.0f} min at the rate of the two together).", "")
+                f"{1_281_167 / r['together'] / 60:.0f} min at the rate of the two together). Batches made ready in "
+                f"the loader's thread and stream, that stream held back: largest difference from the same batches "
+                f"made in the main thread {r['same']:.2e}.", "")
         step(f"ImageNet throughput, --decode {decode}", throughput)
 
     left_out = []  # the optional steps past --budget, named in the report
@@ -281,6 +302,9 @@ def main(argv=None):
             return True
         left_out.append(what)
         return False
+    if within_budget("LeNet with `--compile 0`"):
+        say("", "| what | device | seconds | results |", "|---|---|---|---|")
+        step("LeNet, eager", lambda: lenet(2, "eager (`--compile 0`), CUDA graphs all the same", ["--compile", 0]))
     if device == "cuda" and within_budget("the sine protocol on this machine's CPU cores"):
         say("## The sine protocol on this machine's CPU cores", "", "| what | device | seconds | results |",
             "|---|---|---|---|")

@@ -12,7 +12,6 @@ be the stack's, not each model's (experiment.py trains such phases one at a time
 import copy
 import logging
 import threading
-import time
 
 import torch
 import torch.nn.functional as F
@@ -76,9 +75,11 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, sh
                 after_epoch=None, compile=True, steps_per_block=STEPS_PER_BLOCK, graphs=None):
     """merge.fit for many small models of one architecture without BatchNorm, as one stack. The summed loss
     gives each model its own gradient and SGD is elementwise, so each trains as merge.fit trains it alone
-    with counter_noise(model, seed), on its own data, order and noise. The step is compiled (compile); the
-    steps run in blocks of steps_per_block, each block one CUDA graph where graphs (None: on a GPU, when
-    compiled), and after_epoch(epoch, history) is called after each epoch."""
+    with counter_noise(model, seed), on its own data, order and noise. The step is compiled (compile), once
+    a phase: an epoch's short last batch runs eagerly where the compiled step cannot take it. The steps run
+    in blocks of steps_per_block, each block one CUDA graph where graphs (None: on a GPU, compiled or not).
+    after_epoch(epoch, history) is called after each epoch; on a GPU once the next epoch is queued, so that
+    the GPU trains on while the host reads an epoch's numbers and draws the next one's orders."""
     device, models = datas[0].device, [model.train() for model in models]  # gates draw noise, as in merge.fit
     base = copy.deepcopy(models[0]).to("meta")  # the architecture, without weights
     gate_names = [name for name, m in base.named_modules() if isinstance(m, merge.Gate)]
@@ -109,18 +110,24 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, sh
         error = error_loss(torch.func.functional_call(base, (params, keys, steps), (x,)), y)
         return error + lam * merge.l_half([params[f"{name}.loc"] for name in gate_names], share), error
 
+    weight_names = [name for name in params if not is_gate[name]]
+    loc_names = [name for name in params if is_gate[name]] if lambdas is not None else []  # importance alone
+
     def update(params, momenta, total, step, lr, lam, x, y):  # one SGD step of every model; x, y (R, B, ...)
         def summed(params):
             losses, errors = torch.func.vmap(loss, in_dims=(0, 0, 0, 0, None, None), randomness="error")(
                 params, keys, x, y, lam, step)
             return losses.sum(), errors
         grads, errors = torch.func.grad(summed, has_aux=True)(params)
-        for name, p in params.items():  # torch.optim.SGD's update: buf = m buf + d_p; p -= lr buf
-            if is_gate[name] and lambdas is None:
+        for names, rate, momentum, decay in ((weight_names, lr, s.momentum, s.weight_decay),
+                                             (loc_names, s.gate_lr, 0.9, 0)):
+            if not names:  # merge.optimizers' two SGDs, each group's tensors at once (foreach: few kernels)
                 continue
-            d_p = grads[name] + s.weight_decay * p if s.weight_decay and not is_gate[name] else grads[name]
-            momenta[name].mul_(0.9 if is_gate[name] else s.momentum).add_(d_p)
-            p.sub_((s.gate_lr if is_gate[name] else lr) * momenta[name])
+            p, buf, d_p = ([d[name] for name in names] for d in (params, momenta, grads))
+            d_p = torch._foreach_add(d_p, p, alpha=decay) if decay else d_p  # d_p = grad + decay p
+            torch._foreach_mul_(buf, momentum)  # buf = momentum buf + d_p
+            torch._foreach_add_(buf, d_p)
+            torch._foreach_sub_(p, torch._foreach_mul(buf, rate))  # p -= lr buf
         total.add_(errors.detach() * x.shape[1])
         step.add_(1)
 
@@ -131,13 +138,28 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, sh
     def block(state, x, y):  # steps_per_block steps, or the epoch's last few; x, y (R, steps x batch, ...)
         x = datas[0].prepare(x.flatten(0, 1), True).unflatten(0, x.shape[:2])
         for x_step, y_step in zip(x.split(s.batch, dim=1), y.split(s.batch, dim=1)):  # (R, B, ...)
-            for t in (x_step, y_step) if epoch == 0 else ():  # one compiled step for any batch size, the last's too
+            for t in (x_step, y_step) if epoch == 0 else ():  # compiled for any batch size, where it can be
                 torch._dynamo.maybe_mark_dynamic(t, 1)
-            update(*state, x_step, y_step)
-    graphs = device.type == "cuda" and compile if graphs is None else graphs
+            if x_step.shape[1] == s.batch:
+                update(*state, x_step, y_step)
+            else:  # an epoch's short last batch: compiled as the others where that took any size, else eagerly
+                # (under vmap a conv fixes the batch size: LeNet's step would be compiled twice). This stance
+                # evaluates the guards again, as it must, whatever skip_guard_eval_unsafe said
+                with torch.compiler.set_stance("eager_on_recompile"):
+                    update(*state, x_step, y_step)
+    graphs = device.type == "cuda" if graphs is None else graphs
     run_block = Graphs(block, state) if graphs else lambda x, y: block(state, x, y)
+
+    def finish(epoch, numbers, copied=None):  # an epoch's row, once its numbers are on the host
+        if copied:
+            copied.synchronize()  # waits for this epoch's steps, not for the next epoch's
+        history.append(dict(epoch=epoch, error=numbers[0].tolist()))
+        if lambdas is not None:
+            history[-1].update(l_half=numbers[1].tolist(), open=[p_open.tolist() for p_open in numbers[2:]])
+        if after_epoch:
+            after_epoch(epoch, history)
+    pending = None  # on a GPU, the epoch before: its numbers read once the next epoch is queued behind it
     for epoch in range(epochs):
-        start = time.time()
         total.zero_(), lr.fill_(merge.lr_at(s, epoch, epochs, drops, warmup))
         lam.fill_(lambdas[epoch] if lambdas is not None else 0.0)
         order = torch.stack([torch.randperm(N, device=device, generator=torch.Generator(device).manual_seed(
@@ -147,12 +169,21 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, sh
             for x, y in zip(X_epoch.split(steps_per_block * s.batch, dim=1),
                             Y_epoch.split(steps_per_block * s.batch, dim=1)):
                 run_block(x, y)
-        history.append(dict(epoch=epoch, error=(total / N).tolist(), seconds=time.time() - start))
-        if lambdas is not None:
-            locs = [params[f"{name}.loc"] for name in gate_names]  # (R, n) each
-            history[-1].update(l_half=merge.l_half(locs, share).tolist(), open=[merge.p_open(l).tolist() for l in locs])
-        if after_epoch:
-            after_epoch(epoch, history)
+        gate_locs = [params[f"{name}.loc"] for name in gate_names]  # (R, n) each
+        numbers = [total / N] + ([merge.l_half(gate_locs, share)] + [merge.p_open(loc) for loc in gate_locs]
+                                 if lambdas is not None else [])
+        if device.type != "cuda":
+            finish(epoch, numbers)
+            continue
+        # on a GPU: the numbers copied to the host as the GPU gets there, while the host queues the next epoch
+        numbers = [torch.empty(n.shape, dtype=n.dtype, pin_memory=True).copy_(n, non_blocking=True) for n in numbers]
+        copied = torch.cuda.Event()
+        copied.record()
+        if pending:
+            finish(*pending)
+        pending = epoch, numbers, copied
+    if pending:
+        finish(*pending)
     for r, model in enumerate(models):
         model.load_state_dict({name: p[r] for name, p in params.items()})
     return history

@@ -4,6 +4,7 @@ DistributedDataParallel across GPUs and machines. The crops, jitter and checks a
 import contextlib
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -132,8 +133,8 @@ class Streamed(merge.Data):
         train.seed = int(torch.randint(2 ** 62, ()))  # the sampler's and the augmentation's seed for this epoch
         sampler = torch.utils.data.DistributedSampler(train, self.world, self.rank, seed=train.seed, drop_last=True)
         loader, started = self.loader("train", size // self.world, sampler), time.time()
-        for i, (x, y, factors) in enumerate(loader):
-            yield self.to_device(x, y, factors)
+        for i, (x, y) in enumerate(self.prepared(loader, jitter=True)):
+            yield x, y
             if self.rank == 0 and (i + 1) % max(1, len(loader) // 10) == 0:
                 seconds = time.time() - started
                 log.info(f"    {i + 1}/{len(loader)} batches, {(i + 1) * size / seconds:.0f} "
@@ -142,9 +143,44 @@ class Streamed(merge.Data):
             for buffer in self.trained.buffers():
                 dist.broadcast(buffer, 0)
 
+    def prepared(self, loader, jitter=False):
+        """(x, y) of each of the loader's batches, on the device (to_device; colour-jittered with jitter): the
+        next batch made ready in a thread while the caller trains on this one, on a GPU on a CUDA stream of its
+        own, so that the host's share of it (fetching, --decode gpu's decoding and cropping, launching) runs
+        beside the training step, not between two steps."""
+        cuda = self._device.type == "cuda"
+        self.side = getattr(self, "side", None) or (torch.cuda.Stream(self._device) if cuda else None)
+
+        def ready(x, y, factors):  # in the thread
+            with torch.cuda.stream(self.side) if cuda else contextlib.nullcontext():
+                x, y = self.to_device(x, y, factors if jitter else None)
+                done = torch.cuda.Event() if cuda else None
+                if cuda:
+                    done.record(self.side)
+            return x, y, done
+
+        def take(pending):  # in the caller's thread: its stream waits for this batch, and keeps its memory
+            x, y, done = pending.result()
+            if cuda:
+                current = torch.cuda.current_stream(self._device)
+                current.wait_event(done)
+                x.record_stream(current), y.record_stream(current)
+            return x, y
+        # the thread on this rank's GPU: a new thread's is GPU 0, where every rank would then open a CUDA context
+        with ThreadPoolExecutor(1, initializer=torch.cuda.set_device if cuda else None,
+                                initargs=(self._device,) if cuda else ()) as executor:
+            pending = None
+            for batch in loader:
+                upcoming = executor.submit(ready, *batch)
+                if pending:
+                    yield take(pending)
+                pending = upcoming
+            if pending:
+                yield take(pending)
+
     def to_device(self, x, y, factors=None):
         """(uint8 crops, or raw JPEGs decoded, as normalised floats colour-jittered by factors; their labels),
-        on the device."""
+        on the device, on the current stream."""
         if isinstance(x, tuple):
             x, source = self.decoded(*x)
             y = y[source]  # an image the GPU could not decode: another's in its place, with its label
@@ -159,7 +195,7 @@ class Streamed(merge.Data):
     def decoded(self, data, lengths, boxes, flips):
         """--decode gpu: (a batch of collate_raw's as floats in [0, 1] (B, 3, size, size) on the GPU, the index of
         the image in each place): its JPEGs decoded in one call (torchvision's decode_jpeg, nvJPEG), each
-        cropped, resized (bicubic, antialiased) and flipped there, on a stream of its own beside training. One
+        cropped, resized (bicubic, antialiased) and flipped there (on prepared's stream, beside training). One
         the GPU cannot decode is decoded by the CPU; one neither can (its data damaged) gives way to the next
         image of the batch, with a warning."""
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -171,33 +207,27 @@ class Streamed(merge.Data):
                 except Exception:  # noqa: BLE001 - nvJPEG or libjpeg refused it
                     continue
             return None
-        cuda = self._device.type == "cuda"
-        side = self.side = getattr(self, "side", None) or (torch.cuda.Stream(self._device) if cuda else None)
         data, size = data.split(lengths.tolist()), self.s.size
         jpegs = [d for d, box in zip(data, boxes.tolist()) if box[0]]
-        with torch.cuda.stream(side) if cuda else contextlib.nullcontext():
-            try:
-                images = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self._device) if jpegs else [])
-            except Exception:  # noqa: BLE001 - one of them the GPU cannot decode: each alone
-                images = iter([one(d) for d in jpegs])
-            crops = []
-            for d, (w, h, left, top, cw, ch), flip in zip(data, boxes.tolist(), flips.tolist()):
-                image = next(images) if w else d.view(3, size, size).to(self._device, non_blocking=True)
-                if image is None or not w:  # not decoded; or decoded, cropped and flipped by the worker
-                    crops.append(image if image is None else image.unsqueeze(0).float())
-                    continue
-                crop = image[:, top:top + ch, left:left + cw].unsqueeze(0).float()
-                crop = F.interpolate(crop, (size, size), mode="bicubic", align_corners=False, antialias=True)
-                crops.append(crop.flip(3) if flip else crop)
-            source = [next(j % len(crops) for j in range(i, i + len(crops)) if crops[j % len(crops)] is not None)
-                      for i in range(len(crops))]
-            if source != list(range(len(crops))):
-                print(f"warning: {sum(c is None for c in crops)} JPEG(s) of a batch could not be decoded; the next "
-                      "image of the batch takes each place", file=sys.stderr, flush=True)
-            x = (torch.cat([crops[j] for j in source]) / 255).clamp(0, 1)
-        if cuda:
-            torch.cuda.current_stream(self._device).wait_stream(side)
-            x.record_stream(torch.cuda.current_stream(self._device))  # used there: not for the side stream's reuse
+        try:
+            images = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self._device) if jpegs else [])
+        except Exception:  # noqa: BLE001 - one of them the GPU cannot decode: each alone
+            images = iter([one(d) for d in jpegs])
+        crops = []
+        for d, (w, h, left, top, cw, ch), flip in zip(data, boxes.tolist(), flips.tolist()):
+            image = next(images) if w else d.view(3, size, size).to(self._device, non_blocking=True)
+            if image is None or not w:  # not decoded; or decoded, cropped and flipped by the worker
+                crops.append(image if image is None else image.unsqueeze(0).float())
+                continue
+            crop = image[:, top:top + ch, left:left + cw].unsqueeze(0).float()
+            crop = F.interpolate(crop, (size, size), mode="bicubic", align_corners=False, antialias=True)
+            crops.append(crop.flip(3) if flip else crop)
+        source = [next(j % len(crops) for j in range(i, i + len(crops)) if crops[j % len(crops)] is not None)
+                  for i in range(len(crops))]
+        if source != list(range(len(crops))):
+            print(f"warning: {sum(c is None for c in crops)} JPEG(s) of a batch could not be decoded; the next "
+                  "image of the batch takes each place", file=sys.stderr, flush=True)
+        x = (torch.cat([crops[j] for j in source]) / 255).clamp(0, 1)
         return x, torch.tensor(source)
 
     def wrap(self, model):
@@ -215,8 +245,7 @@ class Streamed(merge.Data):
         """Top-1 and top-5 accuracy of the model on a whole split, here on every rank alike."""
         model.eval()
         right, count = torch.zeros(len(top), device=self._device), 0
-        for x, y, _ in self.loader(split, self.s.batch // self.world):
-            x, y = self.to_device(x, y)
+        for x, y in self.prepared(self.loader(split, self.s.batch // self.world)):
             with torch.autocast(self._device.type, torch.bfloat16, enabled=self._device.type == "cuda"):
                 logits = model(x)
             best = logits.topk(min(max(top), logits.shape[1]), 1).indices  # top-5 of fewer classes: all of them

@@ -314,3 +314,30 @@ def test_over_ranks_it_starts_itself_a_wrong_setting_is_the_last_line_and_nothin
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 2 and output.count("\n") == 1 and "split evenly over 2 ranks" in output, output
     assert not out.exists()
+
+
+def test_the_next_batch_is_made_ready_in_a_thread_while_this_one_trains():
+    """Streamed.prepared: batches in the loader's order, each put on the device (to_device) in a thread of its own
+    one batch ahead, so that the next is decoded and cropped while the caller trains on this one; a batch that
+    fails raises in the caller, in its place."""
+    import threading
+
+    import streaming
+    data, ready, trained = streaming.Streamed({}, None, 0, 1, torch.device("cpu")), {}, []
+
+    def to_device(x, y, factors=None):
+        assert threading.current_thread() is not threading.main_thread() and factors is not None
+        if int(y[0]) == 3:
+            raise ValueError("batch 3 is damaged")
+        ready.setdefault(int(y[0]), threading.Event()).set()
+        return x, y
+    data.to_device = to_device
+    loader = [(torch.full((2,), i), torch.tensor([i]), torch.zeros(1, 4)) for i in range(5)]
+    with pytest.raises(ValueError, match="batch 3"):
+        for x, y in data.prepared(loader, jitter=True):
+            i = int(y[0])
+            assert x.tolist() == [i, i]
+            if i < 2:  # batch i + 1 is made ready while batch i is held here
+                assert ready.setdefault(i + 1, threading.Event()).wait(timeout=10), f"batch {i + 1} waited for {i}"
+            trained.append(i)
+    assert trained == [0, 1, 2]

@@ -34,29 +34,66 @@ def same(a, b, tolerance):
 
 @pytest.mark.parametrize("use_compile", [0, 1])
 def test_the_stack_trains_what_merge_fit_trains_given_the_same_noise(use_compile):
-    s = settings()
+    s = settings(weight_decay=1e-2)  # on the weights, not on the gates (merge.optimizers)
     datas = [merge.sine_data(seed, 200, 50, 50) for seed in (0, 1)]  # 200 points: a last batch of 8
     tolerance = dict(rtol=1e-6, atol=1e-6) if use_compile else dict(rtol=1e-12, atol=1e-12)
     # the teacher phase: SGD with an lr drop
-    alone, stack = fresh([5, 6]), fresh([5, 6])
+    alone, stack, histories = fresh([5, 6]), fresh([5, 6]), []
     for model, data, seed in zip(alone, datas, [5, 6]):
         stacked.counter_noise(model, seed)
-        merge.fit(model, data, s, 3, drops=(0.5,), seed=seed)
-    stacked.fit_stacked(stack, datas, s, 3, drops=(0.5,), seeds=[5, 6], compile=use_compile)
+        histories.append(merge.fit(model, data, s, 3, drops=(0.5,), seed=seed))
+    seen = []  # after_epoch's calls: (epoch, rows so far)
+    history = stacked.fit_stacked(stack, datas, s, 3, drops=(0.5,), seeds=[5, 6], compile=use_compile,
+                                  after_epoch=lambda epoch, rows: seen.append((epoch, len(rows))))
     assert all(same(a, b, tolerance) for a, b in zip(alone, stack))
+    assert seen == [(0, 1), (1, 2), (2, 3)]  # each epoch's row, in order, the last one's too
+    for r, model_history in enumerate(histories):  # merge.fit's rows, model by model
+        assert [h["epoch"] for h in history] == [h["epoch"] for h in model_history]
+        assert torch.allclose(torch.tensor([h["error"][r] for h in history]),
+                              torch.tensor([h["error"] for h in model_history]), **tolerance)
     assert not torch.allclose(alone[0].out.weight, fresh([5])[0].out.weight)  # it did train
     # the importance phase: gates, L_half and the gates' own SGD
     lambdas = merge.lambda_schedule(3, 0.5, 0.5)
     bigs = [merge.make_big_student(fresh([2 * r, 2 * r + 1])) for r in (0, 1)]
     twins = [merge.make_big_student(fresh([2 * r, 2 * r + 1])) for r in (0, 1)]
+    histories = []
     for big, data, seed in zip(bigs, datas, [7, 8]):
         stacked.counter_noise(big, seed)
-        merge.fit(big, data, s, 3, seed=seed, lambdas=lambdas)
-    stacked.fit_stacked([twin.eval() for twin in twins], datas, s, 3, seeds=[7, 8], lambdas=lambdas,  # in train
-                        compile=use_compile)  # mode, whatever mode a model was left in
+        histories.append(merge.fit(big, data, s, 3, seed=seed, lambdas=lambdas))
+    history = stacked.fit_stacked([twin.eval() for twin in twins], datas, s, 3, seeds=[7, 8], lambdas=lambdas,
+                                  compile=use_compile)  # in train mode, whatever mode a model was left in
     assert all(same(a, b, tolerance) for a, b in zip(bigs, twins))
+    for r, model_history in enumerate(histories):  # the gates' L_half and open probabilities, epoch by epoch
+        for mine, theirs in zip(history, model_history):
+            assert abs(mine["l_half"][r] - theirs["l_half"]) < 1e-6
+            assert all(torch.allclose(torch.tensor(a[r]), torch.tensor(b), **tolerance)
+                       for a, b in zip(mine["open"], theirs["open"]))
     assert not torch.allclose(bigs[0].gates[0].loc, twins[1].gates[0].loc)  # each its own noise and data
     assert (bigs[0].gates[0].loc - 1).abs().max() > 0.05  # the gates moved
+
+
+def test_a_conv_stack_compiles_its_step_once_a_phase_its_short_last_batch_eagerly(monkeypatch):
+    """Under vmap a convolution fixes the compiled step's batch size: an epoch's short last batch would compile
+    LeNet's step a second time in every phase. It runs eagerly instead, and the stack trains what it trains
+    uncompiled (torch.compile's graph capture here, without inductor's code generation: seconds, not minutes)."""
+    import numpy as np
+
+    import images
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="eager"))
+    rng, n = np.random.default_rng(0), 80  # batch 32: a last batch of 16
+    d = {f"x_{split}": rng.integers(0, 256, (n, 28, 28, 3), dtype=np.uint8) for split in ("train", "val", "test")}
+    d.update({f"y_{split}": rng.integers(0, 10, n) for split in ("train", "val", "test")})
+    data, s, results = images.image_data(d, "cpu"), settings(), []
+    for use_compile in (1, 0):
+        torch.manual_seed(0)
+        models = [merge.LeNet() for _ in range(2)]
+        torch._dynamo.utils.counters.clear()  # of this phase alone
+        stacked.fit_stacked(models, [data] * 2, s, 2, seeds=[0, 1], compile=use_compile)
+        if use_compile:
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        results.append(models)
+    assert all(same(a, b, dict(rtol=1e-12, atol=1e-12)) for a, b in zip(*results))
 
 
 def test_counter_noise_is_uniform_and_another_for_every_seed_layer_and_step():
