@@ -9,6 +9,7 @@ trains one model at a time: to the last digit in float64, up to rounding in floa
 checks it, teacher and importance phases). Data that is augmented is not for a stack: its draws would
 be the stack's, not each model's (experiment.py trains such phases one at a time).
 """
+import contextlib
 import copy
 import logging
 import threading
@@ -195,6 +196,8 @@ class Graphs:
     up), so that the state moves only when a graph is replayed; where recording fails, the block runs as
     it is, with one notice."""
 
+    failures = 0  # blocks of this process that could not be recorded (gpu_check.py reports them)
+
     def __init__(self, block, state):
         self.block, self.state, self.graphs, self.pool, self.failed = block, state, {}, None, False
 
@@ -205,13 +208,19 @@ class Graphs:
         if key not in self.graphs:
             inputs = x.clone(), y.clone()  # where every replay finds its x and y
             spare = [({k: v.clone() for k, v in t.items()} if isinstance(t, dict) else t.clone()) for t in self.state]
-            self.block(spare, *inputs)
+            side = torch.cuda.Stream(x.device) if x.is_cuda else None  # the warm-up on a stream of its own, as
+            if side:  # torch's CUDA graphs documentation asks
+                side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side) if side else contextlib.nullcontext():
+                self.block(spare, *inputs)
+            if side:
+                torch.cuda.current_stream(x.device).wait_stream(side)
             try:
                 self.graphs[key] = self.record(lambda: self.block(self.state, *inputs)), inputs
             except Exception as e:  # noqa: BLE001 - any failure to record means: run the block as it is
                 log.warning(f"note: CUDA graphs are unavailable here ({type(e).__name__}: {str(e)[:100]}); "
                             "one launch a kernel")
-                self.failed = True
+                self.failed, Graphs.failures = True, Graphs.failures + 1
                 return self.block(self.state, x, y)
         replay, (x_in, y_in) = self.graphs[key]
         x_in.copy_(x), y_in.copy_(y)

@@ -146,8 +146,8 @@ class Streamed(merge.Data):
     def prepared(self, loader, jitter=False):
         """(x, y) of each of the loader's batches, on the device (to_device; colour-jittered with jitter): the
         next batch made ready in a thread while the caller trains on this one, on a GPU on a CUDA stream of its
-        own, so that the host's share of it (fetching, --decode gpu's decoding and cropping, launching) runs
-        beside the training step, not between two steps."""
+        own, so that the host's share of it (--decode gpu's decoding and cropping, launching the kernels) runs
+        beside the training step, not between two steps; the loader's batches are fetched here, as before."""
         cuda = self._device.type == "cuda"
         self.side = getattr(self, "side", None) or (torch.cuda.Stream(self._device) if cuda else None)
 
