@@ -115,6 +115,7 @@ class Streamed(merge.Data):
         self.splits, self.s, self.rank, self.world, self._device = splits, s, rank, world, device
         self.metric, self.prepare = "accuracy", None
         self.mean, self.std = (torch.tensor(v, device=device) for v in (MEAN, STD))
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None  # where prepared readies batches
 
     device = property(lambda self: self._device)
     size = property(lambda self: len(self.splits["train"]))
@@ -149,15 +150,11 @@ class Streamed(merge.Data):
         own, so that the host's share of it (--decode gpu's decoding and cropping, launching the kernels) runs
         beside the training step, not between two steps; the loader's batches are fetched here, as before."""
         cuda = self._device.type == "cuda"
-        self.side = getattr(self, "side", None) or (torch.cuda.Stream(self._device) if cuda else None)
 
         def ready(x, y, factors):  # in the thread
             with torch.cuda.stream(self.side) if cuda else contextlib.nullcontext():
                 x, y = self.to_device(x, y, factors if jitter else None)
-                done = torch.cuda.Event() if cuda else None
-                if cuda:
-                    done.record(self.side)
-            return x, y, done
+            return x, y, self.side.record_event() if cuda else None  # done: an event after the batch's work
 
         def take(pending):  # in the caller's thread: its stream waits for this batch, and keeps its memory
             x, y, done = pending.result()
