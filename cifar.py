@@ -144,11 +144,11 @@ def run(s):
     check(s)
     dataset, network_name, table, network = NETWORKS[s.experiment]
     spec = DATASETS[dataset]
+    make_teacher = lambda: network(spec["classes"], s.width)
+    given = [load_teacher(path, make_teacher()) for path in s.teacher_files]  # checked before any download or write
     folder = Path(s.data) if s.data else images.fetch(Path(s.root), spec["url"], dict(md5=spec["md5"]), spec["folder"])
     d = load_cifar(folder, dataset, s.val_fraction, s.seed)
     experiment.log.info(f"{folder}: train {len(d['x_train'])}, validation {len(d['x_val'])}, test {len(d['x_test'])} images")
-    make_teacher = lambda: network(spec["classes"], s.width)
-    given = [load_teacher(path, make_teacher()) for path in s.teacher_files]  # all checked before writing
     data = images.image_data(d, experiment.resolve_device(s), augment=images.random_crop_flip)
     title = f"{network_name} on {folder.name}"  # titled by the data it ran on
     with experiment.locked(s) as out:

@@ -218,17 +218,22 @@ def protocol_line(what, device, seconds, rows, metric, lower_is_better):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--report", default="gpu_check.md")
+    parser.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)  # one line
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cuda: the check; cpu: a try-out "
+                        "of its steps on a machine without a GPU [cuda]")
+    parser.add_argument("--report", default="gpu_check.md", help="the report, written as the check goes, and its "
+                        "logs in REPORT's name with _logs [gpu_check.md]")
     parser.add_argument("--lenet-data", default="", help="a 10-class folder in the Imagewoof layout for LeNet's "
                         "timing (MNIST written so is the stand-in of the committed report); empty: synthetic images")
     parser.add_argument("--budget", type=float, default=300, help="seconds after which the optional steps (the "
-                        "CPU's sine protocol, LeNet again, small runs against the CPU's rows) are left out")
+                        "CPU's sine protocol, LeNet again, small runs against the CPU's rows) are left out [300]")
     parser.add_argument("--small", action="store_true", help="tiny budgets throughout: a try-out of the steps")
     args = parser.parse_args(argv)
+    if not args.budget >= 0 or args.lenet_data and not Path(args.lenet_data).is_dir():
+        parser.error(f"--budget must be 0 or more, got {args.budget}" if not args.budget >= 0 else
+                     f"--lenet-data {args.lenet_data} is not a folder")
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: torch sees no GPU here; use --device cpu to try the steps on the CPU", file=sys.stderr)
-        sys.exit(2)  # bad input, as every script's
+        parser.error("torch sees no GPU here; use --device cpu to try the steps on the CPU")
     device, began = args.device, time.time()
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU only"
     report, scratch = Path(args.report), Path(tempfile.mkdtemp())

@@ -50,6 +50,7 @@ class ImageNetSettings(experiment.Settings):
     """ImageNet's settings: experiment.Settings and its own. The phases are given explicitly."""
     metric: ClassVar[str] = "test_accuracy"
     row_keys: ClassVar[tuple] = ("val_accuracy",)
+    epochs: int = setting(150, "not used: --phase-epochs gives each phase's epochs, the student's 150 in all")
     data: str = setting("", "the ImageNet folder: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (no download: "
                             "ImageNet needs a registration); a file that is not an image stops the run before it "
                             "trains, one cut short is replaced by the next image, with a warning")
@@ -87,6 +88,8 @@ def parse(argv=None):
 def check(s, world):
     """One line for a setting this run cannot take, on world ranks, before any data is read."""
     experiment.check_settings(s)
+    if not s.data:
+        raise InputError("--data is needed: the ImageNet folder, train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
     if s.epochs != PAPER["epochs"]:
         raise InputError(f"--epochs {s.epochs}: imagenet.py takes its phases from --phase-epochs (teachers, importance, "
                          "fine-tuning, bo3, one model) and --short; --epochs is not used")

@@ -3,14 +3,16 @@ the method, architectures and strategies of merge.py, the data of images.py and 
 docs/settings.md.
 
 The data: fast.ai's imagewoof2-160 archive, downloaded with a progress bar, verified and extracted once, or
---data DIR, any folder in its layout (train/<class>/*.JPEG, val/<class>/*.JPEG; val is the test set). Images
+--data DIR, any folder in its layout (train/<class>/*.JPEG, val/<class>/*.JPEG; val is the test set), or
+--data mnist, MNIST's original files downloaded, verified and written in that layout once (600 training and 200
+test images of each digit, as JPEGs: the stand-in of the README's results, not the paper's data). Images
 are decoded once with Pillow and cached as uint8 arrays beside the data; a validation split, fixed by --seed,
 is held out from train for choosing bo3. The whole set stays on the training device as uint8; each batch is
 normalised (and for ResNet18 augmented) there.
 
     python lenet_imagewoof.py                                # LeNet, the paper's budget: 10 runs x 6000 epochs
     python lenet_imagewoof.py --arch resnet18                # ResNet18 at 224 px: 5 runs x 600 epochs (a GPU's work)
-    python lenet_imagewoof.py --data DIR --epochs 60 --runs 3    # minutes on a CPU (README.md)
+    python lenet_imagewoof.py --data mnist --epochs 60 --runs 3  # minutes on a CPU, on MNIST (README.md)
 
 Results go to --out as in merge.py: results.jsonl (one line per finished run and strategy; an interrupted
 experiment resumes), summary.md (Table 2's rows, headed by the data they ran on), the box plot.
@@ -45,7 +47,8 @@ class ImageSettings(experiment.Settings):
     arch: str = setting("lenet", "lenet (section 3.3.1) or resnet18 (3.3.2); the other defaults follow it",
                         choices=("lenet", "resnet18"))
     data: str = setting("", "an extracted folder in the Imagewoof layout; empty: download imagewoof2-160 "
-                            "into --root")
+                            "into --root; mnist: MNIST written in that layout into --root, the README's stand-in "
+                            "(a folder named mnist: ./mnist)")
     root: str = setting("data", "where the downloaded archive is kept and extracted")
     size: int = setting(28, "input side in pixels (LeNet 28, ResNet18 224); images are decoded once at up to "
                             "160, the archive's size, and resized on the device",
@@ -85,7 +88,8 @@ def check(s):
 
 def run(s):
     check(s)
-    folder = Path(s.data) if s.data else images.fetch(Path(s.root), URL, DIGESTS, "imagewoof2-160")
+    folder = images.mnist_folder(Path(s.root)) if s.data == "mnist" else Path(s.data) if s.data else \
+        images.fetch(Path(s.root), URL, DIGESTS, "imagewoof2-160")
     # ResNet18 as the authors' script: whole images, squashed to a square (test images resized to 224 whole,
     # no crop), training crops of 40-80 % of the area, flips and colour jitter (docs/settings.md).
     # DEVIATION: images are decoded at 160 px (the archive's size) and the crops drawn from the squashed image.

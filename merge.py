@@ -2,7 +2,7 @@
 paper. Teachers of one architecture, trained from different seeds, are concatenated into a big student
 k times as wide (section 2.1); stochastic L0 gates learn which units to keep under the auxiliary loss
 L_half (2.2); the big student is compressed to the teachers' width (2.3) and fine-tuned. The claim
-(3.1): under the same epoch budget this beats the best of three models (bo3) and one long model.
+(1, 3.2, 3.3): under the same epoch budget this beats the best of three models (bo3) and one long model.
 
     python merge.py --task sine --runs 50     # Table 1 and Figs. 5, 8a, 9, 10 -> runs/sine/
 
@@ -116,8 +116,8 @@ def l_half(locs, share=0.5):
 
 def lambda_schedule(epochs, start, step, tuned_epochs=None):
     """lambda for each epoch of the importance phase, lambda += step sqrt(lambda) before each (Fig. 5).
-    DEVIATION: the paper tunes the step for its budget only; a phase of another length than the
-    `tuned_epochs` of the paper's gets the step, found by bisection, that ends at the paper's last lambda."""
+    DEVIATION: a step is given for one budget only (Fig. 5's 0.05 for the sine's, the scripts' for the images);
+    a phase of another length than `tuned_epochs` gets the step, found by bisection, that ends at that lambda."""
     def schedule(step, n):
         lam, lambdas = start, []
         for _ in range(n):
@@ -137,8 +137,8 @@ def lambda_schedule(epochs, start, step, tuned_epochs=None):
 
 # == 2.3  Compression of the big student (Fig. 7) ==================================================
 def top_units(big_student):
-    """The kept units of every unit group: the top 1/k by loc. DEVIATION: the paper keeps "the most
-    important" units; ranking by loc (the same order as the test-time gate value) is the scripts'."""
+    """The kept units of every unit group: the top 1/k by loc. The paper keeps "the most important" units;
+    ranking by loc (the order of the test-time gate value, which its clamp at 0 and 1 only ties) is the scripts'."""
     k = big_student.hparams["k"]
     return [gate.loc.detach().topk(len(gate.loc) // k).indices.sort().values
             for gate, _, _ in big_student.unit_groups()]
@@ -314,19 +314,19 @@ class Settings:
     epochs: int = setting(900, "epochs per strategy, the whole budget; every phase and lr drop scales with it (3.1)")
     teachers: int = setting(2, "k, the number of teachers merged into one student (paper: 2)")
     phase_epochs: tuple = ()  # (teacher, importance, fine-tune, bo3, one) epochs given, not from epochs (ImageNet)
-    # SGD, its lr divided by 10 at these fractions of each phase (3.2: 250 of 300, none, 100 of 150, 800 of 900)
-    batch: int = setting(32, "examples per SGD step (the authors' scripts)")
-    lr: float = setting(0.01, "SGD learning rate, divided by 10 at each drop (3.2)")
-    momentum: float = setting(0.9, "SGD momentum (3.2)")
-    weight_decay: float = setting(0.0, "SGD weight decay (the authors' scripts: none)")
+    batch: int = setting(32, "examples per SGD step (sine: the authors' scripts)")
+    lr: float = setting(0.01, "SGD learning rate, divided by 10 at each drop (sine: 3.2)")
+    momentum: float = setting(0.9, "SGD momentum (sine: 3.2)")
+    weight_decay: float = setting(0.0, "SGD weight decay (sine: none named by the paper or the scripts, SGD's default)")
+    # the lr divided by 10 at these fractions of each phase (3.2: 250 of 300, none, 100 of 150, 800 of 900)
     drops_teacher: tuple = (5 / 6,)
     drops_importance: tuple = ()
     drops_finetune: tuple = (2 / 3,)
     drops_one: tuple = (8 / 9,)
     # the importance phase (2.2)
-    gate_lr: float = setting(0.1, "learning rate of the gates' own SGD, momentum 0.9 (the authors' scripts)")
-    lambda_start: float = setting(0.01, "lambda at the start of the importance phase (the authors' scripts)")
-    lambda_step: float = setting(0.05, "lambda += step sqrt(lambda) before each epoch (Fig. 5)")
+    gate_lr: float = setting(0.1, "learning rate of the gates' own SGD, momentum 0.9 (sine: the authors' scripts)")
+    lambda_start: float = setting(0.01, "lambda at the start of the importance phase (sine: the authors' scripts)")
+    lambda_step: float = setting(0.05, "lambda += step sqrt(lambda) before each epoch (sine: Fig. 5)")
     paper_epochs: int = setting(900, "the budget the lambda step is for; others rescale it to end at its lambda (ours)")
     fold: int = setting(0, "1: fold the kept gates' test-time values into the next layers at compression (ours)")
     finetune_lr: float = setting(0.0, "lr at the start of fine-tuning; 0: --lr (ImageNet: 0.07, 3.3.5)")
@@ -378,7 +378,7 @@ def epoch_seed(seed, epoch):
     return seed * 100_003 + epoch
 
 def optimizers(model, s, importance=False):
-    """SGD for the weights; in the importance phase the gates' own SGD too (2.2; the authors' scripts)."""
+    """SGD for the weights; in the importance phase the gates' own SGD too (the authors' scripts; 2.2 names none)."""
     locs = [gate.loc for gate in gates(model)]
     weights = [p for p in model.parameters() if all(p is not loc for loc in locs)]
     opts = [torch.optim.SGD(weights, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)]
@@ -390,11 +390,11 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, share=0.5, warmu
     With `lambdas`, one per epoch, this is the importance phase (2.2): L = L_E + lambda sum_l L_half^l.
     opts and start go on from epoch `start`; after_step() and after_epoch(epoch, history) let a caller
     act between steps and epochs (channel pruning, progress, checkpoints). Returns the history."""
-    model.train()
     locs, history = [gate.loc for gate in gates(model)], []
     opts = opts or optimizers(model, s, lambdas is not None)
     error_loss = F.mse_loss if data.metric == "mse" else F.cross_entropy
     for epoch in range(start, epochs):
+        model.train()  # again each epoch: an after_epoch that evaluates leaves it in eval mode
         torch.manual_seed(epoch_seed(seed, epoch))  # this epoch's draws: the same whenever it is trained
         opts[0].param_groups[0]["lr"] = lr_at(s, epoch, epochs, drops, warmup)
         total, seen = 0, 0
@@ -632,8 +632,8 @@ def fuse(teachers, seed=0):
 
 def fusion(data, s, make_teacher, seed, train=train):
     """Model fusion: the student's teachers, aligned and averaged by fuse(), then fine-tuned for the student's
-    fine-tuning epochs (5/6 of the budget). DEVIATION: the paper quotes OTFusion and GAMF (Table 3); ours is
-    Git Re-Basin's weight matching and fine-tuning, so its rows are not Table 3's."""
+    fine-tuning epochs (1/6 of the budget; 5/6 with its teachers'). DEVIATION: the paper quotes OTFusion and
+    GAMF (Table 3); ours is Git Re-Basin's weight matching and fine-tuning, so its rows are not Table 3's."""
     b = budget(s)
     teachers = trained(make_teacher, data, s, seed, train, "teacher", b["teacher"], s.drops_teacher, s.teachers)
     fused = fuse(teachers, seed)

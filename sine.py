@@ -52,8 +52,11 @@ def run_study(s, studies, heading, table, plot, figure):
     """A study of several sine experiments, each of studies [(key, title, settings)] in its own --out folder:
     all checked before any trains, each run (resumable) and reported there; then the study's table(rows_of),
     headed, in s.out/summary.md, and its plot(rows_of, path) as s.out/figure."""
-    for _, _, settings in studies:
-        experiment.check_settings(settings)
+    for _, title, settings in studies:
+        try:
+            experiment.check_settings(settings)
+        except experiment.InputError as e:  # named: the study made these settings, not the command line
+            raise experiment.InputError(f"{title}: {e}") from None
     rows_of = {}
     for key, title, settings in studies:
         with experiment.locked(settings) as out:

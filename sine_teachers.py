@@ -82,6 +82,8 @@ def plot_teachers(rows_of, path=None):
 
 def run(s):
     experiment.check_settings(s)
+    if s.teachers != 2:
+        raise experiment.InputError("--teachers is not used: the study merges k = 2, 3, ... up to --most teachers")
     studies = [(k, f"sine, k = {k}", settings_of(s, k)) for k in range(2, s.most + 1)]
     sine.run_study(s, studies, f"Merging k teachers on the sine problem: test MSE over {s.runs} runs, {s.epochs} "
                    "epochs per strategy", teachers_table, plot_teachers, "fig_teachers.png")

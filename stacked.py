@@ -247,7 +247,8 @@ def compiled(step, use_compile):
         except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
             if fast is step or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise  # a failure to record a CUDA graph is Graphs' to handle
-            log.warning(f"note: torch.compile is unavailable here ({type(e).__name__}); training eagerly")
+            log.warning(f"note: torch.compile is unavailable here ({type(e).__name__}: {str(e)[:200]}); training "
+                        "eagerly")
             fast = step
             return step(*args)
     return call

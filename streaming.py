@@ -140,7 +140,7 @@ class Streamed(merge.Data):
                 seconds = time.time() - started
                 log.info(f"    {i + 1}/{len(loader)} batches, {(i + 1) * size / seconds:.0f} "
                          f"images/s, {seconds / (i + 1) * (len(loader) - i - 1):.0f} s left in the epoch")
-        if self.world > 1:  # BatchNorm's statistics: rank 0's on every rank, as timm's distribute_bn
+        if self.world > 1:  # BatchNorm's statistics: rank 0's on every rank (torchvision's recipe saves rank 0's)
             for buffer in self.trained.buffers():
                 dist.broadcast(buffer, 0)
 
@@ -279,7 +279,17 @@ def streamed_folder(s, rank, world, device):
     """(Streamed train / validation / test splits of the folder --data, its number of classes), or one line
     saying what is wrong: --val-images training images, fixed by --seed, validate; val/ is the test set."""
     (paths, labels, classes), (test_paths, test_labels, _) = check_folder(Path(s.data))
-    check_images(paths + test_paths)
+    try:
+        check_images((paths + test_paths)[rank::world])  # each rank reads a share of the headers
+        problem = None
+    except InputError as e:
+        problem = str(e)
+    if world > 1:  # and every rank learns the first problem any found
+        found = [None] * world
+        dist.all_gather_object(found, problem)
+        problem = next((p for p in found if p), None)
+    if problem:
+        raise InputError(problem)
     if s.val_images + s.batch > len(paths):
         raise InputError(f"--val-images {s.val_images} leaves fewer of the {len(paths)} training images than one "
                          f"batch of {s.batch}")

@@ -216,6 +216,7 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     ("other data set", "looks like cifar-100-python"),
     ("corrupt pickle", "cannot read"),
     ("missing teacher", "--teacher-files: cannot read"),
+    ("missing teacher, no download", "--teacher-files: cannot read"),
     ("wrong teacher", "holds 10 tensors, a VGG 9"),
     ("wider teacher", "another --width"),
     ("broken teacher", "--teacher-files: cannot read"),
@@ -269,6 +270,9 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
             with open(folder / "data_batch_2", "wb") as f:
                 pickle.dump(batch, f, protocol=2)
         args += ["--data", folder, "--experiment", "vgg11-cifar10"]
+    elif damage == "missing teacher, no download":  # the files are read before the data set is fetched
+        monkeypatch.setattr(cifar.images, "fetch", lambda *a: pytest.fail("downloaded before reading the teachers"))
+        args += ["--root", tmp_path / "data", "--experiment", "vgg11-cifar10", "--teacher-files", "gone.pt", "gone.pt"]
     elif damage == "all for validation":
         args += ["--data", make_cifar(tmp_path, "cifar100"), "--val-fraction", "0.999"]
     else:

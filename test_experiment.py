@@ -95,7 +95,8 @@ def copy_of(finished, tmp_path):
     (["--epochs", "-5"], "--epochs must be at least 1"),
     (["--batch", "0"], "--batch must be at least 1"),
     (["--n-train", "0"], "--n-train must be at least 1"),
-    (["--epochs", "3"], "use at least"),
+    (["--epochs", "3"], "every budget from 6 epochs on works"),
+    (["--epochs", "5"], "every budget from 6 epochs on works"),  # though 4 works: rounding leaves gaps
     (["--stack", "2"], "invalid choice"),
     (["--workers", "-1"], "--workers must be 0 or more"),
     (["--fold", "2"], "--fold must be 0 or 1"),
@@ -107,6 +108,19 @@ def copy_of(finished, tmp_path):
 def test_bad_settings_give_one_line_exit_code_2_and_write_nothing(tmp_path, capsys, args, message):
     code, err = main([*args, "--out", tmp_path / "out"], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert files(tmp_path) == []
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("sine_budgets", ["--epochs", "12", "--teachers", "3"], "sine, 0.2 x --epochs 12 = 2 epochs: --epochs 2 leaves"),
+    ("sine_teachers", ["--epochs", "7"], "sine, k = 3: --epochs 7 leaves a phase without epochs for 3 teachers"),
+    ("sine_teachers", ["--teachers", "3"], "--teachers is not used"),
+])
+def test_a_study_names_which_of_its_experiments_a_setting_fails(tmp_path, capsys, script, args, message):
+    with pytest.raises(SystemExit) as exit_:
+        __import__(script).main([*args, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert files(tmp_path) == []
 
 
@@ -447,14 +461,16 @@ def test_every_preset_is_the_documented_setting(name, setting, value):
     assert got == pytest.approx(value), (name, setting)
 
 
-def test_the_gpu_check_without_a_gpu_is_bad_input(tmp_path, capsys):
+@pytest.mark.parametrize("args, message", [([], "no GPU"), (["--device", "cpu", "--budget", "-5"], "--budget must be"),
+                                           (["--device", "cpu", "--lenet-data", "/no/such"], "is not a folder")])
+def test_the_gpu_check_without_a_gpu_or_with_a_bad_setting_is_bad_input(tmp_path, capsys, args, message):
     import gpu_check
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not args:
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit) as exit_:
-        gpu_check.main(["--report", str(tmp_path / "report.md")])
+        gpu_check.main([*args, "--report", str(tmp_path / "report.md")])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1 and "no GPU" in err and not (tmp_path / "report.md").exists()
+    assert exit_.value.code == 2 and err.count("\n") == 1 and message in err and files(tmp_path) == []
 
 
 def test_device_auto_takes_a_gpu_only_for_experiments_faster_there(monkeypatch):

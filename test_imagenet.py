@@ -20,6 +20,8 @@ from PIL import Image
 
 import experiment
 import imagenet
+import images
+import streaming
 
 ROOT = Path(__file__).parent
 TINY = ["--width", 4, "--size", 32, "--batch", 8, "--val-images", 4, "--workers", 0, "--device", "cpu"]
@@ -156,6 +158,7 @@ def test_runs_spread_over_ranks_give_the_rows_of_a_plain_run_each_once(tmp_path)
 
 @pytest.mark.parametrize("damage, message", [
     ("missing", "no such folder"),
+    ("none", "--data is needed"),
     ("empty", "holds no .jpg, .jpeg or .png images"),
     ("classes", "different classes"),
     ("validation", "leaves fewer of the"),
@@ -169,7 +172,7 @@ def test_runs_spread_over_ranks_give_the_rows_of_a_plain_run_each_once(tmp_path)
     ("decode gpu", "--decode gpu needs a GPU and torchvision"),
 ])
 def test_a_wrong_folder_or_setting_gives_one_line_and_exit_code_2(folder, tmp_path, capsys, damage, message):
-    data = tmp_path / "nowhere" if damage == "missing" else folder
+    data = tmp_path / "nowhere" if damage == "missing" else "" if damage == "none" else folder
     if damage == "classes":
         data = write_folder(tmp_path / "data")
         (data / "val" / "n02").rename(data / "val" / "n09")
@@ -198,6 +201,27 @@ def test_a_wrong_folder_or_setting_gives_one_line_and_exit_code_2(folder, tmp_pa
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_ranks_share_the_check_of_the_headers_and_each_learns_a_problem_any_found(tmp_path, monkeypatch):
+    """Every start reads each image's header once, spread over the ranks; a bad file in one rank's share
+    stops every rank with its line."""
+    data = write_folder(tmp_path / "data")
+    bad = data / "train" / "n01" / "bad.JPEG"
+    bad.write_text("not an image")
+    s = imagenet.parse(["--data", str(data), *map(str, TINY)])
+    paths = images.list_images(data / "train")[0] + images.list_images(data / "val")[0]
+    owner, shares, real_check = paths.index(bad) % 2, {}, streaming.check_images  # owner: whose share holds it
+    for rank in (0, 1):
+        monkeypatch.setattr(streaming, "check_images", lambda share, rank=rank: (shares.update({rank: share}),
+                                                                                   real_check(share)))
+
+        def all_gather_object(found, problem, rank=rank):  # the process group's part: the other rank's answer
+            found[:] = [problem if r == rank else f"cannot read image {bad}" if r == owner else None for r in (0, 1)]
+        monkeypatch.setattr(streaming.dist, "all_gather_object", all_gather_object)
+        with pytest.raises(experiment.InputError, match="bad.JPEG"):
+            streaming.streamed_folder(s, rank, 2, torch.device("cpu"))
+    assert sorted(shares[0] + shares[1]) == sorted(paths) and not set(shares[0]) & set(shares[1])
 
 
 def test_an_image_cut_short_is_replaced_by_the_next_with_a_warning(tmp_path):

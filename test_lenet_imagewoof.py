@@ -1,6 +1,8 @@
 """Tests for the Imagewoof experiments: the tests write their own small folders and archives
 in the real formats (JPEG and PNG files in the Imagewoof layout, a .tgz); no network."""
+import concurrent.futures
 import dataclasses
+import gzip
 import hashlib
 import json
 import os
@@ -8,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +117,8 @@ def test_help_shows_each_architectures_paper_defaults_and_no_sine_flags():
     lenet, resnet = run_cli("--help").stdout, run_cli("--arch", "resnet18", "--help").stdout
     assert "[6000]" in lenet and "[28]" in lenet and "--n-train" not in lenet and "--noise" not in lenet
     assert "[600]" in resnet and "[224]" in resnet and "[32]" in resnet
+    batch = " ".join(lenet.split("  --batch BATCH")[1].split("  --lr")[0].split())  # LeNet's batch is ours, not the sine's
+    assert batch == "examples per SGD step (this experiment's: docs/settings.md) [64]", batch
 
 
 def test_stacked_lenet_on_uint8_images_equals_one_at_a_time(tmp_path):
@@ -264,6 +269,67 @@ def test_the_archive_is_downloaded_verified_and_extracted_once(tmp_path, monkeyp
     assert folder == root / "imagewoof2-160" and len(images.list_images(folder / "train")[0]) == 18
     monkeypatch.setattr(images, "download", lambda *a: pytest.fail("downloaded again"))
     assert images.fetch(root, url, digests, "imagewoof2-160") == folder
+
+
+def test_processes_fetching_at_once_download_and_extract_once(tmp_path, monkeypatch):
+    """torchrun's ranks each call fetch on their first run: one downloads and extracts, the others wait for it."""
+    url, digests = make_archive(tmp_path)
+    real_download, calls = images.download, []
+
+    def slow_download(*args):
+        calls.append(args)
+        time.sleep(0.5)  # the others arrive while the first is still downloading
+        real_download(*args)
+    monkeypatch.setattr(images, "download", slow_download)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # flock excludes open files, not only processes
+        folders = list(pool.map(lambda _: images.fetch(tmp_path / "data", url, digests, "imagewoof2-160"), range(3)))
+    assert len(calls) == 1 and folders == [tmp_path / "data" / "imagewoof2-160"] * 3
+    assert len(images.list_images(folders[0] / "train")[0]) == 18
+
+
+def write_idx(path, array):
+    """One of MNIST's files in its format: gzipped IDX, unsigned bytes, big-endian sizes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_data_mnist_writes_mnists_files_in_the_imagewoof_layout_once_and_runs_on_them(tmp_path, monkeypatch):
+    """--data mnist: MNIST's four files downloaded and verified, each digit's first images written as RGB
+    JPEGs in train/digit<d>/ and val/digit<d>/, once; a run of lenet_imagewoof.py trains on them."""
+    server, rng = tmp_path / "server", np.random.default_rng(0)
+    server.mkdir()
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        labels = np.arange(n) % 10
+        pixels = rng.integers(0, 40, (n, 28, 28)) + 20 * labels[:, None, None]  # digit d is brighter with d
+        pixels[:, 10:18, 10:18] = 255 * (np.arange(n) % 2)[:, None, None]  # and the even ones hold a black square
+        write_idx(server / f"{prefix}-images-idx3-ubyte.gz", pixels)
+        write_idx(server / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setattr(images, "MNIST_URL", server.as_uri() + "/")
+    monkeypatch.setattr(images, "MNIST_MD5", {name: hashlib.md5((server / name).read_bytes()).hexdigest()
+                                              for name in images.MNIST_MD5})
+    folder = images.mnist_folder(tmp_path / "data", 3, 2)
+    assert folder == tmp_path / "data" / "mnist-3-2"
+    for split, per_class, first in (("train", 3, pixels_of(server / "train-images-idx3-ubyte.gz")),
+                                    ("val", 2, pixels_of(server / "t10k-images-idx3-ubyte.gz"))):
+        paths, labels, classes = images.list_images(folder / split)
+        assert classes == [f"digit{d}" for d in range(10)] and len(paths) == 10 * per_class
+        for j in range(per_class):  # image j of digit d is the (j + 1)-th d in the file: index 10 j + d here
+            written = np.asarray(Image.open(folder / split / "digit7" / f"{j}.JPEG"))
+            assert written.shape == (28, 28, 3) and (written[..., 0] == written[..., 2]).all()
+            assert np.abs(written[..., 0].astype(int) - first[10 * j + 7]).mean() < 4  # JPEG's errors
+    monkeypatch.setattr(images, "download", lambda *a: pytest.fail("downloaded again"))
+    assert images.mnist_folder(tmp_path / "data", 3, 2) == folder
+    (tmp_path / "data" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not IDX"))
+    with pytest.raises(experiment.InputError, match="not one of MNIST's IDX files"):
+        images.read_idx(tmp_path / "data" / "t10k-labels-idx1-ubyte.gz")
+    monkeypatch.setattr(images, "mnist_folder", lambda root: folder)  # the command line's --data mnist
+    woof.main(["--data", "mnist", "--root", str(tmp_path / "data"), "--epochs", "6", "--runs", "1", "--strategies",
+               "one", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert "LeNet on mnist-3-2" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def pixels_of(path):
+    return np.frombuffer(gzip.decompress(path.read_bytes()), np.uint8, offset=16).reshape(-1, 28, 28)
 
 
 def test_a_broken_download_is_fetched_again_and_a_wrong_checksum_refused(tmp_path):

@@ -43,6 +43,7 @@ def strip_solutions(notebook):
             cell.source = "\n".join(lines)
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
+        cell.metadata.pop("execution", None)  # when our copy ran
     return notebook
 
 
@@ -121,7 +122,8 @@ def test_the_release_holds_no_answer_and_no_output(released):
     key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
     text = "\n".join(cell.source for cell in student.cells)
     assert "BEGIN SOLUTION" not in text and text.count("raise NotImplementedError()") == 6
-    assert not any(cell.get("outputs") or cell.get("execution_count") for cell in student.cells)
+    assert not any(cell.get("outputs") or cell.get("execution_count") or "execution" in cell.metadata
+               for cell in student.cells)  # no output, and no trace of when our copy ran
     answer = [c for c in key.cells if c.cell_type == "markdown" and c.metadata.get("nbgrader", {}).get("solution")]
     assert len(answer) == 1 and answer[0].source not in text and "YOUR ANSWER HERE" in text
     merge_py = (released / "merge.py").read_text()
@@ -192,6 +194,7 @@ WRONG = {
         "return sum((share - p.mean()).abs() for p in open_probs)",  # |.| for (.)^2
         "return sum(((share - p) ** 2).mean() for p in open_probs)",  # the mean of squares, unit by unit
         "return sum((share - p.mean()) ** 2 for p in open_probs) / len(open_probs)",  # a mean over layers
+        "return torch.stack([(share - p.mean()) ** 2 for p in open_probs]).sum()",  # fails on a teacher's []
     ],
     "lambda_schedule": [
         SCHEDULE.replace("FIRST", "lambdas.append(lam)").replace("SECOND", "lam += step * lam ** 0.5"),  # from start
@@ -204,6 +207,8 @@ WRONG = {
             "OUT_BIAS", 'state["out.bias"]'),
         COMPRESS.replace("KEEP", "keep").replace("OUT_BIAS", 'state["out.bias"]').replace(  # inputs, not outputs
             '"out.weight": state["out.weight"][:, keep]', '"out.weight": state["out.weight"][:, :len(keep)]'),
+        COMPRESS.replace("KEEP", "merge.top_units(big_student)[0]").replace(  # its own choice by loc, not keep
+            "OUT_BIAS", 'state["out.bias"]'),
     ],
     "choose_units": [
         "return merge.top_units(big_student)",  # the paper's rule
