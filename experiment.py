@@ -106,10 +106,11 @@ def parse_settings(argv, defaults, description):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = fail  # one line and exit code 2, not a usage dump
     flags = [f for f in dataclasses.fields(defaults) if "help" in f.metadata]
+    image = defaults.metric != Settings.metric  # an image experiment: the sources merge.Settings names are the sine's
     for f in flags:
         value, text = getattr(defaults, f.name), f.metadata["help"]
-        if value != f.default and text.endswith(")") and not f.metadata.get("run_only"):
-            text = text.rsplit(" (", 1)[0] + " (this experiment's: docs/settings.md)"  # not the sine's source
+        if text.endswith(")") and not f.metadata.get("run_only") and (value != f.default or image and "sine: " in text):
+            text = text.rsplit(" (", 1)[0] + " (this experiment's: docs/settings.md)"
         name, text = flag(f), f"{text} [{value}]"
         if isinstance(value, bool):
             parser.add_argument(name, dest=f.name, action="store_true", help=text)
@@ -443,8 +444,7 @@ def main(argv, parse, run):
             kept = f"{len(read_rows(out, s)[0])} results in {out / 'results.jsonl'}"
         except Exception:  # noqa: BLE001 - the message must not fail
             kept = f"the results in {out / 'results.jsonl'}"
-        if sys.stdout.isatty():
-            print()  # end a progress bar's line
+        print(end="\n" if sys.stdout.isatty() else "")  # end a progress bar's line
         print(f"interrupted: kept {kept} and every finished phase in {out / 'phases'}; the same command "
               "resumes from there", file=sys.stderr)
         sys.exit(130)

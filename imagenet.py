@@ -50,7 +50,7 @@ class ImageNetSettings(experiment.Settings):
     """ImageNet's settings: experiment.Settings and its own. The phases are given explicitly."""
     metric: ClassVar[str] = "test_accuracy"
     row_keys: ClassVar[tuple] = ("val_accuracy",)
-    epochs: int = setting(150, "not used: --phase-epochs gives each phase's epochs, the student's 150 in all")
+    epochs: int = setting(150, "not used: --phase-epochs gives each phase's epochs")
     data: str = setting("", "the ImageNet folder: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (no download: "
                             "ImageNet needs a registration); a file that is not an image stops the run before it "
                             "trains, one cut short is replaced by the next image, with a warning")

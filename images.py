@@ -55,17 +55,26 @@ def download(url, path):
     except EOFError as e:
         log.info(str(e))
     except OSError as e:  # URLError, a connection cut, a full disk
-        raise InputError(f"cannot download {url} ({e}); or pass --data DIR with an extracted copy") from None
+        raise InputError(f"cannot download {url} ({e}); put {path.name} into {path.parent} yourself, or pass "
+                         "--data DIR with an extracted copy") from None
 
 @contextlib.contextmanager
 def one_at_a_time(root, name):
     """root/.name.lock held while the body runs: torchrun's other ranks wait for the first to fetch or write
     a data set, then find it there."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{name}.lock", "a") as lock:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / f".{name}.lock", "a")
+    except OSError as e:
+        raise InputError(f"cannot write {name} into --root {root} ({e.strerror}); use another --root") from None
+    with lock:
         if os.name == "posix":
             import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes, also when the process dies
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info(f"waiting for another process to write {root / name}")
+                fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes, also when the process dies
         yield
 
 def verified(url, path, digests):
@@ -85,6 +94,8 @@ def fetch(root, url, digests, folder):
     """root/folder, extracted from the archive at url: downloaded and verified, extracted once, whole or not
     at all, by one process at a time."""
     target = root / folder
+    if target.is_dir():  # a --root that is only read, such as a shared copy
+        return target
     with one_at_a_time(root, folder):
         if target.is_dir():
             return target
@@ -114,8 +125,9 @@ def read_idx(path):
         raw = gzip.decompress(path.read_bytes())
         kind, dims = raw[2], raw[3]  # 8: unsigned bytes; the number of dimensions
         shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
-        assert raw[:2] == b"\0\0" and kind == 8 and len(raw) == 4 + 4 * dims + math.prod(shape)
-    except (OSError, EOFError, IndexError, AssertionError):
+        if raw[:2] != b"\0\0" or kind != 8 or len(raw) != 4 + 4 * dims + math.prod(shape):
+            raise ValueError("not IDX")
+    except (OSError, EOFError, IndexError, ValueError):
         raise InputError(f"{path} is not one of MNIST's IDX files; delete it to fetch it again") from None
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
@@ -125,6 +137,8 @@ def mnist_folder(root, train_per_class=600, test_per_class=200):
     JPEGs (quality 95) in train/digit<d>/ and val/digit<d>/ of root/mnist-<train>-<test>, written once, whole."""
     from PIL import Image
     target = root / f"mnist-{train_per_class}-{test_per_class}"
+    if target.is_dir():  # a --root that is only read, such as a shared copy
+        return target
     with one_at_a_time(root, target.name):
         if target.is_dir():
             return target

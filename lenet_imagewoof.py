@@ -49,7 +49,7 @@ class ImageSettings(experiment.Settings):
     data: str = setting("", "an extracted folder in the Imagewoof layout; empty: download imagewoof2-160 "
                             "into --root; mnist: MNIST written in that layout into --root, the README's stand-in "
                             "(a folder named mnist: ./mnist)")
-    root: str = setting("data", "where the downloaded archive is kept and extracted")
+    root: str = setting("data", "where downloads are kept: the archive and its folder, or MNIST's files and theirs")
     size: int = setting(28, "input side in pixels (LeNet 28, ResNet18 224); images are decoded once at up to "
                             "160, the archive's size, and resized on the device",
                         valid=(lambda v: v >= 8, "at least 8"))
@@ -88,8 +88,10 @@ def check(s):
 
 def run(s):
     check(s)
-    folder = images.mnist_folder(Path(s.root)) if s.data == "mnist" else Path(s.data) if s.data else \
-        images.fetch(Path(s.root), URL, DIGESTS, "imagewoof2-160")
+    if s.data == "mnist":  # the README's stand-in
+        folder = images.mnist_folder(Path(s.root))
+    else:
+        folder = Path(s.data) if s.data else images.fetch(Path(s.root), URL, DIGESTS, "imagewoof2-160")
     # ResNet18 as the authors' script: whole images, squashed to a square (test images resized to 224 whole,
     # no crop), training crops of 40-80 % of the area, flips and colour jitter (docs/settings.md).
     # DEVIATION: images are decoded at 160 px (the archive's size) and the crops drawn from the squashed image.

@@ -119,6 +119,7 @@ def test_help_shows_each_architectures_paper_defaults_and_no_sine_flags():
     assert "[600]" in resnet and "[224]" in resnet and "[32]" in resnet
     batch = " ".join(lenet.split("  --batch BATCH")[1].split("  --lr")[0].split())  # LeNet's batch is ours, not the sine's
     assert batch == "examples per SGD step (this experiment's: docs/settings.md) [64]", batch
+    assert "sine:" not in lenet and "sine:" not in resnet  # the sine's value, 0.01, is LeNet's too, not its source
 
 
 def test_stacked_lenet_on_uint8_images_equals_one_at_a_time(tmp_path):
@@ -318,7 +319,11 @@ def test_data_mnist_writes_mnists_files_in_the_imagewoof_layout_once_and_runs_on
             assert written.shape == (28, 28, 3) and (written[..., 0] == written[..., 2]).all()
             assert np.abs(written[..., 0].astype(int) - first[10 * j + 7]).mean() < 4  # JPEG's errors
     monkeypatch.setattr(images, "download", lambda *a: pytest.fail("downloaded again"))
+    monkeypatch.setattr(images, "one_at_a_time", lambda *a: pytest.fail("locked"))  # a --root only read: no lock
     assert images.mnist_folder(tmp_path / "data", 3, 2) == folder
+    monkeypatch.undo()
+    with pytest.raises(experiment.InputError, match="cannot write mnist-3-2 into --root /proc/no/such"):
+        images.mnist_folder(Path("/proc/no/such"), 3, 2)  # unwritable even for root
     (tmp_path / "data" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not IDX"))
     with pytest.raises(experiment.InputError, match="not one of MNIST's IDX files"):
         images.read_idx(tmp_path / "data" / "t10k-labels-idx1-ubyte.gz")
