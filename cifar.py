@@ -29,6 +29,7 @@ if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line
 
 import torch
 
+import downloads
 import experiment
 import images
 import merge
@@ -146,7 +147,7 @@ def run(s):
     spec = DATASETS[dataset]
     make_teacher = lambda: network(spec["classes"], s.width)
     given = [load_teacher(path, make_teacher()) for path in s.teacher_files]  # checked before any download or write
-    folder = Path(s.data) if s.data else images.fetch(Path(s.root), spec["url"], dict(md5=spec["md5"]), spec["folder"])
+    folder = Path(s.data) if s.data else downloads.fetch(Path(s.root), spec["url"], dict(md5=spec["md5"]), spec["folder"])
     d = load_cifar(folder, dataset, s.val_fraction, s.seed)
     experiment.log.info(f"{folder}: train {len(d['x_train'])}, validation {len(d['x_val'])}, test {len(d['x_test'])} images")
     data = images.image_data(d, experiment.resolve_device(s), augment=images.random_crop_flip)

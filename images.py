@@ -1,20 +1,13 @@
-"""Image data, for every image experiment (lenet_imagewoof.py, cifar.py, imagenet.py): archives downloaded,
-verified and extracted once (and MNIST written in Imagewoof's layout, the README's stand-in); folders in
-ImageFolder's layout listed by one rule, checked, decoded once and cached; CIFAR's pickles; one validation
-split; the crops (centre, random resized, padded), flips, colour jitter and normalisation; data kept on the
-device as uint8, each batch made floats there (streaming.py streams ImageNet from disk instead); and the
-accuracy report of Tables 2 to 4. Where each setting's value comes from: docs/settings.md."""
-import contextlib
+"""Image data, for every image experiment (lenet_imagewoof.py, cifar.py, imagenet.py; downloads.py fetches
+it): folders in ImageFolder's layout listed by one rule, checked, decoded once and cached; CIFAR's pickles;
+one validation split; the crops (centre, random resized, padded), flips, colour jitter and normalisation;
+data kept on the device as uint8, each batch made floats there (streaming.py streams ImageNet from disk
+instead); and the accuracy report of Tables 2 to 4. Where each setting's value comes from: docs/settings.md."""
 import functools
-import gzip
-import hashlib
 import math
 import os
 import pickle
-import shutil
 import stat
-import tarfile
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,137 +18,6 @@ import experiment
 import merge
 import report
 from experiment import InputError, log
-
-# == Archives: downloaded with a progress bar, verified, extracted once ============================
-
-def matches(path, digests):
-    """Whether the file's digest is one of `digests` (name -> hex)."""
-    hashes = {name: hashlib.new(name) for name in digests}
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            for h in hashes.values():
-                h.update(chunk)
-    return any(hashes[name].hexdigest() == value for name, value in digests.items())
-
-def download(url, path):
-    """url -> path, with a progress bar; path appears only when the download is whole (as many bytes as the
-    server announced), else stays absent with one line said."""
-    try:
-        with urllib.request.urlopen(url) as response, report.written_whole(path) as part, open(part, "wb") as f:
-            total, done = int(response.headers.get("Content-Length") or 0), 0
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                f.write(chunk)
-                done += len(chunk)
-                if total:
-                    bar = "#" * (30 * done // total)
-                    print(f"\r  {path.name} [{bar:<30}] {done / 2**20:.0f}/{total / 2**20:.0f} MiB", end="", flush=True)
-            print()
-            if total and done != total:
-                raise EOFError(f"the download stopped at {done} of {total} bytes")  # written_whole keeps nothing
-    except EOFError as e:
-        log.info(str(e))
-    except OSError as e:  # URLError, a connection cut, a full disk
-        raise InputError(f"cannot download {url} ({e}); put {path.name} into {path.parent} yourself, or pass "
-                         "--data DIR with an extracted copy") from None
-
-@contextlib.contextmanager
-def one_at_a_time(root, name):
-    """root/.name.lock held while the body runs: torchrun's other ranks wait for the first to fetch or write
-    a data set, then find it there."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / f".{name}.lock", "a")
-    except OSError as e:
-        raise InputError(f"cannot write {name} into --root {root} ({e.strerror}); use another --root") from None
-    with lock:
-        if os.name == "posix":
-            import fcntl
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info(f"waiting for another process to write {root / name}")
-                fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes, also when the process dies
-        yield
-
-def verified(url, path, digests):
-    """path, downloaded from url unless it is there and matches `digests` (a broken or partial file is fetched
-    again, once)."""
-    for attempt in range(2):
-        if not path.exists():
-            log.info(f"downloading {url}")
-            download(url, path)
-        if path.exists() and matches(path, digests):
-            return path
-        path.unlink(missing_ok=True)  # broken or partial
-        if attempt:
-            raise InputError(f"{url} came short or did not match its published checksum twice; not using it")
-
-def fetch(root, url, digests, folder):
-    """root/folder, extracted from the archive at url: downloaded and verified, extracted once, whole or not
-    at all, by one process at a time."""
-    target = root / folder
-    if target.is_dir():  # a --root that is only read, such as a shared copy
-        return target
-    with one_at_a_time(root, folder):
-        if target.is_dir():
-            return target
-        archive = verified(url, root / url.rsplit("/", 1)[1], digests)
-        scratch = root / f".{folder}.extracting"
-        shutil.rmtree(scratch, ignore_errors=True)
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(scratch, filter="data")  # refuses absolute paths and links out of scratch
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise InputError(f"{archive} is not a readable archive ({e}); delete it to fetch it again") from None
-        if not (scratch / folder).is_dir():
-            raise InputError(f"{archive} holds no {folder} folder")
-        (scratch / folder).replace(target)
-        shutil.rmtree(scratch)
-        return target
-
-MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's copy of MNIST's original files
-MNIST_MD5 = {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-             "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
-
-def read_idx(path):
-    """The uint8 array of one of MNIST's gzipped IDX files: images (n, 28, 28) or labels (n,)."""
-    try:
-        raw = gzip.decompress(path.read_bytes())
-        kind, dims = raw[2], raw[3]  # 8: unsigned bytes; the number of dimensions
-        shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
-        if raw[:2] != b"\0\0" or kind != 8 or len(raw) != 4 + 4 * dims + math.prod(shape):
-            raise ValueError("not IDX")
-    except (OSError, EOFError, IndexError, ValueError):
-        raise InputError(f"{path} is not one of MNIST's IDX files; delete it to fetch it again") from None
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-def mnist_folder(root, train_per_class=600, test_per_class=200):
-    """MNIST in the Imagewoof layout, the stand-in for Imagewoof of the README's LeNet results: the first
-    train_per_class training and test_per_class test images of each digit in MNIST's original files, as RGB
-    JPEGs (quality 95) in train/digit<d>/ and val/digit<d>/ of root/mnist-<train>-<test>, written once, whole."""
-    from PIL import Image
-    target = root / f"mnist-{train_per_class}-{test_per_class}"
-    if target.is_dir():  # a --root that is only read, such as a shared copy
-        return target
-    with one_at_a_time(root, target.name):
-        if target.is_dir():
-            return target
-        files = {name: read_idx(verified(MNIST_URL + name, root / name, {"md5": md5}))
-                 for name, md5 in MNIST_MD5.items()}
-        scratch = root / f".{target.name}.writing"
-        shutil.rmtree(scratch, ignore_errors=True)
-        log.info(f"writing MNIST's images to {target}")
-        for split, prefix, per_class in (("train", "train", train_per_class), ("val", "t10k", test_per_class)):
-            x, y = files[f"{prefix}-images-idx3-ubyte.gz"], files[f"{prefix}-labels-idx1-ubyte.gz"]
-            for digit in range(10):
-                (scratch / split / f"digit{digit}").mkdir(parents=True)
-                for j, i in enumerate(np.flatnonzero(y == digit)[:per_class]):
-                    Image.fromarray(np.repeat(x[i][..., None], 3, 2)).save(
-                        scratch / split / f"digit{digit}" / f"{j}.JPEG", quality=95)
-        scratch.replace(target)
-        return target
 
 # == Folders of images (ImageFolder's layout), decoded once and cached ================================
 

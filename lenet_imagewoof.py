@@ -27,6 +27,7 @@ if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line
     import startup
     startup.quiet_interrupt()
 
+import downloads
 import experiment
 import images
 import merge
@@ -89,9 +90,9 @@ def check(s):
 def run(s):
     check(s)
     if s.data == "mnist":  # the README's stand-in
-        folder = images.mnist_folder(Path(s.root))
+        folder = downloads.mnist_folder(Path(s.root))
     else:
-        folder = Path(s.data) if s.data else images.fetch(Path(s.root), URL, DIGESTS, "imagewoof2-160")
+        folder = Path(s.data) if s.data else downloads.fetch(Path(s.root), URL, DIGESTS, "imagewoof2-160")
     # ResNet18 as the authors' script: whole images, squashed to a square (test images resized to 224 whole,
     # no crop), training crops of 40-80 % of the area, flips and colour jitter (docs/settings.md).
     # DEVIATION: images are decoded at 160 px (the archive's size) and the crops drawn from the squashed image.

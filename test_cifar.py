@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cifar
+import downloads
 import images
 import experiment
 import merge
@@ -202,10 +203,10 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     archive = make_archive(tmp_path, "cifar10")
     spec = dict(cifar.DATASETS["cifar10"], url=archive.as_uri(), md5=hashlib.md5(archive.read_bytes()).hexdigest())
     monkeypatch.setitem(cifar.DATASETS, "cifar10", spec)
-    folder = images.fetch(tmp_path / "data", spec["url"], dict(md5=spec["md5"]), spec["folder"])
+    folder = downloads.fetch(tmp_path / "data", spec["url"], dict(md5=spec["md5"]), spec["folder"])
     assert folder == tmp_path / "data" / "cifar-10-batches-py" and (folder / "test_batch").is_file()
-    monkeypatch.setattr(images, "download", lambda *a: pytest.fail("downloaded again"))
-    assert images.fetch(tmp_path / "data", spec["url"], dict(md5=spec["md5"]), spec["folder"]) == folder
+    monkeypatch.setattr(downloads, "download", lambda *a: pytest.fail("downloaded again"))
+    assert downloads.fetch(tmp_path / "data", spec["url"], dict(md5=spec["md5"]), spec["folder"]) == folder
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -271,7 +272,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
                 pickle.dump(batch, f, protocol=2)
         args += ["--data", folder, "--experiment", "vgg11-cifar10"]
     elif damage == "missing teacher, no download":  # the files are read before the data set is fetched
-        monkeypatch.setattr(cifar.images, "fetch", lambda *a: pytest.fail("downloaded before reading the teachers"))
+        monkeypatch.setattr(cifar.downloads, "fetch", lambda *a: pytest.fail("downloaded before reading the teachers"))
         args += ["--root", tmp_path / "data", "--experiment", "vgg11-cifar10", "--teacher-files", "gone.pt", "gone.pt"]
     elif damage == "all for validation":
         args += ["--data", make_cifar(tmp_path, "cifar100"), "--val-fraction", "0.999"]

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import lenet_imagewoof as woof
+import downloads
 import images
 import experiment
 import merge
@@ -266,24 +267,24 @@ def make_archive(tmp_path):
 def test_the_archive_is_downloaded_verified_and_extracted_once(tmp_path, monkeypatch):
     url, digests = make_archive(tmp_path)
     root = tmp_path / "data"
-    folder = images.fetch(root, url, digests, "imagewoof2-160")
+    folder = downloads.fetch(root, url, digests, "imagewoof2-160")
     assert folder == root / "imagewoof2-160" and len(images.list_images(folder / "train")[0]) == 18
-    monkeypatch.setattr(images, "download", lambda *a: pytest.fail("downloaded again"))
-    assert images.fetch(root, url, digests, "imagewoof2-160") == folder
+    monkeypatch.setattr(downloads, "download", lambda *a: pytest.fail("downloaded again"))
+    assert downloads.fetch(root, url, digests, "imagewoof2-160") == folder
 
 
 def test_processes_fetching_at_once_download_and_extract_once(tmp_path, monkeypatch):
     """torchrun's ranks each call fetch on their first run: one downloads and extracts, the others wait for it."""
     url, digests = make_archive(tmp_path)
-    real_download, calls = images.download, []
+    real_download, calls = downloads.download, []
 
     def slow_download(*args):
         calls.append(args)
         time.sleep(0.5)  # the others arrive while the first is still downloading
         real_download(*args)
-    monkeypatch.setattr(images, "download", slow_download)
+    monkeypatch.setattr(downloads, "download", slow_download)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:  # flock excludes open files, not only processes
-        folders = list(pool.map(lambda _: images.fetch(tmp_path / "data", url, digests, "imagewoof2-160"), range(3)))
+        folders = list(pool.map(lambda _: downloads.fetch(tmp_path / "data", url, digests, "imagewoof2-160"), range(3)))
     assert len(calls) == 1 and folders == [tmp_path / "data" / "imagewoof2-160"] * 3
     assert len(images.list_images(folders[0] / "train")[0]) == 18
 
@@ -305,10 +306,10 @@ def test_data_mnist_writes_mnists_files_in_the_imagewoof_layout_once_and_runs_on
         pixels[:, 10:18, 10:18] = 255 * (np.arange(n) % 2)[:, None, None]  # and the even ones hold a black square
         write_idx(server / f"{prefix}-images-idx3-ubyte.gz", pixels)
         write_idx(server / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    monkeypatch.setattr(images, "MNIST_URL", server.as_uri() + "/")
-    monkeypatch.setattr(images, "MNIST_MD5", {name: hashlib.md5((server / name).read_bytes()).hexdigest()
-                                              for name in images.MNIST_MD5})
-    folder = images.mnist_folder(tmp_path / "data", 3, 2)
+    monkeypatch.setattr(downloads, "MNIST_URL", server.as_uri() + "/")
+    monkeypatch.setattr(downloads, "MNIST_MD5", {name: hashlib.md5((server / name).read_bytes()).hexdigest()
+                                              for name in downloads.MNIST_MD5})
+    folder = downloads.mnist_folder(tmp_path / "data", 3, 2)
     assert folder == tmp_path / "data" / "mnist-3-2"
     for split, per_class, first in (("train", 3, pixels_of(server / "train-images-idx3-ubyte.gz")),
                                     ("val", 2, pixels_of(server / "t10k-images-idx3-ubyte.gz"))):
@@ -318,16 +319,16 @@ def test_data_mnist_writes_mnists_files_in_the_imagewoof_layout_once_and_runs_on
             written = np.asarray(Image.open(folder / split / "digit7" / f"{j}.JPEG"))
             assert written.shape == (28, 28, 3) and (written[..., 0] == written[..., 2]).all()
             assert np.abs(written[..., 0].astype(int) - first[10 * j + 7]).mean() < 4  # JPEG's errors
-    monkeypatch.setattr(images, "download", lambda *a: pytest.fail("downloaded again"))
-    monkeypatch.setattr(images, "one_at_a_time", lambda *a: pytest.fail("locked"))  # a --root only read: no lock
-    assert images.mnist_folder(tmp_path / "data", 3, 2) == folder
+    monkeypatch.setattr(downloads, "download", lambda *a: pytest.fail("downloaded again"))
+    monkeypatch.setattr(downloads, "open", lambda *a: pytest.fail("locked"), raising=False)  # a --root only read
+    assert downloads.mnist_folder(tmp_path / "data", 3, 2) == folder
     monkeypatch.undo()
     with pytest.raises(experiment.InputError, match="cannot write mnist-3-2 into --root /proc/no/such"):
-        images.mnist_folder(Path("/proc/no/such"), 3, 2)  # unwritable even for root
+        downloads.mnist_folder(Path("/proc/no/such"), 3, 2)  # unwritable even for root
     (tmp_path / "data" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not IDX"))
     with pytest.raises(experiment.InputError, match="not one of MNIST's IDX files"):
-        images.read_idx(tmp_path / "data" / "t10k-labels-idx1-ubyte.gz")
-    monkeypatch.setattr(images, "mnist_folder", lambda root: folder)  # the command line's --data mnist
+        downloads.read_idx(tmp_path / "data" / "t10k-labels-idx1-ubyte.gz")
+    monkeypatch.setattr(downloads, "mnist_folder", lambda root: folder)  # the command line's --data mnist
     woof.main(["--data", "mnist", "--root", str(tmp_path / "data"), "--epochs", "6", "--runs", "1", "--strategies",
                "one", "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert "LeNet on mnist-3-2" in (tmp_path / "out" / "summary.md").read_text()
@@ -342,9 +343,9 @@ def test_a_broken_download_is_fetched_again_and_a_wrong_checksum_refused(tmp_pat
     root = tmp_path / "data"
     root.mkdir()
     (root / "imagewoof2-160.tgz").write_bytes(b"the first 10 bytes of a cut download")
-    assert (images.fetch(root, url, digests, "imagewoof2-160") / "val").is_dir()  # replaced, then extracted
+    assert (downloads.fetch(root, url, digests, "imagewoof2-160") / "val").is_dir()  # replaced, then extracted
     with pytest.raises(experiment.InputError, match="checksum"):
-        images.fetch(tmp_path / "elsewhere", url, {"md5": "0" * 32}, "imagewoof2-160")
+        downloads.fetch(tmp_path / "elsewhere", url, {"md5": "0" * 32}, "imagewoof2-160")
     assert not (tmp_path / "elsewhere" / "imagewoof2-160").exists()
 
 
@@ -361,7 +362,7 @@ def test_the_readme_reports_what_the_committed_lenet_runs_produced(folder):
 
 def test_a_download_cut_short_is_fetched_again_and_no_network_is_one_line(tmp_path, monkeypatch):
     url, digests = make_archive(tmp_path)
-    real_urlopen, calls = images.urllib.request.urlopen, []
+    real_urlopen, calls = downloads.urllib.request.urlopen, []
 
     def flaky_urlopen(address):  # the first response ends early: fewer bytes than it announces
         response = real_urlopen(address)
@@ -370,11 +371,11 @@ def test_a_download_cut_short_is_fetched_again_and_no_network_is_one_line(tmp_pa
             chunks = iter([response.read()[:100]])
             response.read = lambda n: next(chunks, b"")
         return response
-    monkeypatch.setattr(images.urllib.request, "urlopen", flaky_urlopen)
-    assert (images.fetch(tmp_path / "data", url, digests, "imagewoof2-160") / "train").is_dir()
+    monkeypatch.setattr(downloads.urllib.request, "urlopen", flaky_urlopen)
+    assert (downloads.fetch(tmp_path / "data", url, digests, "imagewoof2-160") / "train").is_dir()
     assert calls.count(url) == 2
     with pytest.raises(experiment.InputError, match="cannot download"):
-        images.fetch(tmp_path / "other", (tmp_path / "nowhere.tgz").as_uri(), digests, "imagewoof2-160")
+        downloads.fetch(tmp_path / "other", (tmp_path / "nowhere.tgz").as_uri(), digests, "imagewoof2-160")
 
 
 def test_the_readme_states_where_lenets_lambda_ends():
