@@ -67,8 +67,9 @@ class Settings(merge.Settings):
                               "later", run_only=True)
     stack: int = setting(1, "1: train alike phases of all runs as one stack (stacked.py); 0: one model at a time, "
                          "as the paper's scripts do (ours)", run_only=True, choices=(0, 1))
-    compile: int = setting(1, "1: torch.compile the stacked step, falling back to eager where it can't; on a GPU "
-                           "its steps run as CUDA graphs either way (ours)", run_only=True, choices=(0, 1))
+    compile: str = setting("auto", "1: torch.compile the stacked step, falling back to eager where it can't; 0: "
+                           "eager; auto: 1, but 0 for convolutions on a GPU (faster: docs/speed.md); on a GPU the "
+                           "steps run as CUDA graphs either way (ours)", run_only=True, choices=("auto", "1", "0"))
 
 def flag(f):  # the command-line flag of a settings field: n_train -> --n-train
     return "--" + f.name.replace("_", "-")
@@ -208,8 +209,7 @@ def locked(s):
         except InputError as e:
             refusal = str(e)
     if ranks()[1] > 1:
-        answer = [refusal]
-        torch.distributed.broadcast_object_list(answer)
+        torch.distributed.broadcast_object_list(answer := [refusal])
         refusal = answer[0]
     if refusal:
         raise InputError(refusal)

@@ -4,9 +4,11 @@ compiling and again with torch's compiled steps cached; LeNet, 10 runs x 60 epoc
 eager; ImageNet's loader and ResNet18 on synthetic JPEGs (the loader alone, the model alone, both; Pillow
 and nvJPEG); then, while --budget lasts, the sine protocol on this machine's CPU cores, LeNet with its
 compiled steps cached and small runs of each experiment on the GPU against the CPU's rows. Each timing
-says how often a CUDA graph could not be recorded (its steps then ran one launch a kernel). It writes its report to --report as it goes.
+says how often a CUDA graph could not be recorded (its steps then ran one launch a kernel). It writes its
+report to --report as it goes; --only runs some of its steps again.
 
     python gpu_check.py --report gpu_check.md --lenet-data DIR     # on one GPU
+    python gpu_check.py --only imagenet-gpu graphs                 # two steps again, after a change
     python gpu_check.py --device cpu --small                       # every step, tiny, on the CPU
 """
 import argparse
@@ -27,6 +29,7 @@ import cifar
 import lenet_imagewoof
 import sine
 
+STEPS = ("graphs", "sine", "lenet", "imagenet-cpu", "imagenet-gpu", "sine-cpu", "lenet-cached", "small-runs")
 SINE = ["--runs", "10", "--epochs", "60", "--n-train", "2000", "--n-val", "500", "--n-test", "2000", "--workers", "1"]
 
 
@@ -154,26 +157,26 @@ def imagenet_throughput(scratch, device, decode="cpu", workers=None):
 
 def sine_graphs(device):
     """The stacked sine step with and without CUDA graphs of 10 steps, compiled and eager: {(compile, graphs):
-    microseconds a step of a stack of 50 models (the median epoch past the first two)}, and {compile: the
-    largest difference between the weights with graphs and without}."""
+    microseconds a step of a stack of 50 models (the median epoch past the first two)}, {compile: the largest
+    difference between the weights with graphs and without}, and that between two compilations without."""
     import merge
     import stacked
     s, data = merge.Settings(), merge.sine_data(0, 10_000, 100, 100, device=device)
     times, weights = {}, {}
-    for use_compile in (1, 0):
-        for graphs in (False, device == "cuda"):  # on a CPU, a try-out: both without graphs
-            models, ends = [], []
-            for seed in range(50):
-                torch.manual_seed(seed)
-                models.append(merge.SineMLP().to(device))
-            stacked.fit_stacked(models, [data] * 50, s, 6, seeds=range(50), compile=use_compile, graphs=graphs,
-                                after_epoch=lambda epoch, history: ends.append(time.time()))  # one epoch late
-            steps = -(-10_000 // s.batch)
-            times[use_compile, graphs] = float(np.median(np.diff(ends[1:-1]))) / steps * 1e6  # epochs 2-4 (the
-            # last epoch's row waits for the GPU's tail alone)
-            weights[use_compile, graphs] = torch.cat([p.detach().flatten() for m in models for p in m.parameters()])
-    return times, {c: (weights[c, True] - weights[c, False]).abs().max().item() if (c, True) in weights else 0.0
-                   for c in (1, 0)}
+    for use_compile, graphs in ((1, False), (1, device == "cuda"), (1, "again"), (0, False), (0, device == "cuda")):
+        models, ends = [], []  # on a CPU, a try-out: without graphs throughout
+        for seed in range(50):
+            torch.manual_seed(seed)
+            models.append(merge.SineMLP().to(device))
+        stacked.fit_stacked(models, [data] * 50, s, 6, seeds=range(50), compile=use_compile, graphs=graphs is True,
+                            after_epoch=lambda epoch, history: ends.append(time.time()))  # one epoch late
+        steps = -(-10_000 // s.batch)
+        times[use_compile, graphs] = float(np.median(np.diff(ends[1:-1]))) / steps * 1e6  # epochs 2-4 (the
+        # last epoch's row waits for the GPU's tail alone)
+        weights[use_compile, graphs] = torch.cat([p.detach().flatten() for m in models for p in m.parameters()])
+    differ = lambda a, b: (weights[a] - weights[b]).abs().max().item()  # noqa: E731
+    return times, {c: differ((c, True), (c, False)) if (c, True) in weights else 0.0 for c in (1, 0)}, \
+        differ((1, "again"), (1, False))
 
 
 def run(main, argv, device, log=None):
@@ -228,6 +231,8 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=300, help="seconds after which the optional steps (the "
                         "CPU's sine protocol, LeNet again, small runs against the CPU's rows) are left out [300]")
     parser.add_argument("--small", action="store_true", help="tiny budgets throughout: a try-out of the steps")
+    parser.add_argument("--only", nargs="+", choices=STEPS, default=STEPS, metavar="STEP", help="these steps alone "
+                        f"(of {', '.join(STEPS)}), a check again after a change [all]")
     args = parser.parse_args(argv)
     if not args.budget >= 0 or args.lenet_data and not Path(args.lenet_data).is_dir():
         parser.error(f"--budget must be 0 or more, got {args.budget}" if not args.budget >= 0 else
@@ -257,17 +262,21 @@ def main(argv=None):
             say(f"{what}: a CUDA graph could not be recorded {stacked.Graphs.failures - failures} time(s); those "
                 "blocks ran one launch a kernel (the log says why)", "")
 
-    say("## The stacked step in blocks of 10 (CUDA graphs)", "")
     def graphs():
-        times, difference = sine_graphs(device)
+        say("## The stacked step in blocks of 10 (CUDA graphs)", "")
+        times, difference, recompiled = sine_graphs(device)
         for c, how in ((1, "compiled"), (0, "eager")):
             plain, graphed = times[c, False], times[c, device == "cuda"]
             say(f"A stack of 50 sine MLPs, batch 32, {how}: {plain:.0f} us a step one launch a step, {graphed:.0f} "
                 f"us a step with 10 steps a CUDA graph ({plain / graphed:.1f}x); largest difference of the weights "
-                f"after 6 epochs {difference[c]:.2e}.", "")
-    step("CUDA graphs", graphs)
+                f"after 6 epochs {difference[c]:.2e}" + (f", and between two compilations without graphs "
+                f"{recompiled:.2e} (Triton picks a kernel's configuration by timing its candidates)" if c else "")
+                + ".", "")
+    if "graphs" in args.only:
+        step("CUDA graphs", graphs)
 
-    say("## Whole protocols", "", "| what | device | seconds | results |", "|---|---|---|---|")
+    if {"sine", "lenet"} & set(args.only):
+        say("## Whole protocols", "", "| what | device | seconds | results |", "|---|---|---|---|")
     small = ["--n-train", 1000, "--n-val", 200, "--n-test", 1000, "--epochs", 30] if args.small else []
     runs = 4 if args.small else 50
     for i, attempt in enumerate(("compiling", "compiled steps cached by torch")):
@@ -276,7 +285,8 @@ def main(argv=None):
                                                   scratch / f"sine-{i}"], device, logs / f"sine-{device}-{i}.log")
             say(protocol_line(f"`python merge.py --task sine --runs {runs}`, {attempt}", device, seconds, rows,
                               "test_mse", True))
-        step("sine protocol", sine_protocol)
+        if "sine" in args.only:
+            step("sine protocol", sine_protocol)
     lenet_data = Path(args.lenet_data) if args.lenet_data else write_images(scratch / "woof10", 10, 600, 32)
     lenet_runs, lenet_epochs = (2, 6) if args.small else (10, 60)
     def lenet(i, attempt, flags=()):
@@ -286,14 +296,18 @@ def main(argv=None):
         data = f"{lenet_data.name}, stand-in data" if args.lenet_data else "synthetic images"
         say(protocol_line(f"LeNet, {lenet_runs} runs x {lenet_epochs} epochs, stacked, on {data}, {attempt}", device,
                           seconds, rows, "test_accuracy", False))
-    step("LeNet", lambda: lenet(0, "compiling"))
-    step("LeNet, eager", lambda: lenet(2, "eager (`--compile 0`)", ["--compile", 0]))
+    if "lenet" in args.only:
+        step("LeNet", lambda: lenet(0, "compiled (`--compile 1`)", ["--compile", 1]))
+        step("LeNet, eager", lambda: lenet(2, "eager (`--compile 0`)", ["--compile", 0]))
 
-    say("", "## ImageNet's loader and ResNet18 (synthetic JPEGs)", "")
     import streaming
+    heading = ["", "## ImageNet's loader and ResNet18 (synthetic JPEGs)", ""]  # said before the first of them
     for decode in ("cpu", "gpu") if device == "cpu" or streaming.has_torchvision() else ("cpu",):
-        if decode == "gpu" and device == "cpu":
+        if decode == "gpu" and device == "cpu" or f"imagenet-{decode}" not in args.only:
             continue  # nvJPEG needs the GPU
+        if heading:
+            say(*heading)
+            heading = []
         def throughput(decode=decode):
             r = imagenet_throughput(scratch, device, decode)
             say(f"ResNet18 at {r['size']} px, batch {r['batch']}, --decode {decode}, on synthetic natural-looking "
@@ -310,12 +324,14 @@ def main(argv=None):
 
     left_out = []  # the optional steps past --budget, named in the report
 
-    def within_budget(what):
+    def within_budget(what, name):
+        if name not in args.only:
+            return False
         if time.time() - began < args.budget:
             return True
         left_out.append(what)
         return False
-    if device == "cuda" and within_budget("the sine protocol on this machine's CPU cores"):
+    if device == "cuda" and within_budget("the sine protocol on this machine's CPU cores", "sine-cpu"):
         say("## The sine protocol on this machine's CPU cores", "", "| what | device | seconds | results |",
             "|---|---|---|---|")
         def on_cpu():
@@ -323,10 +339,10 @@ def main(argv=None):
                                                   scratch / "sine-cpu"], "cpu", logs / "sine-cpu.log")
             say(protocol_line(f"`python merge.py --task sine --runs {runs}`", "cpu", seconds, rows, "test_mse", True))
         step("sine protocol on the CPU", on_cpu)
-    if within_budget("LeNet again, its compiled steps cached"):
+    if within_budget("LeNet again, its compiled steps cached", "lenet-cached"):
         say("", "| what | device | seconds | results |", "|---|---|---|---|")
-        step("LeNet", lambda: lenet(1, "compiled steps cached by torch"))
-    if within_budget("small runs of each experiment against the CPU's rows"):
+        step("LeNet", lambda: lenet(1, "compiled (`--compile 1`), its steps cached by torch", ["--compile", 1]))
+    if within_budget("small runs of each experiment against the CPU's rows", "small-runs"):
         say("", "## Small runs, the GPU's rows against the CPU's", "", "| experiment | device | trainer | model-epochs | "
             "seconds | s / model-epoch | peak GPU MiB | largest difference from the CPU's rows |",
             "|---|---|---|---|---|---|---|---|")

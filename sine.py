@@ -21,8 +21,8 @@ from experiment import AT_LEAST_1, NOT_NEGATIVE, setting
 class SineSettings(experiment.Settings):
     """The sine experiment: the method's and the runs' settings (their defaults are the sine's), and its data."""
     row_keys: ClassVar[tuple] = ("val_mse", "peaks", "curve")
-    # --device auto keeps the sine on the CPU: its tiny steps are launch-bound on a GPU, where the full protocol
-    # took longer on one H100 than on 2 CPU cores (docs/speed.md); --device cuda still takes the GPU
+    # --device auto keeps the sine on the CPU, where the README's rows come from to the last digit (a GPU draws
+    # other orders); --device cuda takes the GPU, the faster: 39-47 s on one H100 (docs/speed.md)
     gpu_pays: ClassVar[bool] = False
     task: str = setting("sine", "experiment (section 3.2); the image experiments have their own scripts",
                         choices=("sine",))

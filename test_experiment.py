@@ -462,7 +462,8 @@ def test_every_preset_is_the_documented_setting(name, setting, value):
 
 
 @pytest.mark.parametrize("args, message", [([], "no GPU"), (["--device", "cpu", "--budget", "-5"], "--budget must be"),
-                                           (["--device", "cpu", "--lenet-data", "/no/such"], "is not a folder")])
+                                           (["--device", "cpu", "--lenet-data", "/no/such"], "is not a folder"),
+                                           (["--device", "cpu", "--only", "sine", "nothing"], "invalid choice")])
 def test_the_gpu_check_without_a_gpu_or_with_a_bad_setting_is_bad_input(tmp_path, capsys, args, message):
     import gpu_check
     if torch.cuda.is_available() and not args:
