@@ -56,10 +56,10 @@ class Settings(merge.Settings):
     """merge.Settings and what every experiment adds: runs, seeds, where to train and to write."""
     metric: ClassVar[str] = "test_mse"  # the number every row has, the one the summaries compare
     row_keys: ClassVar[tuple] = ()  # what else every row of the experiment holds, for its report
-    gpu_pays: ClassVar[bool] = True  # whether --device auto takes a GPU torch sees
+    gpu_pays: ClassVar[bool] = True  # whether --device auto takes a GPU torch sees (the sine's keeps its CPU rows)
     runs: int = setting(50, "independent runs, each with its own models and seeds", run_only=True)
     seed: int = setting(0, "base seed: run r has the run seed 1000 seed + r (ours)")
-    device: str = setting("auto", "where to train: auto picks a GPU torch sees if the experiment is faster there",
+    device: str = setting("auto", "where to train: auto picks a GPU torch sees, for the sine the CPU (docs/speed.md)",
                           run_only=True, choices=("auto", "cpu", "cuda"))
     out: str = setting("runs/sine", "folder for results.jsonl, summary.md and the figures", run_only=True)
     strategies: str = setting("student,bo3,one", "comma-separated, of student, bo3, one (section 3.1), the controls "
@@ -67,9 +67,10 @@ class Settings(merge.Settings):
                               "later", run_only=True)
     stack: int = setting(1, "1: train alike phases of all runs as one stack (stacked.py); 0: one model at a time, "
                          "as the paper's scripts do (ours)", run_only=True, choices=(0, 1))
-    compile: str = setting("auto", "1: torch.compile the stacked step, falling back to eager where it can't; 0: "
-                           "eager; auto: 1, but 0 for convolutions on a GPU (faster: docs/speed.md); on a GPU the "
-                           "steps run as CUDA graphs either way (ours)", run_only=True, choices=("auto", "1", "0"))
+    compile: str = setting("auto", "1: torch.compile the stacked step (eager where it can't); 0: eager; auto: 1, "
+                           f"but 0 for convolutions on a GPU in phases under {stacked.GPU_COMPILE_EPOCHS} epochs "
+                           "(faster: docs/speed.md); on a GPU steps run as CUDA graphs (ours)", run_only=True,
+                           choices=("auto", "1", "0"))
 
 def flag(f):  # the command-line flag of a settings field: n_train -> --n-train
     return "--" + f.name.replace("_", "-")
@@ -348,8 +349,7 @@ def start_ranks(s):
             time.sleep(0.5)
         os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
-    cuda = resolve_device(s) == "cuda"
-    if cuda:
+    if cuda := resolve_device(s) == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
 

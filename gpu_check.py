@@ -2,8 +2,9 @@
 the stacked step with and without CUDA graphs, compiled and eager; the whole sine protocol (50 runs),
 compiling and again with torch's compiled steps cached; LeNet, 10 runs x 60 epochs, stacked, compiled and
 eager; ImageNet's loader and ResNet18 on synthetic JPEGs (the loader alone, the model alone, both; Pillow
-and nvJPEG); then, while --budget lasts, the sine protocol on this machine's CPU cores, LeNet with its
-compiled steps cached and small runs of each experiment on the GPU against the CPU's rows. Each timing
+and nvJPEG); then, while --budget lasts, where a step of the stacked sine goes (its kernels, their GPU time,
+drawing an epoch's orders), the sine protocol on this machine's CPU cores, LeNet with its compiled steps
+cached and small runs of each experiment on the GPU against the CPU's rows. Each timing
 says how often a CUDA graph could not be recorded (its steps then ran one launch a kernel). It writes its
 report to --report as it goes; --only runs some of its steps again.
 
@@ -13,6 +14,7 @@ report to --report as it goes; --only runs some of its steps again.
 """
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -29,7 +31,8 @@ import cifar
 import lenet_imagewoof
 import sine
 
-STEPS = ("graphs", "sine", "lenet", "imagenet-cpu", "imagenet-gpu", "sine-cpu", "lenet-cached", "small-runs")
+STEPS = ("graphs", "sine", "lenet", "imagenet-cpu", "imagenet-gpu", "kernels", "sine-cpu", "lenet-cached",
+         "small-runs")
 SINE = ["--runs", "10", "--epochs", "60", "--n-train", "2000", "--n-val", "500", "--n-test", "2000", "--workers", "1"]
 
 
@@ -155,21 +158,30 @@ def imagenet_throughput(scratch, device, decode="cpu", workers=None):
                 decoding=decoding, epoch=rates[len(rates) // 2 - 1] if rates else float("nan"), same=same)
 
 
+def sine_stack(size, device):
+    """size sine MLPs, model r made from seed r."""
+    import merge
+    models = []
+    for seed in range(size):
+        torch.manual_seed(seed)
+        models.append(merge.SineMLP().to(device))
+    return models
+
+
 def sine_graphs(device):
     """The stacked sine step with and without CUDA graphs of 10 steps, compiled and eager: {(compile, graphs):
     microseconds a step of a stack of 50 models (the median epoch past the first two)}, {compile: the largest
-    difference between the weights with graphs and without}, and that between two compilations without."""
+    difference between the weights with graphs and without}, and that between two compilations without graphs,
+    the second with torch's compile caches off (so that it chooses its kernels afresh)."""
     import merge
     import stacked
     s, data = merge.Settings(), merge.sine_data(0, 10_000, 100, 100, device=device)
     times, weights = {}, {}
     for use_compile, graphs in ((1, False), (1, device == "cuda"), (1, "again"), (0, False), (0, device == "cuda")):
-        models, ends = [], []  # on a CPU, a try-out: without graphs throughout
-        for seed in range(50):
-            torch.manual_seed(seed)
-            models.append(merge.SineMLP().to(device))
-        stacked.fit_stacked(models, [data] * 50, s, 6, seeds=range(50), compile=use_compile, graphs=graphs is True,
-                            after_epoch=lambda epoch, history: ends.append(time.time()))  # one epoch late
+        models, ends = sine_stack(50, device), []  # on a CPU, a try-out: without graphs throughout
+        with torch._inductor.config.patch(force_disable_caches=graphs == "again"):  # compiled afresh, no cache
+            stacked.fit_stacked(models, [data] * 50, s, 6, seeds=range(50), compile=use_compile, graphs=graphs is True,
+                                after_epoch=lambda epoch, history: ends.append(time.time()))  # a GPU's: late
         steps = -(-10_000 // s.batch)
         times[use_compile, graphs] = float(np.median(np.diff(ends[1:-1]))) / steps * 1e6  # epochs 2-4 (the
         # last epoch's row waits for the GPU's tail alone)
@@ -177,6 +189,42 @@ def sine_graphs(device):
     differ = lambda a, b: (weights[a] - weights[b]).abs().max().item()  # noqa: E731
     return times, {c: differ((c, True), (c, False)) if (c, True) in weights else 0.0 for c in (1, 0)}, \
         differ((1, "again"), (1, False))
+
+
+def sine_kernels(device, sizes=(50, 150), epochs=5):
+    """Where a step of the stacked sine goes, for stacks of 50 and 150 (the one model's and the teachers'
+    phases): {size: (microseconds a step, compiled, 10 steps a CUDA graph; kernels a step and their GPU time in
+    microseconds, profiled one launch a step, those launched at least once a step; milliseconds an epoch to draw
+    its orders, a randperm a model as fit_stacked draws them; milliseconds of steps an epoch)}."""
+    import merge
+    import stacked
+    from torch.profiler import ProfilerActivity, profile
+    s, data = merge.Settings(), merge.sine_data(0, 10_000, 100, 100, device=device)
+    steps, result = -(-10_000 // s.batch), {}
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+    for size in sizes:
+        def train(epochs, **how):
+            stacked.fit_stacked(sine_stack(size, device), [data] * size, s, epochs, seeds=range(size), **how)
+        ends = []
+        train(epochs, graphs=device == "cuda", after_epoch=lambda epoch, history: ends.append(time.time()))
+        step = float(np.median(np.diff(ends[1:-1]))) / steps * 1e6
+        train(1, graphs=False)  # compiled again one launch a step, then profiled with torch's compiled step cached
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])) as p:
+            train(1, graphs=False)
+        kernels = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.count >= steps]
+        sync()
+        began = time.time()
+        for epoch in range(3):
+            torch.stack([torch.randperm(10_000, device=device, generator=torch.Generator(device).manual_seed(
+                merge.epoch_seed(seed, epoch))) for seed in range(size)])
+        sync()
+        result[size] = (step, sum(e.count for e in kernels) / steps,
+                        sum(e.self_device_time_total for e in kernels) / steps,
+                        (time.time() - began) / 3 * 1e3, step * steps / 1e3)
+    return result
 
 
 def run(main, argv, device, log=None):
@@ -269,9 +317,8 @@ def main(argv=None):
             plain, graphed = times[c, False], times[c, device == "cuda"]
             say(f"A stack of 50 sine MLPs, batch 32, {how}: {plain:.0f} us a step one launch a step, {graphed:.0f} "
                 f"us a step with 10 steps a CUDA graph ({plain / graphed:.1f}x); largest difference of the weights "
-                f"after 6 epochs {difference[c]:.2e}" + (f", and between two compilations without graphs "
-                f"{recompiled:.2e} (Triton picks a kernel's configuration by timing its candidates)" if c else "")
-                + ".", "")
+                f"after 6 epochs {difference[c]:.2e}" + (f", and between two compilations without graphs, the "
+                f"second with torch's compile caches off, {recompiled:.2e}" if c else "") + ".", "")
     if "graphs" in args.only:
         step("CUDA graphs", graphs)
 
@@ -287,24 +334,40 @@ def main(argv=None):
                               "test_mse", True))
         if "sine" in args.only:
             step("sine protocol", sine_protocol)
-    lenet_data = Path(args.lenet_data) if args.lenet_data else write_images(scratch / "woof10", 10, 600, 32)
     lenet_runs, lenet_epochs = (2, 6) if args.small else (10, 60)
+
+    @functools.cache
+    def lenet_data():  # written when a LeNet step first needs it
+        return Path(args.lenet_data) if args.lenet_data else write_images(scratch / "woof10", 10, 600, 32)
+
     def lenet(i, attempt, flags=()):
-        argv = ["--data", lenet_data, "--runs", lenet_runs, "--epochs", lenet_epochs, "--stack", 1, "--device", device,
-                *flags, "--out", scratch / f"lenet-{i}"]
+        argv = ["--data", lenet_data(), "--runs", lenet_runs, "--epochs", lenet_epochs, "--stack", 1, "--device",
+                device, *flags, "--out", scratch / f"lenet-{i}"]
         seconds, _, rows, _ = run(lenet_imagewoof.main, argv, device, logs / f"lenet-{i}.log")
-        data = f"{lenet_data.name}, stand-in data" if args.lenet_data else "synthetic images"
+        data = f"{lenet_data().name}, stand-in data" if args.lenet_data else "synthetic images"
         say(protocol_line(f"LeNet, {lenet_runs} runs x {lenet_epochs} epochs, stacked, on {data}, {attempt}", device,
                           seconds, rows, "test_accuracy", False))
     if "lenet" in args.only:
         step("LeNet", lambda: lenet(0, "compiled (`--compile 1`)", ["--compile", 1]))
         step("LeNet, eager", lambda: lenet(2, "eager (`--compile 0`)", ["--compile", 0]))
 
+    left_out = []  # the steps asked for and not run, with why, named at the report's end
+
+    def wanted(name, what, why_not="", optional=True):  # optional: left out past --budget
+        if name not in args.only:
+            return False
+        if not why_not and optional and time.time() - began >= args.budget:
+            why_not = f"past --budget {args.budget:.0f} s"
+        if why_not:
+            left_out.append(f"{what} ({why_not})")
+        return not why_not
     import streaming
     heading = ["", "## ImageNet's loader and ResNet18 (synthetic JPEGs)", ""]  # said before the first of them
-    for decode in ("cpu", "gpu") if device == "cpu" or streaming.has_torchvision() else ("cpu",):
-        if decode == "gpu" and device == "cpu" or f"imagenet-{decode}" not in args.only:
-            continue  # nvJPEG needs the GPU
+    for decode in ("cpu", "gpu"):
+        why_not = "nvJPEG needs the GPU" if device == "cpu" else "" if streaming.has_torchvision() else \
+            "torchvision does not load beside this torch"
+        if not wanted(f"imagenet-{decode}", f"ImageNet with --decode {decode}", decode == "gpu" and why_not, False):
+            continue
         if heading:
             say(*heading)
             heading = []
@@ -322,16 +385,18 @@ def main(argv=None):
                 f"made in the main thread {r['same']:.2e}.", "")
         step(f"ImageNet throughput, --decode {decode}", throughput)
 
-    left_out = []  # the optional steps past --budget, named in the report
-
-    def within_budget(what, name):
-        if name not in args.only:
-            return False
-        if time.time() - began < args.budget:
-            return True
-        left_out.append(what)
-        return False
-    if device == "cuda" and within_budget("the sine protocol on this machine's CPU cores", "sine-cpu"):
+    if wanted("kernels", "where a step of the stacked sine goes"):
+        say("## Where a step of the stacked sine goes", "")
+        def kernels():
+            for size, (step_us, count, gpu_us, orders, epoch) in sine_kernels(device, (4, 8) if args.small
+                                                                              else (50, 250)).items():
+                say(f"A stack of {size} sine MLPs, compiled, 10 steps a CUDA graph: {step_us:.0f} us a step; one "
+                    f"launch a step, profiled: {count:.0f} kernels a step, {gpu_us:.0f} us of GPU time a step; an "
+                    f"epoch's orders ({size} randperms) {orders:.1f} ms, against {epoch:.1f} ms of steps an epoch.",
+                    "")
+        step("kernels", kernels)
+    if wanted("sine-cpu", "the sine protocol on this machine's CPU cores",
+              device == "cpu" and "with --device cuda only"):
         say("## The sine protocol on this machine's CPU cores", "", "| what | device | seconds | results |",
             "|---|---|---|---|")
         def on_cpu():
@@ -339,16 +404,17 @@ def main(argv=None):
                                                   scratch / "sine-cpu"], "cpu", logs / "sine-cpu.log")
             say(protocol_line(f"`python merge.py --task sine --runs {runs}`", "cpu", seconds, rows, "test_mse", True))
         step("sine protocol on the CPU", on_cpu)
-    if within_budget("LeNet again, its compiled steps cached", "lenet-cached"):
-        say("", "| what | device | seconds | results |", "|---|---|---|---|")
+    if wanted("lenet-cached", "LeNet again, its compiled steps cached", "lenet" not in args.only and
+              "it needs the lenet step before it"):
+        say("", "## LeNet again", "", "| what | device | seconds | results |", "|---|---|---|---|")
         step("LeNet", lambda: lenet(1, "compiled (`--compile 1`), its steps cached by torch", ["--compile", 1]))
-    if within_budget("small runs of each experiment against the CPU's rows", "small-runs"):
+    if wanted("small-runs", "small runs of each experiment against the CPU's rows"):
         say("", "## Small runs, the GPU's rows against the CPU's", "", "| experiment | device | trainer | model-epochs | "
             "seconds | s / model-epoch | peak GPU MiB | largest difference from the CPU's rows |",
             "|---|---|---|---|---|---|---|---|")
         against_cpu(scratch, device, say, args.budget - (time.time() - began))
     if left_out:
-        say("", f"Left out, past --budget {args.budget:.0f} s: {'; '.join(left_out)}.")
+        say("", f"Left out: {'; '.join(left_out)}.")
     say("", f"{time.time() - began:.0f} s in all.")
 
 

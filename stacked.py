@@ -78,12 +78,12 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, sh
     gives each model its own gradient and SGD is elementwise, so each trains as merge.fit trains it alone
     with counter_noise(model, seed), on its own data, order and noise. The step is compiled (compile: see
     compiles), once a phase: an epoch's short last batch runs eagerly where the compiled step cannot take it.
-    The steps run in blocks of steps_per_block, each block one CUDA graph where graphs (None: on a GPU, compiled or not).
+    The steps run in blocks of steps_per_block, each block one CUDA graph where graphs (None: on a GPU).
     after_epoch(epoch, history) is called after each epoch; on a GPU once the next epoch is queued, so that
     the GPU trains on while the host reads an epoch's numbers and draws the next one's orders."""
     device, models = datas[0].device, [model.train() for model in models]  # gates draw noise, as in merge.fit
     base = copy.deepcopy(models[0]).to("meta")  # the architecture, without weights
-    compile = compiles(compile, device, base)
+    compile = compiles(compile, device, base, epochs)
     gate_names = [name for name, m in base.named_modules() if isinstance(m, merge.Gate)]
     for gate in merge.gates(base):
         gate.__class__ = KeyedGate  # its noise from the buffers key and step below
@@ -236,11 +236,16 @@ class Graphs:
         self.pool = graph.pool()
         return graph.replay
 
-def compiles(compile, device, model):
-    """--compile (1, 0 or auto) as whether to compile: auto compiles, but for convolutions on a GPU, where eager
-    steps were faster (LeNet, 10 runs x 60 epochs on one H100: 22 s eagerly, 76 s compiling; docs/speed.md)."""
+GPU_COMPILE_EPOCHS = 500  # --compile auto: a phase this long compiles a stack of convolutions on a GPU too
+
+def compiles(compile, device, model, epochs):
+    """--compile (1, 0 or auto) as whether to compile a phase of epochs. auto compiles, but a stack of
+    convolutions on a GPU only for a phase of GPU_COMPILE_EPOCHS or more: LeNet on one H100 compiled for up to
+    25 s a phase, and its compiled epochs were 12-16% faster than eager ones, which repaid compiling after some
+    330 to 670 epochs; at 10 runs x 60 epochs it took 76 s compiling, 22 s eagerly (docs/speed.md)."""
     if compile == "auto":
-        return not (device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules()))
+        convolutions = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+        return not (device.type == "cuda" and convolutions and epochs < GPU_COMPILE_EPOCHS)
     return compile not in (0, "0")
 
 def compiled(step, use_compile):

@@ -206,12 +206,15 @@ class Streamed(merge.Data):
             return None
         data, size = data.split(lengths.tolist()), self.s.size
         jpegs = [d for d, box in zip(data, boxes.tolist()) if box[0]]
-        if jpegs and self._device.type == "cuda":  # torchvision decodes on a stream of its own, without waiting
-            torch.cuda.current_stream(self._device).synchronize()  # for this one, into memory taken on this one:
-            # memory that this stream's queued kernels (an earlier batch's) may still use; the GPU check found it so
+        cuda = self._device.type == "cuda"
+        if jpegs and cuda:  # torchvision decodes on a stream of its own, without waiting for this one, into memory
+            torch.cuda.current_stream(self._device).synchronize()  # taken on this one, which this stream's queued
+            # kernels (an earlier batch's) may still use: the GPU check found batches so changed (pytorch/vision#9606)
         try:
             images = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self._device) if jpegs else [])
         except Exception:  # noqa: BLE001 - one of them the GPU cannot decode: each alone
+            if cuda:  # once the failed call's decoding, if any began, has stopped writing
+                torch.cuda.synchronize(self._device)
             images = iter([one(d) for d in jpegs])
         crops = []
         for d, (w, h, left, top, cw, ch), flip in zip(data, boxes.tolist(), flips.tolist()):

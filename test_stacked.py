@@ -123,13 +123,16 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_notice(monkeypatch, cap
     assert sum("torch.compile is unavailable" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_compile_auto_compiles_but_a_stack_of_convolutions_on_a_gpu(monkeypatch):
+def test_compile_auto_compiles_but_a_short_phase_of_convolutions_on_a_gpu(monkeypatch):
     """--compile auto compiles on a CPU, and on a GPU the sine's MLPs; LeNet's convolutions train eagerly on a
-    GPU, the faster there (docs/speed.md). 1 and 0 do as they say, as the command line's strings too."""
+    GPU in a phase too short to repay compiling (docs/speed.md). 1 and 0 do as they say, as strings too."""
     cpu, gpu, mlp, lenet = torch.device("cpu"), torch.device("cuda"), merge.SineMLP(), merge.LeNet()
-    assert [stacked.compiles("auto", d, m) for d in (cpu, gpu) for m in (mlp, lenet)] == [True, True, True, False]
-    assert all(stacked.compiles(c, gpu, lenet) for c in ("1", 1, True))
-    assert not any(stacked.compiles(c, cpu, mlp) for c in ("0", 0, False))
+    short, long = stacked.GPU_COMPILE_EPOCHS - 1, stacked.GPU_COMPILE_EPOCHS
+    auto = [stacked.compiles("auto", device, model, short) for device in (cpu, gpu) for model in (mlp, lenet)]
+    assert auto == [True, True, True, False]
+    assert stacked.compiles("auto", gpu, lenet, long)
+    assert all(stacked.compiles(c, gpu, lenet, short) for c in ("1", 1, True))
+    assert not any(stacked.compiles(c, cpu, mlp, long) for c in ("0", 0, False))
     monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: pytest.fail("compiled with --compile 0"))
     stacked.fit_stacked(fresh([3]), [merge.sine_data(0, 64, 16, 16)], settings(), 1, seeds=[3], compile="0")
 
