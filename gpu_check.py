@@ -10,7 +10,7 @@ report to --report as it goes; --only runs some of its steps again.
 
     python gpu_check.py --report gpu_check.md --lenet-data DIR     # on one GPU
     python gpu_check.py --only imagenet-gpu graphs                 # two steps again, after a change
-    python gpu_check.py --device cpu --small                       # every step, tiny, on the CPU
+    python gpu_check.py --device cpu --small                       # the steps a CPU can run, tiny
 """
 import argparse
 import contextlib
@@ -31,7 +31,7 @@ import cifar
 import lenet_imagewoof
 import sine
 
-STEPS = ("graphs", "sine", "lenet", "imagenet-cpu", "imagenet-gpu", "kernels", "sine-cpu", "lenet-cached",
+STEPS = ("graphs", "sine", "lenet", "imagenet-cpu", "imagenet-gpu", "lenet-cached", "kernels", "sine-cpu",
          "small-runs")
 SINE = ["--runs", "10", "--epochs", "60", "--n-train", "2000", "--n-val", "500", "--n-test", "2000", "--workers", "1"]
 
@@ -191,9 +191,9 @@ def sine_graphs(device):
         differ((1, "again"), (1, False))
 
 
-def sine_kernels(device, sizes=(50, 150), epochs=5):
-    """Where a step of the stacked sine goes, for stacks of 50 and 150 (the one model's and the teachers'
-    phases): {size: (microseconds a step, compiled, 10 steps a CUDA graph; kernels a step and their GPU time in
+def sine_kernels(device, sizes=(50, 250), epochs=5):
+    """Where a step of the stacked sine goes, for stacks of 50 and 250 (the one model's, and the teachers' and
+    bo3 models'): {size: (microseconds a step, compiled, 10 steps a CUDA graph; kernels a step and their GPU time in
     microseconds, profiled one launch a step, those launched at least once a step; milliseconds an epoch to draw
     its orders, a randperm a model as fit_stacked draws them; milliseconds of steps an epoch)}."""
     import merge
@@ -276,8 +276,9 @@ def main(argv=None):
                         "logs in REPORT's name with _logs [gpu_check.md]")
     parser.add_argument("--lenet-data", default="", help="a 10-class folder in the Imagewoof layout for LeNet's "
                         "timing (MNIST written so is the stand-in of the committed report); empty: synthetic images")
-    parser.add_argument("--budget", type=float, default=300, help="seconds after which the optional steps (the "
-                        "CPU's sine protocol, LeNet again, small runs against the CPU's rows) are left out [300]")
+    parser.add_argument("--budget", type=float, default=300, help="seconds after which the optional steps (LeNet "
+                        "again, where a sine step goes, the CPU's sine protocol, small runs against the CPU's rows) "
+                        "are left out [300]")
     parser.add_argument("--small", action="store_true", help="tiny budgets throughout: a try-out of the steps")
     parser.add_argument("--only", nargs="+", choices=STEPS, default=STEPS, metavar="STEP", help="these steps alone "
                         f"(of {', '.join(STEPS)}), a check again after a change [all]")
@@ -385,6 +386,10 @@ def main(argv=None):
                 f"made in the main thread {r['same']:.2e}.", "")
         step(f"ImageNet throughput, --decode {decode}", throughput)
 
+    if wanted("lenet-cached", "LeNet again, its compiled steps cached", "lenet" not in args.only and
+              "it needs the lenet step before it"):
+        say("", "## LeNet again", "", "| what | device | seconds | results |", "|---|---|---|---|")
+        step("LeNet", lambda: lenet(1, "compiled (`--compile 1`), its steps cached by torch", ["--compile", 1]))
     if wanted("kernels", "where a step of the stacked sine goes"):
         say("## Where a step of the stacked sine goes", "")
         def kernels():
@@ -404,10 +409,6 @@ def main(argv=None):
                                                   scratch / "sine-cpu"], "cpu", logs / "sine-cpu.log")
             say(protocol_line(f"`python merge.py --task sine --runs {runs}`", "cpu", seconds, rows, "test_mse", True))
         step("sine protocol on the CPU", on_cpu)
-    if wanted("lenet-cached", "LeNet again, its compiled steps cached", "lenet" not in args.only and
-              "it needs the lenet step before it"):
-        say("", "## LeNet again", "", "| what | device | seconds | results |", "|---|---|---|---|")
-        step("LeNet", lambda: lenet(1, "compiled (`--compile 1`), its steps cached by torch", ["--compile", 1]))
     if wanted("small-runs", "small runs of each experiment against the CPU's rows"):
         say("", "## Small runs, the GPU's rows against the CPU's", "", "| experiment | device | trainer | model-epochs | "
             "seconds | s / model-epoch | peak GPU MiB | largest difference from the CPU's rows |",

@@ -202,6 +202,8 @@ class Streamed(merge.Data):
                 try:
                     return decode_jpeg(d, mode=ImageReadMode.RGB, device=device).to(self._device)
                 except Exception:  # noqa: BLE001 - nvJPEG or libjpeg refused it
+                    if cuda and device is self._device:  # once a failed decoding, if any began, stopped writing
+                        torch.cuda.synchronize(self._device)
                     continue
             return None
         data, size = data.split(lengths.tolist()), self.s.size

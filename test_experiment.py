@@ -474,9 +474,9 @@ def test_the_gpu_check_without_a_gpu_or_with_a_bad_setting_is_bad_input(tmp_path
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err and files(tmp_path) == []
 
 
-def test_device_auto_takes_a_gpu_only_for_experiments_faster_there(monkeypatch):
+def test_device_auto_takes_a_gpu_but_for_the_sine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with a GPU
-    assert experiment.resolve_device(sine.parse([])) == "cpu"  # the sine's small steps: faster on the CPU
+    assert experiment.resolve_device(sine.parse([])) == "cpu"  # where the README's rows come from
     assert experiment.resolve_device(sine.parse(["--device", "cuda"])) == "cuda"  # asked for: given
     assert experiment.resolve_device(woof.parse(["--arch", "resnet18"])) == "cuda"
     assert experiment.resolve_device(imagenet.parse([])) == "cuda"
