@@ -35,7 +35,6 @@ STEPS = ("graphs", "sine", "lenet", "imagenet-cpu", "imagenet-gpu", "lenet-cache
          "small-runs")
 SINE = ["--runs", "10", "--epochs", "60", "--n-train", "2000", "--n-val", "500", "--n-test", "2000", "--workers", "1"]
 
-
 def write_images(root, classes=4, per_class=24, size=40):
     """A small folder in the Imagewoof layout: class c is a bright square in corner c, on noise."""
     from PIL import Image
@@ -49,7 +48,6 @@ def write_images(root, classes=4, per_class=24, size=40):
                 pixels[row * size // 2:(row + 1) * size // 2, col * size // 2:(col + 1) * size // 2] += 120
                 Image.fromarray(pixels).save(root / split / f"class{c}" / f"{j}.JPEG")
     return root
-
 
 def write_cifar(root, n=200):
     """The official CIFAR pickles, small: CIFAR-10's 5 training batches and test batch, CIFAR-100's
@@ -66,7 +64,6 @@ def write_cifar(root, n=200):
                 pickle.dump({b"data": data, key: labels.tolist()}, f)
     return root
 
-
 def write_jpeg(args):
     """A natural-looking synthetic photo of ImageNet's usual size (500 x 375): a smooth field of colours with
     texture on it, about 80 KB as a JPEG (random noise would decode some 3x slower than photos)."""
@@ -79,7 +76,6 @@ def write_jpeg(args):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
 
-
 def write_jpegs(folder, count):
     """count natural-looking synthetic JPEGs of ImageNet's size in 10 classes (and 200 to validate), on every core."""
     import multiprocessing
@@ -88,7 +84,6 @@ def write_jpegs(folder, count):
     with multiprocessing.Pool(os.cpu_count()) as pool:
         pool.map(write_jpeg, jobs, chunksize=64)
     return folder
-
 
 def imagenet_throughput(scratch, device, decode="cpu", workers=None):
     """Images per second of ResNet18's training on ImageNet-sized JPEGs (500 x 375, natural-looking, synthetic)
@@ -157,7 +152,6 @@ def imagenet_throughput(scratch, device, decode="cpu", workers=None):
     return dict(size=size, batch=batch, workers=workers, loader=loader, model=alone, together=together,
                 decoding=decoding, epoch=rates[len(rates) // 2 - 1] if rates else float("nan"), same=same)
 
-
 def sine_stack(size, device):
     """size sine MLPs, model r made from seed r."""
     import merge
@@ -166,7 +160,6 @@ def sine_stack(size, device):
         torch.manual_seed(seed)
         models.append(merge.SineMLP().to(device))
     return models
-
 
 def sine_graphs(device):
     """The stacked sine step with and without CUDA graphs of 10 steps, compiled and eager: {(compile, graphs):
@@ -189,7 +182,6 @@ def sine_graphs(device):
     differ = lambda a, b: (weights[a] - weights[b]).abs().max().item()  # noqa: E731
     return times, {c: differ((c, True), (c, False)) if (c, True) in weights else 0.0 for c in (1, 0)}, \
         differ((1, "again"), (1, False))
-
 
 def sine_kernels(device, sizes=(50, 250), epochs=5):
     """Where a step of the stacked sine goes, for stacks of 50 and 250 (the one model's, and the teachers' and
@@ -226,7 +218,6 @@ def sine_kernels(device, sizes=(50, 250), epochs=5):
                         (time.time() - began) / 3 * 1e3, step * steps / 1e3)
     return result
 
-
 def run(main, argv, device, log=None):
     """One command line in this process: (seconds, peak GPU memory in MiB, rows, what it printed, also written
     to the file log if given)."""
@@ -248,15 +239,12 @@ def run(main, argv, device, log=None):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     return seconds, memory, rows, printed.getvalue()
 
-
 def model_epochs(rows):
     return sum(epochs for r in rows for epochs, _ in r["compute"].values())
-
 
 def largest_difference(rows, reference, metric):
     theirs = {(r["run"], r["strategy"]): r[metric] for r in reference}
     return max(abs(r[metric] - theirs[(r["run"], r["strategy"])]) for r in rows)
-
 
 def protocol_line(what, device, seconds, rows, metric, lower_is_better):
     """A row of the timing table: what, where, seconds, and each strategy's mean result."""
@@ -265,7 +253,6 @@ def protocol_line(what, device, seconds, rows, metric, lower_is_better):
         means.setdefault(r["strategy"], []).append(r[metric])
     results = ", ".join(f"{name} {np.mean(v):.4f}" for name, v in means.items())
     return f"| {what} | {device} | {seconds:.1f} | {len(rows)} rows; mean {metric}: {results} |"
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -418,7 +405,6 @@ def main(argv=None):
         say("", f"Left out: {'; '.join(left_out)}.")
     say("", f"{time.time() - began:.0f} s in all.")
 
-
 def against_cpu(scratch, device, say, seconds_left):
     """Small runs of each experiment on the CPU and (on a GPU) on the GPU: timings and how far the rows differ."""
     began = time.time()
@@ -454,7 +440,6 @@ def against_cpu(scratch, device, say, seconds_left):
                 add(what, "cpu", trainer, on_cpu)
             except Exception as e:  # noqa: BLE001 - report it and go on with the next step
                 say(f"| {what} | {device} | {trainer} | failed: {type(e).__name__}: {str(e)[:200]} |")
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])
