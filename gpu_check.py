@@ -193,10 +193,7 @@ def sine_kernels(device, sizes=(50, 250), epochs=5):
     from torch.profiler import ProfilerActivity, profile
     s, data = merge.Settings(), merge.sine_data(0, 10_000, 100, 100, device=device)
     steps, result = -(-10_000 // s.batch), {}
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # as imagenet_throughput's
     for size in sizes:
         def train(epochs, **how):
             stacked.fit_stacked(sine_stack(size, device), [data] * size, s, epochs, seeds=range(size), **how)
@@ -298,6 +295,17 @@ def main(argv=None):
             say(f"{what}: a CUDA graph could not be recorded {stacked.Graphs.failures - failures} time(s); those "
                 "blocks ran one launch a kernel (the log says why)", "")
 
+    left_out = []  # the steps asked for and not run, with why, named at the report's end
+
+    def wanted(name, what, why_not="", optional=True):  # optional: left out past --budget
+        if name not in args.only:
+            return False
+        if not why_not and optional and time.time() - began >= args.budget:
+            why_not = f"past --budget {args.budget:.0f} s"
+        if why_not:
+            left_out.append(f"{what} ({why_not})")
+        return not why_not
+
     def graphs():
         say("## The stacked step in blocks of 10 (CUDA graphs)", "")
         times, difference, recompiled = sine_graphs(device)
@@ -307,7 +315,7 @@ def main(argv=None):
                 f"us a step with 10 steps a CUDA graph ({plain / graphed:.1f}x); largest difference of the weights "
                 f"after 6 epochs {difference[c]:.2e}" + (f", and between two compilations without graphs, the "
                 f"second with torch's compile caches off, {recompiled:.2e}" if c else "") + ".", "")
-    if "graphs" in args.only:
+    if wanted("graphs", "the stacked step in blocks of 10", optional=False):
         step("CUDA graphs", graphs)
 
     if {"sine", "lenet"} & set(args.only):
@@ -320,7 +328,7 @@ def main(argv=None):
                                                   scratch / f"sine-{i}"], device, logs / f"sine-{device}-{i}.log")
             say(protocol_line(f"`python merge.py --task sine --runs {runs}`, {attempt}", device, seconds, rows,
                               "test_mse", True))
-        if "sine" in args.only:
+        if wanted("sine", "the sine protocol", optional=False):
             step("sine protocol", sine_protocol)
     lenet_runs, lenet_epochs = (2, 6) if args.small else (10, 60)
 
@@ -335,20 +343,10 @@ def main(argv=None):
         data = f"{lenet_data().name}, stand-in data" if args.lenet_data else "synthetic images"
         say(protocol_line(f"LeNet, {lenet_runs} runs x {lenet_epochs} epochs, stacked, on {data}, {attempt}", device,
                           seconds, rows, "test_accuracy", False))
-    if "lenet" in args.only:
+    if wanted("lenet", "LeNet", optional=False):
         step("LeNet", lambda: lenet(0, "compiled (`--compile 1`)", ["--compile", 1]))
         step("LeNet, eager", lambda: lenet(2, "eager (`--compile 0`)", ["--compile", 0]))
 
-    left_out = []  # the steps asked for and not run, with why, named at the report's end
-
-    def wanted(name, what, why_not="", optional=True):  # optional: left out past --budget
-        if name not in args.only:
-            return False
-        if not why_not and optional and time.time() - began >= args.budget:
-            why_not = f"past --budget {args.budget:.0f} s"
-        if why_not:
-            left_out.append(f"{what} ({why_not})")
-        return not why_not
     import streaming
     heading = ["", "## ImageNet's loader and ResNet18 (synthetic JPEGs)", ""]  # said before the first of them
     for decode in ("cpu", "gpu"):
