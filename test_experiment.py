@@ -230,19 +230,21 @@ def test_a_full_disk_gives_one_line_and_leaves_no_part_file(tmp_path, capsys, mo
 
 # -- one command at a time, rows read once ------------------------------------------------------
 
-def test_two_commands_on_one_out_are_refused_and_rows_stay_unique(tmp_path):
+def test_two_commands_on_one_out_are_refused_and_rows_stay_unique(tmp_path, capsys):
+    """The second command is main(argv) in this process: it meets the lock at once, while the first trains."""
     out = tmp_path / "sine"
-    args = [*SMALL[:2], "--epochs", "60", *SMALL[4:], "--out", out]
+    args = [*SMALL, "--out", out]
     first = subprocess.Popen([sys.executable, str(ROOT / "merge.py"), *map(str, args)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     while not (out / "settings.json").exists() and first.poll() is None:
-        time.sleep(0.05)
-    second = cli(*args)
-    assert second.returncode == 2 and second.stderr.count("\n") == 1 and "in use by another command" in second.stderr
+        time.sleep(0.02)
+    code, err = main(args, capsys)
+    assert first.poll() is None, "the first command ended before the second was tried"
+    assert code == 2 and err.count("\n") == 1 and "in use by another command" in err
     assert first.wait(timeout=300) == 0
     keys = [(r["run"], r["strategy"]) for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())]
     assert len(keys) == len(set(keys)) == 6
-    assert cli(*args).returncode == 0  # free again once the first is done
+    assert main(args, capsys)[0] == 0  # free again once the first is done
 
 
 def test_an_out_in_use_is_refused_by_every_process_before_any_trains(tmp_path):

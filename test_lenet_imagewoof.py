@@ -249,9 +249,17 @@ def test_a_fifo_and_an_empty_class_folder_are_not_images(tmp_path):
     (["--runs", "0"], "--runs must be from 1"),
     (["--val-fraction", "1.5"], "--val-fraction"),
 ])
-def test_bad_settings_give_one_line_and_exit_code_2(tmp_path, args, message):
-    result = run_cli("--data", make_folder(tmp_path / "woof"), "--out", tmp_path / "out", *args)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+def test_bad_settings_give_one_line_and_exit_code_2(tmp_path, capsys, args, message):
+    """The first case through the real command line, the others through main(argv) in this process."""
+    argv = ["--data", make_folder(tmp_path / "woof"), "--out", tmp_path / "out", *args]
+    if message == "invalid choice":
+        result = run_cli(*argv)
+        code, err = result.returncode, result.stderr
+    else:
+        with pytest.raises(SystemExit) as exit:
+            woof.main([str(a) for a in argv])
+        code, err = exit.value.code, capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err
     assert not (tmp_path / "out").exists()
 
 
