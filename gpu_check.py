@@ -187,7 +187,9 @@ def sine_kernels(device, sizes=(50, 250), epochs=5):
     """Where a step of the stacked sine goes, for stacks of 50 and 250 (the one model's, and the teachers' and
     bo3 models'): {size: (microseconds a step, compiled, 10 steps a CUDA graph; kernels a step and their GPU time in
     microseconds, profiled one launch a step, those launched at least once a step; milliseconds an epoch to draw
-    its orders, a randperm a model as fit_stacked draws them; milliseconds of steps an epoch)}."""
+    its orders, a randperm a model as fit_stacked draws them, and drawn on the CPU, pinned and copied instead;
+    milliseconds of steps an epoch; the five kernels of most GPU time, each (name, launches a step, microseconds
+    a step))}."""
     import merge
     import stacked
     from torch.profiler import ProfilerActivity, profile
@@ -204,15 +206,20 @@ def sine_kernels(device, sizes=(50, 250), epochs=5):
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])) as p:
             train(1, graphs=False)
         kernels = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.count >= steps]
-        sync()
-        began = time.time()
-        for epoch in range(3):
-            torch.stack([torch.randperm(10_000, device=device, generator=torch.Generator(device).manual_seed(
-                merge.epoch_seed(seed, epoch))) for seed in range(size)])
-        sync()
+        orders = []
+        for where in (device, "cpu"):
+            sync()
+            began = time.time()
+            for epoch in range(3):
+                order = torch.stack([torch.randperm(10_000, device=where, generator=torch.Generator(where).manual_seed(
+                    merge.epoch_seed(seed, epoch))) for seed in range(size)])
+                order = order.pin_memory().to(device, non_blocking=True) if where != device else order
+            sync()
+            orders.append((time.time() - began) / 3 * 1e3)
+        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:5]
         result[size] = (step, sum(e.count for e in kernels) / steps,
-                        sum(e.self_device_time_total for e in kernels) / steps,
-                        (time.time() - began) / 3 * 1e3, step * steps / 1e3)
+                        sum(e.self_device_time_total for e in kernels) / steps, *orders, step * steps / 1e3,
+                        [(e.key[:80], e.count / steps, e.self_device_time_total / steps) for e in top])
     return result
 
 def run(main, argv, device, log=None):
@@ -378,12 +385,15 @@ def main(argv=None):
     if wanted("kernels", "where a step of the stacked sine goes"):
         say("## Where a step of the stacked sine goes", "")
         def kernels():
-            for size, (step_us, count, gpu_us, orders, epoch) in sine_kernels(device, (4, 8) if args.small
-                                                                              else (50, 250)).items():
-                say(f"A stack of {size} sine MLPs, compiled, 10 steps a CUDA graph: {step_us:.0f} us a step; one "
+            for size, (step_us, count, gpu_us, orders, on_cpu, epoch, top) in sine_kernels(device, (4, 8) if args.small
+                                                                                   else (50, 250)).items():
+                most = "; ".join(f"`{name}` {n:.0f} a step, {us:.1f} us" for name, n, us in top) or "none profiled"
+                graph = "CUDA graph" if device == "cuda" else "block"
+                say(f"A stack of {size} sine MLPs, compiled, 10 steps a {graph}: {step_us:.0f} us a step; one "
                     f"launch a step, profiled: {count:.0f} kernels a step, {gpu_us:.0f} us of GPU time a step; an "
-                    f"epoch's orders ({size} randperms) {orders:.1f} ms, against {epoch:.1f} ms of steps an epoch.",
-                    "")
+                    f"epoch's orders ({size} randperms) {orders:.1f} ms" + (f" (drawn on the CPU, pinned and copied "
+                    f"{on_cpu:.1f} ms)" if device == "cuda" else "") + f", against {epoch:.1f} ms of steps an epoch. "
+                    f"The kernels of most GPU time: {most}.", "")
         step("kernels", kernels)
     if wanted("sine-cpu", "the sine protocol on this machine's CPU cores",
               device == "cpu" and "with --device cuda only"):
