@@ -66,7 +66,7 @@ class Settings(merge.Settings):
                               "random and one_compute (ours), prune and fusion (3.3); more may be added to an --out "
                               "later", run_only=True)
     stack: int = setting(1, "1: train alike phases of all runs as one stack (stacked.py); 0: one model at a time, "
-                         "as the paper's scripts do (ours)", run_only=True, choices=(0, 1))
+                         "as the authors' scripts do (ours)", run_only=True, choices=(0, 1))
     compile: str = setting("auto", "1: torch.compile the stacked step (eager where it can't); 0: eager; auto: 1, "
                            f"but 0 for convolutions on a GPU in phases under {stacked.GPU_COMPILE_EPOCHS} epochs "
                            "(faster: docs/speed.md); on a GPU steps run as CUDA graphs (ours)", run_only=True,

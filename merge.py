@@ -1,8 +1,8 @@
 """Merging of neural networks (Pasen and Boza), the method alone, to be read top to bottom beside the
-paper. Teachers of one architecture, trained from different seeds, are concatenated into a big student
-k times as wide (section 2.1); stochastic L0 gates learn which units to keep under the auxiliary loss
-L_half (2.2); the big student is compressed to the teachers' width (2.3) and fine-tuned. The claim
-(1, 3.2, 3.3): under the same epoch budget this beats the best of three models (bo3) and one long model.
+paper. k teachers (paper: 2; 2.2's k is a layer's width) of one architecture, from different seeds, are
+concatenated into a big student k times as wide (2.1); stochastic L0 gates learn which units to keep under the
+auxiliary loss L_half (2.2); the big student is compressed to the teachers' width (2.3) and fine-tuned. The
+claim (1, 3.2, 3.3): in the same epoch budget this beats the best of three models (bo3) and one long model.
 
     python merge.py --task sine --runs 50     # Table 1 and Figs. 5, 8a, 9, 10 -> runs/sine/
 
@@ -39,9 +39,9 @@ def concat_weight(weights, position):
     return big
 
 def concat_network(teachers, first=None, last=None):
-    """State of the big student of any module (Fig. 4): Linear and Conv2d layers by concat_weight, `first`
-    and `last` in those positions, the others (a whole BasicBlock) in the middle; BatchNorm2d's running
-    statistics stacked too (the authors' scripts skip them: no mean in eval mode)."""
+    """State of the big student of any module (Fig. 4): Linear and Conv2d layers by concat_weight, `first` and
+    `last` in those positions, every other (a BasicBlock's convs and 1x1 shortcut too) in the middle; BatchNorm2d's
+    running statistics stacked too (the authors' scripts skip them: no mean in eval mode)."""
     state = {}
     for name, module in teachers[0].named_modules():
         parts, prefix = [t.get_submodule(name) for t in teachers], f"{name}." if name else ""
@@ -88,7 +88,7 @@ class Gate(nn.Module):
         place (gate.noise = f): the run machinery uses a counter-based one (stacked.py)."""
         return torch.rand(B, n, device=self.loc.device)
     def sample(self, x):
-        """Gate values shaped to multiply x: (B, n) for x (B, n), (B, n, 1, 1) for x (B, n, H, W)."""
+        """Gate values for x's batch size and rank (all it reads of x): (B, n) for x (B, .), (B, n, 1, 1) for 4-D x."""
         B, n = x.shape[0], len(self.loc)
         if self.training:  # the reparameterisation trick: g is a differentiable function of loc, given u
             u = self.noise(B, n).to(self.loc.dtype).clamp(1e-6, 1 - 1e-6)
@@ -111,7 +111,7 @@ def gates(model):
 
 def l_half(locs, share=0.5):
     """sum over gate layers l of L_half^l = (share - 1/n sum_i P[g_i > 0])^2, from each layer's loc, (n,) or
-    stacked (R, n), n units. Section 2.2 asks for share = 1/2 (and writes k for n); k teachers, 1/k."""
+    stacked (R, n), n units. Section 2.2 asks for share = 1/2 (and writes k for n); our k teachers, 1/k."""
     return sum((share - p_open(loc).mean(-1)) ** 2 for loc in locs)
 
 def lambda_schedule(epochs, start, step, tuned_epochs=None):
@@ -174,7 +174,8 @@ def compress(big_student, keep=None, fold=False):
 
 # == Architectures =================================================================================
 # Each takes the teachers' widths, k (the big student has k times every width) and gated (gates after the ReLUs,
-# Fig. 6), and lists its unit groups (gate, producers, consumers): the layers a gate's units are outputs, inputs of.
+# Fig. 6), and lists its unit groups (gate, producers, consumers): the neurons one gate layer decides on (Fig. 7),
+# the layers they are outputs of and inputs to (a ResNet stage's gate: all its blocks').
 def chain_groups(gates, layers):
     """Unit groups of a plain chain: gate i sits between layers i and i + 1."""
     return [(g, [a], [b]) for g, a, b in zip(gates, layers, layers[1:])]
@@ -297,7 +298,7 @@ def resnet18(num_classes=10, width=64):
 
 def resnet20(num_classes=100, width=16):
     """CIFAR ResNet20: 3x3 stem to 16, three stages of three BasicBlocks, 16/32/64. DEVIATION: 1x1-conv
-    shortcuts where the original pads with zeros, as the paper's scripts do, to concatenate them."""
+    shortcuts where the original pads with zeros, as the authors' scripts do, to concatenate them."""
     return ResNet(num_classes, (width, 2 * width, 4 * width), (3, 3, 3), "cifar")
 
 def vgg11(num_classes=10, width=64):
@@ -325,7 +326,7 @@ class Settings:
     drops_one: tuple = (8 / 9,)
     # the importance phase (2.2)
     gate_lr: float = setting(0.1, "learning rate of the gates' own SGD, momentum 0.9 (sine: the authors' scripts)")
-    lambda_start: float = setting(0.01, "lambda at the start of the importance phase (sine: the authors' scripts)")
+    lambda_start: float = setting(0.01, "lambda_0, also stepped before epoch 0 (sine: the authors' scripts)")
     lambda_step: float = setting(0.05, "lambda += step sqrt(lambda) before each epoch (sine: Fig. 5)")
     paper_epochs: int = setting(900, "the budget the lambda step is for; others rescale it to end at its lambda (ours)")
     fold: int = setting(0, "1: fold the kept gates' test-time values into the next layers at compression (ours)")
@@ -417,7 +418,7 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, share=0.5, warmu
     return history
 
 def train(models, data, s, epochs, drops, seeds, phase, lambdas=None, share=0.5, warmup=0, **hooks):
-    """One phase of a run (3.1): each model fitted on data from its seed, one after another. Strategies
+    """One phase of a run (3.1): each model fitted with its seed (data order, noise), one after another. Strategies
     take it as an argument; the run machinery passes one that stacks, resumes and keeps finished phases."""
     for model, seed in zip(models, seeds):
         fit(model, data, s, epochs, drops, seed, lambdas, share, warmup, **hooks)
@@ -425,8 +426,8 @@ def train(models, data, s, epochs, drops, seeds, phase, lambdas=None, share=0.5,
 
 # == 3.1  Strategies ===============================================================================
 # Plain functions of one run: (data, settings, teacher constructor, run seed, train) -> (model, info). Each phase
-# of a run trains from 100 (run seed) + its offset here (+ i for its i-th model): no two phases share a seed
-# (but random's fine-tuning takes the student's: the same data order).
+# of a run trains from 100 (run seed) + its offset here (+ i for its i-th model). Phases that strategies share (the
+# teachers; student's and random's importance) are trained once; random's fine-tuning takes the student's seed.
 PHASE_SEEDS = dict(teacher=0, importance=10, finetune=11, random=12, bo3=20, one=30, one_compute=31,  # teacher i: + i
                    wide=40, pruning=41, prune_finetune=42, fusion_finetune=50)
 
@@ -442,7 +443,7 @@ def trained(make, data, s, seed, train, phase, epochs, drops, copies=1):
     return train(models, data, s, epochs, drops, seeds, phase)
 
 def finetune(model, data, s, seed, phase, train):
-    """The last phase of student, prune and fusion: 1/6 of the budget, from its own lr (ImageNet: 0.07)."""
+    """The last phase of student, prune and fusion: budget(s)["finetune"] epochs, from its own lr (ImageNet: 0.07)."""
     train([model], data, replace(s, lr=s.finetune_lr or s.lr), budget(s)["finetune"], s.drops_finetune, [seed],
           phase, warmup=s.finetune_warmup)
 
