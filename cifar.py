@@ -69,8 +69,8 @@ class CifarSettings(experiment.Settings):
     experiment: str = setting("resnet20-cifar100", "resnet20-cifar100 (Table 2) or vgg11-cifar10 (section 3.3.4); "
                                                    "the other defaults follow it",
                               choices=("resnet20-cifar100", "vgg11-cifar10"))
-    data: str = setting("", "the extracted folder (cifar-10-batches-py or cifar-100-python); empty: download "
-                            "the archive into --root")
+    data: str = setting("", "the extracted folder (cifar-10-batches-py or cifar-100-python) or the folder above "
+                            "it; empty: download the archive into --root")
     root: str = setting("data", "where the downloaded archive is kept and extracted")
     val_fraction: float = setting(0.1, "share of the training set held out, fixed by --seed, to choose bo3 (ours)",
                                   valid=FRACTION)

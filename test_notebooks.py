@@ -25,9 +25,16 @@ EXERCISED = {"concat_weight": 1, "p_open": 2, "l_half": 2, "lambda_schedule": 3,
 def strip_solutions(notebook):
     """What nbgrader's generate_assignment does to the source: in each solution cell the code between
     ### BEGIN SOLUTION and ### END SOLUTION becomes a stub that raises NotImplementedError, and a written
-    answer becomes YOUR ANSWER HERE; every output is cleared."""
+    answer becomes YOUR ANSWER HERE; every output is cleared; cells are locked as its LockCells locks them
+    (checks and read-only cells can be neither edited nor deleted, answer cells not deleted). Its checksums
+    are left out: --grade puts the key's checks back whatever became of them."""
     for cell in notebook.cells:
-        if cell.get("metadata", {}).get("nbgrader", {}).get("solution"):
+        marks = cell.get("metadata", {}).get("nbgrader", {})
+        if marks.get("solution") or marks.get("grade") or marks.get("locked"):
+            cell.metadata["deletable"] = False
+            if not marks.get("solution"):
+                cell.metadata["editable"] = False
+        if marks.get("solution"):
             if cell.cell_type == "markdown":
                 cell.source = "YOUR ANSWER HERE"
                 continue
@@ -48,15 +55,22 @@ def strip_solutions(notebook):
 
 
 def stub_merge(source):
-    """merge.py with the functions the exercises ask for (their docstrings too) replaced by stubs."""
+    """merge.py with the functions the exercises ask for (their docstrings too) replaced by stubs, and without
+    its command line, which needs the whole project: run as a command, the handout's says so in one line."""
     lines = source.splitlines(keepends=True)
-    functions = [node for node in ast.parse(source).body if isinstance(node, ast.FunctionDef) and node.name in EXERCISED]
-    for node in sorted(functions, key=lambda node: -node.lineno):
+    body = ast.parse(source).body
+    functions = [node for node in body if isinstance(node, ast.FunctionDef) and node.name in EXERCISED]
+    commands = [node for node in body if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"]
+    for node in sorted(functions + commands, key=lambda node: -node.lineno):
+        if node in commands:
+            lines[node.lineno - 1:node.end_lineno] = []
+            continue
         indent, number = " " * node.body[0].col_offset, EXERCISED[node.name]
         lines[node.body[0].lineno - 1:node.end_lineno] = [
             f'{indent}"""Left out: exercise {number} of exercises.ipynb asks for what it does (yours goes there)."""\n',
             f'{indent}raise NotImplementedError("exercise {number} of exercises.ipynb")\n']
-    return "".join(lines)
+    return "".join(lines) + ('\nif __name__ == "__main__":  # the handout\n    sys.exit("this merge.py is the exercises\' '
+                             'copy: its command line is the whole project\'s")\n')
 
 
 def release(folder):
@@ -126,7 +140,14 @@ def test_the_release_holds_no_answer_and_no_output(released):
                for cell in student.cells)  # no output, and no trace of when our copy ran
     answer = [c for c in key.cells if c.cell_type == "markdown" and c.metadata.get("nbgrader", {}).get("solution")]
     assert len(answer) == 1 and answer[0].source not in text and "YOUR ANSWER HERE" in text
+    marked = [c for c in student.cells if "nbgrader" in c.metadata]
+    checks = [c for c in marked if not c.metadata.nbgrader.get("solution")]  # checks and read-only cells
+    assert len(checks) > len(graded(student)) and not any(c.metadata.editable for c in checks)
+    assert not any(c.metadata.deletable for c in marked)  # nbgrader's locks: no check edited or deleted in Jupyter
     merge_py = (released / "merge.py").read_text()
+    assert "import startup" not in merge_py and "import sine" not in merge_py  # no command of the whole project
+    assert merge_py.rstrip().endswith('sys.exit("this merge.py is the exercises\' copy: its command line is the whole '
+                                      'project\'s")')
     for name in EXERCISED:  # no line of our solutions, no line of merge.py's functions they ask for
         assert f'raise NotImplementedError("exercise {EXERCISED[name]} of exercises.ipynb")' in merge_py
     solutions = [line.strip() for cell in key.cells if cell.get("metadata", {}).get("nbgrader", {}).get("solution")
