@@ -183,13 +183,34 @@ def sine_graphs(device):
     return times, {c: differ((c, True), (c, False)) if (c, True) in weights else 0.0 for c in (1, 0)}, \
         differ((1, "again"), (1, False))
 
+def broadcast_products(step, use_compile):
+    """stacked.compiled(step, use_compile), but with every bmm that has an M, K or N of 1 (a stacked sine step has
+    five, two of them outer products that torch 2.13 already decomposes, the others cuBLAS calls on a GPU: torch
+    decomposes them only with coordinate descent tuning) as a broadcast product and a sum, which inductor fuses."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as known
+
+    def bmm(a, b):  # (R, M, K) @ (R, K, N)
+        if known(a.shape[2] == 1):
+            return a * b
+        if known(b.shape[2] == 1):
+            return (a * b.transpose(1, 2)).sum(-1, keepdim=True)
+        if known(a.shape[1] == 1):
+            return (a.transpose(1, 2) * b).sum(1, keepdim=True)
+        return NotImplemented
+    table = {**select_decomp_table(), torch.ops.aten.bmm.default: bmm}
+    torch._dynamo.reset()
+    return torch.compile(step, backend=lambda gm, inputs: compile_fx(gm, inputs, decompositions=table))
+
 def sine_kernels(device, sizes=(50, 250), epochs=5):
     """Where a step of the stacked sine goes, for stacks of 50 and 250 (the one model's, and the teachers' and
-    bo3 models'): {size: (microseconds a step, compiled, 10 steps a CUDA graph; kernels a step and their GPU time in
-    microseconds, profiled one launch a step, those launched at least once a step; milliseconds an epoch to draw
-    its orders, a randperm a model as fit_stacked draws them, and drawn on the CPU, pinned and copied instead;
-    milliseconds of steps an epoch; the five kernels of most GPU time, each (name, launches a step, microseconds
-    a step))}."""
+    bo3 models'): {size: (microseconds a step, compiled, 10 steps a CUDA graph, and the same with
+    broadcast_products, and the largest difference of the weights after the epochs between the two; kernels a
+    step and their GPU time in microseconds, profiled one launch a step, those launched at least once a step;
+    milliseconds an epoch to draw its orders, a randperm a model as fit_stacked draws them, and drawn on the CPU,
+    pinned and copied instead; milliseconds of steps an epoch; the five kernels of most GPU time, each (name,
+    launches a step, microseconds a step))}."""
     import merge
     import stacked
     from torch.profiler import ProfilerActivity, profile
@@ -198,10 +219,19 @@ def sine_kernels(device, sizes=(50, 250), epochs=5):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # as imagenet_throughput's
     for size in sizes:
         def train(epochs, **how):
-            stacked.fit_stacked(sine_stack(size, device), [data] * size, s, epochs, seeds=range(size), **how)
-        ends = []
-        train(epochs, graphs=device == "cuda", after_epoch=lambda epoch, history: ends.append(time.time()))
-        step = float(np.median(np.diff(ends[1:-1]))) / steps * 1e6
+            models = sine_stack(size, device)
+            stacked.fit_stacked(models, [data] * size, s, epochs, seeds=range(size), **how)
+            return torch.cat([p.detach().flatten() for m in models for p in m.parameters()])
+
+        def timed(compiled=stacked.compiled):  # microseconds a step in the epochs but the first and last; weights
+            ends, plain = [], stacked.compiled
+            stacked.compiled = compiled
+            try:
+                weights = train(epochs, graphs=device == "cuda", after_epoch=lambda epoch, h: ends.append(time.time()))
+            finally:
+                stacked.compiled = plain
+            return float(np.median(np.diff(ends[1:-1]))) / steps * 1e6, weights
+        (step, weights), (fused, fused_weights) = timed(), timed(broadcast_products)
         train(1, graphs=False)  # compiled again one launch a step, then profiled with torch's compiled step cached
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])) as p:
             train(1, graphs=False)
@@ -217,8 +247,9 @@ def sine_kernels(device, sizes=(50, 250), epochs=5):
             sync()
             orders.append((time.time() - began) / 3 * 1e3)
         top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:5]
-        result[size] = (step, sum(e.count for e in kernels) / steps,
-                        sum(e.self_device_time_total for e in kernels) / steps, *orders, step * steps / 1e3,
+        result[size] = (step, fused, (weights - fused_weights).abs().max().item(),
+                        sum(e.count for e in kernels) / steps, sum(e.self_device_time_total for e in kernels) / steps,
+                        *orders, step * steps / 1e3,
                         [(e.key[:80], e.count / steps, e.self_device_time_total / steps) for e in top])
     return result
 
@@ -385,11 +416,14 @@ def main(argv=None):
     if wanted("kernels", "where a step of the stacked sine goes"):
         say("## Where a step of the stacked sine goes", "")
         def kernels():
-            for size, (step_us, count, gpu_us, orders, on_cpu, epoch, top) in sine_kernels(device, (4, 8) if args.small
-                                                                                   else (50, 250)).items():
+            sizes = (4, 8) if args.small else (50, 250)
+            for size, (step_us, fused, differ, count, gpu_us, orders, on_cpu, epoch, top) in \
+                    sine_kernels(device, sizes).items():
                 most = "; ".join(f"`{name}` {n:.0f} a step, {us:.1f} us" for name, n, us in top) or "none profiled"
                 graph = "CUDA graph" if device == "cuda" else "block"
-                say(f"A stack of {size} sine MLPs, compiled, 10 steps a {graph}: {step_us:.0f} us a step; one "
+                say(f"A stack of {size} sine MLPs, compiled, 10 steps a {graph}: {step_us:.0f} us a step ({fused:.0f} "
+                    f"with its matrix products of a dimension 1 as broadcast products, the weights after 5 epochs "
+                    f"{differ:.2e} apart); one "
                     f"launch a step, profiled: {count:.0f} kernels a step, {gpu_us:.0f} us of GPU time a step; an "
                     f"epoch's orders ({size} randperms) {orders:.1f} ms" + (f" (drawn on the CPU, pinned and copied "
                     f"{on_cpu:.1f} ms)" if device == "cuda" else "") + f", against {epoch:.1f} ms of steps an epoch. "
