@@ -163,7 +163,7 @@ def test_resnet20_cifar100_end_to_end_with_every_strategy(tmp_path):
     assert "ResNet20 on cifar-100-python (the paper's Table 2)" in summary and all(f"| {n} | 2 |" in summary for n in strategies)
     assert "pruned, before fine-tuning" in summary and (out / "box_resnet20_cifar100.png").stat().st_size > 1000
     settings = json.loads((out / "settings.json").read_text())
-    assert settings["lr"] == 0.1 and settings["weight_decay"] == 1e-4 and settings["drops_importance"] == [0.5, 0.75]
+    assert settings["lr"] == 0.1 and settings["weight_decay"] == 1e-4 and settings["drops_importance"] == [0.5, 0.7]
 
 
 def test_vgg11_cifar10_with_given_teachers_against_fusion(tmp_path):

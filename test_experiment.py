@@ -239,8 +239,8 @@ def test_two_commands_on_one_out_are_refused_and_rows_stay_unique(tmp_path, caps
     while not (out / "settings.json").exists() and first.poll() is None:
         time.sleep(0.02)
     code, err = main(args, capsys)
-    assert first.poll() is None, "the first command ended before the second was tried"
-    assert code == 2 and err.count("\n") == 1 and "in use by another command" in err
+    assert code == 2 and err.count("\n") == 1 and "in use by another command" in err, \
+        f"first command still running: {first.poll() is None}; {err}"
     assert first.wait(timeout=300) == 0
     keys = [(r["run"], r["strategy"]) for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())]
     assert len(keys) == len(set(keys)) == 6

@@ -69,8 +69,9 @@ def stub_merge(source):
         lines[node.body[0].lineno - 1:node.end_lineno] = [
             f'{indent}"""Left out: exercise {number} of exercises.ipynb asks for what it does (yours goes there)."""\n',
             f'{indent}raise NotImplementedError("exercise {number} of exercises.ipynb")\n']
-    return "".join(lines) + ('\nif __name__ == "__main__":  # the handout\n    sys.exit("this merge.py is the exercises\' '
-                             'copy: its command line is the whole project\'s")\n')
+    text = "".join(lines).replace("--runs 50     #", "--runs 50     # in the whole project, not this copy:")
+    return text + ('\nif __name__ == "__main__":  # the handout\n    sys.exit("this merge.py is the exercises\' '
+                   'copy: its command line is the whole project\'s")\n')
 
 
 def release(folder):
@@ -146,6 +147,7 @@ def test_the_release_holds_no_answer_and_no_output(released):
     assert not any(c.metadata.deletable for c in marked)  # nbgrader's locks: no check edited or deleted in Jupyter
     merge_py = (released / "merge.py").read_text()
     assert "import startup" not in merge_py and "import sine" not in merge_py  # no command of the whole project
+    assert "--runs 50     # in the whole project, not this copy:" in merge_py
     assert merge_py.rstrip().endswith('sys.exit("this merge.py is the exercises\' copy: its command line is the whole '
                                       'project\'s")')
     for name in EXERCISED:  # no line of our solutions, no line of merge.py's functions they ask for
