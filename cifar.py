@@ -48,7 +48,8 @@ DATASETS = {
 
 
 def load_cifar(folder, dataset, val_fraction=0.1, seed=0):
-    """The data set as uint8 arrays: train minus a validation split fixed by seed, and test."""
+    """The data set as uint8 arrays: train minus a validation split fixed by seed, and test; and the folder
+    it was read from (folder, or the extracted one in it)."""
     spec = DATASETS[dataset]
     images.check_data(folder)
     if (folder / spec["folder"]).is_dir():  # the folder the archive was extracted into, as torchvision's root
@@ -58,7 +59,7 @@ def load_cifar(folder, dataset, val_fraction=0.1, seed=0):
         raise InputError(f"--data {folder}: no {spec['train'][0]}; this looks like {others[0]}, the other data set")
     train = images.read_batches(folder, spec["train"], spec["labels"], spec["classes"])
     test = images.read_batches(folder, spec["test"], spec["labels"], spec["classes"])
-    return images.arrays(*train, *test, val_fraction, seed)
+    return dict(images.arrays(*train, *test, val_fraction, seed), folder=folder)
 
 
 @dataclass
@@ -149,8 +150,8 @@ def run(s):
     make_teacher = lambda: network(spec["classes"], s.width)
     given = [load_teacher(path, make_teacher()) for path in s.teacher_files]  # checked before any download or write
     folder = Path(s.data) if s.data else downloads.fetch(Path(s.root), spec["url"], dict(md5=spec["md5"]), spec["folder"])
-    folder = folder / spec["folder"] if (folder / spec["folder"]).is_dir() else folder  # given the folder above
     d = load_cifar(folder, dataset, s.val_fraction, s.seed)
+    folder = d["folder"]  # the extracted folder, where --data named the one above it
     experiment.log.info(f"{folder}: train {len(d['x_train'])}, validation {len(d['x_val'])}, test {len(d['x_test'])} images")
     data = images.image_data(d, experiment.resolve_device(s), augment=images.random_crop_flip)
     title = f"{network_name} on {folder.name}"  # titled by the data it ran on

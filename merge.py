@@ -173,9 +173,8 @@ def compress(big_student, keep=None, fold=False):
     return student
 
 # == Architectures =================================================================================
-# Each takes the teachers' widths, k (the big student has k times every width) and gated (gates after the ReLUs,
-# Fig. 6), and lists its unit groups (gate, producers, consumers): the neurons one gate layer decides on (Fig. 7),
-# the layers they are outputs of and inputs to (a ResNet stage's gate: all its blocks').
+# Each takes the teachers' widths, k (k times every width in the big student) and gated (gates after ReLUs, Fig. 6),
+# and lists its unit groups: a gate layer's neurons (Fig. 7) with the layers they are outputs of and inputs to.
 def chain_groups(gates, layers):
     """Unit groups of a plain chain: gate i sits between layers i and i + 1."""
     return [(g, [a], [b]) for g, a, b in zip(gates, layers, layers[1:])]
