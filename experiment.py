@@ -155,8 +155,7 @@ def settings_record(s, out):
     """The settings that results in out must share (all but run_only ones), checked with out/settings.json."""
     record = json.loads(json.dumps({f.name: getattr(s, f.name) for f in dataclasses.fields(s)
                                     if not f.metadata.get("run_only")}))
-    path = out / "settings.json"
-    if path.exists():
+    if (path := out / "settings.json").exists():
         try:
             old = json.loads(path.read_text())
             assert isinstance(old, dict)
@@ -238,11 +237,11 @@ def lock(s, out):
 # == Training, from outside the method =============================================================
 
 def phase_trainer(phases, rank=0, wrap=lambda model: model):
-    """fit_phases for Lockstep: every model kept as phases/<phase>-<seed>.pt, loaded when it is there (a damaged
-    file trained again, with one line); the others trained, alike phases of all runs as one stack (--stack 1)
-    or one at a time with a checkpoint per epoch (fit_one), alike: the gate noise comes from a counter."""
-    def fit_phases(asked):
-        groups, twins, starts = {}, {}, {}  # alike phases; a phase's models asked for twice, how each started
+    """fit_phases for Lockstep: every model kept as phases/<phase>-<seed>.pt, loaded when it is asked for and there
+    (a damaged file trained again, with one line); the others in Lockstep's trainings, alike phases of all runs
+    as one stack (--stack 1) or one at a time with a checkpoint per epoch (fit_one): the noise from a counter."""
+    def fit_phases(asked):  # Lockstep's trainings, one for each group of alike phases
+        groups, starts = {}, {}  # alike phases; how each phase's models started
         for a in asked:
             model, data, s = a["models"][0], a["data"], a["s"]
             cost = len(a["models"]) * a["epochs"]  # epochs, and forward multiply-adds (a step costs about three)
@@ -251,36 +250,40 @@ def phase_trainer(phases, rank=0, wrap=lambda model: model):
                 data, "augments", False)  # a stack holds no BatchNorm, and draws no augmentation for each model
             kind = (stack, type(model), repr(model.hparams), a["epochs"], a["drops"], repr(a["lambdas"]), a["share"],
                     a["warmup"], s.lr, s.batch, data.size, data.metric, str(data.device))
-            group = groups.setdefault(kind, dict(stack=stack, epochs=a["epochs"], todo=[], loaded=0, phases={}))
-            group["phases"][a["phase"]] = True
+            group = groups.setdefault(kind, dict(stacked=stack, asked=[], todo=[], loaded=0, twins={}))
+            group["asked"].append(a)
             for model, seed in zip(a["models"], a["seeds"]):
                 path, start = phases / f"{a['phase']}-{seed}.pt", [float(t.sum()) for t in model.state_dict().values()]
-                if path in twins:  # the same phase asked twice (random's and the student's teachers): trained once
-                    assert starts[path] == start, f"{path} is asked for twice, from other weights"
-                    twins[path].append(model)
+                if path in starts:  # a phase asked twice (random's and the student's teachers): trained once
+                    assert starts[path] == start and path in group["twins"], f"{path} asked for twice, not alike"
+                    group["twins"][path].append(model)
                     continue
-                twins[path], starts[path] = [model], start
+                group["twins"][path], starts[path] = [model], start
                 if load(model, path, data.device):
                     group["loaded"] += 1
                 else:
                     group["todo"].append((model, seed, path, a))
-        for group in groups.values():
-            todo, done = group["todo"], f" ({group['loaded']} done before)" if group["loaded"] else ""
-            log.info(f"  {' and '.join(group['phases'])}: {len(todo)} x {group['epochs']} epochs{done}")
-            if todo and group["stack"]:
-                a = todo[0][3]
-                stacked.fit_stacked([t[0] for t in todo], [t[3]["data"] for t in todo], a["s"], a["epochs"],
-                                    a["drops"], [t[1] for t in todo], a["lambdas"], a["share"], a["warmup"],
-                                    report.progress(a["epochs"]), a["s"].compile)
-            for model, seed, path, a in todo:
-                if not group["stack"]:
-                    fit_one(model, a["data"], a["s"], a, seed, path.with_suffix(".epochs"), rank, wrap)
-                if rank == 0:  # the only writer among the ranks
-                    report.save_whole(model.state_dict(), path)
-                    path.with_suffix(".epochs").unlink(missing_ok=True)
-        for models in twins.values():
-            for twin in models[1:]:
-                twin.load_state_dict(models[0].state_dict())
+        return [dict(group, jobs=[a["job"] for a in group["asked"]], epochs=fit_group(group))
+                for group in groups.values()]
+
+    def fit_group(group):  # a generator: yields between the epochs of a stack
+        todo, done = group["todo"], f" ({group['loaded']} done before)" if group["loaded"] else ""
+        name = " and ".join(dict.fromkeys(a["phase"] for a in group["asked"]))  # its phases, each named once
+        log.info(f"  {name}: {len(todo)} x {group['asked'][0]['epochs']} epochs{done}")
+        if todo and group["stacked"]:
+            a = todo[0][3]
+            yield from stacked.fit_stacked_epochs([t[0] for t in todo], [t[3]["data"] for t in todo], a["s"],
+                a["epochs"], a["drops"], [t[1] for t in todo], a["lambdas"], a["share"], a["warmup"],
+                report.progress(a["epochs"], name), a["s"].compile)
+        for model, seed, path, a in todo:
+            if not group["stacked"]:
+                fit_one(model, a["data"], a["s"], a, seed, path.with_suffix(".epochs"), rank, wrap)
+            if rank == 0:  # the only writer among the ranks
+                report.save_whole(model.state_dict(), path)
+                path.with_suffix(".epochs").unlink(missing_ok=True)
+        for first, *twins in group["twins"].values():
+            for twin in twins:
+                twin.load_state_dict(first.state_dict())
     return fit_phases
 
 def load(model, path, device):
@@ -316,7 +319,7 @@ def fit_one(model, data, s, a, seed, checkpoint, rank, wrap):
             log.warning(f"  {checkpoint} is damaged ({type(e).__name__}); training its phase from the start")
             model.load_state_dict(saved)
             opts, start, history = merge.optimizers(net, s, a["lambdas"] is not None), 0, []
-    report_epoch, hooks = report.progress(a["epochs"]), a["hooks"]
+    report_epoch, hooks = report.progress(a["epochs"], a["phase"]), a["hooks"]
 
     def after_epoch(epoch, epoch_history):
         history.append(epoch_history[-1])
@@ -335,6 +338,7 @@ def fit_one(model, data, s, a, seed, checkpoint, rank, wrap):
 # == Runs, over processes ==========================================================================
 
 STACK_RUNS = 100  # runs in lockstep at most, so that memory does not grow with --runs
+OVERLAP_ON_GPU = True  # Lockstep's stacks by turns on a GPU, side by side (gpu_check.py times it without too)
 
 def ranks():  # (this process's rank, the number of processes): torchrun's (or launcher.py's), or (0, 1)
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -385,14 +389,13 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
             rows.append(dict(run=job["run"], strategy=job["strategy"], seed=run_seed(s.seed, job["run"]), **info,
                              compute=job.get("compute", {}), **result(model, datas[job["run"]])))
             if rank == 0 and not split:
-                append_result(out, rows[-1])
-        stacked.Lockstep(trainer).run(jobs, finished)
+                report.append_row(out / "results.jsonl", rows[-1])
+        stacked.Lockstep(trainer, overlap=device == "cuda" and OVERLAP_ON_GPU).run(jobs, finished)
         if split:  # every rank's rows, to rank 0
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, rows)
+            torch.distributed.all_gather_object(gathered := [None] * world, rows)
             rows = sorted((row for part in gathered for row in part), key=lambda row: (row["run"], row["strategy"]))
             for row in rows if rank == 0 else ():
-                append_result(out, row)
+                report.append_row(out / "results.jsonl", row)
         results += rows
     log.info(f"{len(results)} results in {out / 'results.jsonl'}")
     return [r for r in results if r["run"] < s.runs]
@@ -400,9 +403,6 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
 def run_seed(seed, run):
     return 1000 * seed + run
 
-def append_result(out, row):
-    with open(out / "results.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 # == The command line ==============================================================================
 

@@ -1,12 +1,14 @@
-"""The --device cuda path, timed and checked in one go on a machine with a GPU, in under 6 minutes:
-the stacked step with and without CUDA graphs, compiled and eager; the whole sine protocol (50 runs),
-compiling and again with torch's compiled steps cached; LeNet, 10 runs x 60 epochs, stacked, compiled and
-eager; ImageNet's loader and ResNet18 on synthetic JPEGs (the loader alone, the model alone, both; Pillow
-and nvJPEG); then, while --budget lasts, where a step of the stacked sine goes (its kernels, their GPU time,
-drawing an epoch's orders), the sine protocol on this machine's CPU cores, LeNet with its compiled steps
-cached and small runs of each experiment on the GPU against the CPU's rows. Each timing
-says how often a CUDA graph could not be recorded (its steps then ran one launch a kernel). It writes its
-report to --report as it goes; --only runs some of its steps again. The measurements are gpu_timings.py's.
+"""The --device cuda path, timed and checked in one go on a machine with a GPU, in some 6 minutes: the
+stacked step with and without CUDA graphs, compiled and eager; the whole sine protocol (50 runs),
+compiling, again with torch's compiled steps cached, and again with its stacks one after another (not by
+turns, as a CPU trains them; the largest difference of its rows is reported); LeNet, 10 runs x 60 epochs,
+stacked, compiled and eager; ImageNet's loader and ResNet18 on synthetic JPEGs (the loader alone, the
+model alone, both; Pillow and nvJPEG); then, while --budget lasts, where a step of the stacked sine goes
+(its kernels, their GPU time, drawing an epoch's orders), the sine protocol on this machine's CPU cores,
+LeNet with its compiled steps cached and small runs of each experiment on the GPU against the CPU's rows.
+Each timing says how often a CUDA graph could not be recorded (its steps then ran one launch a kernel). It
+writes its report to --report as it goes; --only runs some of its steps again. The measurements are
+gpu_timings.py's.
 
     python gpu_check.py --report gpu_check.md --lenet-data DIR     # on one GPU
     python gpu_check.py --only imagenet-gpu graphs                 # two steps again, after a change
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 import cifar
+import experiment
 import lenet_imagewoof
 import sine
 from gpu_timings import imagenet_throughput, run, sine_graphs, sine_kernels, write_cifar, write_images
@@ -118,12 +121,21 @@ def main(argv=None):
         say("## Whole protocols", "", "| what | device | seconds | results |", "|---|---|---|---|")
     small = ["--n-train", 1000, "--n-val", 200, "--n-test", 1000, "--epochs", 30] if args.small else []
     runs = 4 if args.small else 50
-    for i, attempt in enumerate(("compiling", "compiled steps cached by torch")):
+    sine_rows = {}  # of each attempt
+    for i, attempt in enumerate(("compiling", "compiled steps cached by torch", "compiled steps cached, the stacks "
+                                 "one after another, not by turns (`experiment.OVERLAP_ON_GPU = False`)")):
         def sine_protocol(attempt=attempt, i=i):
-            seconds, _, rows, _ = run(sine.main, ["--runs", runs, *small, "--device", device, "--out",
-                                                  scratch / f"sine-{i}"], device, logs / f"sine-{device}-{i}.log")
+            experiment.OVERLAP_ON_GPU = i < 2
+            try:
+                seconds, _, rows, _ = run(sine.main, ["--runs", runs, *small, "--device", device, "--out",
+                                                      scratch / f"sine-{i}"], device, logs / f"sine-{device}-{i}.log")
+            finally:
+                experiment.OVERLAP_ON_GPU = True
+            sine_rows[i] = rows
+            apart = "" if i < 2 or 1 not in sine_rows else \
+                f"; largest difference from the rows by turns {largest_difference(rows, sine_rows[1], 'test_mse'):.2e}"
             say(protocol_line(f"`python merge.py --task sine --runs {runs}`, {attempt}", device, seconds, rows,
-                              "test_mse", True))
+                              "test_mse", True)[:-2] + apart + " |")
         if wanted("sine", "the sine protocol", optional=False):
             step("sine protocol", sine_protocol)
     lenet_runs, lenet_epochs = (2, 6) if args.small else (10, 60)

@@ -3,6 +3,7 @@ the summary tables (the paper's Tables 1-4, and the stages of the student) and t
 functions, each returning its figure and, given a path, saving it as a PNG (whole: a temporary file,
 then a rename) and closing it."""
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -43,6 +44,11 @@ def save_whole(obj, path):
     with written_whole(path) as part:
         torch.save(obj, part)
 
+def append_row(path, row):
+    """row as one more JSON line of path: a crash can cut its last line alone (experiment.read_rows drops it)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
 # == Progress ======================================================================================
 
 class Progress(logging.Handler):
@@ -57,8 +63,10 @@ class Progress(logging.Handler):
         done, epochs, error = record.args if hasattr(record, "epochs") else (0, 0, 0)
         if epochs and sys.stdout.isatty():
             left = (time.time() - record.began) / done * (epochs - done)
-            print(f"\r    [{'#' * (30 * done // epochs):<30}] {done}/{epochs} epochs, training error {error:.4f}, "
-                  f"{left:.0f} s left ", end="\n" if done == epochs else "", flush=True)
+            phase = f"{record.phase}: " if getattr(record, "phase", "") else ""
+            print(f"\r    {phase}[{'#' * (30 * done // epochs):<30}] {done}/{epochs} epochs, training error "
+                  f"{error:.4f}, {left:.0f} s left\x1b[K",  # \x1b[K clears the rest of the line: a longer bar's
+                  end="\n" if done == epochs else "", flush=True)
         elif not epochs or done % max(1, epochs // 5) == 0 and epochs >= 20:
             print(f"[{time.time() - self.start:7.1f}s] {record.getMessage()}", flush=True)
 
@@ -68,14 +76,14 @@ def show_progress(quiet=False):
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
 
-def progress(epochs, began=None):
-    """after_epoch that reports each epoch to log (Progress shows a bar, or a line now and then)."""
+def progress(epochs, name="", began=None):
+    """after_epoch that reports each epoch of a phase (its name) to log (Progress: a bar, or a line now and then)."""
     began = began or time.time()
 
     def report(epoch, history):
         error = np.mean(history[-1]["error"])
-        log.info("    epoch %d/%d, training error %.4f", epoch + 1, epochs, error,
-                 extra=dict(epochs=epochs, began=began))
+        log.info(f"    {name}{': ' if name else ''}epoch %d/%d, training error %.4f", epoch + 1, epochs, error,
+                 extra=dict(epochs=epochs, began=began, phase=name))
     return report
 
 

@@ -11,8 +11,10 @@ be the stack's, not each model's (experiment.py trains such phases one at a time
 """
 import contextlib
 import copy
+import itertools
 import logging
 import threading
+import types
 
 import torch
 import torch.nn.functional as F
@@ -72,12 +74,23 @@ class KeyedGate(merge.Gate):
 STEPS_PER_BLOCK = 10  # SGD steps a block: on a GPU one CUDA graph, launched at once (a small stack's step is
 # bound by launching its kernels); on a CPU the same steps one after another
 
-def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, share=0.5, warmup=0,
-                after_epoch=None, compile=True, steps_per_block=STEPS_PER_BLOCK, graphs=None):
-    """merge.fit for many small models of one architecture without BatchNorm, as one stack. The summed loss
-    gives each model its own gradient and SGD is elementwise, so each trains as merge.fit trains it alone
-    with counter_noise(model, seed), on its own data, order and noise. The step is compiled (compile: see
-    compiles), once a phase: an epoch's short last batch runs eagerly where the compiled step cannot take it.
+def fit_stacked(*args, **kwargs):
+    """fit_stacked_epochs run to its end: the phase trained, its history returned."""
+    epochs = fit_stacked_epochs(*args, **kwargs)
+    while True:
+        try:
+            next(epochs)
+        except StopIteration as end:
+            return end.value
+
+def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, share=0.5, warmup=0,
+                       after_epoch=None, compile=True, steps_per_block=STEPS_PER_BLOCK, graphs=None):
+    """merge.fit for many small models of one architecture without BatchNorm, as one stack, an epoch at a time:
+    a generator that yields after each epoch is queued (Lockstep trains other stacks between) and returns the
+    history (fit_stacked runs it to its end). The summed loss gives each model its own gradient and SGD is
+    elementwise, so each trains as merge.fit trains it alone with counter_noise(model, seed), on its own
+    data, order and noise. The step is compiled (compile: see compiles), once a phase: an epoch's short last
+    batch runs eagerly where the compiled step cannot take it.
     The steps run in blocks of steps_per_block, each block one CUDA graph where graphs (None: on a GPU).
     after_epoch(epoch, history) is called after each epoch; on a GPU once the next epoch is queued, so that
     the GPU trains on while the host reads an epoch's numbers and draws the next one's orders."""
@@ -174,8 +187,10 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, sh
         gate_locs = [params[f"{name}.loc"] for name in gate_names]  # (R, n) each
         numbers = [total / N] + ([merge.l_half(gate_locs, share)] + [merge.p_open(loc) for loc in gate_locs]
                                  if lambdas is not None else [])
+        del X_epoch, Y_epoch, order, x, y  # not kept while other stacks take their turns
         if device.type != "cuda":
             finish(epoch, numbers)
+            yield
             continue
         # on a GPU: the numbers copied to the host as the GPU gets there, while the host queues the next epoch
         numbers = [torch.empty(n.shape, dtype=n.dtype, pin_memory=True).copy_(n, non_blocking=True) for n in numbers]
@@ -184,6 +199,7 @@ def fit_stacked(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, sh
         if pending:
             finish(*pending)
         pending = epoch, numbers, copied
+        yield
     if pending:
         finish(*pending)
     for r, model in enumerate(models):
@@ -248,9 +264,15 @@ def compiles(compile, device, model, epochs):
         return not (device.type == "cuda" and convolutions and epochs < GPU_COMPILE_EPOCHS)
     return compile not in (0, "0")
 
+COMPILED_STEPS = itertools.count()  # numbers the compiled steps of a process: a name each
+
 def compiled(step, use_compile):
-    """torch.compile(step), or where that fails (no C++ compiler) the eager step, with a notice."""
-    torch._dynamo.reset()  # each phase compiles afresh instead of piling up recompiles
+    """torch.compile(step), or where that fails (no C++ compiler) the eager step, with a notice. The step gets a
+    code object and a name of its own: torch keeps compiled code by code object, and what it learnt of the
+    shapes (which to compile as symbols) by name, so each phase compiles afresh for its own sizes instead of
+    piling up recompiles on one, and phases trained by turns (Lockstep on a GPU) keep theirs."""
+    code = step.__code__.replace(co_name=f"{step.__name__}_{next(COMPILED_STEPS)}")
+    step = types.FunctionType(code, step.__globals__, step.__name__, step.__defaults__, step.__closure__)
     fast = torch.compile(step) if use_compile else step
 
     def call(*args):
@@ -270,13 +292,18 @@ def compiled(step, use_compile):
 
 class Lockstep:
     """Runs jobs, each one strategy on one run as merge.py writes it, one at a time: a job goes on until it
-    asks its `train` for a phase, then waits. When every job waits or is done, the phases asked for are
-    trained by fit_phases (alike ones of all runs as one stack) and the waiting jobs go on. The jobs are
-    threads that take turns, never two at once, so a job that seeds torch's generator draws from it
-    undisturbed until it next asks for training (merge.py's strategies seed it before each draw)."""
+    asks its `train` for a phase, then waits. When every job waits or is done, fit_phases(asked) groups the
+    phases asked for (alike ones of all runs as one stack) into trainings: dicts of `jobs` (those that wait
+    on it), `stacked` and `epochs`, a generator that trains it, an epoch a turn where it is stacked (or
+    fit_phases trains them all and returns None). Then the trainings run to their end and the waiting jobs
+    go on; with overlap (on a GPU) they take turns an epoch at a time instead, each stacked one on a CUDA
+    stream of its own, so that their small kernels can run side by side, and the jobs of one that is over
+    go on at once, their next phases joining the turns.
+    The jobs are threads that take turns, never two at once, so a job that seeds torch's generator draws
+    from it undisturbed until it next asks for training (merge.py's strategies seed it before each draw)."""
 
-    def __init__(self, fit_phases):
-        self.fit_phases, self.asked, self.running, self.aborted = fit_phases, [], None, False
+    def __init__(self, fit_phases, overlap=False):
+        self.fit_phases, self.overlap, self.asked, self.running, self.aborted = fit_phases, overlap, [], None, False
         self.back = threading.Event()  # a job's turn is over
 
     def train(self, models, data, s, epochs, drops, seeds, phase, lambdas=None, share=0.5, warmup=0, **hooks):
@@ -305,9 +332,10 @@ class Lockstep:
         for job in jobs:
             job.update(go=threading.Event(), finished=False)
             threading.Thread(target=turn, args=(job,), daemon=True).start()
+        ready, training = list(jobs), []  # the jobs to go on; the trainings not yet over
         try:
             while not all(job["finished"] for job in jobs):
-                for job in (job for job in jobs if not job["finished"]):
+                for job in ready:
                     self.running = job
                     self.back.clear()
                     job["go"].set()
@@ -317,9 +345,44 @@ class Lockstep:
                     if job["finished"]:
                         done(job, job["result"])
                 asked, self.asked = self.asked, []
-                if asked:
-                    self.fit_phases(asked)
+                trainings = self.fit_phases(asked) if asked else []
+                if trainings is None:  # fit_phases trained them
+                    trainings = [dict(jobs=[a["job"] for a in asked], epochs=iter(()))]
+                training += [self.started(t) for t in trainings]
+                over = self.by_turns(training) if self.overlap and training else training
+                for t in () if self.overlap else over:
+                    while not self.turn(t):
+                        pass
+                training = [t for t in training if all(t is not o for o in over)]
+                waiting = {id(job) for t in over for job in t["jobs"]}
+                ready = [job for job in jobs if id(job) in waiting]
+                assert ready or training or all(job["finished"] for job in jobs), "jobs wait on no training"
         finally:
             self.aborted = True
             for job in jobs:
                 job["go"].set()
+
+    def started(self, training):
+        if self.overlap and training.get("stacked") and torch.cuda.is_available():
+            training["stream"] = torch.cuda.Stream()
+            training["stream"].wait_stream(torch.cuda.current_stream())  # its data and models are made
+        return training
+
+    def by_turns(self, training):
+        """An epoch of each training in turn, until one or more is over: those."""
+        while True:
+            if over := [t for t in training if self.turn(t)]:
+                return over
+
+    def turn(self, training):
+        """The training's next epoch (all of it where it is not stacked), on its stream: whether it is over."""
+        stream = training.get("stream")
+        with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+            try:
+                next(training["epochs"])
+                return False
+            except StopIteration:
+                pass
+        if stream:  # the jobs go on on the default stream: after its last kernels
+            torch.cuda.current_stream().wait_stream(stream)
+        return True

@@ -283,6 +283,25 @@ def test_phases_of_several_strategies_in_one_stack_give_the_rows_of_one_at_a_tim
     assert (finished / "phases" / f"bo3-{merge.phase_seed(experiment.run_seed(0, 1), 'bo3', 2)}.pt").exists()
 
 
+def test_phases_by_turns_as_on_a_gpu_give_the_same_rows(finished, tmp_path, monkeypatch, capsys):
+    """On a GPU the run loop trains its stacks by turns, an epoch each, and the jobs of a phase that is over go
+    on at once: the student's importance phase starts while the one model still trains. Here on the CPU."""
+    class ByTurns(experiment.stacked.Lockstep):
+        def __init__(self, fit_phases, overlap=False):
+            super().__init__(fit_phases, overlap=True)
+    monkeypatch.setattr(experiment.stacked, "Lockstep", ByTurns)
+    said = []
+    monkeypatch.setattr(report.Progress, "emit", lambda self, record: said.append(record.getMessage().strip()))
+    strategies = "student,random,bo3,one,prune"  # twins (the teachers of student and random), a phase not stacked
+    assert main([*SMALL, "--strategies", strategies, "--out", tmp_path / "sine"], capsys)[0] == 0
+    last_of_one = next(i for i, line in enumerate(said) if line.startswith("one: epoch 12/12,"))
+    assert said.index("importance: 2 x 2 epochs") < last_of_one, said
+    rows = lambda out: {(r["run"], r["strategy"]): r for r in map(json.loads, open(out / "results.jsonl"))}
+    theirs = rows(finished)
+    for key, row in rows(tmp_path / "sine").items():
+        assert row["test_mse"] == pytest.approx(theirs[key]["test_mse"], abs=2e-6), key
+
+
 def test_workers_share_the_runs_and_give_the_rows_of_one_process(finished, tmp_path):
     """--workers 2: two processes, each a rank with every other run; rank 0 writes every row once."""
     out = tmp_path / "two"
@@ -417,9 +436,9 @@ def test_a_killed_process_leaves_no_orphan_and_the_launcher_says_which(tmp_path,
 def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file(monkeypatch, capsys):
     report.show_progress()
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    report.progress(20, began=time.time() - 5)(9, [dict(error=[0.2, 0.3])])
+    report.progress(20, "one", began=time.time() - 5)(9, [dict(error=[0.2, 0.3])])
     bar = capsys.readouterr().out
-    assert bar.startswith("\r") and "[###############               ] 10/20 epochs" in bar and "5 s left" in bar
+    assert bar.startswith("\r    one: [###############               ] 10/20 epochs") and "5 s left" in bar
     assert "training error 0.2500" in bar  # the mean over a stack
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
     report.progress(20)(3, [dict(error=0.25)])

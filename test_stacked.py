@@ -2,6 +2,7 @@
 exactly what merge.fit trains one model at a time (teacher and importance phases, eager and
 compiled); a compiler that fails falls back to eager with one notice; Lockstep runs the plain
 strategies of merge.py so that their phases stack, and changes no model."""
+import contextlib
 import logging
 
 import pytest
@@ -96,6 +97,38 @@ def test_a_conv_stack_compiles_its_step_once_a_phase_its_short_last_batch_eagerl
     assert all(same(a, b, dict(rtol=1e-12, atol=1e-12)) for a, b in zip(*results))
 
 
+def test_stacks_trained_by_turns_train_what_each_trains_alone_compiled(monkeypatch):
+    """Lockstep on a GPU trains its stacks an epoch at a time by turns. Each phase's compiled step has a code
+    object and a name of its own: one graph each, compiled for its own sizes (only the batch a symbol, not
+    the stack's size or the widths another phase had), and each trains what it trains alone (torch.compile's
+    graph capture with a backend that runs the captured graph, without inductor's code generation)."""
+    real_compile, symbols = torch.compile, []
+
+    def backend(graph, inputs):  # how many sizes of the graph's inputs are symbols
+        values = [node.meta.get("example_value") for node in graph.graph.nodes if node.op == "placeholder"]
+        symbols.append(sum(not isinstance(n, int) for x in values if isinstance(x, torch.Tensor) for n in x.shape))
+        return graph.forward
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend=backend))
+    s, datas = settings(), [merge.sine_data(seed, 200, 50, 50) for seed in (0, 1, 2)]
+    lambdas = merge.lambda_schedule(3, 0.5, 0.5)
+    make = [lambda: fresh([3, 4]), lambda: [merge.make_big_student(fresh(pair)) for pair in ([5, 6], [7, 8], [9, 10])]]
+    phases = [dict(datas=datas[:2], seeds=[3, 4], drops=(0.5,)), dict(datas=datas, seeds=[7, 8, 9], lambdas=lambdas)]
+    alone = [m() for m in make]
+    for models, phase in zip(alone, phases):
+        stacked.fit_stacked(models, s=s, epochs=3, compile=False, **phase)
+    by_turns = [m() for m in make]
+    torch._dynamo.utils.counters.clear()
+    turns = [stacked.fit_stacked_epochs(models, s=s, epochs=3, **phase) for models, phase in zip(by_turns, phases)]
+    for _ in range(4):  # three epochs each, then the end
+        for epochs in turns:
+            next(epochs, None)
+    for mine, theirs in zip(by_turns, alone):
+        assert all(same(a, b, dict(rtol=1e-12, atol=1e-12)) for a, b in zip(mine, theirs))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 and len(symbols) == 2
+    assert symbols == [2, 2], symbols  # the batch of x and of y; the rest numbers (one name for both: 19 symbols)
+    assert not same(alone[1][0], merge.make_big_student(fresh([5, 6])), dict(rtol=1e-3, atol=1e-3))  # trained
+
+
 def test_counter_noise_is_uniform_and_another_for_every_seed_layer_and_step():
     noise = stacked.CounterNoise(seed=3, layer=0, device="cpu")
     u = noise(1000, 100)
@@ -176,6 +209,68 @@ def test_lockstep_stacks_the_phases_of_all_runs_and_changes_no_model():
         alone, alone_info = merge.STRATEGIES[name](datas[seed], s, merge.SineMLP, seed, plain)
         assert same(model, alone, dict(rtol=1e-9, atol=1e-12)), name
         assert info.keys() == alone_info.keys()
+
+
+def test_lockstep_by_turns_gives_each_stack_a_cuda_stream_and_lets_jobs_go_on_when_theirs_is_over(monkeypatch):
+    """overlap (on a GPU): the trainings take turns, an epoch each, every stacked one on a CUDA stream of its own
+    that waits for the work before it, and the jobs go on, on the default stream after its last kernels, as soon
+    as their own is over (torch.cuda's streams played by stand-ins, to run on a CPU)."""
+    class Stream:
+        def __init__(self, name="stream"):
+            self.name, self.waited_for = name, []
+
+        def wait_stream(self, other):
+            self.waited_for.append(other)
+    default, on = Stream("default"), []
+
+    @contextlib.contextmanager
+    def stream(s):
+        on.append(s)
+        yield
+        on.pop()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: on[-1] if on else default)
+    turns = []
+
+    def epochs(name, n):
+        for epoch in range(n):
+            turns.append((name, epoch, torch.cuda.current_stream()))
+            yield
+
+    def fit_phases(asked):
+        return [dict(jobs=[a["job"]], stacked=a["phase"] != "plain", epochs=epochs(a["phase"], a["epochs"]))
+                for a in asked]
+
+    def work(*phases):
+        def run(train):
+            for phase, n in phases:
+                train([], None, None, n, (), [], phase)
+            return phases[-1][0]
+        return run
+    jobs = [dict(work=work(("short", 2), ("after", 1))), dict(work=work(("long", 5))), dict(work=work(("plain", 3)))]
+    finished = []
+    stacked.Lockstep(fit_phases, overlap=True).run(jobs, lambda job, result: finished.append(result))
+    names = [name for name, _, _ in turns]
+    assert names.index("after") < len(names) - 1 - names[::-1].index("long")  # begun while "long" trained on
+    assert [name for name, epoch, _ in turns if epoch == 0] == ["short", "long", "plain", "after"]
+    streams = {name: {s for n, _, s in turns if n == name} for name in ("short", "after", "long", "plain")}
+    assert streams["plain"] == {default} and all(len(streams[name]) == 1 for name in streams)
+    mine = [next(iter(streams[name])) for name in ("short", "after", "long")]
+    assert len(set(mine)) == 3 and default not in mine  # a stream of its own each
+    assert all(s.waited_for == [default] for s in mine) and set(mine) <= set(default.waited_for)
+    assert sorted(finished) == ["after", "long", "plain"]
+
+    def failing(name, n):  # a training that fails while another is in flight: the run ends with its error
+        yield
+        raise RuntimeError("out of memory")
+    def fit_phases(asked):
+        return [dict(jobs=[a["job"]], stacked=True, epochs=(failing if a["phase"] == "short" else epochs)(
+            a["phase"], a["epochs"])) for a in asked]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        stacked.Lockstep(fit_phases, overlap=True).run([dict(work=work(("short", 2))), dict(work=work(("long", 5)))],
+                                                       lambda job, result: None)
 
 
 def test_blocks_of_steps_train_what_one_step_at_a_time_trains():
