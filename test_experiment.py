@@ -40,14 +40,21 @@ def files(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-def main(argv, capsys):
-    """sine.main(argv), merge.py's command line, in this process: (exit code, what it wrote to stderr)."""
+def here(capsys, *args):
+    """merge.py's command line (sine.main) in this process, as cli gives it: exit code, stdout and stderr."""
     try:
-        sine.main([str(a) for a in argv])
+        sine.main([str(a) for a in args])
         code = 0
     except SystemExit as e:
         code = e.code
-    return code, capsys.readouterr().err
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, printed.out, printed.err)
+
+
+def main(argv, capsys):
+    """here(argv): (exit code, what it wrote to stderr)."""
+    result = here(capsys, *argv)
+    return result.returncode, result.stderr
 
 
 def cli(*args, **kwargs):
@@ -188,27 +195,27 @@ def test_damaged_project_files_are_refused_with_one_line_naming_them(finished, t
     assert {p: (out / p).read_bytes() for p in files(out) if (out / p).is_file()} == before
 
 
-def test_a_damaged_phase_file_is_trained_again_with_one_line(finished, tmp_path):
+def test_a_damaged_phase_file_is_trained_again_with_one_line(finished, tmp_path, capsys):
     out = copy_of(finished, tmp_path)
     phase = sorted((out / "phases").glob("teacher-*.pt"))[0]
     phase.write_bytes(phase.read_bytes()[:100])
     rows = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("".join(r + "\n" for r in rows if '"student"' not in r))
-    again = cli(*SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out)
+    again = here(capsys, *SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out)
     assert again.returncode == 0, again.stderr
     assert f"{phase} is damaged" in again.stdout and "teacher: 1 x 4 epochs (3 done before)" in again.stdout
     redone = [json.loads(r) for r in (out / "results.jsonl").read_text().splitlines() if '"student"' in r]
     assert redone == [json.loads(r) for r in rows if '"student"' in r]  # the same teacher again, the same rows
 
 
-def test_a_damaged_epoch_checkpoint_is_trained_again_with_one_line(finished, tmp_path):
+def test_a_damaged_epoch_checkpoint_is_trained_again_with_one_line(finished, tmp_path, capsys):
     out = copy_of(finished, tmp_path)
     rows = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("".join(r + "\n" for r in rows if '"one"' not in r))
     for phase in (out / "phases").glob("one-*.pt"):  # one model's phase, unfinished: a checkpoint of garbage
         phase.unlink()
         phase.with_suffix(".epochs").write_bytes(b"PK\x03\x04 a cut zip")
-    again = cli(*SMALL, "--strategies", "one", "--stack", "0", "--out", out)
+    again = here(capsys, *SMALL, "--strategies", "one", "--stack", "0", "--out", out)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count(".epochs is damaged") == 2 and "training its phase from the start" in again.stdout
     redone = {r["run"]: r["test_mse"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
@@ -259,22 +266,22 @@ def test_an_out_in_use_is_refused_by_every_process_before_any_trains(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no phases/, no rows, no settings.json
 
 
-def test_a_repeated_row_is_read_once_and_a_last_line_without_newline_kept(finished, tmp_path):
+def test_a_repeated_row_is_read_once_and_a_last_line_without_newline_kept(finished, tmp_path, capsys):
     out = copy_of(finished, tmp_path)
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("\n".join(lines + [lines[0]]))  # a repeat, and no newline at the end
-    again = cli(*SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out)
+    again = here(capsys, *SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out)
     assert again.returncode == 0, again.stderr
     assert f"{len(lines)} results already" in again.stdout and "repaired" in again.stdout
     assert (out / "results.jsonl").read_text() == "".join(line + "\n" for line in lines)
     assert "| student | 2 |" in (out / "summary.md").read_text()  # not 3
 
 
-def test_phases_of_several_strategies_in_one_stack_give_the_rows_of_one_at_a_time(finished, tmp_path):
+def test_phases_of_several_strategies_in_one_stack_give_the_rows_of_one_at_a_time(finished, tmp_path, capsys):
     """The sine's teachers and bo3 models have equal epochs and drops: the run loop trains them as
     one stack before the strategies run. Each model's result is what it is trained alone."""
     alone = tmp_path / "alone"
-    result = cli(*SMALL, "--stack", "0", "--strategies", "student,bo3,one", "--out", alone)
+    result = here(capsys, *SMALL, "--stack", "0", "--strategies", "student,bo3,one", "--out", alone)
     assert result.returncode == 0, result.stderr
     rows = lambda out: {(r["run"], r["strategy"]): r for r in map(json.loads, open(out / "results.jsonl"))}
     stacked = rows(finished)
@@ -358,8 +365,8 @@ def test_runs_in_smaller_stacks_give_the_same_rows(finished, tmp_path, monkeypat
 
 # -- every subset of strategies, Ctrl-C, progress ------------------------------------------------
 
-def test_one_strategy_alone_runs_and_reports(tmp_path):
-    result = cli(*SMALL, "--strategies", "one", "--out", tmp_path / "one")
+def test_one_strategy_alone_runs_and_reports(tmp_path, capsys):
+    result = here(capsys, *SMALL, "--strategies", "one", "--out", tmp_path / "one")
     assert result.returncode == 0, result.stderr
     assert "| one | 2 |" in (tmp_path / "one" / "summary.md").read_text()
 
