@@ -1,9 +1,15 @@
 """What every test leaves as it found it, so that the suite passes in any order: the project's logger
-(the command line installs its Progress handler), torch's default dtype and random state."""
+(the command line installs its Progress handler), torch's default dtype and random state; and one torch
+thread a test."""
 import logging
+import os
 
-import pytest
-import torch
+# One thread for torch in each test and in the commands it starts (they inherit it), set before torch loads:
+# pytest -n 2 runs two tests side by side on two cores, and two threads each made them wait on each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -127,6 +125,12 @@ def stage_table(rows, metric, per_run=False):
 
 # == Figures =======================================================================================
 
+def subplots(*args, **kwargs):
+    """matplotlib's plt.subplots, pyplot imported at the first figure: a process that draws none (a rank
+    other than 0, a launcher, a refused command) starts a second sooner."""
+    import matplotlib.pyplot as plt
+    return plt.subplots(*args, **kwargs)
+
 def _finish(fig, path):
     """Save fig as a PNG at path, whole, and close it; without a path, return it open."""
     if path:
@@ -134,12 +138,13 @@ def _finish(fig, path):
             with written_whole(path) as part:
                 fig.savefig(part, dpi=110, bbox_inches="tight", format="png")
         finally:
+            import matplotlib.pyplot as plt
             plt.close(fig)
     return fig
 
 def plot_lambda(lambdas, paper_lambdas=None, path=None):
     """Fig. 5: lambda over the epochs of the importance phase."""
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = subplots(figsize=(5, 3.2))
     if paper_lambdas is not None:
         ax.plot(np.linspace(0, 1, len(paper_lambdas)), paper_lambdas, "--", color="gray", label="paper (Fig. 5)")
     ax.plot(np.linspace(0, 1, len(lambdas)), lambdas, label=f"this run, {len(lambdas)} epochs")
@@ -151,7 +156,8 @@ def plot_box(rows, metric, strategies, path=None, title=""):
     """Figs. 9, 11, 12: box plot over runs per strategy; the line is the median, x the mean."""
     names = [n for n in strategies if any(r["strategy"] == n for r in rows)]
     values = [[r[metric] for r in rows if r["strategy"] == n] for n in names]
-    fig, ax = plt.subplots(figsize=(6, 0.6 + 0.7 * len(names)))
+    fig, ax = subplots(figsize=(6, 0.6 + 0.7 * len(names)))
+    import matplotlib
     horizontal = dict(orientation="horizontal") if matplotlib.__version_info__ >= (3, 10) else dict(vert=False)
     ax.boxplot(values, showmeans=True, meanprops=dict(marker="x", markeredgecolor="k"), **horizontal)
     ax.set_yticks(range(1, len(names) + 1), names)
@@ -160,7 +166,7 @@ def plot_box(rows, metric, strategies, path=None, title=""):
 
 def plot_sine_data(data, path=None):
     """Fig. 8a: the training set and the noise-free curve."""
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = subplots(figsize=(7, 3))
     ax.scatter(data.x_train.cpu(), data.y_train.cpu(), s=1, alpha=0.3, label="training points")
     ax.plot(merge.GRID, merge.sine_curve(merge.GRID), "k", lw=1, label="sin(10 pi x)")
     ax.set(xlabel="x", ylabel="y", title=f"Fig. 8a: {len(data.x_train)} training points")
@@ -170,7 +176,7 @@ def plot_sine_data(data, path=None):
 def plot_curves(rows, strategies, path=None):
     """Fig. 10: the learned curve of every run, overlaid, one panel per strategy with rows."""
     names = [n for n in strategies if any(r["strategy"] == n for r in rows)]
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3), sharey=True, squeeze=False)
+    fig, axes = subplots(1, len(names), figsize=(4.5 * len(names), 3), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], names):
         mine = [r for r in rows if r["strategy"] == name]
         for r in mine:
@@ -184,7 +190,7 @@ def plot_kept_share(rows, path=None):
     """Fig. 2's idea as numbers: the share of the student's units that each teacher gave."""
     mine = [r for r in rows if r["strategy"] == "student"]
     shares = np.array([r["kept_from_teacher"] for r in mine])
-    fig, ax = plt.subplots(figsize=(max(4, 0.15 * len(mine) + 2), 3))
+    fig, ax = subplots(figsize=(max(4, 0.15 * len(mine) + 2), 3))
     bottom = np.zeros(len(mine))
     for i in range(shares.shape[1]):
         ax.bar([r["run"] for r in mine], shares[:, i], bottom=bottom, label=f"teacher {i}")

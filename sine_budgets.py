@@ -59,7 +59,7 @@ def budget_table(rows_of):
 
 def plot_budgets(rows_of, path=None):
     """Mean and median test MSE of each strategy against the budget."""
-    fig, ax = report.plt.subplots(figsize=(6, 3.6))
+    fig, ax = report.subplots(figsize=(6, 3.6))
     budgets = sorted(rows_of)
     for name, color in zip(NAMES, ("C0", "C1", "C2")):
         values = [[r["test_mse"] for r in rows_of[e] if r["strategy"] == name] for e in budgets]

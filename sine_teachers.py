@@ -64,7 +64,7 @@ def teachers_table(rows_of):
 
 def plot_teachers(rows_of, path=None):
     """Test MSE of the student for each k, beside bo3 and one model; and where its units came from."""
-    fig, (left, right) = report.plt.subplots(1, 2, figsize=(11, 3.4))
+    fig, (left, right) = report.subplots(1, 2, figsize=(11, 3.4))
     ks = sorted(rows_of)
     students = [[r["test_mse"] for r in rows_of[k] if r["strategy"] == "student"] for k in ks]
     baseline = [[r["test_mse"] for r in rows_of[2] if r["strategy"] == name] for name in ("bo3", "one")]

@@ -84,12 +84,12 @@ def protocol_ran(out, output, student_epochs, one, short):
     assert not list(out.glob("phases/*.epochs"))  # the epoch checkpoints go once their phase is done
 
 
-def test_the_protocol_runs_end_to_end(folder, tmp_path):
-    """One process; on two, the test of a killed run below."""
+def test_the_protocol_runs_end_to_end(folder, tmp_path, capsys):
+    """One process, this one (main(argv)); the command line on two: the test of a killed run below."""
     out = tmp_path / "out"
-    output = finished(launch("imagenet.py", "--data", folder, "--out", out, *TINY, "--phase-epochs", 2, 1, 2, 1, 3,
-                             "--short", 2))
-    protocol_ran(out, output, 2 * 2 + 1 + 2, 3, 2)
+    imagenet.main([str(a) for a in ["--data", folder, "--out", out, *TINY, "--phase-epochs", 2, 1, 2, 1, 3, "--short", 2]])
+    printed = capsys.readouterr()
+    protocol_ran(out, printed.out + printed.err, 2 * 2 + 1 + 2, 3, 2)
 
 
 def test_ddp_averages_the_gradients_of_the_ranks(folder, tmp_path):

@@ -357,10 +357,29 @@ SMALL = ["--runs", "2", "--epochs", "12", "--n-train", "300", "--n-val", "100", 
          "--workers", "1"]  # one process: test_experiment.py tries --workers
 
 
-def test_short_sine_run_writes_everything_and_resumes_without_training(tmp_path):
-    out = tmp_path / "sine"
+def here(capsys, *args):
+    """merge.py's command line in this process (as test_experiment.py's here): exit code and stdout."""
+    import sine
+    torch.set_default_dtype(torch.float32)  # as the command line runs; conftest.py restores it
+    try:
+        sine.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A short sine run through the real command line; each test below works on a copy of its --out."""
+    out = tmp_path_factory.mktemp("small") / "sine"
     first = run_cli(*SMALL, "--out", str(out))
     assert first.returncode == 0, first.stderr
+    return out
+
+
+def test_short_sine_run_writes_everything_and_resumes_without_training(small_run, tmp_path, capsys):
+    out = Path(shutil.copytree(small_run, tmp_path / "sine"))
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert sorted((r["run"], r["strategy"]) for r in rows) == sorted(
         (run, name) for run in range(2) for name in ("student", "bo3", "one"))
@@ -379,24 +398,22 @@ def test_short_sine_run_writes_everything_and_resumes_without_training(tmp_path)
         assert (out / f"{figure}.png").stat().st_size > 1000
     summary = (out / "summary.md").read_text()
     assert all(f"| {name} | 2 |" in summary for name in ("student", "bo3", "one"))
-    second = run_cli(*SMALL, "--out", str(out))
-    assert second.returncode == 0, second.stderr
-    assert "6 results already" in second.stdout and "  teacher:" not in second.stdout and "  one:" not in second.stdout
+    code, printed = here(capsys, *SMALL, "--out", out)  # the same command again, in this process
+    assert code == 0
+    assert "6 results already" in printed and "  teacher:" not in printed and "  one:" not in printed
     assert (out / "summary.md").read_text() == summary
     assert len((out / "results.jsonl").read_text().splitlines()) == 6
 
 
-def test_an_interrupted_run_redoes_no_finished_phase(tmp_path):
-    out = tmp_path / "sine"
-    assert run_cli(*SMALL, "--out", str(out)).returncode == 0
+def test_an_interrupted_run_redoes_no_finished_phase(small_run, tmp_path, capsys):
+    out = Path(shutil.copytree(small_run, tmp_path / "sine"))
     lines = (out / "results.jsonl").read_text().splitlines()
     students = [line for line in lines if '"strategy": "student"' in line]
     # as if it crashed after the student phases finished, while writing the first student line
     (out / "results.jsonl").write_text("".join(line + "\n" for line in lines if line not in students) + students[0][:40])
-    again = run_cli(*SMALL, "--out", str(out))
-    assert again.returncode == 0, again.stderr
-    assert "teacher: 0 x 4 epochs (4 done before)" in again.stdout
-    assert "finetune: 0 x 2 epochs (2 done before)" in again.stdout
+    code, again = here(capsys, *SMALL, "--out", out)
+    assert code == 0
+    assert "teacher: 0 x 4 epochs (4 done before)" in again and "finetune: 0 x 2 epochs (2 done before)" in again
     redone = [line for line in (out / "results.jsonl").read_text().splitlines() if '"strategy": "student"' in line]
     assert [json.loads(line) for line in redone] == [json.loads(line) for line in students]
 
@@ -428,17 +445,17 @@ def test_changed_settings_with_the_same_out_are_refused(tmp_path):
     assert result.returncode == 2 and "other settings" in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_the_readme_reports_what_the_committed_run_produced(tmp_path):
+def test_the_readme_reports_what_the_committed_run_produced(tmp_path, capsys):
     """figures/ holds results.jsonl and settings.json of the full run in the README; the
-    same command on a copy trains nothing and must regenerate the README's table."""
+    same command on a copy (in this process) trains nothing and must regenerate the README's table."""
     out = tmp_path / "sine"
     out.mkdir()
     for name in ("results.jsonl", "settings.json"):
         (out / name).write_text((ROOT / "figures" / name).read_text())
-    result = run_cli("--task", "sine", "--runs", "50", "--strategies", "student,bo3,one,fusion,random,one_compute",
-                     "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    assert "300 results already" in result.stdout and "  teacher:" not in result.stdout
+    code, printed = here(capsys, "--task", "sine", "--runs", "50", "--strategies",
+                         "student,bo3,one,fusion,random,one_compute", "--out", out, "--workers", 1)
+    assert code == 0
+    assert "300 results already" in printed and "  teacher:" not in printed
     summary = (out / "summary.md").read_text()
     assert summary == (ROOT / "figures" / "summary.md").read_text()
     table = summary.split("\n\n", 1)[1].strip()
