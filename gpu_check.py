@@ -1,7 +1,7 @@
 """The --device cuda path, timed and checked in one go on a machine with a GPU, in some 6 minutes: the
 stacked step with and without CUDA graphs, compiled and eager; the whole sine protocol (50 runs),
-compiling, again with torch's compiled steps cached, and again with its stacks one after another (not by
-turns, as a CPU trains them; the largest difference of its rows is reported); LeNet, 10 runs x 60 epochs,
+compiling, again with torch's compiled steps cached, and again with its stacks one after another, as a
+CPU trains them, not by turns (the largest difference of its rows is reported); LeNet, 10 runs x 60 epochs,
 stacked, compiled and eager; ImageNet's loader and ResNet18 on synthetic JPEGs (the loader alone, the
 model alone, both; Pillow and nvJPEG); then, while --budget lasts, where a step of the stacked sine goes
 (its kernels, their GPU time, drawing an epoch's orders), the sine protocol on this machine's CPU cores,
