@@ -57,6 +57,9 @@ def load_cifar(folder, dataset, val_fraction=0.1, seed=0):
     others = [d["folder"] for d in DATASETS.values() if d is not spec and (folder / d["train"][0]).is_file()]
     if others and not (folder / spec["train"][0]).is_file():
         raise InputError(f"--data {folder}: no {spec['train'][0]}; this looks like {others[0]}, the other data set")
+    if not (folder / spec["train"][0]).is_file():  # neither data set's files
+        raise InputError(f"--data {folder}: no {spec['train'][0]}; name the extracted {spec['folder']} folder (of "
+                         f"the archive {spec['url'].rsplit('/', 1)[1]}) or the folder above it")
     train = images.read_batches(folder, spec["train"], spec["labels"], spec["classes"])
     test = images.read_batches(folder, spec["test"], spec["labels"], spec["classes"])
     return dict(images.arrays(*train, *test, val_fraction, seed), folder=folder)
@@ -79,6 +82,10 @@ class CifarSettings(experiment.Settings):
                          valid=AT_LEAST_1)
     teacher_files: tuple = setting((), "k state dicts (--teachers of them) to merge instead of training teachers "
                                        "(OTFusion's VGG-11 checkpoints load as they are)", nargs="+")
+    mean_std: tuple = setting((), "the channels' 3 means, then 3 standard deviations, that normalise the images: "
+                                  "those the --teacher-files were trained with (OTFusion's: 0.4914 0.4822 0.4465 "
+                                  "0.2023 0.1994 0.2010); none: the training split's own (ours)", nargs=6, type=float,
+                              metavar="X", valid=(lambda v: 0 < v < 1, "between 0 and 1"))
 
 
 # lr / 10 "during half and three quarters of the training of one network" (3.3.3): the networks' phases. The
@@ -153,7 +160,10 @@ def run(s):
     d = load_cifar(folder, dataset, s.val_fraction, s.seed)
     folder = d["folder"]  # the extracted folder, where --data named the one above it
     experiment.log.info(f"{folder}: train {len(d['x_train'])}, validation {len(d['x_val'])}, test {len(d['x_test'])} images")
-    data = images.image_data(d, experiment.resolve_device(s), augment=images.random_crop_flip)
+    if given and not s.mean_std:  # a given teacher sees its inputs as it was trained to only with its statistics
+        experiment.log.info("note: --teacher-files without --mean-std: the images are normalised with this training "
+                            "split's statistics, which may not be those the teachers were trained with")
+    data = images.image_data(d, experiment.resolve_device(s), augment=images.random_crop_flip, stats=s.mean_std)
     title = f"{network_name} on {folder.name}"  # titled by the data it ran on
     with experiment.locked(s) as out:
         given = given if experiment.ranks()[0] == 0 else []  # rank 0 writes

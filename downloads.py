@@ -26,9 +26,10 @@ def matches(path, digests):
                 h.update(chunk)
     return any(hashes[name].hexdigest() == value for name, value in digests.items())
 
-def download(url, path):
+def download(url, path, instead):
     """url -> path, with a progress bar; path appears only when the download is whole (as many bytes as the
-    server announced), else stays absent with one line said."""
+    server announced), else stays absent with one line said. Without a network one line, ending with instead:
+    what the user can do."""
     try:
         with urllib.request.urlopen(url) as response, report.written_whole(path) as part, open(part, "wb") as f:
             total, done = int(response.headers.get("Content-Length") or 0), 0
@@ -44,8 +45,7 @@ def download(url, path):
     except EOFError as e:
         log.info(str(e))
     except OSError as e:  # URLError, a connection cut, a full disk
-        raise InputError(f"cannot download {url} ({e}); put {path.name} into {path.parent} yourself, or pass "
-                         "--data DIR with an extracted copy") from None
+        raise InputError(f"cannot download {url} ({e}); {instead}") from None
 
 def made_once(root, name, make):
     """root/name, made once and whole: make(scratch) writes it under a scratch folder and returns the folder that
@@ -73,13 +73,13 @@ def made_once(root, name, make):
             shutil.rmtree(scratch, ignore_errors=True)
     return target
 
-def verified(url, path, digests):
+def verified(url, path, digests, instead):
     """path, downloaded from url unless it is there and matches `digests` (a broken or partial file is fetched
-    again, once)."""
+    again, once); instead: what to do without a network (download)."""
     for attempt in range(2):
         if not path.exists():
             log.info(f"downloading {url}")
-            download(url, path)
+            download(url, path, instead)
         if path.exists() and matches(path, digests):
             return path
         path.unlink(missing_ok=True)  # broken or partial
@@ -90,7 +90,9 @@ def fetch(root, url, digests, folder):
     """root/folder, extracted from the archive at url: downloaded and verified, extracted once, whole or not
     at all."""
     def extract(scratch):
-        archive = verified(url, root / url.rsplit("/", 1)[1], digests)
+        name = url.rsplit("/", 1)[1]
+        archive = verified(url, root / name, digests, f"put {name} into {root} yourself, or pass --data DIR with "
+                           "its extracted copy")
         try:
             with tarfile.open(archive) as tar:
                 tar.extractall(scratch, filter="data")  # refuses absolute paths and links out of scratch
@@ -127,7 +129,9 @@ def mnist_folder(root, train_per_class=600, test_per_class=200):
     name = f"mnist-{train_per_class}-{test_per_class}"
 
     def write(scratch):
-        files = {name: read_idx(verified(MNIST_URL + name, root / name, {"md5": md5}))
+        instead = (f"put MNIST's four files ({', '.join(MNIST_MD5)}; torchvision's MNIST/raw holds them) into {root} "
+                   "yourself, or pass --data DIR with images in Imagewoof's layout")
+        files = {name: read_idx(verified(MNIST_URL + name, root / name, {"md5": md5}, instead))
                  for name, md5 in MNIST_MD5.items()}
         log.info(f"writing MNIST's images to {root / name}")
         for split, prefix, per_class in (("train", "train", train_per_class), ("val", "t10k", test_per_class)):

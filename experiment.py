@@ -1,8 +1,8 @@
 """The run machinery around merge.py, shared by every experiment: settings and the command line, the --out
-folder, the trainer the strategies are given (finished phases kept, epoch checkpoints, alike phases of all
-runs as one stack) and runs over processes (torchrun's ranks). An --out folder holds settings.json (a later
-command must use the same settings), results.jsonl (one line per finished run and strategy), phases/ (every
-finished phase: a killed run resumes), summary.md and the figures; one command at a time uses it (a lock)."""
+folder, the trainer the strategies are given (finished phases kept, epoch checkpoints, alike phases of all runs as
+one stack) and runs over processes (torchrun's ranks). An --out folder, one command's at a time (a lock), holds
+settings.json (later commands' must match), results.jsonl (a line per run and strategy), phases/ (each finished
+phase: a killed run resumes), summary.md and the figures."""
 import argparse
 import contextlib
 import copy
@@ -33,7 +33,7 @@ class InputError(ValueError):
 # == Settings and the command line =================================================================
 
 STRATEGIES = merge.STRATEGIES
-MAX_RUNS, MAX_SEED = 1000, 10 ** 9  # run seeds 1000 seed + run; phase seeds stay far below 2^63, torch's limit
+MAX_RUNS, MAX_SEED = 1000, 10 ** 9  # run seeds 1000 * seed + run; phase seeds stay far below 2^63, torch's limit
 MAX_TEACHERS = 10  # merge.PHASE_SEEDS gives the teachers the offsets 0 to 9
 AT_LEAST_1, NOT_NEGATIVE = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0 or more")
 POSITIVE, FRACTION = (lambda v: v > 0, "above 0"), (lambda v: 0 < v < 1, "between 0 and 1")
@@ -58,19 +58,18 @@ class Settings(merge.Settings):
     row_keys: ClassVar[tuple] = ()  # what else every row of the experiment holds, for its report
     gpu_pays: ClassVar[bool] = True  # whether --device auto takes a GPU torch sees (the sine's keeps its CPU rows)
     runs: int = setting(50, "independent runs, each with its own models and seeds", run_only=True)
-    seed: int = setting(0, "base seed: run r has the run seed 1000 seed + r (ours)")
+    seed: int = setting(0, "base seed: run r has the run seed 1000 * seed + r (ours)")
     device: str = setting("auto", "where to train: auto picks a GPU torch sees, for the sine the CPU (docs/speed.md)",
                           run_only=True, choices=("auto", "cpu", "cuda"))
     out: str = setting("runs/sine", "folder for results.jsonl, summary.md and the figures", run_only=True)
     strategies: str = setting("student,bo3,one", "comma-separated, of student, bo3, one (section 3.1), the controls "
                               "random and one_compute (ours), prune and fusion (3.3); more may be added to an --out "
                               "later", run_only=True)
-    stack: int = setting(1, "1: train alike phases of all runs as one stack (stacked.py); 0: one model at a time, "
-                         "as the authors' scripts do (ours)", run_only=True, choices=(0, 1))
-    compile: str = setting("auto", "1: torch.compile the stacked step (eager where it can't); 0: eager; auto: 1, "
-                           f"but 0 for convolutions on a GPU in phases under {stacked.GPU_COMPILE_EPOCHS} epochs "
-                           "(faster: docs/speed.md); on a GPU steps run as CUDA graphs (ours)", run_only=True,
-                           choices=("auto", "1", "0"))
+    stack: int = setting(1, "1: train alike phases of all runs as one stack (stacked.py, ours); 0: one model at a "
+                         "time, as the authors' scripts do", run_only=True, choices=(0, 1))
+    compile: str = setting("auto", "1: torch.compile the stacked step (eager where it can't); 0: eager; auto: 1, but "
+                           f"0 for convolutions on a GPU in phases under {stacked.GPU_COMPILE_EPOCHS} epochs (faster: "
+                           "docs/speed.md); GPU steps as CUDA graphs (ours)", run_only=True, choices=("auto", "1", "0"))
 
 def flag(f):  # the command-line flag of a settings field: n_train -> --n-train
     return "--" + f.name.replace("_", "-")
@@ -237,9 +236,8 @@ def lock(s, out):
 # == Training, from outside the method =============================================================
 
 def phase_trainer(phases, rank=0, wrap=lambda model: model):
-    """fit_phases for Lockstep: every model kept as phases/<phase>-<seed>.pt, loaded when it is asked for and there
-    (a damaged file trained again, with one line); the others in Lockstep's trainings, alike phases of all runs
-    as one stack (--stack 1) or one at a time with a checkpoint per epoch (fit_one): the noise from a counter."""
+    """fit_phases for Lockstep: each model kept as phases/<phase>-<seed>.pt, loaded if there (a damaged file trained
+    again); the rest trained as one stack of alike phases (--stack 1) or one at a time, checkpointed (fit_one)."""
     def fit_phases(asked):  # Lockstep's trainings, one for each group of alike phases
         groups, starts = {}, {}  # alike phases; how each phase's models started
         for a in asked:
@@ -360,8 +358,8 @@ def start_ranks(s):
 def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wrap=lambda model: model):
     """The loop of every experiment, inside `with locked(s)`: the (run, strategy) pairs not yet in results.jsonl
     run in Lockstep, STACK_RUNS runs at a time; make_data(seed, device) -> a run's Data, result(model, data) ->
-    its row's numbers. In one process each finished pair is written at once; over ranks each takes every
-    world-th run of a chunk and rank 0 writes the chunk's rows; with replicas (DDP) every rank runs every run."""
+    its row's numbers. One process writes each row at once; over ranks each takes every world-th run of a chunk
+    and rank 0 writes the chunk's rows, or with replicas (DDP) every rank runs every run."""
     (rank, world), device, out = ranks(), resolve_device(s), Path(s.out)
     results, repair = read_rows(out, s)
     if rank == 0:
@@ -392,6 +390,7 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
                 report.append_row(out / "results.jsonl", rows[-1])
         stacked.Lockstep(trainer, overlap=device == "cuda" and OVERLAP_ON_GPU).run(jobs, finished)
         if split:  # every rank's rows, to rank 0
+            log.info("  waiting for the other processes' runs of this chunk")
             torch.distributed.all_gather_object(gathered := [None] * world, rows)
             rows = sorted((row for part in gathered for row in part), key=lambda row: (row["run"], row["strategy"]))
             for row in rows if rank == 0 else ():
@@ -431,15 +430,15 @@ def main(argv, parse, run):
             print(f"error: rank {ranks()[0]}: another rank ended ({str(e).splitlines()[0][-100:]})", file=sys.stderr)
         os._exit(1)  # not destroy_process_group(): it would wait for the dead
     except OSError as e:  # a full disk, a read-only one, a name too long: one line, and nothing half-written
+        if e.errno == errno.EPIPE:  # stdout's reader has gone (`| head`): the run ends quietly, as a Unix tool does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()), sys.exit(1)
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG):
             raise
         print(f"error: {e.strerror}{f' writing in {Path(e.filename).parent}' if e.filename else ''}; every finished "
               "phase and row is kept, and the same command resumes once there is room", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        if ranks()[0] > 0:
-            sys.exit(130)
-        out = Path(s.out)
+        out = Path(s.out) if ranks()[0] == 0 else sys.exit(130)
         try:
             kept = f"{len(read_rows(out, s)[0])} results in {out / 'results.jsonl'}"
         except Exception:  # noqa: BLE001 - the message must not fail

@@ -50,7 +50,7 @@ class ImageNetSettings(experiment.Settings):
     """ImageNet's settings: experiment.Settings and its own. The phases are given explicitly."""
     metric: ClassVar[str] = "test_accuracy"
     row_keys: ClassVar[tuple] = ("val_accuracy",)
-    epochs: int = setting(150, "not used: --phase-epochs gives each phase's epochs")
+    epochs: int = setting(150, "fixed: the budget, the longer one model's epochs; --phase-epochs gives each phase's")
     data: str = setting("", "the ImageNet folder: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (no download: "
                             "ImageNet needs a registration); a file that is not an image stops the run before it "
                             "trains, one cut short is replaced by the next image, with a warning")
@@ -92,8 +92,8 @@ def check(s, world):
     if not s.data:
         raise InputError("--data is needed: the ImageNet folder, train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
     if s.epochs != PAPER["epochs"]:
-        raise InputError(f"--epochs {s.epochs}: imagenet.py takes its phases from --phase-epochs (teachers, importance, "
-                         "fine-tuning, bo3, one model) and --short; --epochs is not used")
+        raise InputError(f"--epochs {s.epochs}: --epochs stays {PAPER['epochs']}; imagenet.py takes its phases from "
+                         "--phase-epochs (teachers, importance, fine-tuning, bo3, one model) and --short")
     if s.batch % world:
         raise InputError(f"--batch {s.batch} must split evenly over {world} ranks")
     images.check_unstacked(s, "ResNet18")

@@ -191,8 +191,9 @@ def read_batches(folder, names, labels_key, classes):
 # == Crops, flips, colour jitter and normalisation =====================================================
 
 def centre_crop(image, size, crop_pct=1.0, resample=3):
-    """A Pillow image's shorter side resized to size / crop_pct (3: bicubic), then its centre size x size."""
-    scale = size / crop_pct / min(image.size)
+    """A Pillow image's shorter side resized to size / crop_pct rounded down (timm's: 235 for 224 at 0.95; 3:
+    bicubic), then its centre size x size."""
+    scale = int(size / crop_pct) / min(image.size)
     image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), resample)
     left, top = (image.width - size) // 2, (image.height - size) // 2
     return image.crop((left, top, left + size, top + size))
@@ -287,14 +288,16 @@ def channel_stats(x):
     mean, dtype = total / n, torch.get_default_dtype()  # the models' parameters' dtype
     return mean.to(dtype), (squares / n - mean ** 2).sqrt().to(dtype)
 
-def image_data(d, device, size=None, augment=None):
+def image_data(d, device, size=None, augment=None, stats=()):
     """Data holding d's uint8 images (N, H, W, 3) and labels on the device, moved there once. Its prepare(x,
     train) makes a batch floats (B, 3, H, W) in [0, 1], for training augmented by augment(floats) if given,
-    then normalised with the channel statistics of d's training images; else resized to size x size if size
-    is given. Nothing crosses between host and device. A stack of models trains on it only without augment:
-    its draws would be the stack's, not each model's (experiment.phase_trainer)."""
+    then normalised with the channel statistics of d's training images, or with stats (three means, then three
+    standard deviations) if given; else resized to size x size if size is given. Nothing crosses between host
+    and device. A stack of models trains on it only without augment: its draws would be the stack's, not each
+    model's (experiment.phase_trainer)."""
     x_train = torch.as_tensor(d["x_train"]).to(device)
-    mean, std = (v.to(device).view(1, 3, 1, 1) for v in channel_stats(x_train))
+    given = torch.tensor(stats, dtype=torch.get_default_dtype()).view(2, 3) if stats else None
+    mean, std = (v.to(device).view(1, 3, 1, 1) for v in (given if stats else channel_stats(x_train)))
 
     def prepare(x, train=False):
         x = x.permute(0, 3, 1, 2).to(mean.dtype) / 255

@@ -51,11 +51,13 @@ def append_row(path, row):
 
 class Progress(logging.Handler):
     """Shows log's reports stamped with the seconds since the command began; a phase's epochs as a bar on a
-    terminal (epochs done, training error, time left), in a file a line at each fifth of a phase of 20 or more."""
+    terminal (epochs done, training error, time left), in a file or a pipe a line at each fifth of a phase of 20
+    or more epochs, and at an epoch's end whenever QUIET seconds have passed with no line (slow epochs)."""
+    QUIET = 30
 
     def __init__(self):
         super().__init__()
-        self.start = time.time()
+        self.start = self.last = time.time()
 
     def emit(self, record):
         done, epochs, error = record.args if hasattr(record, "epochs") else (0, 0, 0)
@@ -65,8 +67,9 @@ class Progress(logging.Handler):
             print(f"\r    {phase}[{'#' * (30 * done // epochs):<30}] {done}/{epochs} epochs, training error "
                   f"{error:.4f}, {left:.0f} s left\x1b[K",  # \x1b[K clears the rest of the line: a longer bar's
                   end="\n" if done == epochs else "", flush=True)
-        elif not epochs or done % max(1, epochs // 5) == 0 and epochs >= 20:
+        elif not epochs or done % max(1, epochs // 5) == 0 and epochs >= 20 or time.time() - self.last > self.QUIET:
             print(f"[{time.time() - self.start:7.1f}s] {record.getMessage()}", flush=True)
+            self.last = time.time()
 
 def show_progress(quiet=False):
     """log's reports on stdout, timed from now (one Progress handler); quiet: warnings only (ranks > 0)."""
@@ -195,6 +198,8 @@ def plot_kept_share(rows, path=None):
     for i in range(shares.shape[1]):
         ax.bar([r["run"] for r in mine], shares[:, i], bottom=bottom, label=f"teacher {i}")
         bottom += shares[:, i]
+    ax.axhline(0.5, color="k", lw=0.6, ls="--")  # half from each of two teachers
     ax.set(xlabel="run", ylabel="share of kept units", title="Which teacher the kept units came from")
-    ax.legend(loc="lower right")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # runs are whole numbers
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the bars, not over them
     return _finish(fig, path)

@@ -24,7 +24,7 @@ class Images(torch.utils.data.Dataset):
     (jitter_factors; none for evaluation). For training, the authors' augmentation: a random resized crop
     of 8-100 % of the area (bicubic), a flip half the time, colour jitter 0.4 without hue, every draw fixed
     by (the epoch's seed, index), so that a resumed epoch sees the same images; for evaluation, the shorter
-    side resized to size / 0.95, the centre crop. A JPEG decodes at the smallest of 1, 1/2, 1/4 and 1/8 of
+    side resized to size / 0.95 rounded down, the centre crop. A JPEG decodes at the smallest of 1, 1/2, 1/4 and 1/8 of
     its size that keeps the crop at size x size pixels or more (Pillow's draft). Normalising and jittering
     run on the batch, on the device (Streamed): a uint8 crop is a quarter of the floats' bytes to pass
     between processes. With raw (--decode gpu), a whole RGB JPEG is handed over undecoded (undecoded)."""
@@ -46,7 +46,7 @@ class Images(torch.utils.data.Dataset):
         # times faster; its pixels differ a little from a full decode's (the authors' loader decoded in full)
         def at_least(w, h):  # the draws, for the size on disk, then the size to decode to: the crop keeps
             if not self.train:  # size x size pixels or more (a JPEG decodes at 1/2, 1/4, 1/8 where it can)
-                return (side * self.size / 0.95 / min(w, h) for side in (w, h))
+                return (side * int(self.size / 0.95) / min(w, h) for side in (w, h))
             drawn.append(self.draws(w, h, rng))
             return w * self.size / drawn[-1][0][2], h * self.size / drawn[-1][0][3]
         for j in range(i, i + n):  # check_images found every file an image; one may still be cut short
@@ -85,7 +85,7 @@ class Images(torch.utils.data.Dataset):
         if self.train:
             box, flip, factors = self.draws(w, h, rng)  # as Pillow's path draws them
         else:  # the square that centre_crop's resize and crop keep, in the image's own pixels
-            side = min(w, h, round(min(w, h) * 0.95))
+            side = min(w, h, round(min(w, h) * self.size / int(self.size / 0.95)))
             box, flip, factors = ((w - side) // 2, (h - side) // 2, side, side), False, torch.zeros(4)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor((w, h, *box)), factors, flip
 

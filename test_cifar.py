@@ -75,6 +75,18 @@ def test_the_pickles_load_with_shapes_labels_and_a_disjoint_seeded_split(tmp_pat
     assert np.array_equal(parent["x_val"], d["x_val"])
 
 
+def test_given_statistics_normalise_the_images_instead_of_the_training_splits(tmp_path):
+    """--mean-std: the statistics a given teacher was trained with (OTFusion's), not the training split's own."""
+    d = cifar.load_cifar(make_cifar(tmp_path, "cifar10"), "cifar10")
+    x = torch.as_tensor(d["x_test"][:4])
+    floats = x.permute(0, 3, 1, 2).float() / 255
+    given = images.image_data(d, "cpu", stats=(0.4914, 0.4822, 0.4465, 0.2023, 0.1994, 0.2010)).prepare(x)
+    mean, std = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.2023, 0.1994, 0.2010])
+    assert torch.allclose(given, (floats - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1), atol=1e-6)
+    own_mean, own_std = images.channel_stats(torch.as_tensor(d["x_train"]))
+    own = images.image_data(d, "cpu").prepare(x)
+    assert torch.allclose(own, (floats - own_mean.view(1, 3, 1, 1)) / own_std.view(1, 3, 1, 1), atol=1e-5)
+
 def test_the_augmentation_crops_with_padding_and_flips_each_example():
     torch.manual_seed(0)
     x = torch.randn(200, 3, 8, 8)
@@ -175,9 +187,12 @@ def test_vgg11_cifar10_with_given_teachers_against_fusion(tmp_path):
         names = [f"features.{j}.weight" for j in range(len(state) - 1)] + ["classifier.weight"]
         files.append(tmp_path / f"teacher{i}.pt")
         torch.save({"model_state_dict": dict(zip(names, state.values())), "test_accuracy": 0.5}, files[-1])
+    otfusion = (0.4914, 0.4822, 0.4465, 0.2023, 0.1994, 0.2010)  # the statistics the teachers were trained with
     result = run_cli("--experiment", "vgg11-cifar10", "--data", data, "--width", 2, "--epochs", 6, "--batch", 8,
-                     "--teacher-files", *files, "--out", out)
+                     "--teacher-files", *files, "--mean-std", *otfusion, "--out", out)
     assert result.returncode == 0, result.stderr
+    assert tuple(json.loads((out / "settings.json").read_text())["mean_std"]) == otfusion
+    assert "without --mean-std" not in result.stdout
     rows = read_rows(out)
     assert sorted(r["strategy"] for r in rows) == ["fusion", "student"]
     student, fusion = sorted(rows, key=lambda r: r["strategy"], reverse=True)
@@ -215,6 +230,7 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     ("missing archive", "cannot download"),
     ("missing folder", "no such folder"),
     ("other data set", "looks like cifar-100-python"),
+    ("not a data set", "name the extracted cifar-100-python folder (of the archive cifar-100-python.tar.gz)"),
     ("corrupt pickle", "cannot read"),
     ("missing teacher", "--teacher-files: cannot read"),
     ("missing teacher, no download", "--teacher-files: cannot read"),
@@ -229,6 +245,7 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     ("pixels out of range", "pixels are not integers from 0 to 255"),
     ("wrong shape", "not (images, 3072)"),
     ("all for validation", "leave none to train on"),
+    ("zero deviation", "--mean-std must be between 0 and 1, got 0.0"),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, damage, message):
     out, args = tmp_path / "out", ["--width", "2", "--epochs", "6"]
@@ -245,6 +262,9 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
         args += ["--root", tmp_path / "data"]
     elif damage == "missing folder":
         args += ["--data", tmp_path / "nowhere"]
+    elif damage == "not a data set":  # a folder of something else, such as Imagewoof's
+        (tmp_path / "woof" / "train").mkdir(parents=True)
+        args += ["--data", tmp_path / "woof"]
     elif damage == "other data set":
         args += ["--data", make_cifar(tmp_path, "cifar100"), "--experiment", "vgg11-cifar10"]
     elif damage == "corrupt pickle":
@@ -274,6 +294,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
     elif damage == "missing teacher, no download":  # the files are read before the data set is fetched
         monkeypatch.setattr(cifar.downloads, "fetch", lambda *a: pytest.fail("downloaded before reading the teachers"))
         args += ["--root", tmp_path / "data", "--experiment", "vgg11-cifar10", "--teacher-files", "gone.pt", "gone.pt"]
+    elif damage == "zero deviation":
+        args += ["--data", make_cifar(tmp_path, "cifar10"), "--mean-std", 0.5, 0.5, 0.5, 0.2, 0.2, 0]
     elif damage == "all for validation":
         args += ["--data", make_cifar(tmp_path, "cifar100"), "--val-fraction", "0.999"]
     else:

@@ -413,6 +413,15 @@ def test_ctrl_c_while_torch_loads_is_one_line_too(tmp_path):
     assert not (tmp_path / "sine").exists()
 
 
+def test_a_closed_pipe_ends_the_run_quietly_as_head_would_have_it(tmp_path):
+    """python merge.py ... | head -1: exit code 1 and nothing on stderr (no traceback), the rows so far kept."""
+    run = subprocess.Popen([sys.executable, str(ROOT / "merge.py"), *SMALL, "--out", str(tmp_path / "sine")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "sine: 2 runs" in run.stdout.readline()
+    run.stdout.close()  # as head does after its line
+    assert run.wait(timeout=120) == 1 and run.stderr.read() == ""
+    assert (tmp_path / "sine" / "settings.json").exists()
+
 def workers_of(parent):
     """{rank: pid} of the worker processes that merge.py started."""
     children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
@@ -440,7 +449,7 @@ def test_a_killed_process_leaves_no_orphan_and_the_launcher_says_which(tmp_path,
         assert run.returncode == 1 and err.count("\n") == 1 and "worker 1 of 2" in err and "signal 9" in err, err
 
 
-def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file(monkeypatch, capsys):
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file_or_pipe(monkeypatch, capsys):
     report.show_progress()
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     report.progress(20, "one", began=time.time() - 5)(9, [dict(error=[0.2, 0.3])])
@@ -451,6 +460,10 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file(monkeypatch, capsys
     report.progress(20)(3, [dict(error=0.25)])
     report.progress(20)(5, [dict(error=0.25)])
     assert capsys.readouterr().out.count("\n") == 1  # one line at each fifth of the phase: epoch 4 of 20
+    monkeypatch.setattr(report.Progress, "QUIET", 0)  # slow epochs: a line each, whatever the phase's length
+    report.progress(6)(0, [dict(error=0.25)])
+    report.progress(6)(1, [dict(error=0.25)])
+    assert capsys.readouterr().out.count("epoch") == 2
 
 
 # -- the experiments' settings are docs/settings.md's ----------------------------------------------

@@ -164,7 +164,7 @@ def test_runs_spread_over_ranks_give_the_rows_of_a_plain_run_each_once(tmp_path)
     ("classes", "different classes"),
     ("validation", "leaves fewer of the"),
     ("no epochs", "each phase needs at least 1 epoch"),
-    ("epochs", "--epochs is not used"),
+    ("epochs", "--epochs stays 150"),
     ("empty image", "cannot read image"),
     ("text as an image", "cannot read image"),
     ("bad image in val only", "cannot read image"),
@@ -284,6 +284,14 @@ def test_a_jpeg_decodes_at_the_smallest_scale_that_keeps_its_crop(tmp_path, monk
         monkeypatch.undo()
         assert all(torch.equal(a[0], b[0]) for a, b in zip(crops(images), crops(images)))  # the same epoch again
 
+
+def test_evaluation_resizes_the_shorter_side_to_224_over_0_95_rounded_down_as_timm():
+    """timm's crop_pct 0.95 at 224: the shorter side to floor(235.8) = 235, then the centre 224 x 224."""
+    pixels = np.random.default_rng(0).integers(0, 256, (470, 940, 3), dtype=np.uint8)  # 940 wide, 470 high
+    image = Image.fromarray(pixels)
+    left, top = (470 - 224) // 2, (235 - 224) // 2
+    timm = image.resize((470, 235), 3).crop((left, top, left + 224, top + 224))  # 3: bicubic
+    assert np.array_equal(np.asarray(images.centre_crop(image, 224, crop_pct=0.95)), np.asarray(timm))
 
 def test_decoding_on_the_gpu_crops_as_the_workers_do(tmp_path, monkeypatch, capsys):
     """--decode gpu, its plumbing on the CPU: the workers hand JPEGs over undecoded (another image, here a PNG

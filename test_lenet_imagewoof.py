@@ -338,6 +338,10 @@ def test_data_mnist_writes_mnists_files_in_the_imagewoof_layout_once_and_runs_on
     monkeypatch.undo()
     with pytest.raises(experiment.InputError, match="cannot write mnist-3-2 into --root /proc/no/such"):
         downloads.mnist_folder(Path("/proc/no/such"), 3, 2)  # unwritable even for root
+    monkeypatch.setattr(downloads, "MNIST_URL", (tmp_path / "nowhere").as_uri() + "/")  # no network
+    with pytest.raises(experiment.InputError, match=r"put MNIST's four files \(train-images-idx3-ubyte.gz, .*\) into"):
+        downloads.mnist_folder(tmp_path / "offline", 3, 2)
+    monkeypatch.undo()
     (tmp_path / "data" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not IDX"))
     with pytest.raises(experiment.InputError, match="not one of MNIST's IDX files"):
         downloads.read_idx(tmp_path / "data" / "t10k-labels-idx1-ubyte.gz")
