@@ -5,8 +5,8 @@ data of images.py and the settings of docs/settings.md.
 The data: the official "python version" archives, downloaded with a progress bar, checked against their
 published MD5 sums and extracted once, or --data DIR, the extracted folder (cifar-10-batches-py or
 cifar-100-python) or the folder above it. The pickles are read with numpy; the images stay on the training
-device as uint8, and each batch is normalised with the statistics of the data set in use, cropped (32 with
-padding 4) and flipped there. A validation split, fixed by --seed, is held out from the training set to
+device as uint8, and each batch is normalised with the statistics of the data set in use (or --mean-std's),
+cropped (32 with padding 4) and flipped there. A validation split, fixed by --seed, is held out from the training set to
 choose bo3; the test set is used for the final numbers only.
 
     python cifar.py --experiment resnet20-cifar100   # student, bo3, one, prune: 5 runs x 600 epochs
@@ -58,8 +58,8 @@ def load_cifar(folder, dataset, val_fraction=0.1, seed=0):
     if others and not (folder / spec["train"][0]).is_file():
         raise InputError(f"--data {folder}: no {spec['train'][0]}; this looks like {others[0]}, the other data set")
     if not (folder / spec["train"][0]).is_file():  # neither data set's files
-        raise InputError(f"--data {folder}: no {spec['train'][0]}; name the extracted {spec['folder']} folder (of "
-                         f"the archive {spec['url'].rsplit('/', 1)[1]}) or the folder above it")
+        raise InputError(f"--data {folder}: no CIFAR pickle {spec['train'][0]}; name the extracted {spec['folder']} "
+                         f"folder (of the archive {spec['url'].rsplit('/', 1)[1]}) or the folder above it")
     train = images.read_batches(folder, spec["train"], spec["labels"], spec["classes"])
     test = images.read_batches(folder, spec["test"], spec["labels"], spec["classes"])
     return dict(images.arrays(*train, *test, val_fraction, seed), folder=folder)

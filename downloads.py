@@ -74,17 +74,19 @@ def made_once(root, name, make):
     return target
 
 def verified(url, path, digests, instead):
-    """path, downloaded from url unless it is there and matches `digests` (a broken or partial file is fetched
-    again, once); instead: what to do without a network (download)."""
-    for attempt in range(2):
-        if not path.exists():
-            log.info(f"downloading {url}")
-            download(url, path, instead)
+    """path, downloaded from url unless it is there and matches `digests` (tried twice). A file there that does
+    not match is never deleted, only replaced by a whole download; instead: what to do without a network."""
+    if path.exists():
+        if matches(path, digests):
+            return path
+        log.info(f"{path} does not match its published checksum; downloading it again")
+        instead = f"{path} is there but is not the published file (its checksum differs); {instead}"
+    for _ in range(2):
+        log.info(f"downloading {url}")
+        download(url, path, instead)  # path replaced only by a whole download
         if path.exists() and matches(path, digests):
             return path
-        path.unlink(missing_ok=True)  # broken or partial
-        if attempt:
-            raise InputError(f"{url} came short or did not match its published checksum twice; not using it")
+    raise InputError(f"{url} came short or did not match its published checksum twice; not using it")
 
 def fetch(root, url, digests, folder):
     """root/folder, extracted from the archive at url: downloaded and verified, extracted once, whole or not

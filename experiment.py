@@ -144,10 +144,8 @@ def checked_out(s):
         place = next(place for place in [out, *out.parents] if place.exists())  # "." or "/" at the latest
     except OSError as e:  # a name too long for the file system
         raise InputError(f"--out {s.out[:80]}{'...' if len(s.out) > 80 else ''}: {e.strerror}") from None
-    if not place.is_dir():
-        raise InputError(f"--out {out}: {place} is not a folder")
-    if not os.access(place, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: {place} is not writable")
+    if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {place} is not {'writable' if place.is_dir() else 'a folder'}")
     return out
 
 def settings_record(s, out):
@@ -276,6 +274,9 @@ def phase_trainer(phases, rank=0, wrap=lambda model: model):
         for model, seed, path, a in todo:
             if not group["stacked"]:
                 fit_one(model, a["data"], a["s"], a, seed, path.with_suffix(".epochs"), rank, wrap)
+            if not all(p.isfinite().all() for p in model.parameters()):  # not kept, and no row of NaNs written
+                raise InputError(f"the {a['phase']} phase of seed {seed} diverged (its weights are no longer finite); "
+                                 "try a smaller --lr or --gate-lr in another --out")
             if rank == 0:  # the only writer among the ranks
                 report.save_whole(model.state_dict(), path)
                 path.with_suffix(".epochs").unlink(missing_ok=True)
@@ -317,7 +318,7 @@ def fit_one(model, data, s, a, seed, checkpoint, rank, wrap):
             log.warning(f"  {checkpoint} is damaged ({type(e).__name__}); training its phase from the start")
             model.load_state_dict(saved)
             opts, start, history = merge.optimizers(net, s, a["lambdas"] is not None), 0, []
-    report_epoch, hooks = report.progress(a["epochs"], a["phase"]), a["hooks"]
+    report_epoch, hooks = report.progress(a["epochs"], f"{a['phase']} (seed {seed})"), a["hooks"]
 
     def after_epoch(epoch, epoch_history):
         history.append(epoch_history[-1])

@@ -50,7 +50,7 @@ class ImageNetSettings(experiment.Settings):
     """ImageNet's settings: experiment.Settings and its own. The phases are given explicitly."""
     metric: ClassVar[str] = "test_accuracy"
     row_keys: ClassVar[tuple] = ("val_accuracy",)
-    epochs: int = setting(150, "fixed: the budget, the longer one model's epochs; --phase-epochs gives each phase's")
+    epochs: int = setting(150, "stays 150, Table 4's budget; the phases' epochs come from --phase-epochs and --short")
     data: str = setting("", "the ImageNet folder: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (no download: "
                             "ImageNet needs a registration); a file that is not an image stops the run before it "
                             "trains, one cut short is replaced by the next image, with a warning")

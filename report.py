@@ -198,7 +198,8 @@ def plot_kept_share(rows, path=None):
     for i in range(shares.shape[1]):
         ax.bar([r["run"] for r in mine], shares[:, i], bottom=bottom, label=f"teacher {i}")
         bottom += shares[:, i]
-    ax.axhline(0.5, color="k", lw=0.6, ls="--")  # half from each of two teachers
+    for i in range(1, shares.shape[1]):  # an equal share from each teacher
+        ax.axhline(i / shares.shape[1], color="k", lw=0.6, ls="--")
     ax.set(xlabel="run", ylabel="share of kept units", title="Which teacher the kept units came from")
     ax.xaxis.get_major_locator().set_params(integer=True)  # runs are whole numbers
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the bars, not over them

@@ -230,7 +230,7 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     ("missing archive", "cannot download"),
     ("missing folder", "no such folder"),
     ("other data set", "looks like cifar-100-python"),
-    ("not a data set", "name the extracted cifar-100-python folder (of the archive cifar-100-python.tar.gz)"),
+    ("not a data set", "no CIFAR pickle train; name the extracted cifar-100-python folder (of the archive"),
     ("corrupt pickle", "cannot read"),
     ("missing teacher", "--teacher-files: cannot read"),
     ("missing teacher, no download", "--teacher-files: cannot read"),

@@ -118,6 +118,13 @@ def test_bad_settings_give_one_line_exit_code_2_and_write_nothing(tmp_path, caps
     assert files(tmp_path) == []
 
 
+@pytest.mark.parametrize("stack", ["1", "0"])
+def test_a_diverged_phase_stops_the_run_with_one_line_and_writes_no_row_of_nans(tmp_path, capsys, stack):
+    out = tmp_path / "out"
+    code, err = main([*SMALL, "--lr", "1000", "--stack", stack, "--out", out], capsys)
+    assert code == 2 and err.count("\n") == 1 and "the teacher phase of seed 0 diverged" in err, err
+    assert not (out / "results.jsonl").exists() and not list((out / "phases").glob("*.pt"))
+
 @pytest.mark.parametrize("script, args, message", [
     ("sine_budgets", ["--epochs", "12", "--teachers", "3"], "sine, 0.2 x --epochs 12 = 2 epochs: --epochs 2 leaves"),
     ("sine_teachers", ["--epochs", "7"], "sine, k = 3: --epochs 7 leaves a phase without epochs for 3 teachers"),

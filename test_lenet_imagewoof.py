@@ -341,6 +341,11 @@ def test_data_mnist_writes_mnists_files_in_the_imagewoof_layout_once_and_runs_on
     monkeypatch.setattr(downloads, "MNIST_URL", (tmp_path / "nowhere").as_uri() + "/")  # no network
     with pytest.raises(experiment.InputError, match=r"put MNIST's four files \(train-images-idx3-ubyte.gz, .*\) into"):
         downloads.mnist_folder(tmp_path / "offline", 3, 2)
+    mine = tmp_path / "offline" / "train-images-idx3-ubyte.gz"  # a user's own copy, not the published file
+    mine.write_bytes(b"a copy gzipped again")
+    with pytest.raises(experiment.InputError, match=f"{mine} is there but is not the published file"):
+        downloads.mnist_folder(tmp_path / "offline", 3, 2)
+    assert mine.read_bytes() == b"a copy gzipped again"  # kept, not deleted
     monkeypatch.undo()
     (tmp_path / "data" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not IDX"))
     with pytest.raises(experiment.InputError, match="not one of MNIST's IDX files"):
