@@ -6,9 +6,9 @@ claim (1, 3.2, 3.3): in the same epoch budget this beats the best of three model
 
     python merge.py --task sine --runs 50     # Table 1 and Figs. 5, 8a, 9, 10 -> runs/sine/
 
-Result (50 runs, 900 epochs per strategy, 3 min 54 s on a 2-core AMD EPYC CPU): mean test MSE of the student
-0.0759, bo3 0.0866, one model 0.1242; all five peaks in 50/50, 49/50 and 36/50 runs. The run machinery wraps
-this file from outside: experiment.py, stacked.py (the fast trainer) and sine.py."""
+Result (50 runs, 900 epochs per strategy; 3 min 54 s to 4 min 48 s on a 2-core AMD EPYC CPU, compiled steps
+cached): mean test MSE of the student 0.0759, bo3 0.0866, one model 0.1242; all five peaks in 50/50, 49/50 and
+36/50 runs. The run machinery wraps this file from outside: experiment.py, stacked.py (the fast trainer), sine.py."""
 import math
 import sys
 from dataclasses import dataclass, field, replace
@@ -318,7 +318,7 @@ class Settings:
     lr: float = setting(0.01, "SGD learning rate, divided by 10 at each drop (sine: 3.2)")
     momentum: float = setting(0.9, "SGD momentum (sine: 3.2)")
     weight_decay: float = setting(0.0, "SGD weight decay (sine: none named by the paper or the scripts, SGD's default)")
-    # the lr divided by 10 at these fractions of each phase (3.2: 250 of 300, none, 100 of 150, 800 of 900)
+    # lr / 10 at these fractions of each phase (3.2: teachers and bo3 250 of 300, none, 100 of 150, 800 of 900)
     drops_teacher: tuple = (5 / 6,)
     drops_importance: tuple = ()
     drops_finetune: tuple = (2 / 3,)
@@ -424,9 +424,9 @@ def train(models, data, s, epochs, drops, seeds, phase, lambdas=None, share=0.5,
     return models
 
 # == 3.1  Strategies ===============================================================================
-# Plain functions of one run: (data, settings, teacher constructor, run seed, train) -> (model, info). Each phase
-# of a run trains from 100 (run seed) + its offset here (+ i for its i-th model). Phases that strategies share (the
-# teachers; student's and random's importance) are trained once; random's fine-tuning takes the student's seed.
+# Plain functions of one run: (data, settings, teacher constructor, run seed, train) -> (model, info). A run's phase
+# trains from the seed 100 * run seed + its offset here (+ i for its i-th model: phase_seed). Phases strategies share
+# (the teachers; student's and random's importance) are trained once; random's fine-tuning takes the student's seed.
 PHASE_SEEDS = dict(teacher=0, importance=10, finetune=11, random=12, bo3=20, one=30, one_compute=31,  # teacher i: + i
                    wide=40, pruning=41, prune_finetune=42, fusion_finetune=50)
 

@@ -67,7 +67,8 @@ def stub_merge(source):
             continue
         indent, number = " " * node.body[0].col_offset, EXERCISED[node.name]
         lines[node.body[0].lineno - 1:node.end_lineno] = [
-            f'{indent}"""Left out: exercise {number} of exercises.ipynb asks for what it does (yours goes there)."""\n',
+            f'{indent}"""Left out: exercise {number} of exercises.ipynb asks for what it does; the notebook fits yours, '
+            f'whose arguments may differ, to this signature."""\n',
             f'{indent}raise NotImplementedError("exercise {number} of exercises.ipynb")\n']
     text = "".join(lines).replace("--runs 50     #", "--runs 50     # in the whole project, not this copy:")
     return text + ('\nif __name__ == "__main__":  # the handout\n    sys.exit("this merge.py is the exercises\' '
