@@ -20,6 +20,11 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).parent
 EXERCISED = {"concat_weight": 1, "p_open": 2, "l_half": 2, "lambda_schedule": 3, "compress": 4}  # merge.py's
+STUBBED = {  # what each stub in the handout's merge.py says of its exercise
+    "concat_weight": "asks for what it does", "p_open": "asks for what it does",
+    "l_half": "asks for it from the open probabilities; the notebook makes them of the locs with your p_open",
+    "lambda_schedule": "asks for it without tuned_epochs (the rescaled step); the notebook calls yours without it",
+    "compress": "asks for its special case, compress_mlp, for the sine MLP; this one stays a stub"}
 
 
 def strip_solutions(notebook):
@@ -67,8 +72,8 @@ def stub_merge(source):
             continue
         indent, number = " " * node.body[0].col_offset, EXERCISED[node.name]
         lines[node.body[0].lineno - 1:node.end_lineno] = [
-            f'{indent}"""Left out: exercise {number} of exercises.ipynb asks for what it does; the notebook fits yours, '
-            f'whose arguments may differ, to this signature."""\n',
+            textwrap.fill(f'"""Left out: exercise {number} of exercises.ipynb {STUBBED[node.name]}."""', 116,
+                          initial_indent=indent, subsequent_indent=indent) + "\n",
             f'{indent}raise NotImplementedError("exercise {number} of exercises.ipynb")\n']
     text = "".join(lines).replace("--runs 50     #", "--runs 50     # in the whole project, not this copy:")
     return text + ('\nif __name__ == "__main__":  # the handout\n    sys.exit("this merge.py is the exercises\' '
@@ -245,6 +250,33 @@ WRONG = {
     ],
 }
 
+RIGHT = {  # answers other than ours that a check must pass: exercise 5's other suggested rules
+    "choose_units": [
+        # as many from each teacher by loc, a leftover place to the best unit left (its choice can be loc's)
+        "k, keep = big_student.hparams['k'], []\n"
+        "for gate, _, _ in big_student.unit_groups():\n"
+        "    loc, w = gate.loc.detach(), len(gate.loc) // k\n"
+        "    chosen = torch.cat([i * w + loc[i * w:(i + 1) * w].topk(w // k).indices for i in range(k)]).tolist()\n"
+        "    rest = [u for u in loc.argsort(descending=True).tolist() if u not in chosen]\n"
+        "    keep.append(torch.tensor(chosen + rest[:w - len(chosen)]).sort().values)\n"
+        "return keep",
+        # the better teacher's units whole, judged on the validation set with only its units open
+        "k, groups = big_student.hparams['k'], big_student.unit_groups()\n"
+        "saved, scores = [gate.loc.data.clone() for gate, _, _ in groups], []\n"
+        "for i in range(k):\n"
+        "    for gate, _, _ in groups:\n"
+        "        w = len(gate.loc) // k\n"
+        "        gate.loc.data = torch.full_like(gate.loc, -10.0)\n"
+        "        gate.loc.data[i * w:(i + 1) * w] = 10.0\n"
+        "    score = data.evaluate(big_student, 'val')\n"
+        "    scores.append(score if data.metric == 'accuracy' else -score)\n"
+        "for (gate, _, _), loc in zip(groups, saved):\n"
+        "    gate.loc.data = loc\n"
+        "best = max(range(k), key=scores.__getitem__)\n"
+        "return [torch.arange(best * (len(g.loc) // k), (best + 1) * (len(g.loc) // k)) for g, _, _ in groups]",
+    ],
+}
+
 
 @contextlib.contextmanager
 def stubbed_merge(folder):
@@ -283,6 +315,8 @@ def test_each_check_passes_our_solution_and_fails_stubs_and_wrong_answers(releas
     cells = nbformat.read(ROOT / "exercises.ipynb", as_version=4).cells
     with stubbed_merge(released):
         assert run_check(cells, name, None) is None, f"our solution of {name} fails its check"
+        for body in RIGHT.get(name, []):
+            assert run_check(cells, name, body) is None, f"a right {name} fails its check: {body}"
         assert isinstance(run_check(cells, name, "raise NotImplementedError()"), NotImplementedError)
         for body in WRONG[name]:
             assert run_check(cells, name, body) is not None, f"a wrong {name} passes: {body}"
