@@ -370,7 +370,7 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
         log.info(f"repaired {out / 'results.jsonl'}: a cut or repeated line removed")
     names, split = s.strategies.split(","), world > 1 and not replicas
     done = {(r["run"], r["strategy"]) for r in results}
-    log.info(f"{title}: {s.runs} runs x {len(names)} strategies, {s.epochs} epochs each, on {device}"
+    log.info(f"{title}: {s.runs} runs x {len(names)} strategies, {merge.budget(s)['one']} epochs each, on {device}"
              f"{f' in {world} processes' if world > 1 else ''}; {len(done)} results already in {out}")
     todo = [run for run in range(s.runs) if any((run, name) not in done for name in names)]
     trainer = phase_trainer(out / "phases", rank if replicas else 0, wrap)

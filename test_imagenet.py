@@ -81,6 +81,8 @@ def protocol_ran(out, output, student_epochs, one, short):
     summary = (out / "summary.md").read_text()
     assert "Table 4" in summary and f"| one, {one} epochs | 1 |" in summary and f"| one, {short} epochs | 1 |" in summary
     assert "images/s" in output and (out / "box_imagenet.png").exists()
+    assert f"strategies, {one} epochs each" in output and f"one model of {short} epochs: 1 runs x 1 strategies, " \
+        f"{short} epochs each" in output  # the budget --phase-epochs gives, not --epochs
     assert not list(out.glob("phases/*.epochs"))  # the epoch checkpoints go once their phase is done
 
 
