@@ -190,10 +190,15 @@ def read_batches(folder, names, labels_key, classes):
 
 # == Crops, flips, colour jitter and normalisation =====================================================
 
+def resized_side(size, crop_pct):
+    """The shorter side an image is resized to before its centre crop of size: size / crop_pct rounded down, as
+    timm's (235 for 224 at 0.95)."""
+    return int(size / crop_pct)
+
 def centre_crop(image, size, crop_pct=1.0, resample=3):
-    """A Pillow image's shorter side resized to size / crop_pct rounded down (timm's: 235 for 224 at 0.95; 3:
-    bicubic), then its centre size x size."""
-    scale = int(size / crop_pct) / min(image.size)
+    """A Pillow image's shorter side resized to resized_side(size, crop_pct) (3: bicubic), then its centre size x
+    size."""
+    scale = resized_side(size, crop_pct) / min(image.size)
     image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), resample)
     left, top = (image.width - size) // 2, (image.height - size) // 2
     return image.crop((left, top, left + size, top + size))
@@ -296,8 +301,8 @@ def image_data(d, device, size=None, augment=None, stats=()):
     and device. A stack of models trains on it only without augment: its draws would be the stack's, not each
     model's (experiment.phase_trainer)."""
     x_train = torch.as_tensor(d["x_train"]).to(device)
-    given = torch.tensor(stats, dtype=torch.get_default_dtype()).view(2, 3) if stats else None
-    mean, std = (v.to(device).view(1, 3, 1, 1) for v in (given if stats else channel_stats(x_train)))
+    stats = torch.tensor(stats, dtype=torch.get_default_dtype()).view(2, 3) if stats else channel_stats(x_train)
+    mean, std = (v.to(device).view(1, 3, 1, 1) for v in stats)
 
     def prepare(x, train=False):
         x = x.permute(0, 3, 1, 2).to(mean.dtype) / 255

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 import merge
 from experiment import InputError, log
-from images import centre_crop, check_folder, check_images, color_jitter, crop_box, jitter_factors, opened, split
+from images import (centre_crop, check_folder, check_images, color_jitter, crop_box, jitter_factors, opened,
+                    resized_side, split)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's channel statistics
 
@@ -46,7 +47,7 @@ class Images(torch.utils.data.Dataset):
         # times faster; its pixels differ a little from a full decode's (the authors' loader decoded in full)
         def at_least(w, h):  # the draws, for the size on disk, then the size to decode to: the crop keeps
             if not self.train:  # size x size pixels or more (a JPEG decodes at 1/2, 1/4, 1/8 where it can)
-                return (side * int(self.size / 0.95) / min(w, h) for side in (w, h))
+                return (side * resized_side(self.size, 0.95) / min(w, h) for side in (w, h))
             drawn.append(self.draws(w, h, rng))
             return w * self.size / drawn[-1][0][2], h * self.size / drawn[-1][0][3]
         for j in range(i, i + n):  # check_images found every file an image; one may still be cut short
@@ -85,7 +86,7 @@ class Images(torch.utils.data.Dataset):
         if self.train:
             box, flip, factors = self.draws(w, h, rng)  # as Pillow's path draws them
         else:  # the square that centre_crop's resize and crop keep, in the image's own pixels
-            side = min(w, h, round(min(w, h) * self.size / int(self.size / 0.95)))
+            side = min(w, h, round(min(w, h) * self.size / resized_side(self.size, 0.95)))
             box, flip, factors = ((w - side) // 2, (h - side) // 2, side, side), False, torch.zeros(4)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor((w, h, *box)), factors, flip
 
