@@ -49,7 +49,8 @@ def download(url, path, instead):
 
 def made_once(root, name, make):
     """root/name, made once and whole: make(scratch) writes it under a scratch folder and returns the folder that
-    becomes root/name. One process at a time: torchrun's other ranks wait for the first, then find it there."""
+    becomes root/name. One process at a time: torchrun's other ranks wait for the first, then find it there. The
+    lock file goes once root/name is made; a failed make leaves it (empty), as a process may still wait on it."""
     target = root / name
     if target.is_dir():  # before any lock: a --root that is only read, such as a shared copy, serves as it is
         return target
@@ -66,11 +67,14 @@ def made_once(root, name, make):
             except BlockingIOError:
                 log.info(f"waiting for another process to write {target}")
                 fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes, also when the process dies
-        if not target.is_dir():
+        made = not target.is_dir()
+        if made:
             scratch = root / f".{name}.partial"
             shutil.rmtree(scratch, ignore_errors=True)  # what a killed process left
             make(scratch).replace(target)
             shutil.rmtree(scratch, ignore_errors=True)
+    if made:  # whoever takes the lock after this finds target there and leaves it be
+        (root / f".{name}.lock").unlink(missing_ok=True)
     return target
 
 def verified(url, path, digests, instead):

@@ -299,6 +299,7 @@ def test_processes_fetching_at_once_download_and_extract_once(tmp_path, monkeypa
     with concurrent.futures.ThreadPoolExecutor(3) as pool:  # flock excludes open files, not only processes
         folders = list(pool.map(lambda _: downloads.fetch(tmp_path / "data", url, digests, "imagewoof2-160"), range(3)))
     assert len(calls) == 1 and folders == [tmp_path / "data" / "imagewoof2-160"] * 3
+    assert not (tmp_path / "data" / ".imagewoof2-160.lock").exists()  # gone with the folder made
     assert len(images.list_images(folders[0] / "train")[0]) == 18
 
 
