@@ -141,7 +141,9 @@ class Streamed(merge.Data):
                 seconds = time.time() - started
                 log.info(f"    {i + 1}/{len(loader)} batches, {(i + 1) * size / seconds:.0f} "
                          f"images/s, {seconds / (i + 1) * (len(loader) - i - 1):.0f} s left in the epoch")
-        if self.world > 1:  # BatchNorm's statistics: rank 0's on every rank (torchvision's recipe saves rank 0's)
+        # DEVIATION: BatchNorm's statistics are rank 0's on every rank (torchvision's recipe saves rank 0's); the
+        # authors' timm configuration averaged them over the ranks
+        if self.world > 1:
             for buffer in self.trained.buffers():
                 dist.broadcast(buffer, 0)
 
@@ -244,6 +246,7 @@ class Streamed(merge.Data):
         if self.world > 1:
             same_on_every_rank(model)
             model = nn.parallel.DistributedDataParallel(model, [self._device] if self._device.type == "cuda" else None)
+        # DEVIATION: bf16 autocast, the authors' float16 (bf16 has float32's range: no loss scaling to tune)
         return Autocast(model) if self._device.type == "cuda" else model
 
     @torch.no_grad()
