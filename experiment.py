@@ -224,11 +224,11 @@ def lock(s, out):
     try:
         import fcntl
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass
-    except OSError:
+    except BlockingIOError:
         handle.close()
         raise InputError(f"--out {out} is in use by another command; let it finish or use another --out") from None
+    except (ImportError, OSError) as e:  # no fcntl (Windows), or a file system without locks (some NFS or Lustre)
+        log.warning(f"note: --out {out} cannot be locked ({getattr(e, 'strerror', None) or e}); use it once at a time")
     return handle
 
 # == Training, from outside the method =============================================================

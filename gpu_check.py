@@ -7,12 +7,13 @@ model alone, both; Pillow and nvJPEG); then, while --budget lasts, where a step 
 (its kernels, their GPU time, drawing an epoch's orders), the sine protocol on this machine's CPU cores,
 LeNet with its compiled steps cached and small runs of each experiment on the GPU against the CPU's rows.
 Each timing says how often a CUDA graph could not be recorded (its steps then ran one launch a kernel). It
-writes its report to --report as it goes; --only runs some of its steps again. The measurements are
-gpu_timings.py's.
+writes its report to --report as it goes, and each command's output to its log (REPORT_logs/) as it comes; a
+step that fails leaves its traceback in REPORT_logs/failed.log, and the check then exits with 1. --only runs
+some of its steps again. The measurements are gpu_timings.py's.
 
     python gpu_check.py --report gpu_check.md --lenet-data DIR     # on one GPU
     python gpu_check.py --only imagenet-gpu graphs                 # two steps again, after a change
-    python gpu_check.py --device cpu --small                       # the steps a CPU can run, tiny
+    python gpu_check.py --device cpu --small                       # the steps a CPU can run, tiny (4 min)
 """
 import argparse
 import functools
@@ -20,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 
 import cifar
 import experiment
+import images
 import lenet_imagewoof
 import sine
 from gpu_timings import imagenet_throughput, run, sine_graphs, sine_kernels, write_cifar, write_images
@@ -59,29 +62,41 @@ def main(argv=None):
                         "logs in REPORT's name with _logs [gpu_check.md]")
     parser.add_argument("--lenet-data", default="", help="a 10-class folder in the Imagewoof layout for LeNet's "
                         "timing (MNIST written so is the stand-in of the committed report); empty: synthetic images")
-    parser.add_argument("--budget", type=float, default=300, help="seconds after which the optional steps (LeNet "
+    parser.add_argument("--budget", type=float, help="seconds after which the optional steps (LeNet "
                         "again, where a sine step goes, the CPU's sine protocol, small runs against the CPU's rows) "
-                        "are left out [300]")
-    parser.add_argument("--small", action="store_true", help="tiny budgets throughout: a try-out of the steps")
+                        "are left out [300; with --small, none]")
+    parser.add_argument("--small", action="store_true", help="tiny budgets throughout, every step: a try-out")
     parser.add_argument("--only", nargs="+", choices=STEPS, default=STEPS, metavar="STEP", help="these steps alone "
                         f"(of {', '.join(STEPS)}), a check again after a change [all]")
     args = parser.parse_args(argv)
+    args.budget = args.budget if args.budget is not None else float("inf") if args.small else 300
     if not args.budget >= 0 or args.lenet_data and not Path(args.lenet_data).is_dir():
         parser.error(f"--budget must be 0 or more, got {args.budget}" if not args.budget >= 0 else
                      f"--lenet-data {args.lenet_data} is not a folder")
+    try:  # a LeNet step minutes into the check must not be the first to find a folder it cannot use
+        images.check_folder(Path(args.lenet_data)) if args.lenet_data and {"lenet", "lenet-cached"} & set(args.only) \
+            else None
+    except experiment.InputError as e:
+        parser.error(f"--lenet-data is not a folder in Imagewoof's layout ({e})")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("torch sees no GPU here; use --device cpu to try the steps on the CPU")
     device, began = args.device, time.time()
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU only"
     report, scratch = Path(args.report), Path(tempfile.mkdtemp())
-    logs = report.parent / (report.stem + "_logs")  # what each whole protocol printed
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = report.parent / (report.stem + "_logs")  # what each command printed, and the failed steps' tracebacks
     lines = [f"# GPU check: {name}, torch {torch.__version__}, {os.cpu_count()} CPU cores", ""]
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        report.write_text("\n".join(lines) + "\n")
+    except OSError as e:
+        parser.error(f"cannot write the report {report} ({e.strerror or e})")
 
     def say(*new):
         lines.extend(new)
         print("\n".join(new), flush=True)
         report.write_text("\n".join(lines) + "\n")
+
+    failed = []  # the steps that failed, named at the report's end; the check then exits with 1
 
     def step(what, work):
         import stacked
@@ -89,7 +104,8 @@ def main(argv=None):
         try:
             work()
         except Exception as e:  # noqa: BLE001 - report it and go on with the next step
-            say(f"{what}: failed: {type(e).__name__}: {str(e)[:300]}", "")
+            failed.append(failure(logs, what))
+            say(f"{what}: failed: {type(e).__name__}: {str(e)[:300]} (its traceback: {logs / 'failed.log'})", "")
         if stacked.Graphs.failures > failures:
             say(f"{what}: a CUDA graph could not be recorded {stacked.Graphs.failures - failures} time(s); those "
                 "blocks ran one launch a kernel (the log says why)", "")
@@ -107,13 +123,16 @@ def main(argv=None):
 
     def graphs():
         say("## The stacked step in blocks of 10 (CUDA graphs)", "")
-        times, difference, recompiled = sine_graphs(device)
+        size = 4 if args.small else 50
+        times, difference, recompiled = sine_graphs(device, size, 1000 if args.small else 10_000)
         for c, how in ((1, "compiled"), (0, "eager")):
             plain, graphed = times[c, False], times[c, device == "cuda"]
-            say(f"A stack of 50 sine MLPs, batch 32, {how}: {plain:.0f} us a step one launch a step, {graphed:.0f} "
-                f"us a step with 10 steps a CUDA graph ({plain / graphed:.1f}x); largest difference of the weights "
-                f"after 6 epochs {difference[c]:.2e}" + (f", and between two compilations without graphs, the "
-                f"second with torch's compile caches off, {recompiled:.2e}" if c else "") + ".", "")
+            with_graphs = f"{graphed:.0f} us a step with 10 steps a CUDA graph ({plain / graphed:.1f}x); largest " \
+                f"difference of the weights after 6 epochs {difference[c]:.2e}" if device == "cuda" else \
+                "no CUDA graphs on a CPU"
+            say(f"A stack of {size} sine MLPs, batch 32, {how}: {plain:.0f} us a step one launch a step, "
+                f"{with_graphs}" + (f"; between two compilations, the second with torch's compile caches off, "
+                f"the weights differ by {recompiled:.2e}" if c else "") + ".", "")
     if wanted("graphs", "the stacked step in blocks of 10", optional=False):
         step("CUDA graphs", graphs)
 
@@ -132,7 +151,8 @@ def main(argv=None):
             finally:
                 experiment.OVERLAP_ON_GPU = True
             sine_rows[i] = rows
-            apart = "" if i < 2 or 1 not in sine_rows else \
+            apart = "" if i < 2 or 1 not in sine_rows else "; on a CPU stacks never train by turns" if \
+                device == "cpu" else \
                 f"; largest difference from the rows by turns {largest_difference(rows, sine_rows[1], 'test_mse'):.2e}"
             say(protocol_line(f"`python merge.py --task sine --runs {runs}`, {attempt}", device, seconds, rows,
                               "test_mse", True)[:-2] + apart + " |")
@@ -142,7 +162,8 @@ def main(argv=None):
 
     @functools.cache
     def lenet_data():  # written when a LeNet step first needs it
-        return Path(args.lenet_data) if args.lenet_data else write_images(scratch / "woof10", 10, 600, 32)
+        return Path(args.lenet_data) if args.lenet_data else write_images(scratch / "woof10", 10,
+                                                                          60 if args.small else 600, 32)
 
     def lenet(i, attempt, flags=()):
         argv = ["--data", lenet_data(), "--runs", lenet_runs, "--epochs", lenet_epochs, "--stack", 1, "--device",
@@ -166,17 +187,18 @@ def main(argv=None):
             say(*heading)
             heading = []
         def throughput(decode=decode):
-            r = imagenet_throughput(scratch, device, decode)
-            say(f"ResNet18 at {r['size']} px, batch {r['batch']}, --decode {decode}, on synthetic natural-looking "
+            r = imagenet_throughput(scratch, device, decode, log=logs / f"imagenet-{decode}.log")
+            decoding = f"{r['decoding']:.0f}" if decode == "gpu" else "-"
+            say(f"ResNet18 at {r['size']} px, batch {r['batch']}, `--decode {decode}`, on synthetic natural-looking "
                 f"JPEGs of ImageNet's size (500 x 375, about 80 KB), {r['workers']} loader workers on "
-                f"{os.cpu_count()} CPU cores, {name}: the loader alone {r['loader']:.0f} images/s" +
-                (f" (of which decoding and cropping a batch on the GPU, in the main process, alone: {r['decoding']:.0f}"
-                 " images/s)" if decode == "gpu" else "") + f", the model alone "
-                f"{r['model']:.0f} images/s, the two together {r['together']:.0f} images/s; an epoch of imagenet.py "
-                f"{r['epoch']:.0f} images/s from its start (an epoch of ImageNet's 1,281,167 images: about "
-                f"{1_281_167 / r['together'] / 60:.0f} min at the rate of the two together). Batches made ready in "
-                f"the loader's thread and stream, that stream held back: largest difference from the same batches "
-                f"made in the main thread {r['same']:.2e}.", "")
+                f"{os.cpu_count()} CPU cores, {name}, in images/s:", "",
+                "| the loader alone | of which decoding and cropping on the GPU | the model alone | the two together "
+                "| an epoch of imagenet.py, from its start | minutes an epoch of ImageNet (1,281,167 images) |",
+                "|---|---|---|---|---|---|",
+                f"| {r['loader']:.0f} | {decoding} | {r['model']:.0f} | {r['together']:.0f} | {r['epoch']:.0f} | "
+                f"{1_281_167 / r['together'] / 60:.0f} |", "",
+                f"Batches made ready in the loader's thread and stream, that stream held back: largest difference "
+                f"from the same batches made in the main thread {r['same']:.2e}.", "")
         step(f"ImageNet throughput, --decode {decode}", throughput)
 
     if wanted("lenet-cached", "LeNet again, its compiled steps cached", "lenet" not in args.only and
@@ -184,7 +206,7 @@ def main(argv=None):
         say("", "## LeNet again", "", "| what | device | seconds | results |", "|---|---|---|---|")
         step("LeNet", lambda: lenet(1, "compiled (`--compile 1`), its steps cached by torch", ["--compile", 1]))
     if wanted("kernels", "where a step of the stacked sine goes"):
-        say("## Where a step of the stacked sine goes", "")
+        say("", "## Where a step of the stacked sine goes", "")
         def kernels():
             sizes = (4, 8) if args.small else (50, 250)
             for size, (step_us, fused, count, gpu_us, orders, on_cpu, epoch, top) in \
@@ -204,7 +226,7 @@ def main(argv=None):
         step("kernels", kernels)
     if wanted("sine-cpu", "the sine protocol on this machine's CPU cores",
               device == "cpu" and "with --device cuda only"):
-        say("## The sine protocol on this machine's CPU cores", "", "| what | device | seconds | results |",
+        say("", "## The sine protocol on this machine's CPU cores", "", "| what | device | seconds | results |",
             "|---|---|---|---|")
         def on_cpu():
             seconds, _, rows, _ = run(sine.main, ["--runs", runs, *small, "--device", "cpu", "--out",
@@ -215,14 +237,24 @@ def main(argv=None):
         say("", "## Small runs, the GPU's rows against the CPU's", "", "| experiment | device | trainer | model-epochs | "
             "seconds | s / model-epoch | peak GPU MiB | largest difference from the CPU's rows |",
             "|---|---|---|---|---|---|---|---|")
-        against_cpu(scratch, device, say, args.budget - (time.time() - began))
+        failed += against_cpu(scratch, logs, device, say, args.budget - (time.time() - began))
     if left_out:
         say("", f"Left out: {'; '.join(left_out)}.")
-    say("", f"{time.time() - began:.0f} s in all.")
+    say("", f"{time.time() - began:.0f} s in all." + (f" Failed: {'; '.join(failed)}." if failed else ""))
+    sys.exit(1 if failed else 0)
 
-def against_cpu(scratch, device, say, seconds_left):
-    """Small runs of each experiment on the CPU and (on a GPU) on the GPU: timings and how far the rows differ."""
-    began = time.time()
+def failure(logs, what):
+    """what, after the traceback of the exception being handled is written to stderr and logs/failed.log."""
+    trace = traceback.format_exc()
+    print(trace, file=sys.stderr)
+    with open(logs / "failed.log", "a") as f:
+        f.write(f"== {what}\n{trace}\n")
+    return what
+
+def against_cpu(scratch, logs, device, say, seconds_left):
+    """Small runs of each experiment on the CPU and (on a GPU) on the GPU: timings and how far the rows differ.
+    The runs that failed."""
+    began, failed = time.time(), []
 
     def add(what, where, trainer, result, reference=None, metric="test_accuracy"):
         seconds, memory, rows, _ = result
@@ -237,9 +269,9 @@ def against_cpu(scratch, device, say, seconds_left):
         ("ResNet20 on synthetic CIFAR-100-format pickles, width 8, 1 run x 6 epochs", cifar.main,
          ["--data", write_cifar(scratch / "cifar"), "--experiment", "resnet20-cifar100", "--width", 8, "--runs", 1,
           "--epochs", 6], "test_accuracy", [("one at a time", ["--stack", "0"])]),
-        ("VGG-11 on synthetic CIFAR-10-format pickles, width 8, 1 run x 6 epochs", cifar.main,
+        ("VGG-11 on synthetic CIFAR-10-format pickles, width 8, 1 run x 6 epochs", cifar.main,  # BatchNorm and
          ["--data", scratch / "cifar", "--experiment", "vgg11-cifar10", "--width", 8, "--runs", 1, "--epochs", 6,
-          "--compile", 0], "test_accuracy", [("stacked", ["--stack", "1"]), ("one at a time", ["--stack", "0"])]),
+          "--compile", 0], "test_accuracy", [("one at a time", ["--stack", "0"])]),  # augmentation: never stacked
     ]
     for i, (what, script, common, metric, trainers) in enumerate(steps):
         for trainer, flags in trainers:
@@ -247,14 +279,18 @@ def against_cpu(scratch, device, say, seconds_left):
                 say(f"| {what} | - | {trainer} | left out: past --budget |")
                 continue
             try:
-                on_cpu = run(script, [*common, *flags, "--device", "cpu", "--out", scratch / f"{i}{trainer}cpu"], "cpu")
+                on_cpu = run(script, [*common, *flags, "--device", "cpu", "--out", scratch / f"{i}{trainer}cpu"], "cpu",
+                             logs / f"small-{i}-{trainer.replace(' ', '-')}-cpu.log")
                 if device == "cuda":
                     add(what, "cuda", trainer, run(script, [*common, *flags, "--device", "cuda",
-                                                            "--out", scratch / f"{i}{trainer}cuda"], "cuda"),
+                                                            "--out", scratch / f"{i}{trainer}cuda"], "cuda",
+                                                   logs / f"small-{i}-{trainer.replace(' ', '-')}-cuda.log"),
                         on_cpu[2], metric)
                 add(what, "cpu", trainer, on_cpu)
             except Exception as e:  # noqa: BLE001 - report it and go on with the next step
+                failed.append(failure(logs, f"small run: {what}, {trainer}"))
                 say(f"| {what} | {device} | {trainer} | failed: {type(e).__name__}: {str(e)[:200]} |")
+    return failed
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -3,10 +3,10 @@ CIFAR pickles, natural-looking JPEGs of ImageNet's size), ImageNet's loader and 
 stacked sine step: with and without CUDA graphs, where its time goes (kernels, data orders, its matrix
 products fused). Each is a function gpu_check.py calls and reports; none writes a report itself."""
 import contextlib
-import io
 import json
 import os
 import pickle
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 def write_images(root, classes=4, per_class=24, size=40):
-    """A small folder in the Imagewoof layout: class c is a bright square in corner c, on noise."""
+    """A small folder in the Imagewoof layout: class c (of at most 16) is a bright square in cell c of a 4 x 4
+    grid, on noise."""
     from PIL import Image
     rng = np.random.default_rng(0)
     for split, n in (("train", per_class), ("val", per_class // 3)):
@@ -22,8 +23,8 @@ def write_images(root, classes=4, per_class=24, size=40):
             (root / split / f"class{c}").mkdir(parents=True)
             for j in range(n):
                 pixels = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
-                row, col = divmod(c % 4, 2)
-                pixels[row * size // 2:(row + 1) * size // 2, col * size // 2:(col + 1) * size // 2] += 120
+                row, col = divmod(c % 16, 4)
+                pixels[row * size // 4:(row + 1) * size // 4, col * size // 4:(col + 1) * size // 4] += 120
                 Image.fromarray(pixels).save(root / split / f"class{c}" / f"{j}.JPEG")
     return root
 
@@ -63,7 +64,7 @@ def write_jpegs(folder, count):
         pool.map(write_jpeg, jobs, chunksize=64)
     return folder
 
-def imagenet_throughput(scratch, device, decode="cpu", workers=None):
+def imagenet_throughput(scratch, device, decode="cpu", workers=None, log="imagenet.log"):
     """Images per second of ResNet18's training on ImageNet-sized JPEGs (500 x 375, natural-looking, synthetic)
     at 224 px, batch 256 (on a CPU, a try at 64 px and batch 16): the loader alone (decoding and cropping in its
     workers, or on the GPU with --decode gpu; jitter and normalisation on the device), the model alone (a
@@ -125,7 +126,7 @@ def imagenet_throughput(scratch, device, decode="cpu", workers=None):
     together = rate(lambda: train_step(*next(batches)) for _ in range(steps))
     batches.close()
     _, _, _, printed = run(imagenet.main, [*argv, "--out", scratch / f"imagenet_out_{decode}", "--strategies", "one",
-                                           "--phase-epochs", 1, 1, 1, 1, 1, "--short", 1], device)
+                                           "--phase-epochs", 1, 1, 1, 1, 1, "--short", 1], device, log)
     rates = [float(line.split(" images/s")[0].rsplit(" ", 1)[1]) for line in printed.splitlines() if "images/s" in line]
     return dict(size=size, batch=batch, workers=workers, loader=loader, model=alone, together=together,
                 decoding=decoding, epoch=rates[len(rates) // 2 - 1] if rates else float("nan"), same=same)
@@ -139,21 +140,23 @@ def sine_stack(size, device):
         models.append(merge.SineMLP().to(device))
     return models
 
-def sine_graphs(device):
+def sine_graphs(device, size=50, points=10_000):
     """The stacked sine step with and without CUDA graphs of 10 steps, compiled and eager: {(compile, graphs):
-    microseconds a step of a stack of 50 models (the median epoch past the first two)}, {compile: the largest
-    difference between the weights with graphs and without}, and that between two compilations without graphs,
-    the second with torch's compile caches off (so that it chooses its kernels afresh)."""
+    microseconds a step of a stack of `size` models on `points` points (the median epoch past the first two)},
+    {compile: the largest difference between the weights with graphs and without}, and that between two
+    compilations without graphs, the second with torch's compile caches off (so that it chooses its kernels
+    afresh)."""
     import merge
     import stacked
-    s, data = merge.Settings(), merge.sine_data(0, 10_000, 100, 100, device=device)
+    s, data = merge.Settings(), merge.sine_data(0, points, 100, 100, device=device)
     times, weights = {}, {}
     for use_compile, graphs in ((1, False), (1, device == "cuda"), (1, "again"), (0, False), (0, device == "cuda")):
-        models, ends = sine_stack(50, device), []  # on a CPU, a try-out: without graphs throughout
+        models, ends = sine_stack(size, device), []  # on a CPU, a try-out: without graphs throughout
         with torch._inductor.config.patch(force_disable_caches=graphs == "again"):  # compiled afresh, no cache
-            stacked.fit_stacked(models, [data] * 50, s, 6, seeds=range(50), compile=use_compile, graphs=graphs is True,
+            stacked.fit_stacked(models, [data] * size, s, 6, seeds=range(size), compile=use_compile,
+                                graphs=graphs is True,
                                 after_epoch=lambda epoch, history: ends.append(time.time()))  # a GPU's: late
-        steps = -(-10_000 // s.batch)
+        steps = -(-points // s.batch)
         times[use_compile, graphs] = float(np.median(np.diff(ends[1:-1]))) / steps * 1e6  # epochs 2-4 (the
         # last epoch's row waits for the GPU's tail alone)
         weights[use_compile, graphs] = torch.cat([p.detach().flatten() for m in models for p in m.parameters()])
@@ -247,23 +250,30 @@ def sine_kernels(device, sizes=(50, 250), epochs=5):
                         [(e.key[:80], e.count / steps, e.self_device_time_total / steps) for e in top])
     return result
 
-def run(main, argv, device, log=None):
-    """One command line in this process: (seconds, peak GPU memory in MiB, rows, what it printed, also written
-    to the file log if given)."""
+def run(main, argv, device, log):
+    """One command line in this process: (seconds, peak GPU memory in MiB, rows, what it printed). What it and
+    its worker processes print goes to the file log as it comes, so that a command that fails or is cut off
+    leaves what it said there; a failed command raises with its error line."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    printed, started = io.StringIO(), time.time()
-    with contextlib.redirect_stdout(printed):
+    sys.stdout.flush(), sys.stderr.flush()
+    saved, code, started = (os.dup(1), os.dup(2)), 0, time.time()
+    with open(log, "w", buffering=1) as file, contextlib.redirect_stdout(file), contextlib.redirect_stderr(file):
+        os.dup2(file.fileno(), 1), os.dup2(file.fileno(), 2)  # the workers' output too, which is not sys.stdout's
         try:
             main([str(a) for a in argv])
         except SystemExit as e:
-            if e.code:
-                raise RuntimeError(f"{argv}: exit code {e.code}") from None
-    seconds = time.time() - started
-    if log:
-        Path(log).write_text(printed.getvalue())
+            code = e.code
+        finally:
+            file.flush()
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd), os.close(old)
+    seconds, printed = time.time() - started, Path(log).read_text(errors="replace")
+    if code:
+        said = [line for line in printed.splitlines() if line.startswith(("error:", "interrupted"))]
+        raise RuntimeError(f"{' '.join(map(str, argv))}: exit code {code}: " + (said[-1] if said else f"see {log}"))
     memory = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else 0.0
     out = Path(argv[argv.index("--out") + 1])
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    return seconds, memory, rows, printed.getvalue()
+    return seconds, memory, rows, printed

@@ -41,7 +41,7 @@ def launch(s, n, script, run, out_checked_here=True):
             argv += [experiment.flag(f), *map(str, value)]
         elif not isinstance(value, (bool, tuple)):
             argv.append(f"{experiment.flag(f)}={value}")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the ranks, as Ctrl-C does
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the ranks, as Ctrl-C does
     procs = [subprocess.Popen([sys.executable, script, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               start_new_session=True) for r in range(n)]  # Ctrl-C reaches them from here, once
     failed = None
@@ -54,6 +54,8 @@ def launch(s, n, script, run, out_checked_here=True):
     except KeyboardInterrupt:
         stop(procs)
         raise
+    finally:  # a caller that goes on (gpu_check.py) and its forked children keep their own SIGTERM
+        signal.signal(signal.SIGTERM, before)
     codes = [p.returncode for p in procs]
     if failed is not None and codes[failed] < 0:  # killed: it could not say so itself
         print(f"error: worker {failed} of {n} (pid {procs[failed].pid}) was ended by signal {-codes[failed]} "

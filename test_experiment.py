@@ -273,6 +273,21 @@ def test_an_out_in_use_is_refused_by_every_process_before_any_trains(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no phases/, no rows, no settings.json
 
 
+def test_an_out_that_cannot_be_locked_is_used_with_a_note(finished, tmp_path, capsys, monkeypatch):
+    """A file system without locks (flock: ENOLCK) is not "in use": the command goes on, saying it could not
+    lock. Ranks started in this process leave its SIGTERM handler as it was."""
+    import fcntl
+    out, before = copy_of(finished, tmp_path), signal.getsignal(signal.SIGTERM)
+    again = here(capsys, *SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--workers", "2", "--out", out)
+    assert again.returncode == 0 and signal.getsignal(signal.SIGTERM) is before
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    again = here(capsys, *SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out)
+    assert again.returncode == 0 and f"--out {out} cannot be locked (No locks available)" in again.stdout
+
+
 def test_a_repeated_row_is_read_once_and_a_last_line_without_newline_kept(finished, tmp_path, capsys):
     out = copy_of(finished, tmp_path)
     lines = (out / "results.jsonl").read_text().splitlines()
@@ -511,6 +526,8 @@ def test_every_preset_is_the_documented_setting(name, setting, value):
 
 @pytest.mark.parametrize("args, message", [([], "no GPU"), (["--device", "cpu", "--budget", "-5"], "--budget must be"),
                                            (["--device", "cpu", "--lenet-data", "/no/such"], "is not a folder"),
+                                           (["--device", "cpu", "--lenet-data", str(ROOT / "docs")],
+                                            "not a folder in Imagewoof's layout (--data"),
                                            (["--device", "cpu", "--only", "sine", "nothing"], "invalid choice")])
 def test_the_gpu_check_without_a_gpu_or_with_a_bad_setting_is_bad_input(tmp_path, capsys, args, message):
     import gpu_check
@@ -520,6 +537,34 @@ def test_the_gpu_check_without_a_gpu_or_with_a_bad_setting_is_bad_input(tmp_path
         gpu_check.main([*args, "--report", str(tmp_path / "report.md")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err and files(tmp_path) == []
+
+
+def test_the_gpu_check_keeps_what_a_failed_step_said_and_exits_with_1(tmp_path, capsys, monkeypatch):
+    """A failed step: its traceback on stderr and in the logs, the report names it, the exit code is 1; a command
+    run leaves its output, and its worker processes' (file descriptors 1 and 2), in its log as it comes."""
+    import gpu_check
+    import gpu_timings
+
+    def fails(*args):
+        raise IndexError("a step's bug")
+    monkeypatch.setattr(gpu_check, "sine_graphs", fails)
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(["--device", "cpu", "--only", "graphs", "--report", str(tmp_path / "r.md")])
+    failed = (tmp_path / "r_logs" / "failed.log").read_text()
+    assert exit_.value.code == 1 and "IndexError: a step's bug" in capsys.readouterr().err
+    assert "== CUDA graphs" in failed and "in fails" in failed and "Failed: CUDA graphs." in (tmp_path / "r.md").read_text()
+
+    def command(argv):  # a script's main: a line of its own, one of a worker process, then its error and exit code
+        print("training")
+        subprocess.run([sys.executable, "-c", "print('from a worker')"])
+        sys.exit(print("error: --lr must be positive", file=sys.stderr) or 2)
+    with pytest.raises(RuntimeError, match=r"exit code 2: error: --lr must be positive"):
+        gpu_timings.run(command, ["--out", tmp_path / "out"], "cpu", tmp_path / "command.log")
+    assert (tmp_path / "command.log").read_text().split("\n") == ["training", "from a worker",
+                                                                  "error: --lr must be positive", ""]
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(["--device", "cpu", "--report", str(tmp_path / "r.md" / "inside a file.md")])
+    assert exit_.value.code == 2 and "cannot write the report" in capsys.readouterr().err
 
 
 def test_device_auto_takes_a_gpu_but_for_the_sine(monkeypatch):
