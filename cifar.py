@@ -112,7 +112,7 @@ FUSION_NOTE = ("\nfusion is our baseline, Git Re-Basin's weight matching then av
 
 def parse(argv=None):
     """CifarSettings from the command line, the defaults those of --experiment."""
-    return experiment.parse_with_presets(argv, CifarSettings(stack=0), "experiment", EXPERIMENTS, __doc__)
+    return experiment.parse_with_presets(argv, CifarSettings(stack="0"), "experiment", EXPERIMENTS, __doc__)
 
 
 def check(s):

@@ -65,8 +65,8 @@ class Settings(merge.Settings):
     strategies: str = setting("student,bo3,one", "comma-separated, of student, bo3, one (section 3.1), the controls "
                               "random and one_compute (ours), prune and fusion (3.3); more may be added to an --out "
                               "later", run_only=True)
-    stack: int = setting(1, "1: train alike phases of all runs as one stack (stacked.py, ours); 0: one model at a "
-                         "time, as the authors' scripts do", run_only=True, choices=(0, 1))
+    stack: str = setting("1", "1: train alike phases of all runs as one stack (stacked.py, ours); 0: one at a time, "
+                         "as the authors' scripts do; auto: 1 on a GPU", run_only=True, choices=("auto", "1", "0"))
     compile: str = setting("auto", "1: torch.compile the stacked step (eager where it can't); 0: eager; auto: 1, but "
                            f"0 for convolutions on a GPU in phases under {stacked.GPU_COMPILE_EPOCHS} epochs (faster: "
                            "docs/speed.md); GPU steps as CUDA graphs (ours)", run_only=True, choices=("auto", "1", "0"))
@@ -242,8 +242,8 @@ def phase_trainer(phases, rank=0, wrap=lambda model: model):
             model, data, s = a["models"][0], a["data"], a["s"]
             cost = len(a["models"]) * a["epochs"]  # epochs, and forward multiply-adds (a step costs about three)
             a["job"].setdefault("compute", {})[a["phase"]] = [cost, cost * data.size * merge.macs(model, data)]
-            stack = bool(s.stack) and not a["hooks"] and not list(model.buffers()) and not getattr(
-                data, "augments", False)  # a stack holds no BatchNorm, and draws no augmentation for each model
+            stack = stacked.stacks(s.stack, data.device) and not a["hooks"] and not list(model.buffers()) and \
+                not getattr(data, "augments", False)  # a stack holds no BatchNorm, draws no augmentation a model
             kind = (stack, type(model), repr(model.hparams), a["epochs"], a["drops"], repr(a["lambdas"]), a["share"],
                     a["warmup"], s.lr, s.batch, data.size, data.metric, str(data.device))
             group = groups.setdefault(kind, dict(stacked=stack, asked=[], todo=[], loaded=0, twins={}))

@@ -6,6 +6,7 @@ on the GPU), and training runs on any number of GPUs and machines (DistributedDa
 GPUs, gloo on CPUs), their ranks started by this command on one machine or by torchrun on several.
 
     python imagenet.py --data DIR                          # one process: one GPU (or the CPU)
+    python imagenet.py --data DIR --decode gpu             # JPEGs decoded by the GPU: some twice as fast
     python imagenet.py --data DIR --processes 8            # the 8 GPUs of one machine
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         imagenet.py --data DIR                             # on each of 2 machines: 16 GPUs
@@ -54,8 +55,8 @@ class ImageNetSettings(experiment.Settings):
     data: str = setting("", "the ImageNet folder: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (no download: "
                             "ImageNet needs a registration); a file that is not an image stops the run before it "
                             "trains, one cut short is replaced by the next image, with a warning")
-    workers: int = setting(8, "DataLoader workers a rank, decoding the images", run_only=True,
-                           valid=experiment.NOT_NEGATIVE)
+    workers: int = setting(-1, "DataLoader workers a rank, decoding the images; -1: this machine's CPU cores shared "
+                           "by its ranks, less two a rank", run_only=True, valid=(lambda v: v >= -1, "-1 or more"))
     decode: str = setting("cpu", "where the JPEGs are decoded: cpu (Pillow, in the DataLoader workers) or gpu "
                           "(nvJPEG, a batch in one call; needs a GPU and torchvision); the draws are the same, the "
                           "pixels differ a little (ours)", choices=("cpu", "gpu"))
@@ -75,7 +76,7 @@ class ImageNetSettings(experiment.Settings):
 
 PAPER = dict(  # docs/settings.md gives the source of every value
     out="runs/imagenet", runs=1, epochs=150, strategies="student,one", batch=256, lr=0.1, momentum=0.9,
-    weight_decay=1e-4, gate_lr=0.2, lambda_start=0.3, lambda_step=0.2, stack=0,
+    weight_decay=1e-4, gate_lr=0.2, lambda_start=0.3, lambda_step=0.2, stack="0",
     paper_epochs=120,  # the importance phase is the paper's own (120 / 6 = 20): lambda is not rescaled
     finetune_lr=0.07, finetune_warmup=2,  # fine-tuning from lr 0.07 after 2 warm-up epochs
     # DEVIATION: the warm-up rises in equal steps from lr / 3 (0.0233, 0.0467, then 0.07), the authors' from 1e-4

@@ -319,7 +319,7 @@ def image_data(d, device, size=None, augment=None, stats=()):
 
 def check_unstacked(s, network):
     """One line for --stack with a network that has BatchNorm (its statistics are each model's own)."""
-    if s.stack:
+    if s.stack == "1":
         raise InputError(f"--stack 1 is for networks without BatchNorm; {network} trains one model at a time")
 
 # == The accuracy report (Tables 2 to 4) =============================================================

@@ -68,7 +68,7 @@ PAPER = {  # docs/settings.md gives the source of every value
     "resnet18": dict(out="runs/resnet18_imagewoof", runs=5, epochs=600, size=224, batch=32, paper_epochs=600),
 }
 COMMON = dict(lr=0.01, momentum=0.9, weight_decay=0.0, gate_lr=0.2, lambda_start=0.01, lambda_step=0.05,
-              stack=0,  # fit_stacked's batched convolutions are slower than one model at a time on a CPU
+              stack="auto",  # stacked on a GPU; on a CPU its batched convolutions are slower than one at a time
               drops_teacher=LR_DROPS, drops_importance=(), drops_finetune=LR_DROPS, drops_one=LR_DROPS)
 NAMES = {"lenet": ("LeNet", "Table 2, Fig. 11"), "resnet18": ("ResNet18", "Fig. 12")}
 

@@ -254,6 +254,12 @@ class Graphs:
 
 GPU_COMPILE_EPOCHS = 500  # --compile auto: a phase this long compiles a stack of convolutions on a GPU too
 
+def stacks(stack, device):
+    """--stack (1, 0 or auto) as whether to train alike phases as one stack; auto: on a GPU, where a stack of
+    LeNets trained 10 runs x 60 epochs in 22 s (docs/speed.md), and not on a CPU, where its batched
+    convolutions are slower than one model at a time."""
+    return stack in (1, "1") or stack == "auto" and torch.device(device).type == "cuda"
+
 def compiles(compile, device, model, epochs):
     """--compile (1, 0 or auto) as whether to compile a phase of epochs. auto compiles, but a stack of
     convolutions on a GPU only for a phase of GPU_COMPILE_EPOCHS or more: LeNet on one H100 compiled for up to

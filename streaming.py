@@ -2,6 +2,7 @@
 crops, each batch jittered and normalised on the device; each rank its own shard of an epoch, under
 DistributedDataParallel across GPUs and machines. The crops, jitter and checks are images.py's."""
 import contextlib
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -123,8 +124,8 @@ class Streamed(merge.Data):
     example = property(lambda self: torch.zeros(1, 3, self.s.size, self.s.size, device=self._device))
 
     def loader(self, split, batch, sampler=None):
-        return torch.utils.data.DataLoader(self.splits[split], batch, sampler=sampler, num_workers=self.s.workers,
-                                           pin_memory=self._device.type == "cuda" and not self.splits[split].raw,
+        return torch.utils.data.DataLoader(self.splits[split], batch, sampler=sampler,
+                                           num_workers=loader_workers(self.s), pin_memory=self._device.type == "cuda" and not self.splits[split].raw,
                                            drop_last=sampler is not None,
                                            collate_fn=collate_raw if self.splits[split].raw else None)
 
@@ -311,5 +312,14 @@ def streamed_folder(s, rank, world, device):
     splits = dict(train=pick(train, True), val=pick(val, False),
                   test=Images(test_paths, test_labels, s.size, False, raw))
     log.info(f"{s.data}: {len(classes)} classes; train {len(train)}, validation {len(val)}, test {len(test_paths)} "
-             f"images; {world} rank(s), batch {s.batch // world} each on {device}")
+             f"images; {world} rank(s), batch {s.batch // world} each on {device}, {loader_workers(s)} loader workers")
     return Streamed(splits, s, rank, world, device), len(classes)
+
+def loader_workers(s):
+    """--workers, or with -1 this machine's CPU cores shared by its ranks, two a rank left to the rank itself
+    (its training loop, and the thread that readies the next batch)."""
+    if s.workers >= 0:
+        return s.workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)  # torchrun's, ours
+    return max(1, cores // ranks_here - 2)

@@ -567,6 +567,13 @@ def test_the_gpu_check_keeps_what_a_failed_step_said_and_exits_with_1(tmp_path, 
     assert exit_.value.code == 2 and "cannot write the report" in capsys.readouterr().err
 
 
+def test_stack_auto_stacks_on_a_gpu_alone():
+    import stacked
+    assert woof.parse([]).stack == "auto" and sine.parse([]).stack == "1"  # LeNet's default; the sine's
+    assert stacked.stacks("auto", "cuda") and not stacked.stacks("auto", "cpu")
+    assert stacked.stacks("1", "cpu") and not stacked.stacks("0", torch.device("cuda", 0))
+
+
 def test_device_auto_takes_a_gpu_but_for_the_sine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with a GPU
     assert experiment.resolve_device(sine.parse([])) == "cpu"  # where the README's rows come from

@@ -252,6 +252,18 @@ def test_its_own_settings_never_meet_the_shared_checks(monkeypatch):
         assert "workers" in mine
 
 
+def test_loader_workers_by_default_share_the_machines_cores_among_its_ranks(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(48)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's 4 ranks on this machine
+    assert streaming.loader_workers(imagenet.parse(["--data", "x"])) == 10  # 48 cores / 4, less two a rank
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert streaming.loader_workers(imagenet.parse(["--data", "x"])) == 46
+    assert streaming.loader_workers(imagenet.parse(["--data", "x", "--workers", "0"])) == 0  # in the rank itself
+    with pytest.raises(experiment.InputError, match="--workers must be -1 or more, got -2"):
+        experiment.check_settings(imagenet.parse(["--data", "x", "--workers", "-2"]))
+
+
 def photo(path, w=500, h=375, seed=0):
     """A smooth JPEG of a photo's size, so that decoding at a smaller scale changes little."""
     rng = np.random.default_rng(seed)
