@@ -267,10 +267,10 @@ def phase_trainer(phases, rank=0, wrap=lambda model: model):
         name = " and ".join(dict.fromkeys(a["phase"] for a in group["asked"]))  # its phases, each named once
         log.info(f"  {name}: {len(todo)} x {group['asked'][0]['epochs']} epochs{done}")
         if todo and group["stacked"]:
-            a = todo[0][3]
+            a, stack_file = todo[0][3], todo[0][2].with_suffix(".stack")  # the stack's checkpoint
             yield from stacked.fit_stacked_epochs([t[0] for t in todo], [t[3]["data"] for t in todo], a["s"],
                 a["epochs"], a["drops"], [t[1] for t in todo], a["lambdas"], a["share"], a["warmup"],
-                report.progress(a["epochs"], name), a["s"].compile)
+                report.progress(a["epochs"], name), a["s"].compile, checkpoint=rank == 0 and stack_file)
         for model, seed, path, a in todo:
             if not group["stacked"]:
                 fit_one(model, a["data"], a["s"], a, seed, path.with_suffix(".epochs"), rank, wrap)
@@ -279,7 +279,7 @@ def phase_trainer(phases, rank=0, wrap=lambda model: model):
                                  "try a smaller --lr or --gate-lr in another --out")
             if rank == 0:  # the only writer among the ranks
                 report.save_whole(model.state_dict(), path)
-                path.with_suffix(".epochs").unlink(missing_ok=True)
+                path.with_suffix(".epochs").unlink(missing_ok=True), path.with_suffix(".stack").unlink(missing_ok=True)
         for first, *twins in group["twins"].values():
             for twin in twins:
                 twin.load_state_dict(first.state_dict())

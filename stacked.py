@@ -14,7 +14,9 @@ import copy
 import itertools
 import logging
 import threading
+import time
 import types
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +86,7 @@ def fit_stacked(*args, **kwargs):
             return end.value
 
 def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=None, share=0.5, warmup=0,
-                       after_epoch=None, compile=True, steps_per_block=STEPS_PER_BLOCK, graphs=None):
+                       after_epoch=None, compile=True, steps_per_block=STEPS_PER_BLOCK, graphs=None, checkpoint=None):
     """merge.fit for many small models of one architecture without BatchNorm, as one stack, an epoch at a time:
     a generator that yields after each epoch is queued (Lockstep trains other stacks between) and returns the
     history (fit_stacked runs it to its end). The summed loss gives each model its own gradient and SGD is
@@ -93,7 +95,9 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
     batch runs eagerly where the compiled step cannot take it.
     The steps run in blocks of steps_per_block, each block one CUDA graph where graphs (None: on a GPU).
     after_epoch(epoch, history) is called after each epoch; on a GPU once the next epoch is queued, so that
-    the GPU trains on while the host reads an epoch's numbers and draws the next one's orders."""
+    the GPU trains on while the host reads an epoch's numbers and draws the next one's orders.
+    With a checkpoint (a path), the stack's state is written there after an epoch whenever CHECKPOINT_SECONDS
+    have passed since the last, and a stack of the same seeds goes on from it (resumed)."""
     device, models = datas[0].device, [model.train() for model in models]  # gates draw noise, as in merge.fit
     base = copy.deepcopy(models[0]).to("meta")  # the architecture, without weights
     compile = compiles(compile, device, base, epochs)
@@ -174,7 +178,17 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
         if after_epoch:
             after_epoch(epoch, history)
     pending = None  # on a GPU, the epoch before: its numbers read once the next epoch is queued behind it
-    for epoch in range(epochs):
+    start, history[:] = resumed(checkpoint, seeds, params, momenta, step, epochs) if checkpoint else (0, [])
+    kept = time.time()  # when the state was last written to checkpoint
+
+    def keep(epoch):  # after the epoch's row: the state and the rows agree
+        nonlocal kept
+        if checkpoint and time.time() - kept >= CHECKPOINT_SECONDS:
+            save_stack(checkpoint, dict(seeds=list(seeds), epoch=epoch, step=int(step), history=history,
+                                        params={k: v.cpu() for k, v in params.items()},
+                                        momenta={k: v.cpu() for k, v in momenta.items()}))
+            kept = time.time()
+    for epoch in range(start, epochs):
         total.zero_(), lr.fill_(merge.lr_at(s, epoch, epochs, drops, warmup))
         lam.fill_(lambdas[epoch] if lambdas is not None else 0.0)
         order = torch.stack([torch.randperm(N, device=device, generator=torch.Generator(device).manual_seed(
@@ -190,6 +204,7 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
         del X_epoch, Y_epoch, order, x, y  # not kept while other stacks take their turns
         if device.type != "cuda":
             finish(epoch, numbers)
+            keep(epoch)
             yield
             continue
         # on a GPU: the numbers copied to the host as the GPU gets there, while the host queues the next epoch
@@ -199,12 +214,45 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
         if pending:
             finish(*pending)
         pending = epoch, numbers, copied
+        if checkpoint and time.time() - kept >= CHECKPOINT_SECONDS:  # this epoch's row now, then the state
+            finish(*pending)
+            keep(epoch)
+            pending = None
         yield
     if pending:
         finish(*pending)
     for r, model in enumerate(models):
         model.load_state_dict({name: p[r] for name, p in params.items()})
     return history
+
+CHECKPOINT_SECONDS = 60  # a stack's state written at most this often (checkpoint): a kill loses a minute or less
+
+def save_stack(path, state):
+    """torch.save(state, path), whole or not at all: a temporary file, then a rename."""
+    part = Path(path).with_name(f".{Path(path).name}.part")
+    torch.save(state, part)
+    part.replace(path)
+
+def resumed(path, seeds, params, momenta, step, epochs):
+    """(the epoch to go on from, the rows so far) of the stack saved at path, its state copied into params,
+    momenta and step; (0, []) where there is none, or it is damaged or of other models (with one line)."""
+    try:
+        state = torch.load(path, map_location=step.device, weights_only=True)
+        if state["seeds"] != list(seeds) or any(state[name].keys() != mine.keys() or any(
+                state[name][k].shape != v.shape for k, v in mine.items()) for name, mine in
+                (("params", params), ("momenta", momenta))):
+            raise ValueError("another stack's")
+    except FileNotFoundError:
+        return 0, []
+    except Exception as e:  # noqa: BLE001 - a damaged file, or another stack's: trained from the start
+        log.warning(f"  {path} is damaged or another stack's ({type(e).__name__}); training its stack from the start")
+        return 0, []
+    for name, mine in (("params", params), ("momenta", momenta)):
+        for k, v in mine.items():
+            v.copy_(state[name][k])
+    step.fill_(state["step"])
+    log.info(f"    resumed after epoch {state['epoch'] + 1} of {epochs}")
+    return state["epoch"] + 1, state["history"]
 
 class Graphs:
     """block(state, x, y), several SGD steps, as CUDA graphs: one recorded for each shape of (x, y), then

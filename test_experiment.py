@@ -232,6 +232,34 @@ def test_a_damaged_epoch_checkpoint_is_trained_again_with_one_line(finished, tmp
     assert not list((out / "phases").glob("*.epochs"))
 
 
+def test_a_stacked_phase_cut_short_goes_on_from_its_checkpoint_to_the_same_rows(finished, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Ctrl-C in the one model's stacked phase, after its state was written (every epoch here): the same
+    command goes on from there, to the rows of a run never cut, and leaves no checkpoint behind."""
+    import stacked
+    out = copy_of(finished, tmp_path)
+    rows = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("".join(r + "\n" for r in rows if '"one"' not in r))
+    for phase in (out / "phases").glob("one-*.pt"):
+        phase.unlink()
+    monkeypatch.setattr(stacked, "CHECKPOINT_SECONDS", 0)
+    save, saves = stacked.save_stack, []
+
+    def interrupted_after_the_fifth(path, state):
+        save(path, state)
+        saves.append(state["epoch"])
+        if len(saves) == 5:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(stacked, "save_stack", interrupted_after_the_fifth)
+    assert here(capsys, *SMALL, "--strategies", "one", "--out", out).returncode == 130
+    assert len(list((out / "phases").glob("one-*.stack"))) == 1 and saves == [0, 1, 2, 3, 4]
+    again = here(capsys, *SMALL, "--strategies", "one", "--out", out)
+    assert again.returncode == 0 and "resumed after epoch 5 of 12" in again.stdout, again.stdout
+    assert (out / "results.jsonl").read_text().splitlines() == [r for r in rows if '"one"' not in r] + \
+        [r for r in rows if '"one"' in r]  # the rows of the run never cut, to the last digit
+    assert not list((out / "phases").glob("*.stack"))
+
+
 def test_a_full_disk_gives_one_line_and_leaves_no_part_file(tmp_path, capsys, monkeypatch):
     def full(obj, path):  # as torch.save into a full file system: some bytes, then ENOSPC
         Path(path).write_bytes(b"half a phase")

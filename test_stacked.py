@@ -309,3 +309,31 @@ def test_graphs_warm_up_on_a_spare_state_and_replay_on_their_own_inputs(monkeypa
     history = stacked.fit_stacked(graphed, [data], s, 2, seeds=[3], compile=False, steps_per_block=4, graphs=True)
     assert len(Replayed.recorded) == 2  # 200 points: blocks of 4 x 32 and the last of 72 (two steps of 32, one of 8)
     assert torch.equal(plain[0].out.weight, graphed[0].out.weight) and len(history) == 2
+
+
+def test_a_stack_killed_mid_phase_goes_on_from_its_checkpoint_to_the_same_models(tmp_path, monkeypatch, caplog):
+    """The importance phase (weights, gates, both momenta, the noise's step) of a stack, cut short after
+    epoch 2 of 4 and started again on fresh models: the same models and rows as a phase never cut."""
+    monkeypatch.setattr(stacked, "CHECKPOINT_SECONDS", 0)  # the state written after every epoch
+    monkeypatch.setattr(stacked.log, "propagate", True)  # to caplog, whatever a Progress handler did
+    s, lambdas, checkpoint = settings(), merge.lambda_schedule(4, 0.5, 0.5), tmp_path / "importance.stack"
+    datas = [merge.sine_data(seed, 200, 50, 50) for seed in (0, 1)]
+    bigs = lambda: [merge.make_big_student(fresh([2 * r, 2 * r + 1])) for r in (0, 1)]  # noqa: E731
+    whole, cut, again = bigs(), bigs(), bigs()
+    rows = stacked.fit_stacked(whole, datas, s, 4, seeds=[3, 4], lambdas=lambdas, compile=0)
+
+    def killed(epoch, history):
+        if epoch == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        stacked.fit_stacked(cut, datas, s, 4, seeds=[3, 4], lambdas=lambdas, compile=0, after_epoch=killed,
+                            checkpoint=checkpoint)
+    with caplog.at_level(logging.INFO, logger="merge"):
+        resumed_rows = stacked.fit_stacked(again, datas, s, 4, seeds=[3, 4], lambdas=lambdas, compile=0,
+                                           checkpoint=checkpoint)
+    assert "resumed after epoch 2 of 4" in caplog.text
+    assert all(same(a, b, dict(rtol=0, atol=0)) for a, b in zip(whole, again)) and resumed_rows == rows
+    other = bigs()  # a stack of other seeds does not take it
+    with caplog.at_level(logging.INFO, logger="merge"):
+        stacked.fit_stacked(other, datas, s, 4, seeds=[5, 6], lambdas=lambdas, compile=0, checkpoint=checkpoint)
+    assert "is damaged or another stack's (ValueError)" in caplog.text and not same(other[0], whole[0], dict(rtol=0, atol=0))
