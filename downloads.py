@@ -2,6 +2,7 @@
 published digests and extracted once, whole, by one process at a time (lenet_imagewoof.py, cifar.py); and
 MNIST's original files written in Imagewoof's layout, the stand-in of the README's LeNet results
 (lenet_imagewoof.py --data mnist)."""
+import contextlib
 import gzip
 import hashlib
 import math
@@ -50,7 +51,7 @@ def download(url, path, instead):
 def made_once(root, name, make):
     """root/name, made once and whole: make(scratch) writes it under a scratch folder and returns the folder that
     becomes root/name. One process at a time: torchrun's other ranks wait for the first, then find it there. The
-    lock file goes once root/name is made; a failed make leaves it (empty), as a process may still wait on it."""
+    lock file is removed once root/name is made; a failed make leaves it (empty), as a process may wait on it."""
     target = root / name
     if target.is_dir():  # before any lock: a --root that is only read, such as a shared copy, serves as it is
         return target
@@ -74,7 +75,8 @@ def made_once(root, name, make):
             make(scratch).replace(target)
             shutil.rmtree(scratch, ignore_errors=True)
     if made:  # whoever takes the lock after this finds target there and leaves it be
-        (root / f".{name}.lock").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # still open elsewhere, where that forbids it (Windows)
+            (root / f".{name}.lock").unlink(missing_ok=True)
     return target
 
 def verified(url, path, digests, instead):

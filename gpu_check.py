@@ -88,6 +88,7 @@ def main(argv=None):
     try:
         logs.mkdir(parents=True, exist_ok=True)
         report.write_text("\n".join(lines) + "\n")
+        (logs / "failed.log").unlink(missing_ok=True)  # an earlier check's
     except OSError as e:
         parser.error(f"cannot write the report {report} ({e.strerror or e})")
 
@@ -241,7 +242,8 @@ def main(argv=None):
     if left_out:
         say("", f"Left out: {'; '.join(left_out)}.")
     say("", f"{time.time() - began:.0f} s in all." + (f" Failed: {'; '.join(failed)}." if failed else ""))
-    sys.exit(1 if failed else 0)
+    if failed:
+        sys.exit(1)
 
 def failure(logs, what):
     """what, after the traceback of the exception being handled is written to stderr and logs/failed.log."""

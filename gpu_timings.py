@@ -258,8 +258,9 @@ def run(main, argv, device, log):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     sys.stdout.flush(), sys.stderr.flush()
-    saved, code, started = (os.dup(1), os.dup(2)), 0, time.time()
+    code, started = 0, time.time()
     with open(log, "w", buffering=1) as file, contextlib.redirect_stdout(file), contextlib.redirect_stderr(file):
+        saved = os.dup(1), os.dup(2)
         os.dup2(file.fileno(), 1), os.dup2(file.fileno(), 2)  # the workers' output too, which is not sys.stdout's
         try:
             main([str(a) for a in argv])

@@ -79,7 +79,8 @@ PAPER = dict(  # docs/settings.md gives the source of every value
     weight_decay=1e-4, gate_lr=0.2, lambda_start=0.3, lambda_step=0.2, stack="0",
     paper_epochs=120,  # the importance phase is the paper's own (120 / 6 = 20): lambda is not rescaled
     finetune_lr=0.07, finetune_warmup=2,  # fine-tuning from lr 0.07 after 2 warm-up epochs
-    # DEVIATION: the warm-up rises in equal steps from lr / 3 (0.0233, 0.0467, then 0.07), the authors' from 1e-4
+    # DEVIATION: the warm-up rises in equal steps from lr / 3 (at batch 256: 0.0233, 0.0467, then 0.07), the
+    # authors' from 1e-4
     # lr / 10 "in third and two thirds of training" (3.3.5): the teachers' after epochs 7 and 13 of 20, where the
     # authors' configuration drops it after 9 and 18 (the paper and it disagree: we follow the paper). The
     # importance phase's, which the paper names only for the sine and LeNet (none), are the configuration's: none
@@ -124,7 +125,7 @@ def run(s):
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     data, classes = streaming.streamed_folder(s, rank, world, device)
     # DEVIATION: the paper's lr is for a batch of 256; another --batch scales it linearly (ours). The gates' lr
-    # stays: their gradient is a mean over the batch, and L_half's does not depend on it
+    # stays 0.2: neither the paper nor the authors' configuration gives a rule for it
     scaled = dataclasses.replace(s, lr=s.lr * s.batch / 256, finetune_lr=s.finetune_lr * s.batch / 256)
     short = dataclasses.replace(scaled, out=str(Path(s.out) / "one_short"), strategies="one",
                                 phase_epochs=s.phase_epochs[:4] + (s.short,))

@@ -42,20 +42,21 @@ def launch(s, n, script, run, out_checked_here=True):
         elif not isinstance(value, (bool, tuple)):
             argv.append(f"{experiment.flag(f)}={value}")
     before = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the ranks, as Ctrl-C does
-    procs = [subprocess.Popen([sys.executable, script, *argv], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              start_new_session=True) for r in range(n)]  # Ctrl-C reaches them from here, once
-    failed = None
+    procs, failed = [], None
     try:
+        for r in range(n):  # Ctrl-C reaches them from here, once
+            procs.append(subprocess.Popen([sys.executable, script, *argv], start_new_session=True,
+                                          env=dict(env, RANK=str(r), LOCAL_RANK=str(r))))
         while any(p.poll() is None for p in procs):
             if failed is None and any(p.poll() for p in procs):  # one failed: the others would wait for it for ever
                 failed = next(rank for rank, p in enumerate(procs) if p.poll())
                 stop(procs)
             time.sleep(0.1)
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, or a rank that could not start: none is left running
         stop(procs)
         raise
     finally:  # a caller that goes on (gpu_check.py) and its forked children keep their own SIGTERM
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
     codes = [p.returncode for p in procs]
     if failed is not None and codes[failed] < 0:  # killed: it could not say so itself
         print(f"error: worker {failed} of {n} (pid {procs[failed].pid}) was ended by signal {-codes[failed]} "

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import itertools
 import logging
+import os
 import threading
 import time
 import types
@@ -157,7 +158,7 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
     def block(state, x, y):  # steps_per_block steps, or the epoch's last few; x, y (R, steps x batch, ...)
         x = datas[0].prepare(x.flatten(0, 1), True).unflatten(0, x.shape[:2])
         for x_step, y_step in zip(x.split(s.batch, dim=1), y.split(s.batch, dim=1)):  # (R, B, ...)
-            for t in (x_step, y_step) if epoch == 0 else ():  # compiled for any batch size, where it can be
+            for t in (x_step, y_step) if epoch == start else ():  # compiled for any batch size, where it can be
                 torch._dynamo.maybe_mark_dynamic(t, 1)
             if x_step.shape[1] == s.batch:
                 update(*state, x_step, y_step)
@@ -184,8 +185,8 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
     def keep(epoch):  # after the epoch's row: the state and the rows agree
         nonlocal kept
         if checkpoint and time.time() - kept >= CHECKPOINT_SECONDS:
-            save_stack(checkpoint, dict(seeds=list(seeds), epoch=epoch, step=int(step), history=history,
-                                        params={k: v.cpu() for k, v in params.items()},
+            save_stack(checkpoint, dict(seeds=list(seeds), epochs=epochs, epoch=epoch, step=int(step),
+                                        history=history, params={k: v.cpu() for k, v in params.items()},
                                         momenta={k: v.cpu() for k, v in momenta.items()}))
             kept = time.time()
     for epoch in range(start, epochs):
@@ -194,7 +195,7 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
         order = torch.stack([torch.randperm(N, device=device, generator=torch.Generator(device).manual_seed(
             merge.epoch_seed(seed, epoch))) for seed in seeds])  # (R, N): merge.fit's orders
         X_epoch, Y_epoch = (X[order], Y[order]) if shared else (X[rows, order], Y[rows, order])  # (R, N, ...)
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=epoch > 0):  # epoch 0 compiled all it needs
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=epoch > start):  # the first compiled all it needs
             for x, y in zip(X_epoch.split(steps_per_block * s.batch, dim=1),
                             Y_epoch.split(steps_per_block * s.batch, dim=1)):
                 run_block(x, y)
@@ -228,17 +229,22 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
 CHECKPOINT_SECONDS = 60  # a stack's state written at most this often (checkpoint): a kill loses a minute or less
 
 def save_stack(path, state):
-    """torch.save(state, path), whole or not at all: a temporary file, then a rename."""
-    part = Path(path).with_name(f".{Path(path).name}.part")
-    torch.save(state, part)
-    part.replace(path)
+    """torch.save(state, path), whole or not at all: a temporary file, then a rename; its folder is made."""
+    path = Path(path)
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.save(state, part)
+        part.replace(path)
+    finally:
+        part.unlink(missing_ok=True)
 
 def resumed(path, seeds, params, momenta, step, epochs):
     """(the epoch to go on from, the rows so far) of the stack saved at path, its state copied into params,
     momenta and step; (0, []) where there is none, or it is damaged or of other models (with one line)."""
     try:
         state = torch.load(path, map_location=step.device, weights_only=True)
-        if state["seeds"] != list(seeds) or any(state[name].keys() != mine.keys() or any(
+        if state["seeds"] != list(seeds) or state["epochs"] != epochs or any(state[name].keys() != mine.keys() or any(
                 state[name][k].shape != v.shape for k, v in mine.items()) for name, mine in
                 (("params", params), ("momenta", momenta))):
             raise ValueError("another stack's")

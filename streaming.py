@@ -125,7 +125,8 @@ class Streamed(merge.Data):
 
     def loader(self, split, batch, sampler=None):
         return torch.utils.data.DataLoader(self.splits[split], batch, sampler=sampler,
-                                           num_workers=loader_workers(self.s), pin_memory=self._device.type == "cuda" and not self.splits[split].raw,
+                                           num_workers=loader_workers(self.s),
+                                           pin_memory=self._device.type == "cuda" and not self.splits[split].raw,
                                            drop_last=sampler is not None,
                                            collate_fn=collate_raw if self.splits[split].raw else None)
 
@@ -312,7 +313,8 @@ def streamed_folder(s, rank, world, device):
     splits = dict(train=pick(train, True), val=pick(val, False),
                   test=Images(test_paths, test_labels, s.size, False, raw))
     log.info(f"{s.data}: {len(classes)} classes; train {len(train)}, validation {len(val)}, test {len(test_paths)} "
-             f"images; {world} rank(s), batch {s.batch // world} each on {device}, {loader_workers(s)} loader workers")
+             f"images; {world} rank(s), batch {s.batch // world} each on {device}, {loader_workers(s)} loader "
+             "workers")
     return Streamed(splits, s, rank, world, device), len(classes)
 
 def loader_workers(s):

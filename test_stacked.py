@@ -3,6 +3,7 @@ exactly what merge.fit trains one model at a time (teacher and importance phases
 compiled); a compiler that fails falls back to eager with one notice; Lockstep runs the plain
 strategies of merge.py so that their phases stack, and changes no model."""
 import contextlib
+import functools
 import logging
 
 import pytest
@@ -311,29 +312,38 @@ def test_graphs_warm_up_on_a_spare_state_and_replay_on_their_own_inputs(monkeypa
     assert torch.equal(plain[0].out.weight, graphed[0].out.weight) and len(history) == 2
 
 
-def test_a_stack_killed_mid_phase_goes_on_from_its_checkpoint_to_the_same_models(tmp_path, monkeypatch, caplog):
-    """The importance phase (weights, gates, both momenta, the noise's step) of a stack, cut short after
-    epoch 2 of 4 and started again on fresh models: the same models and rows as a phase never cut."""
-    monkeypatch.setattr(stacked, "CHECKPOINT_SECONDS", 0)  # the state written after every epoch
+@pytest.mark.parametrize("phase, use_compile", [("importance", 0), ("teacher", 1)])
+def test_a_stack_cut_short_goes_on_from_its_checkpoint_to_the_same_models(tmp_path, monkeypatch, caplog, phase,
+                                                                          use_compile):
+    """A stack's phase, its state written after every epoch, started again on fresh models from the state after
+    epoch 2 of 4: the same models and rows as the phase never cut. The importance phase has it all (weights,
+    gates, both momenta, the noise's step); compiled, the first epoch after the checkpoint compiles the step,
+    as the first of a phase does, and nothing falls back to eager."""
+    monkeypatch.setattr(stacked, "CHECKPOINT_SECONDS", 0)
     monkeypatch.setattr(stacked.log, "propagate", True)  # to caplog, whatever a Progress handler did
-    s, lambdas, checkpoint = settings(), merge.lambda_schedule(4, 0.5, 0.5), tmp_path / "importance.stack"
-    datas = [merge.sine_data(seed, 200, 50, 50) for seed in (0, 1)]
-    bigs = lambda: [merge.make_big_student(fresh([2 * r, 2 * r + 1])) for r in (0, 1)]  # noqa: E731
-    whole, cut, again = bigs(), bigs(), bigs()
-    rows = stacked.fit_stacked(whole, datas, s, 4, seeds=[3, 4], lambdas=lambdas, compile=0)
+    s, checkpoint, after_two = settings(), tmp_path / f"{phase}.stack", tmp_path / "after epoch 2.stack"
+    lambdas = merge.lambda_schedule(4, 0.5, 0.5) if phase == "importance" else None
+    datas = [merge.sine_data(seed, 200, 50, 50) for seed in (0, 1)]  # a short last batch, too
+    fresh_stack = (lambda: [merge.make_big_student(fresh([2 * r, 2 * r + 1])) for r in (0, 1)]) if lambdas else \
+        (lambda: fresh([5, 6]))
+    save = stacked.save_stack
 
-    def killed(epoch, history):
-        if epoch == 2:
-            raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        stacked.fit_stacked(cut, datas, s, 4, seeds=[3, 4], lambdas=lambdas, compile=0, after_epoch=killed,
-                            checkpoint=checkpoint)
+    def saved(path, state):  # as written, and a copy of the state after epoch 2: where a kill would leave it
+        save(path, state)
+        if state["epoch"] == 1:
+            save(after_two, state)
+    monkeypatch.setattr(stacked, "save_stack", saved)
+    whole, again = fresh_stack(), fresh_stack()
+    fit = functools.partial(stacked.fit_stacked, datas=datas, s=s, epochs=4, seeds=[3, 4], lambdas=lambdas,
+                            compile=use_compile)
+    rows = fit(whole, checkpoint=checkpoint)
     with caplog.at_level(logging.INFO, logger="merge"):
-        resumed_rows = stacked.fit_stacked(again, datas, s, 4, seeds=[3, 4], lambdas=lambdas, compile=0,
-                                           checkpoint=checkpoint)
-    assert "resumed after epoch 2 of 4" in caplog.text
-    assert all(same(a, b, dict(rtol=0, atol=0)) for a, b in zip(whole, again)) and resumed_rows == rows
-    other = bigs()  # a stack of other seeds does not take it
-    with caplog.at_level(logging.INFO, logger="merge"):
-        stacked.fit_stacked(other, datas, s, 4, seeds=[5, 6], lambdas=lambdas, compile=0, checkpoint=checkpoint)
-    assert "is damaged or another stack's (ValueError)" in caplog.text and not same(other[0], whole[0], dict(rtol=0, atol=0))
+        assert fit(again, checkpoint=after_two) == rows
+    assert "resumed after epoch 2 of 4" in caplog.text and "unavailable" not in caplog.text
+    assert all(same(a, b, dict(rtol=0, atol=0)) for a, b in zip(whole, again))
+    if not use_compile:  # a stack of other seeds does not take it
+        other = fresh_stack()
+        with caplog.at_level(logging.INFO, logger="merge"):
+            fit(other, seeds=[5, 6], checkpoint=checkpoint)
+        assert "is damaged or another stack's (ValueError)" in caplog.text
+        assert not same(other[0], whole[0], dict(rtol=0, atol=0))
