@@ -64,7 +64,7 @@ def write_jpegs(folder, count):
         pool.map(write_jpeg, jobs, chunksize=64)
     return folder
 
-def imagenet_throughput(scratch, device, decode="cpu", workers=None, log="imagenet.log"):
+def imagenet_throughput(scratch, device, decode="cpu", workers=-1, log="imagenet.log"):
     """Images per second of ResNet18's training on ImageNet-sized JPEGs (500 x 375, natural-looking, synthetic)
     at 224 px, batch 256 (on a CPU, a try at 64 px and batch 16): the loader alone (decoding and cropping in its
     workers, or on the GPU with --decode gpu; jitter and normalisation on the device), the model alone (a
@@ -75,7 +75,7 @@ def imagenet_throughput(scratch, device, decode="cpu", workers=None, log="imagen
     import merge
     cuda = device == "cuda"
     size, batch, count = (224, 256, 12_800) if cuda else (64, 16, 640)
-    folder, workers = scratch / "imagenet", workers or max(1, (os.cpu_count() or 2) - 2)
+    folder = scratch / "imagenet"
     if not folder.exists():
         write_jpegs(folder, count)
     argv = ["--data", folder, "--size", size, "--batch", batch, "--val-images", 4 * batch, "--workers", workers,
@@ -128,7 +128,7 @@ def imagenet_throughput(scratch, device, decode="cpu", workers=None, log="imagen
     _, _, _, printed = run(imagenet.main, [*argv, "--out", scratch / f"imagenet_out_{decode}", "--strategies", "one",
                                            "--phase-epochs", 1, 1, 1, 1, 1, "--short", 1], device, log)
     rates = [float(line.split(" images/s")[0].rsplit(" ", 1)[1]) for line in printed.splitlines() if "images/s" in line]
-    return dict(size=size, batch=batch, workers=workers, loader=loader, model=alone, together=together,
+    return dict(size=size, batch=batch, workers=streaming.loader_workers(s), loader=loader, model=alone, together=together,
                 decoding=decoding, epoch=rates[len(rates) // 2 - 1] if rates else float("nan"), same=same)
 
 def sine_stack(size, device):

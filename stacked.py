@@ -181,10 +181,11 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
     pending = None  # on a GPU, the epoch before: its numbers read once the next epoch is queued behind it
     start, history[:] = resumed(checkpoint, seeds, params, momenta, step, epochs) if checkpoint else (0, [])
     kept = time.time()  # when the state was last written to checkpoint
+    due = lambda: checkpoint and time.time() - kept >= CHECKPOINT_SECONDS  # noqa: E731
 
     def keep(epoch):  # after the epoch's row: the state and the rows agree
         nonlocal kept
-        if checkpoint and time.time() - kept >= CHECKPOINT_SECONDS:
+        if due():
             save_stack(checkpoint, dict(seeds=list(seeds), epochs=epochs, epoch=epoch, step=int(step),
                                         history=history, params={k: v.cpu() for k, v in params.items()},
                                         momenta={k: v.cpu() for k, v in momenta.items()}))
@@ -215,7 +216,7 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
         if pending:
             finish(*pending)
         pending = epoch, numbers, copied
-        if checkpoint and time.time() - kept >= CHECKPOINT_SECONDS:  # this epoch's row now, then the state
+        if due():  # this epoch's row now, then the state
             finish(*pending)
             keep(epoch)
             pending = None
@@ -229,7 +230,8 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
 CHECKPOINT_SECONDS = 60  # a stack's state written at most this often (checkpoint): a kill loses a minute or less
 
 def save_stack(path, state):
-    """torch.save(state, path), whole or not at all: a temporary file, then a rename; its folder is made."""
+    """torch.save(state, path), whole or not at all: a temporary file, then a rename; its folder is made
+    (report.save_whole's way, written here so that stacked.py needs no more than merge.py, as in the handout)."""
     path = Path(path)
     part = path.with_name(f".{path.name}.{os.getpid()}.part")
     path.parent.mkdir(parents=True, exist_ok=True)
