@@ -52,6 +52,9 @@ class ImageNetSettings(experiment.Settings):
     metric: ClassVar[str] = "test_accuracy"
     row_keys: ClassVar[tuple] = ("val_accuracy",)
     epochs: int = setting(150, "stays 150, Table 4's budget; the phases' epochs come from --phase-epochs and --short")
+    # no --stack or --compile: ResNet18 has BatchNorm (each model's own statistics), so its models train one at a time
+    stack: str = dataclasses.field(default="0", metadata=dict(run_only=True))
+    compile: str = dataclasses.field(default="auto", metadata=dict(run_only=True))
     data: str = setting("", "the ImageNet folder: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (no download: "
                             "ImageNet needs a registration); a file that is not an image stops the run before it "
                             "trains, one cut short is replaced by the next image, with a warning")
@@ -76,7 +79,7 @@ class ImageNetSettings(experiment.Settings):
 
 PAPER = dict(  # docs/settings.md gives the source of every value
     out="runs/imagenet", runs=1, epochs=150, strategies="student,one", batch=256, lr=0.1, momentum=0.9,
-    weight_decay=1e-4, gate_lr=0.2, lambda_start=0.3, lambda_step=0.2, stack="0",
+    weight_decay=1e-4, gate_lr=0.2, lambda_start=0.3, lambda_step=0.2,
     paper_epochs=120,  # the importance phase is the paper's own (120 / 6 = 20): lambda is not rescaled
     finetune_lr=0.07, finetune_warmup=2,  # fine-tuning from lr 0.07 after 2 warm-up epochs
     # DEVIATION: the warm-up rises in equal steps from lr / 3 (at batch 256: 0.0233, 0.0467, then 0.07), the
@@ -99,7 +102,6 @@ def check(s, world):
                          "--phase-epochs (teachers, importance, fine-tuning, bo3, one model) and --short")
     if s.batch % world:
         raise InputError(f"--batch {s.batch} must split evenly over {world} ranks")
-    images.check_unstacked(s, "ResNet18")
     cuda = experiment.resolve_device(s) == "cuda"
     if s.decode == "gpu" and not (cuda and streaming.has_torchvision()):
         raise InputError("--decode gpu needs a GPU and torchvision (pip install torchvision, the build that matches "
