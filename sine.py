@@ -1,7 +1,6 @@
 """The sine experiment (section 3.2) run by the machinery: `python merge.py --task sine` hands over to
 main() here. Its settings, the numbers of a row, the report (Table 1, Figs. 5, 8a, 9, 10), the bench of
 the stacked trainer, and the command spread over one process per CPU core (--workers)."""
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,11 +151,11 @@ def bench(s):
 # == One process per core ==========================================================================
 
 def workers(s):
-    """--workers with 0 resolved: one process per CPU core, at most 8 (each holds its own torch) and at
-    most --runs; on a GPU, one."""
+    """--workers with 0 resolved: one process per CPU core it may use (report.cpu_cores), at most 8 (each holds
+    its own torch) and at most --runs; on a GPU, one."""
     if s.workers or experiment.resolve_device(s) == "cuda":
         return s.workers or 1
-    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8, s.runs)
+    return min(report.cpu_cores(), 8, s.runs)
 
 # == The command line ==============================================================================
 

@@ -22,6 +22,7 @@ from PIL import Image
 import experiment
 import imagenet
 import images
+import report
 import streaming
 
 ROOT = Path(__file__).parent
@@ -252,8 +253,9 @@ def test_its_own_settings_never_meet_the_shared_checks(monkeypatch):
         assert "workers" in mine
 
 
-def test_loader_workers_by_default_share_the_machines_cores_among_its_ranks(monkeypatch):
+def test_loader_workers_by_default_share_the_machines_cores_among_its_ranks(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(48)), raising=False)
+    monkeypatch.setattr(report, "OWN_CGROUP", tmp_path / "none")  # no quota, whatever the machine of the test's
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's 4 ranks on this machine
     assert streaming.loader_workers(imagenet.parse(["--data", "x"])) == 10  # 48 cores / 4, less two a rank
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
@@ -262,6 +264,27 @@ def test_loader_workers_by_default_share_the_machines_cores_among_its_ranks(monk
     assert streaming.loader_workers(imagenet.parse(["--data", "x", "--workers", "0"])) == 0  # in the rank itself
     with pytest.raises(experiment.InputError, match="--workers must be -1 or more, got -2"):
         experiment.check_settings(imagenet.parse(["--data", "x", "--workers", "-2"]))
+
+
+def test_a_containers_cpu_quota_limits_the_cores_a_run_takes(monkeypatch, tmp_path):
+    """cgroup v2: the least quota of the process's group and those above it (Docker's --cpus 6 in a group
+    of 8 cores, on a machine of 48); "max" is none, and 1.5 cores' quota is 1 core."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(48)), raising=False)
+    monkeypatch.setattr(report, "CGROUPS", tmp_path)
+    monkeypatch.setattr(report, "OWN_CGROUP", tmp_path / "membership")
+    (tmp_path / "membership").write_text("0::/machine/job\n")
+    (tmp_path / "machine" / "job").mkdir(parents=True)
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # the root's: no quota
+    assert report.cpu_cores() == 48
+    (tmp_path / "machine" / "cpu.max").write_text("800000 100000\n")
+    (tmp_path / "machine" / "job" / "cpu.max").write_text("600000 100000\n")
+    assert report.cpu_cores() == 6
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert streaming.loader_workers(imagenet.parse(["--data", "x"])) == 1  # 6 cores / 2, less two a rank
+    (tmp_path / "machine" / "cpu.max").write_text("150000 100000\n")
+    assert report.cpu_cores() == 1
+    (tmp_path / "membership").write_text("12:cpu,cpuacct:/\n")  # cgroup v1 only: the affinity alone
+    assert report.cpu_cores() == 48
 
 
 def photo(path, w=500, h=375, seed=0):
