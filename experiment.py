@@ -95,7 +95,7 @@ def check_settings(s):
         raise InputError(f"--epochs {s.epochs} leaves a phase without epochs for {s.teachers} teachers; every "
                          f"budget from {1 + max(e for e in range(1, 10_000) if short(e))} epochs on works")
     resolve_device(s)
-    checked_out(s)
+    settings_record(s, out := checked_out(s)), read_rows(out, s)  # --out's files read, before data is fetched
 
 def resolve_device(s):  # --device as cpu or cuda
     if s.device == "cuda" and not torch.cuda.is_available():

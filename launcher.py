@@ -13,17 +13,12 @@ import time
 import experiment
 
 
-def launch(s, n, script, run, out_checked_here=True):
+def launch(s, n, script, run):
     """This command as n processes of script, ranks of one process group with one thread each (and a GPU
     each on --device cuda), as torchrun would start them; where no local port is free, run(s) in this process.
-    A wrong --out is refused before any starts (out_checked_here; else by rank 0, as where the results record
-    settings that the ranks derive from s). This process waits and adds nothing to what the ranks print
-    (rank 0 says what went wrong) but for a rank killed by a signal; Ctrl-C, or a rank that fails, ends them
-    all, and the exit code is the failed rank's."""
-    if out_checked_here:  # a wrong --out is refused here, before any process starts
-        out = experiment.checked_out(s)
-        experiment.settings_record(s, out)
-        experiment.read_rows(out, s)
+    The caller has checked every setting, --out's files too (experiment.check_settings), before any starts.
+    This process waits and adds nothing to what the ranks print (rank 0 says what went wrong) but for a rank
+    killed by a signal; Ctrl-C, or a rank that fails, ends them all, and the exit code is the failed rank's."""
     try:  # a free port for the ranks' process group
         with socket.socket() as free:
             free.bind(("127.0.0.1", 0))

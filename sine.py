@@ -21,7 +21,7 @@ class SineSettings(experiment.Settings):
     """The sine experiment: the method's and the runs' settings (their defaults are the sine's), and its data."""
     row_keys: ClassVar[tuple] = ("val_mse", "peaks", "curve")
     # --device auto keeps the sine on the CPU, where the README's rows come from to the last digit (a GPU draws
-    # other orders); --device cuda takes the GPU, the faster: 39-47 s on one H100 (docs/speed.md)
+    # other orders); --device cuda takes the GPU, the faster: 39-50 s on one H100 (docs/speed.md)
     gpu_pays: ClassVar[bool] = False
     task: str = setting("sine", "experiment (section 3.2); the image experiments have their own scripts",
                         choices=("sine",))

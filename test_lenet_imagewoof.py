@@ -223,6 +223,21 @@ def test_bad_data_and_settings_give_one_line_exit_code_2_and_write_nothing(tmp_p
         assert "broken.JPEG" in err
 
 
+def test_an_out_of_other_settings_is_refused_before_the_images_are_decoded_and_cached(tmp_path, capsys):
+    """--out's settings.json is checked with the other settings, before the data is read: nothing is written."""
+    data, out = tmp_path / "woof", tmp_path / "out"
+    make_folder(data)
+    args = ["--data", str(data), "--out", str(out), "--runs", "1", "--epochs", "6"]
+    out.mkdir()
+    (out / "settings.json").write_text(json.dumps(experiment.settings_record(woof.parse(args + ["--lr", "0.02"]), out)))
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_:
+        woof.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "other settings (lr 0.02 -> 0.01)" in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # no .cache in the data folder
+
+
 def test_the_image_cache_survives_damage_and_sees_a_replaced_image(tmp_path, capsys):
     report.show_progress()  # the command line's reports on stdout
     data = make_folder(tmp_path / "woof")
