@@ -166,7 +166,8 @@ def test_pruning_keeps_the_function_and_ends_in_the_teachers_architecture():
 
 def test_resnet20_cifar100_end_to_end_with_every_strategy(tmp_path):
     data, out = make_cifar(tmp_path, "cifar100"), tmp_path / "out"
-    result = run_cli("--data", data, "--width", 2, "--epochs", 6, "--runs", 2, "--batch", 8, "--out", out)
+    result = run_cli("--data", data, "--width", 2, "--epochs", 6, "--runs", 2, "--batch", 8, "--out", out,
+                     "--device", "cpu")
     assert result.returncode == 0, result.stderr
     rows = read_rows(out)
     strategies = ("student", "bo3", "one", "prune")
@@ -189,7 +190,7 @@ def test_vgg11_cifar10_with_given_teachers_against_fusion(tmp_path):
         torch.save({"model_state_dict": dict(zip(names, state.values())), "test_accuracy": 0.5}, files[-1])
     otfusion = (0.4914, 0.4822, 0.4465, 0.2023, 0.1994, 0.2010)  # the statistics the teachers were trained with
     result = run_cli("--experiment", "vgg11-cifar10", "--data", data, "--width", 2, "--epochs", 6, "--batch", 8,
-                     "--teacher-files", *files, "--mean-std", *otfusion, "--out", out)
+                     "--teacher-files", *files, "--mean-std", *otfusion, "--out", out, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert tuple(json.loads((out / "settings.json").read_text())["mean_std"]) == otfusion
     assert "without --mean-std" not in result.stdout

@@ -256,6 +256,29 @@ def test_a_stacked_phase_cut_short_goes_on_from_its_checkpoint_to_the_same_rows(
     assert not list((out / "phases").glob("*.stack")) and not list(out.rglob("*.part"))
 
 
+def test_an_importance_phase_cut_short_one_model_at_a_time_goes_on_from_its_checkpoint_to_the_same_rows(
+        tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the big student's first epoch of importance (--stack 0, a checkpoint every epoch): the
+    same command goes on from there, its gates' optimizer and noise's step restored, to the rows of a run
+    never cut, to the last digit."""
+    args = [*SMALL, "--strategies", "student", "--stack", "0"]
+    assert here(capsys, *args, "--out", tmp_path / "uncut").returncode == 0
+    save, cut = report.save_whole, tmp_path / "cut"
+
+    def interrupted_after_importance_began(state, path):
+        save(state, path)
+        if Path(path).name.startswith("importance-") and Path(path).suffix == ".epochs":
+            raise KeyboardInterrupt
+    monkeypatch.setattr(report, "save_whole", interrupted_after_importance_began)
+    assert here(capsys, *args, "--out", cut).returncode == 130
+    assert len(list((cut / "phases").glob("importance-*.epochs"))) == 1
+    monkeypatch.setattr(report, "save_whole", save)
+    again = here(capsys, *args, "--out", cut)
+    assert again.returncode == 0 and "resumed after epoch 1 of 2" in again.stdout, again.stdout
+    assert (cut / "results.jsonl").read_text() == (tmp_path / "uncut" / "results.jsonl").read_text()
+    assert not list((cut / "phases").glob("*.epochs"))
+
+
 def test_a_full_disk_gives_one_line_and_leaves_no_part_file(tmp_path, capsys, monkeypatch):
     def full(obj, path):  # as torch.save into a full file system: some bytes, then ENOSPC
         Path(path).write_bytes(b"half a phase")
@@ -452,10 +475,12 @@ def test_ctrl_c_ends_with_one_line_saying_what_was_kept(tmp_path, workers):
 def test_ctrl_c_while_torch_loads_is_one_line_too(tmp_path):
     run = subprocess.Popen([sys.executable, str(ROOT / "merge.py"), *SMALL, "--out", str(tmp_path / "sine")],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # importing torch takes seconds
+    maps = Path(f"/proc/{run.pid}/maps")  # torch's library mapped: startup.py's handler is in place, and the
+    while run.poll() is None and "libtorch" not in maps.read_text():  # rest of torch takes seconds to import
+        time.sleep(0.01)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=60)
-    assert run.returncode == 130 and err.count("\n") == 1 and "interrupted" in err, err
+    assert run.returncode == 130 and err == "interrupted while starting\n", err
     assert not (tmp_path / "sine").exists()
 
 

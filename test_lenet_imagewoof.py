@@ -83,7 +83,7 @@ def read_rows(out):
 
 def test_lenet_end_to_end_through_the_command_line_then_resumed_from_the_cache(tmp_path):
     data, out = make_folder(tmp_path / "woof"), tmp_path / "out"
-    first = run_cli("--data", data, "--epochs", 6, "--runs", 2, "--out", out)
+    first = run_cli("--data", data, "--epochs", 6, "--runs", 2, "--out", out, "--device", "cpu")
     assert first.returncode == 0, first.stderr
     rows = read_rows(out)
     assert sorted((r["run"], r["strategy"]) for r in rows) == sorted((run, name) for run in range(2)
@@ -96,17 +96,49 @@ def test_lenet_end_to_end_through_the_command_line_then_resumed_from_the_cache(t
     assert (out / "box_lenet.png").stat().st_size > 1000 and (out / "fig2_kept_share.png").exists()
     cache = data / ".cache" / "train-28.npz"
     stamp = cache.stat().st_mtime_ns
-    second = run_cli("--data", data, "--epochs", 6, "--runs", 3, "--out", out)  # one run more
+    second = run_cli("--data", data, "--epochs", 6, "--runs", 3, "--out", out, "--device", "cpu")  # one run more
     assert second.returncode == 0, second.stderr
     assert "6 results already" in second.stdout and cache.stat().st_mtime_ns == stamp  # read, not rebuilt
     assert len(read_rows(out)) == 9 and read_rows(out)[:6] == rows  # the first six kept, not redone
     assert "| student | 3 |" in (out / "summary.md").read_text()
 
 
+def test_lenet_stacked_as_on_a_gpu_gives_the_rows_of_one_at_a_time_and_a_cut_stack_goes_on(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """--stack 1, what --stack auto takes on a GPU (eager here): the rows of one model at a time, up to float32
+    rounding; Ctrl-C after a stacked phase's first epoch, its state written, and the same command goes on from
+    there to the rows of the stack never cut, to the last digit."""
+    data = make_folder(tmp_path / "woof")
+    args = ["--data", str(data), "--epochs", "6", "--runs", "2", "--device", "cpu", "--compile", "0"]
+    woof.main([*args, "--stack", "0", "--out", str(tmp_path / "alone")])
+    woof.main([*args, "--stack", "1", "--out", str(tmp_path / "stacked")])
+    alone, stack = read_rows(tmp_path / "alone"), read_rows(tmp_path / "stacked")
+    assert [(r["run"], r["strategy"]) for r in stack] == [(r["run"], r["strategy"]) for r in alone] and len(stack) == 6
+    numbers = lambda v: [n for w in (v.values() if isinstance(v, dict) else v) for n in numbers(w)] \
+        if isinstance(v, (dict, list)) else [] if isinstance(v, str) else [v]  # noqa: E731 - every number of a row
+    for mine, theirs in zip(stack, alone):  # the same keys, their numbers (L_half's end, the kept shares) close
+        assert mine.keys() == theirs.keys() and numbers(mine) == pytest.approx(numbers(theirs), rel=1e-4, abs=1e-6)
+    monkeypatch.setattr(stacked, "CHECKPOINT_SECONDS", 0)
+    save = stacked.save_stack
+
+    def interrupted_after_the_first_epoch(path, state):
+        save(path, state)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(stacked, "save_stack", interrupted_after_the_first_epoch)
+    with pytest.raises(SystemExit) as exit_:
+        woof.main([*args, "--stack", "1", "--out", str(tmp_path / "cut")])
+    assert exit_.value.code == 130 and len(list((tmp_path / "cut" / "phases").glob("*.stack"))) == 1
+    monkeypatch.setattr(stacked, "save_stack", save)
+    capsys.readouterr()
+    woof.main([*args, "--stack", "1", "--out", str(tmp_path / "cut")])
+    assert "resumed after epoch 1 of 2" in capsys.readouterr().out
+    assert read_rows(tmp_path / "cut") == stack and not list((tmp_path / "cut" / "phases").glob("*.stack"))
+
+
 def test_resnet18_end_to_end_through_the_command_line(tmp_path):
     data, out = make_folder(tmp_path / "woof"), tmp_path / "out"
     result = run_cli("--arch", "resnet18", "--size", 32, "--width", 4, "--data", data, "--epochs", 6,
-                     "--runs", 1, "--out", out)
+                     "--runs", 1, "--out", out, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert sorted(r["strategy"] for r in read_rows(out)) == sorted(STRATEGIES)
     assert "ResNet18 on woof" in (out / "summary.md").read_text() and (out / "box_resnet18.png").exists()
@@ -151,11 +183,15 @@ def test_stacked_lenet_on_uint8_images_equals_one_at_a_time(tmp_path):
     assert all(close(a, b) for a, b in zip(alone, stack))
     assert not torch.allclose(alone[0].fc3.weight, make().fc3.weight)  # it did train
     lambdas = merge.lambda_schedule(2, 0.5, 0.5)
-    bigs = [merge.make_big_student(new([1, 2])) for _ in range(2)]
-    stacked.counter_noise(bigs[0], 7)
-    merge.fit(bigs[0], data, s, 2, seed=7, lambdas=lambdas)
-    stacked.fit_stacked(bigs[1:], [data], s, 2, seeds=[7], lambdas=lambdas, compile=False)
-    assert close(bigs[0], bigs[1]) and not torch.equal(bigs[0].gates[0].loc, bigs[1].gates[0].loc * 0 + 1)
+    bigs, twins = ([merge.make_big_student(new([1, 2])) for _ in range(2)] for _ in range(2))
+    start = bigs[0].gates[0].loc.detach().clone()
+    for big, seed in zip(bigs, [7, 8]):
+        stacked.counter_noise(big, seed)
+        merge.fit(big, data, s, 2, seed=seed, lambdas=lambdas)
+    stacked.fit_stacked(twins, [data, data], s, 2, seeds=[7, 8], lambdas=lambdas, compile=False)
+    assert all(close(a, b) for a, b in zip(bigs, twins))
+    assert (bigs[0].gates[0].loc - start).abs().max() > 1e-3  # the gates moved
+    assert not torch.equal(bigs[0].gates[0].loc, bigs[1].gates[0].loc)  # each its own noise and order
 
 
 def test_batches_are_normalised_with_the_data_sets_own_statistics(tmp_path):

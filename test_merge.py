@@ -309,14 +309,6 @@ def test_count_peaks_needs_each_crest_and_trough():
     assert merge.count_peaks(flat_crest) == 4 and merge.count_peaks(flat_trough) == 4
 
 
-def test_a_small_run_of_the_student_beats_its_teachers():
-    s = merge.Settings(epochs=60)
-    for seed in (0, 1):
-        data = merge.sine_data(seed, 2000, 500, 2000)
-        merged, info = merge.student(data, s, merge.SineMLP, seed)
-        assert data.evaluate(merged, "test") < min(info["teachers_test"])
-
-
 def test_the_method_stands_alone_in_a_folder_of_its_own(tmp_path):
     """merge.py imports the standard library and torch (scipy inside fusion), and runs alone: in a folder
     holding merge.py only, with matplotlib and Pillow unimportable, every strategy runs on the sine."""

@@ -5,12 +5,19 @@ strategies of merge.py so that their phases stack, and changes no model."""
 import contextlib
 import functools
 import logging
+import os
+import shutil
+import sys
 
 import pytest
 import torch
 
 import merge
 import stacked
+
+# inductor's C++ code generation, which torch.compile on a CPU needs (without it a step runs eagerly, with a notice)
+needs_compiler = pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "clang++" if sys.platform == "darwin" else
+                                                                    "g++")), reason="no C++ compiler for inductor")
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +41,10 @@ def same(a, b, tolerance):
     return all(torch.allclose(a.state_dict()[n], b.state_dict()[n], **tolerance) for n in a.state_dict())
 
 
-@pytest.mark.parametrize("use_compile", [0, 1])
-def test_the_stack_trains_what_merge_fit_trains_given_the_same_noise(use_compile):
+@pytest.mark.parametrize("use_compile", [0, pytest.param(1, marks=needs_compiler)])
+def test_the_stack_trains_what_merge_fit_trains_given_the_same_noise(use_compile, monkeypatch, caplog):
+    monkeypatch.setattr(stacked.log, "propagate", True)  # to caplog, whatever a Progress handler did
+    caplog.set_level(logging.WARNING, logger="merge")
     s = settings(weight_decay=1e-2)  # on the weights, not on the gates (merge.optimizers)
     datas = [merge.sine_data(seed, 200, 50, 50) for seed in (0, 1)]  # 200 points: a last batch of 8
     tolerance = dict(rtol=1e-6, atol=1e-6) if use_compile else dict(rtol=1e-12, atol=1e-12)
@@ -72,6 +81,7 @@ def test_the_stack_trains_what_merge_fit_trains_given_the_same_noise(use_compile
                        for a, b in zip(mine["open"], theirs["open"]))
     assert not torch.allclose(bigs[0].gates[0].loc, twins[1].gates[0].loc)  # each its own noise and data
     assert (bigs[0].gates[0].loc - 1).abs().max() > 0.05  # the gates moved
+    assert "unavailable" not in caplog.text  # compiled, not fallen back to eager
 
 
 def test_a_conv_stack_compiles_its_step_once_a_phase_its_short_last_batch_eagerly(monkeypatch):
@@ -171,7 +181,10 @@ def test_compile_auto_compiles_but_a_short_phase_of_convolutions_on_a_gpu(monkey
     stacked.fit_stacked(fresh([3]), [merge.sine_data(0, 64, 16, 16)], settings(), 1, seeds=[3], compile="0")
 
 
-def test_guards_skipped_in_a_phase_count_again_after_it():
+def test_guards_skipped_in_a_phase_count_again_after_it(monkeypatch):
+    """(torch.compile's graph capture, without inductor's code generation: the guards are dynamo's.)"""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="eager"))
     s, data = settings(), merge.sine_data(0, 64, 16, 16)
     stacked.fit_stacked(fresh([1]), [data], s, 2, seeds=[1])
     double = torch.compile(lambda x: x * 2)
@@ -307,12 +320,13 @@ def test_graphs_warm_up_on_a_spare_state_and_replay_on_their_own_inputs(monkeypa
     plain, graphed = fresh([3]), fresh([3])
     stacked.fit_stacked(plain, [data], s, 2, seeds=[3], compile=False, steps_per_block=4)
     monkeypatch.setattr(stacked, "Graphs", Replayed)
+    monkeypatch.setattr(Replayed, "recorded", [])  # this test's recordings alone
     history = stacked.fit_stacked(graphed, [data], s, 2, seeds=[3], compile=False, steps_per_block=4, graphs=True)
     assert len(Replayed.recorded) == 2  # 200 points: blocks of 4 x 32 and the last of 72 (two steps of 32, one of 8)
     assert torch.equal(plain[0].out.weight, graphed[0].out.weight) and len(history) == 2
 
 
-@pytest.mark.parametrize("phase, use_compile", [("importance", 0), ("teacher", 1)])
+@pytest.mark.parametrize("phase, use_compile", [("importance", 0), pytest.param("teacher", 1, marks=needs_compiler)])
 def test_a_stack_cut_short_goes_on_from_its_checkpoint_to_the_same_models(tmp_path, monkeypatch, caplog, phase,
                                                                           use_compile):
     """A stack's phase, its state written after every epoch, started again on fresh models from the state after
