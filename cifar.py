@@ -25,7 +25,7 @@ from typing import ClassVar
 
 if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (startup.py)
     import startup
-    startup.quiet_interrupt()
+    startup.before_torch()
 
 import torch
 

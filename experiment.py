@@ -41,7 +41,7 @@ VALID = dict(  # what the numbers of merge.Settings and Settings must be, checke
     epochs=AT_LEAST_1, batch=AT_LEAST_1, lr=POSITIVE, momentum=(lambda v: 0 <= v < 1, "from 0 to below 1"),
     weight_decay=NOT_NEGATIVE, gate_lr=POSITIVE, lambda_start=POSITIVE, lambda_step=NOT_NEGATIVE,
     paper_epochs=AT_LEAST_1, finetune_lr=NOT_NEGATIVE, finetune_warmup=NOT_NEGATIVE,
-    fold=(lambda v: v in (0, 1), "0 or 1"),
+    fold=(lambda v: v in (0, 1), "0 or 1"), phase_epochs=AT_LEAST_1,  # each of a tuple
     teachers=(lambda v: 2 <= v <= MAX_TEACHERS, f"from 2 to {MAX_TEACHERS}"),
     runs=(lambda v: 1 <= v <= MAX_RUNS, f"from 1 to {MAX_RUNS}"),
     seed=(lambda v: 0 <= v <= MAX_SEED, f"from 0 to {MAX_SEED}"))
@@ -77,8 +77,9 @@ def flag(f):  # the command-line flag of a settings field: n_train -> --n-train
 def fail(message):
     sys.exit(print(f"error: {message}", file=sys.stderr) or 2)
 
-def check_settings(s):
-    """One InputError for the first setting that cannot work, before anything is trained or written."""
+def check_settings(s, records=True):
+    """One InputError for the first setting that cannot work, before anything is trained or written; with
+    records, --out's files too (settings.json, results.jsonl), where this process runs alone."""
     for f in dataclasses.fields(s):
         value, (test, what) = getattr(s, f.name), VALID.get(f.name, f.metadata.get("valid", (None, "")))
         for v in value if isinstance(value, tuple) else (value,):  # a tuple's every element
@@ -88,14 +89,14 @@ def check_settings(s):
     if set(names) - set(STRATEGIES) or len(set(names)) < len(names):
         raise InputError(f"--strategies {s.strategies!r}: name each of {', '.join(STRATEGIES)} at most once, "
                          "with commas between")
-    if s.phase_epochs and min(s.phase_epochs) < 1:
-        raise InputError(f"--phase-epochs {' '.join(map(str, s.phase_epochs))}: each phase needs at least 1 epoch")
     short = lambda e: min(merge.budget(dataclasses.replace(s, epochs=e)).values()) < 1  # noqa: E731
     if short(s.epochs):  # rounding leaves gaps: 4 and 6 epochs work for 2 teachers, 5 does not
         raise InputError(f"--epochs {s.epochs} leaves a phase without epochs for {s.teachers} teachers; every "
                          f"budget from {1 + max(e for e in range(1, 10_000) if short(e))} epochs on works")
     resolve_device(s)
-    settings_record(s, out := checked_out(s)), read_rows(out, s)  # --out's files read, before data is fetched
+    out = checked_out(s)
+    if records and ranks()[1] == 1:  # read before data is fetched (over ranks, rank 0 reads them in locked)
+        settings_record(s, out), read_rows(out, s)
 
 def resolve_device(s):  # --device as cpu or cuda
     if s.device == "cuda" and not torch.cuda.is_available():
@@ -402,7 +403,6 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
 
 def run_seed(seed, run):
     return 1000 * seed + run
-
 
 # == The command line ==============================================================================
 

@@ -32,7 +32,7 @@ from typing import ClassVar
 
 if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (startup.py)
     import startup
-    startup.quiet_interrupt()
+    startup.before_torch()
 
 import torch
 
@@ -103,7 +103,8 @@ def runs_settings(s):
 
 def check(s, world):
     """One line for a setting this run cannot take, on world ranks, before any data is read."""
-    for settings in runs_settings(s):  # --out's and --out/one_short's records too
+    experiment.check_settings(s, records=False)  # the settings as given
+    for settings in runs_settings(s):  # and as --out and --out/one_short record them: the lr scaled by --batch
         experiment.check_settings(settings)
     if not s.data:
         raise InputError("--data is needed: the ImageNet folder, train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")

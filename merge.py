@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (startup.py)
     import startup
-    startup.quiet_interrupt()
+    startup.before_torch()
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

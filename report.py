@@ -47,21 +47,6 @@ def append_row(path, row):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
-CGROUPS, OWN_CGROUP = Path("/sys/fs/cgroup"), Path("/proc/self/cgroup")  # Linux's control groups (v2)
-
-def cpu_cores():
-    """The CPU cores this process may use: those it may run on, fewer where a quota of its control group or one
-    above it allows less (cgroup v2's cpu.max, as Docker's --cpus and Kubernetes' CPU limits set it)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with contextlib.suppress(OSError, StopIteration):
-        group = next(line[3:] for line in OWN_CGROUP.read_text().splitlines() if line.startswith("0::"))
-        parts = [part for part in group.strip().split("/") if part]
-        for depth in range(len(parts) + 1):  # the root's, then each group's down to this process's
-            with contextlib.suppress(OSError, ValueError):  # no such file; "max 100000": no quota
-                quota, period = CGROUPS.joinpath(*parts[:depth], "cpu.max").read_text().split()
-                cores = min(cores, max(1, int(quota) // int(period)))
-    return cores
-
 # == Progress ======================================================================================
 
 class Progress(logging.Handler):

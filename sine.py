@@ -14,6 +14,7 @@ import launcher
 import merge
 import report
 import stacked
+import startup
 from experiment import AT_LEAST_1, NOT_NEGATIVE, setting
 
 @dataclass
@@ -31,7 +32,8 @@ class SineSettings(experiment.Settings):
     noise: float = setting(0.2, "standard deviation of the noise on y (3.2: N(0, 0.2))", valid=NOT_NEGATIVE)
     bench: bool = setting(False, "print the speed of the one-at-a-time and the stacked trainers, then exit", run_only=True)
     workers: int = setting(0, "processes that share the runs, each a rank with one thread (ours); 0: one per CPU "
-                                  "core, at most 8 and at most --runs, or 1 on a GPU", valid=NOT_NEGATIVE, run_only=True)
+                                  "core (a container's CPU quota counts), at most 8 and at most --runs, or 1 on a GPU",
+                           valid=NOT_NEGATIVE, run_only=True)
 
 def data(s, seed, device="cpu"):
     return merge.sine_data(seed, s.n_train, s.n_val, s.n_test, s.noise, device)
@@ -151,11 +153,11 @@ def bench(s):
 # == One process per core ==========================================================================
 
 def workers(s):
-    """--workers with 0 resolved: one process per CPU core it may use (report.cpu_cores), at most 8 (each holds
+    """--workers with 0 resolved: one process per CPU core it may use (startup.cpu_cores), at most 8 (each holds
     its own torch) and at most --runs; on a GPU, one."""
     if s.workers or experiment.resolve_device(s) == "cuda":
         return s.workers or 1
-    return min(report.cpu_cores(), 8, s.runs)
+    return min(startup.cpu_cores(), 8, s.runs)
 
 # == The command line ==============================================================================
 
@@ -163,7 +165,7 @@ def parse(argv=None):
     return experiment.parse_settings(argv, SineSettings(), merge.__doc__)
 
 def run_task(s):
-    experiment.check_settings(s)
+    experiment.check_settings(s, records=not s.bench)  # the bench writes nothing to --out
     if s.bench:
         bench(s)
     elif experiment.ranks()[1] == 1 and workers(s) > 1:  # not yet a rank: start the ranks

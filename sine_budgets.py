@@ -13,7 +13,7 @@ from pathlib import Path
 
 if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (startup.py)
     import startup
-    startup.quiet_interrupt()
+    startup.before_torch()
 
 import numpy as np
 

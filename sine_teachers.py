@@ -13,7 +13,7 @@ from pathlib import Path
 
 if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line (startup.py)
     import startup
-    startup.quiet_interrupt()
+    startup.before_torch()
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from experiment import setting
 @dataclass
 class TeachersSettings(sine.SineSettings):
     """The sine's settings, and the largest k of the study."""
-    most: int = setting(5, "the study merges k = 2, 3, ... up to this many teachers (ours)",
+    most: int = setting(5, "the study merges k = 2, 3, ... up to this many teachers (ours)", run_only=True,
                         valid=(lambda v: 2 <= v <= experiment.MAX_TEACHERS, f"from 2 to {experiment.MAX_TEACHERS}"))
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import merge
-import report
+import startup
 from experiment import InputError, log
 from images import (centre_crop, check_folder, check_images, color_jitter, crop_box, jitter_factors, opened,
                     resized_side, split)
@@ -319,11 +319,11 @@ def streamed_folder(s, rank, world, device):
     return Streamed(splits, s, rank, world, device), len(classes)
 
 def loader_workers(s):
-    """--workers, or with -1 the CPU cores this process may use (report.cpu_cores: a container's quota counts)
+    """--workers, or with -1 the CPU cores this process may use (startup.cpu_cores: a container's quota counts)
     shared by the machine's ranks, two a rank left to the rank itself (its training loop, and the thread that
     readies the next batch)."""
     if s.workers >= 0:
         return s.workers
-    cores = report.cpu_cores()
+    cores = startup.cpu_cores()
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)  # torchrun's, ours
     return max(1, cores // ranks_here - 2)

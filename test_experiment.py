@@ -138,6 +138,20 @@ def test_a_study_names_which_of_its_experiments_a_setting_fails(tmp_path, capsys
     assert files(tmp_path) == []
 
 
+def test_a_study_of_k_teachers_grows_on_its_out_and_keeps_what_it_ran(tmp_path, capsys):
+    """sine_teachers.py --most 2, then --most 3 on the same --out: k = 2's rows are kept, k = 3's added."""
+    import sine_teachers
+    args = ["--runs", "1", *SMALL[2:], "--out", str(tmp_path / "study")]
+    sine_teachers.main([*args, "--most", "2"])
+    k2 = (tmp_path / "study" / "k2" / "results.jsonl").read_text()
+    capsys.readouterr()
+    sine_teachers.main([*args, "--most", "3"])
+    printed = capsys.readouterr().out
+    assert "3 results already" in printed and (tmp_path / "study" / "k2" / "results.jsonl").read_text() == k2
+    assert len((tmp_path / "study" / "k3" / "results.jsonl").read_text().splitlines()) == 1
+    assert "| 3 |" in (tmp_path / "study" / "summary.md").read_text()
+
+
 def test_a_bad_out_gives_one_line_exit_code_2_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "a file").write_text("not a folder")
     cases = {str(tmp_path / "a file"): "is not a folder", str(tmp_path / "a file" / "inside"): "is not a folder",
@@ -476,8 +490,9 @@ def test_ctrl_c_while_torch_loads_is_one_line_too(tmp_path):
     run = subprocess.Popen([sys.executable, str(ROOT / "merge.py"), *SMALL, "--out", str(tmp_path / "sine")],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     maps = Path(f"/proc/{run.pid}/maps")  # torch's library mapped: startup.py's handler is in place, and the
-    while run.poll() is None and "libtorch" not in maps.read_text():  # rest of torch takes seconds to import
-        time.sleep(0.01)
+    while run.poll() is None and maps.exists() and "libtorch" not in maps.read_text():  # rest of torch takes
+        time.sleep(0.01)  # seconds to import
+    time.sleep(0 if maps.exists() else 0.3)  # no /proc (macOS): a while
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130 and err == "interrupted while starting\n", err

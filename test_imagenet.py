@@ -22,7 +22,7 @@ from PIL import Image
 import experiment
 import imagenet
 import images
-import report
+import startup
 import streaming
 
 ROOT = Path(__file__).parent
@@ -165,7 +165,7 @@ def test_runs_spread_over_ranks_give_the_rows_of_a_plain_run_each_once(tmp_path)
     ("empty", "holds no .jpg, .jpeg or .png images"),
     ("classes", "different classes"),
     ("validation", "leaves fewer of the"),
-    ("no epochs", "each phase needs at least 1 epoch"),
+    ("no epochs", "--phase-epochs must be at least 1, got 0"),
     ("epochs", "--epochs stays 150"),
     ("empty image", "cannot read image"),
     ("text as an image", "cannot read image"),
@@ -254,7 +254,8 @@ def test_its_own_settings_never_meet_the_shared_checks(monkeypatch):
 
 def test_loader_workers_by_default_share_the_machines_cores_among_its_ranks(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(48)), raising=False)
-    monkeypatch.setattr(report, "OWN_CGROUP", tmp_path / "none")  # no quota, whatever the machine of the test's
+    monkeypatch.setattr(startup, "CGROUPS", tmp_path)  # no quota, whatever the machine of the test's
+    monkeypatch.setattr(startup, "OWN_CGROUP", tmp_path / "none")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's 4 ranks on this machine
     assert streaming.loader_workers(imagenet.parse(["--data", "x"])) == 10  # 48 cores / 4, less two a rank
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
@@ -267,23 +268,50 @@ def test_loader_workers_by_default_share_the_machines_cores_among_its_ranks(monk
 
 def test_a_containers_cpu_quota_limits_the_cores_a_run_takes(monkeypatch, tmp_path):
     """cgroup v2: the least quota of the process's group and those above it (Docker's --cpus 6 in a group
-    of 8 cores, on a machine of 48); "max" is none, and 1.5 cores' quota is 1 core."""
+    of 8 cores, on a machine of 48); "max" is none, and 1.5 cores' quota is 1 core. cgroup v1: the quota
+    at the cpu controller's root, as a container sees its own group; -1 is none."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(48)), raising=False)
-    monkeypatch.setattr(report, "CGROUPS", tmp_path)
-    monkeypatch.setattr(report, "OWN_CGROUP", tmp_path / "membership")
+    monkeypatch.setattr(startup, "CGROUPS", tmp_path)
+    monkeypatch.setattr(startup, "OWN_CGROUP", tmp_path / "membership")
     (tmp_path / "membership").write_text("0::/machine/job\n")
     (tmp_path / "machine" / "job").mkdir(parents=True)
     (tmp_path / "cpu.max").write_text("max 100000\n")  # the root's: no quota
-    assert report.cpu_cores() == 48
+    assert startup.cpu_cores() == 48
     (tmp_path / "machine" / "cpu.max").write_text("800000 100000\n")
     (tmp_path / "machine" / "job" / "cpu.max").write_text("600000 100000\n")
-    assert report.cpu_cores() == 6
+    assert startup.cpu_cores() == 6
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert streaming.loader_workers(imagenet.parse(["--data", "x"])) == 1  # 6 cores / 2, less two a rank
     (tmp_path / "machine" / "cpu.max").write_text("150000 100000\n")
-    assert report.cpu_cores() == 1
-    (tmp_path / "membership").write_text("12:cpu,cpuacct:/\n")  # cgroup v1 only: the affinity alone
-    assert report.cpu_cores() == 48
+    assert startup.cpu_cores() == 1
+    (tmp_path / "membership").write_text("12:cpu,cpuacct:/\n")  # cgroup v1 only: its quota at the root
+    assert startup.cpu_cores() == 48  # none written
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # none
+    assert startup.cpu_cores() == 48
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    assert startup.cpu_cores() == 4
+
+
+def test_a_command_starts_no_more_torch_threads_than_its_cpu_quota_allows(monkeypatch, tmp_path):
+    """startup.before_torch, which every command runs before torch loads: OMP_NUM_THREADS, which torch reads
+    as it loads, at the quota's cores where they are fewer than the cores the process may run on; none
+    without a quota (torch's own default); a count given is kept."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(startup, "CGROUPS", tmp_path)
+    monkeypatch.setattr(startup, "OWN_CGROUP", tmp_path / "membership")
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # pytest's Ctrl-C stays
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    (tmp_path / "membership").write_text("0::/\n")
+    startup.before_torch()
+    assert "OMP_NUM_THREADS" not in os.environ
+    (tmp_path / "cpu.max").write_text("300000 100000\n")
+    startup.before_torch()
+    assert os.environ["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    startup.before_torch()
+    assert os.environ["OMP_NUM_THREADS"] == "2"
 
 
 def photo(path, w=500, h=375, seed=0):
