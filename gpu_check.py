@@ -24,6 +24,10 @@ import time
 import traceback
 from pathlib import Path
 
+if __name__ == "__main__":  # as every command: Ctrl-C while torch loads, torch's threads (startup.py)
+    import startup
+    startup.before_torch()
+
 import numpy as np
 import torch
 

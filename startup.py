@@ -27,14 +27,14 @@ def cpu_cores():
     --cpus and Kubernetes' CPU limits set one: cgroup v2's cpu.max of its group or one above it, or cgroup v1's
     quota where a container sees its own group, at the cpu controller's root."""
     cores = usable_cores()
-    with contextlib.suppress(OSError, ValueError):  # cgroup v1: no such file; a quota of -1 is none
+    with contextlib.suppress(OSError, ValueError, ArithmeticError):  # cgroup v1: no such file; a quota of -1: none
         quota, period = (int((CGROUPS / "cpu" / f"cpu.cfs_{name}_us").read_text()) for name in ("quota", "period"))
         cores = min(cores, max(1, quota // period)) if quota > 0 else cores
-    with contextlib.suppress(OSError, StopIteration):  # cgroup v2
+    with contextlib.suppress(OSError, ValueError, StopIteration):  # cgroup v2 (a group's name may be any bytes)
         group = next(line[3:] for line in OWN_CGROUP.read_text().splitlines() if line.startswith("0::"))
         parts = [part for part in group.strip().split("/") if part]
         for depth in range(len(parts) + 1):  # the root's, then each group's down to this process's
-            with contextlib.suppress(OSError, ValueError):  # no such file; "max 100000": no quota
+            with contextlib.suppress(OSError, ValueError, ArithmeticError):  # no such file; "max 100000": none
                 quota, period = CGROUPS.joinpath(*parts[:depth], "cpu.max").read_text().split()
                 cores = min(cores, max(1, int(quota) // int(period)))
     return cores

@@ -168,12 +168,15 @@ def test_a_bad_out_gives_one_line_exit_code_2_and_writes_nothing(tmp_path, capsy
     assert files(tmp_path) == before
 
 
-def test_settings_of_another_experiment_in_the_same_out_are_refused(finished, tmp_path, capsys):
+def test_settings_of_another_experiment_in_the_same_out_are_refused(finished, tmp_path, capsys, monkeypatch):
     out = copy_of(finished, tmp_path)
     before = {p: (out / p).read_bytes() for p in files(out) if (out / p).is_file()}
     code, err = main([*SMALL, "--lr", "0.02", "--out", out], capsys)
     assert code == 2 and err.count("\n") == 1 and "other settings (lr 0.01 -> 0.02)" in err
     assert {p: (out / p).read_bytes() for p in files(out) if (out / p).is_file()} == before
+    benched = []  # --bench writes nothing to --out, so whatever settings --out holds, it runs
+    monkeypatch.setattr(sine, "bench", benched.append)
+    assert main([*SMALL, "--lr", "0.02", "--bench", "--out", out], capsys)[0] == 0 and len(benched) == 1
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -292,6 +292,9 @@ def test_a_containers_cpu_quota_limits_the_cores_a_run_takes(monkeypatch, tmp_pa
     assert startup.cpu_cores() == 48
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
     assert startup.cpu_cores() == 4
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("0\n")  # damaged files: no quota read, no error
+    (tmp_path / "membership").write_bytes(b"0::/machine/\xff\n")
+    assert startup.cpu_cores() == 48
 
 
 def test_a_command_starts_no_more_torch_threads_than_its_cpu_quota_allows(monkeypatch, tmp_path):
