@@ -206,6 +206,18 @@ def test_vgg11_cifar10_with_given_teachers_against_fusion(tmp_path):
     assert "fused, before fine-tuning" in summary and (out / "box_vgg11_cifar10.png").exists()
 
 
+def test_vgg11_cifar10_trains_its_own_teachers_once_for_the_student_and_fusion(tmp_path, capsys):
+    """Without --teacher-files, VGG-11's two teachers are trained (the preset's schedule), once for both."""
+    data, out = make_cifar(tmp_path, "cifar10"), tmp_path / "out"
+    cifar.main([str(a) for a in ["--experiment", "vgg11-cifar10", "--data", data, "--width", 2, "--epochs", 6, "--batch",
+                                 8, "--runs", 1, "--out", out, "--device", "cpu"]])
+    assert "teacher: 2 x 2 epochs\n" in capsys.readouterr().out  # trained here, not loaded
+    fusion, student = sorted(read_rows(out), key=lambda row: row["strategy"])
+    assert (fusion["strategy"], student["strategy"]) == ("fusion", "student")
+    assert student["teachers_test"] == fusion["teachers_test"] and len(student["teachers_test"]) == 2
+    assert len(list((out / "phases").glob("teacher-*.pt"))) == 2
+
+
 def make_archive(tmp_path, dataset):
     make_cifar(tmp_path / "src", dataset)
     archive = tmp_path / "server" / cifar.DATASETS[dataset]["url"].rsplit("/", 1)[1]
