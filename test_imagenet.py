@@ -227,6 +227,20 @@ def test_the_ranks_share_the_check_of_the_headers_and_each_learns_a_problem_any_
     assert sorted(shares[0] + shares[1]) == sorted(paths) and not set(shares[0]) & set(shares[1])
 
 
+def test_under_torchrun_an_out_of_other_settings_is_refused_before_any_rank_reads_the_images(tmp_path):
+    """Rank 0 reads --out's files before the ranks read the images' headers, and every rank stops: the line is
+    the refusal's, not the bad image's that reading the headers would have found."""
+    data, out = write_folder(tmp_path / "data"), tmp_path / "out"
+    (data / "train" / "n01" / "bad.JPEG").write_text("not an image")
+    out.mkdir()
+    other = imagenet.parse(["--data", str(data), "--out", str(out), *map(str, TINY), "--lr", "0.2"])
+    (out / "settings.json").write_text(json.dumps(experiment.settings_record(imagenet.runs_settings(other)[0], out)))
+    process = launch("imagenet.py", "--data", data, "--out", out, *TINY, processes=2)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode != 0 and "error: " in output and "holds results made with other settings" in output
+    assert "bad.JPEG" not in output and sorted(p.name for p in out.iterdir()) == ["settings.json"], output[-2000:]
+
+
 def test_an_image_cut_short_is_replaced_by_the_next_with_a_warning(tmp_path):
     data = write_folder(tmp_path / "data")
     whole = (data / "train" / "n01" / "3.JPEG").read_bytes()
