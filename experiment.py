@@ -79,7 +79,7 @@ def fail(message):
 
 def check_settings(s, records=True):
     """One InputError for the first setting that cannot work, before anything is trained or written; with
-    records, --out's files too (settings.json, results.jsonl), where this process runs alone."""
+    records, --out's files too (settings.json, results.jsonl), before data is read (over ranks, rank 0's)."""
     for f in dataclasses.fields(s):
         value, (test, what) = getattr(s, f.name), VALID.get(f.name, f.metadata.get("valid", (None, "")))
         for v in value if isinstance(value, tuple) else (value,):  # a tuple's every element
@@ -95,8 +95,21 @@ def check_settings(s, records=True):
                          f"budget from {1 + max(e for e in range(1, 10_000) if short(e))} epochs on works")
     resolve_device(s)
     out = checked_out(s)
-    if records and ranks()[1] == 1:  # read before data is fetched (over ranks, rank 0 reads them in locked)
-        settings_record(s, out), read_rows(out, s)
+    if records:
+        rank_0_decides(lambda: (settings_record(s, out), read_rows(out, s)))
+
+def rank_0_decides(check):
+    """check() on rank 0 alone, and its InputError raised on every rank: none goes on where rank 0 stopped."""
+    try:
+        value, refusal = check() if ranks()[0] == 0 else None, None
+    except InputError as e:
+        value, refusal = None, str(e)
+    if ranks()[1] > 1:
+        torch.distributed.broadcast_object_list(answer := [refusal])
+        refusal = answer[0]
+    if refusal:
+        raise InputError(refusal)
+    return value
 
 def resolve_device(s):  # --device as cpu or cuda
     if s.device == "cuda" and not torch.cuda.is_available():
@@ -197,26 +210,14 @@ def read_rows(out, s):
 
 @contextlib.contextmanager
 def locked(s):
-    """--out for this command alone: its settings.json and results.jsonl checked first (a wrong one refused
-    before anything is written), then --out/.lock locked until the command ends (fcntl). Over ranks, rank 0
-    checks and locks, and every rank learns its answer: none trains into an --out that rank 0 refused."""
-    out, handle, refusal = checked_out(s), contextlib.nullcontext(), None
-    if ranks()[0] == 0:
-        try:
-            handle = lock(s, out)
-        except InputError as e:
-            refusal = str(e)
-    if ranks()[1] > 1:
-        torch.distributed.broadcast_object_list(answer := [refusal])
-        refusal = answer[0]
-    if refusal:
-        raise InputError(refusal)
-    with handle:
+    """--out for this command alone (its files checked by check_settings): --out/.lock locked until the command
+    ends (fcntl). Over ranks, rank 0 locks, and none trains into an --out that rank 0 could not lock."""
+    out = checked_out(s)
+    with rank_0_decides(lambda: lock(s, out)) or contextlib.nullcontext():
         yield out
 
 def lock(s, out):
-    """out/.lock, open and locked, after out's settings.json and results.jsonl passed their checks."""
-    settings_record(s, out), read_rows(out, s)  # each raises on a bad file
+    """out/.lock, open and locked."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         handle = open(out / ".lock", "a")
@@ -417,8 +418,7 @@ def main(argv, parse, run):
             start_ranks(s)
         run(s)
         if torch.distributed.is_initialized():  # every rank finished before any tears down its process group
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+            torch.distributed.barrier(), torch.distributed.destroy_process_group()
             sys.stdout.flush(), sys.stderr.flush(), os._exit(0)  # no teardown, where gloo can abort a finished rank
     except InputError as e:
         if torch.distributed.is_initialized():  # torn down, so that no rank aborts at exit

@@ -131,25 +131,9 @@ def start(s):
     else:
         run(s)
 
-def checked_by_rank_0(s):
-    """Over ranks (torchrun's), before any reads the data: rank 0 reads --out's and --out/one_short's files, and
-    every rank learns its answer (as experiment.locked has it): a refused --out costs no pass over the images."""
-    refusal = None
-    try:
-        for settings in runs_settings(s) if experiment.ranks()[0] == 0 else ():
-            experiment.settings_record(settings, out := experiment.checked_out(settings))
-            experiment.read_rows(out, settings)
-    except InputError as e:
-        refusal = str(e)
-    torch.distributed.broadcast_object_list(answer := [refusal])
-    if answer[0]:
-        raise InputError(answer[0])
-
 def run(s):
     rank, world = experiment.ranks()
     check(s, world)
-    if world > 1:
-        checked_by_rank_0(s)
     cuda = experiment.resolve_device(s) == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     data, classes = streaming.streamed_folder(s, rank, world, device)
