@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -338,10 +339,19 @@ def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_
     answers = {nbgrader_id(cell): cell for cell in nbformat.read(ROOT / "exercises.ipynb", as_version=4).cells}
     student.cells = [answers["concat_weight"] if nbgrader_id(cell) == "concat_weight" else cell
                      for cell in student.cells if nbgrader_id(cell) != "check_p_open"]
+    # ... a schedule that never returns is interrupted and fails alone, and an l_half pasted into a cell
+    # without its grade id is said to be missing and counts as unanswered.
+    endless = next(cell for cell in student.cells if nbgrader_id(cell) == "lambda_schedule")
+    endless.source = "def lambda_schedule(epochs, start, step):\n    while True:\n        pass"
+    pasted = next(cell for cell in student.cells if nbgrader_id(cell) == "l_half")
+    pasted.source, pasted.metadata = answers["l_half"].source, {}
     nbformat.write(student, tmp_path / "returned.ipynb")
-    points = grade(tmp_path / "returned.ipynb", tmp_path / "grading")
-    assert len(points) == 6 and points["check_concat_weight"] == (2, 2) and points["check_p_open"] == (0, 2)
-    assert sum(got for got, _ in points.values()) == 2 and sum(most for _, most in points.values()) == 12
+    points, missing = grade(tmp_path / "returned.ipynb", tmp_path / "grading", timeout=10)
+    assert len(points) == 6 and points["check_concat_weight"] == (2, 2, "")
+    assert points["check_p_open"][:2] == (0, 2) and "NotImplementedError" in points["check_p_open"][2]
+    assert points["check_lambda_schedule"][:2] == (0, 2) and "interrupted" in points["check_lambda_schedule"][2]
+    assert points["check_l_half"][:2] == (0, 2) and missing == ["l_half"]
+    assert sum(p[0] for p in points.values()) == 2 and sum(p[1] for p in points.values()) == 12
 
 
 def test_the_reference_table_of_exercise_5_is_what_the_committed_run_printed():
@@ -357,15 +367,28 @@ def test_the_reference_table_of_exercise_5_is_what_the_committed_run_printed():
     assert f"about {seconds} s" in intro.replace("\n", " "), "the time in the introduction is the one printed"
 
 
+@pytest.mark.parametrize("argv", [[], ["--release", "a_file"], ["--release", "a_file/inside"],
+                                  ["--grade", "missing.ipynb"], ["--grade", "a_file"], ["--grade", "."]])
+def test_bad_input_to_the_release_and_grading_commands_is_one_line_and_exit_2(tmp_path, argv):
+    (tmp_path / "a_file").write_text("not a notebook")
+    done = subprocess.run([sys.executable, str(ROOT / "test_notebooks.py"), *argv], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written
+
+
 def nbgrader_id(cell):
     return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
 
 
-def grade(submission, folder):
+def grade(submission, folder, timeout=60):
     """The automatic points of a returned exercises notebook, as nbgrader's autograde gives them: the answer
     key's locked cells (setup, texts, checks) in place of the student's, by grade id, the student's solution
     cells and any cells of their own kept where they were; run in a fresh kernel in folder, beside the released
-    merge.py and stacked.py, exercise 5's experiment skipped. Returns {check: (points, out of)}."""
+    merge.py and stacked.py, exercise 5's experiment skipped; a cell still running after timeout seconds is
+    interrupted (it fails) and the next runs. Returns {check: (points, out of, why it failed or "")} and the
+    solution cells missing from the submission (their grade ids lost, say, by pasting into a fresh notebook:
+    graded as unanswered)."""
     key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
     theirs, after, last = {}, {}, None
     for cell in nbformat.read(submission, as_version=4).cells:
@@ -384,22 +407,51 @@ def grade(submission, folder):
         monkeypatch = stack.enter_context(pytest.MonkeyPatch.context())
         monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")  # exercise 5's experiment skips itself
         monkeypatch.setenv("PYTHONPATH", str(released))
-        NotebookClient(key, timeout=300, kernel_name="python3", allow_errors=True,
+        NotebookClient(key, timeout=timeout, interrupt_on_timeout=True, kernel_name="python3", allow_errors=True,
                        resources={"metadata": {"path": str(released)}}).execute()
-    return {nbgrader_id(cell): (0 if failed(cell) else cell.metadata.nbgrader.points, cell.metadata.nbgrader.points)
-            for cell in graded(key) if cell.cell_type == "code"}
+    missing = [i for i, cell in stubs.items() if cell.metadata.nbgrader.get("solution") and i not in theirs]
+    return {nbgrader_id(cell): (0 if failed(cell) else cell.metadata.nbgrader.points, cell.metadata.nbgrader.points,
+                                why(cell)) for cell in graded(key) if cell.cell_type == "code"}, missing
+
+
+def why(cell):
+    """The error a cell ended with, in one line ("" if none): a check's message says what it found wrong."""
+    errors = [o for o in cell.outputs if o.get("output_type") == "error"]
+    if not errors:
+        return ""
+    name, value = errors[0].get("ename", ""), errors[0].get("evalue", "").strip().splitlines()
+    return (f"{name}: {value[0]}" if value else name)[:200] + (" (interrupted: it ran too long)"
+                                                                if name == "KeyboardInterrupt" else "")
 
 
 if __name__ == "__main__":  # python test_notebooks.py --release DIR, or --grade FILE
+    import argparse
     import tempfile
-    if len(sys.argv) != 3 or sys.argv[1] not in ("--release", "--grade"):
-        sys.exit("usage: python test_notebooks.py --release DIR | --grade FILE")
-    if sys.argv[1] == "--release":
-        print(f"wrote {release(sys.argv[2])}: exercises.ipynb, merge.py and stacked.py, for the students")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)  # one line
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--release", metavar="DIR", help="write the students' copy into DIR, a new or empty folder")
+    task.add_argument("--grade", metavar="FILE", help="the automatic points of FILE, a returned exercises notebook")
+    args = parser.parse_args()
+    if args.release:
+        folder = Path(args.release)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            parser.error(f"{folder} is not a new or empty folder; the release writes into one of its own")
+        try:
+            print(f"wrote {release(folder)}: exercises.ipynb, merge.py and stacked.py, for the students")
+        except OSError as e:
+            parser.error(f"cannot write the release into {folder} ({e.strerror or e})")
     else:
+        try:
+            nbformat.read(args.grade, as_version=4)
+        except Exception as e:  # noqa: BLE001 - any file that is not a notebook: one line
+            parser.error(f"--grade {args.grade} is not a notebook nbformat can read ({type(e).__name__})")
         with tempfile.TemporaryDirectory() as scratch:
-            points = grade(sys.argv[2], scratch)
-        for check, (got, most) in points.items():
-            print(f"{check}: {got} of {most}")
-        print(f"automatic points: {sum(got for got, _ in points.values())} of {sum(m for _, m in points.values())}; "
+            points, missing = grade(args.grade, scratch)
+        for cell in missing:
+            print(f"warning: the submission has no cell {cell!r} (nbgrader's grade id lost, say by pasting into a "
+                  "fresh notebook?): graded as unanswered", file=sys.stderr)
+        for check, (got, most, reason) in points.items():
+            print(f"{check}: {got} of {most}" + (f" ({reason})" if reason else ""))
+        print(f"automatic points: {sum(p[0] for p in points.values())} of {sum(p[1] for p in points.values())}; "
               "the written answer of exercise 5 (3 points) is graded by hand")
