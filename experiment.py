@@ -65,8 +65,8 @@ class Settings(merge.Settings):
     strategies: str = setting("student,bo3,one", "comma-separated, of student, bo3, one (section 3.1), the controls "
                               "random and one_compute (ours), prune and fusion (3.3); more may be added to an --out "
                               "later", run_only=True)
-    stack: str = setting("1", "1: train alike phases of all runs as one stack (stacked.py, ours); 0: one at a time, "
-                         "as the authors' scripts do; auto: 1 on a GPU", run_only=True, choices=("auto", "1", "0"))
+    stack: str = setting("1", "1: alike phases of all runs trained as one stack (stacked.py, ours); 0: one at a time "
+                         "(the authors' scripts); auto: 1 on a GPU, else 0", run_only=True, choices=("auto", "1", "0"))
     compile: str = setting("auto", "1: torch.compile the stacked step (eager where it can't); 0: eager; auto: 1, but "
                            f"0 for convolutions on a GPU in phases under {stacked.GPU_COMPILE_EPOCHS} epochs (faster: "
                            "docs/speed.md); GPU steps as CUDA graphs (ours)", run_only=True, choices=("auto", "1", "0"))
@@ -83,8 +83,8 @@ def check_settings(s, records=True):
     for f in dataclasses.fields(s):
         value, (test, what) = getattr(s, f.name), VALID.get(f.name, f.metadata.get("valid", (None, "")))
         for v in value if isinstance(value, tuple) else (value,):  # a tuple's every element
-            if test and not (math.isfinite(v) and test(v)):
-                raise InputError(f"{flag(f)} must be {what}, got {v}")
+            if test and not (math.isfinite(v) and test(v) and abs(v) <= 1e9):  # 1e300 overflows float32
+                raise InputError(f"{flag(f)} must be {what}{' and at most 1e9' * (1e9 < abs(v) < math.inf)}, got {v}")
     names = s.strategies.split(",")
     if set(names) - set(STRATEGIES) or len(set(names)) < len(names):
         raise InputError(f"--strategies {s.strategies!r}: name each of {', '.join(STRATEGIES)} at most once, "
@@ -440,11 +440,11 @@ def main(argv, parse, run):
         sys.exit(1)
     except KeyboardInterrupt:
         out = Path(s.out) if ranks()[0] == 0 else sys.exit(130)
-        try:
-            kept = f"{len(read_rows(out, s)[0])} results in {out / 'results.jsonl'}"
+        try:  # a study's runs (sine_teachers.py, sine_budgets.py) have folders of their own below its --out
+            kept = f"{len(read_rows(out, s)[0])} results in {out / 'results.jsonl'} and every finished phase in " \
+                f"{out / 'phases'}" if (out / "settings.json").exists() else f"every finished phase and row below {out}"
         except Exception:  # noqa: BLE001 - the message must not fail
-            kept = f"the results in {out / 'results.jsonl'}"
+            kept = f"the results in {out / 'results.jsonl'} and every finished phase in {out / 'phases'}"
         print(end="\n" if sys.stdout.isatty() else "")  # end a progress bar's line
-        print(f"interrupted: kept {kept} and every finished phase in {out / 'phases'}; the same command "
-              "resumes from there", file=sys.stderr)
+        print(f"interrupted: kept {kept}; the same command resumes from there", file=sys.stderr)
         sys.exit(130)

@@ -74,6 +74,8 @@ def main(argv=None):
                         f"(of {', '.join(STEPS)}), a check again after a change [all]")
     args = parser.parse_args(argv)
     args.budget = args.budget if args.budget is not None else float("inf") if args.small else 300
+    if not Path(args.report).name or Path(args.report).is_dir():
+        parser.error(f"--report {args.report!r} names no file: give the report's file name")
     if not args.budget >= 0 or args.lenet_data and not Path(args.lenet_data).is_dir():
         parser.error(f"--budget must be 0 or more, got {args.budget}" if not args.budget >= 0 else
                      f"--lenet-data {args.lenet_data} is not a folder")

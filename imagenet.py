@@ -74,7 +74,7 @@ class ImageNetSettings(experiment.Settings):
     short: int = setting(90, "epochs of the second, shorter one model (Table 4: 90; the other has all 150)",
                          valid=AT_LEAST_1)
     phase_epochs: tuple = setting((20, 20, 90, 50, 150), "epochs of the teachers (each), importance, fine-tuning, "
-                                  "bo3 models (unused) and one model (section 3.3.5)", nargs=5, type=int,
+                                  "bo3 models (each; Table 4 has none) and one model (section 3.3.5)", nargs=5, type=int,
                                   metavar="EPOCHS")
 
 PAPER = dict(  # docs/settings.md gives the source of every value

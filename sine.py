@@ -31,8 +31,8 @@ class SineSettings(experiment.Settings):
     n_test: int = setting(10_000, "test points, drawn the same way (ours)", valid=AT_LEAST_1)
     noise: float = setting(0.2, "standard deviation of the noise on y (3.2: N(0, 0.2))", valid=NOT_NEGATIVE)
     bench: bool = setting(False, "print the speed of the one-at-a-time and the stacked trainers, then exit", run_only=True)
-    workers: int = setting(0, "processes that share the runs, each a rank with one thread (ours); 0: one per CPU "
-                                  "core (a container's CPU quota counts), at most 8 and at most --runs, or 1 on a GPU",
+    workers: int = setting(0, "processes that share the runs, each a rank with one thread (ours), never more than "
+                                  "--runs; 0: one per CPU core (a container's CPU quota counts), at most 8, or 1 on a GPU",
                            valid=NOT_NEGATIVE, run_only=True)
 
 def data(s, seed, device="cpu"):
@@ -53,6 +53,8 @@ def run_study(s, studies, heading, table, plot, figure):
     """A study of several sine experiments, each of studies [(key, title, settings)] in its own --out folder:
     all checked before any trains, each run (resumable) and reported there; then the study's table(rows_of),
     headed, in s.out/summary.md, and its plot(rows_of, path) as s.out/figure."""
+    if s.bench:
+        raise experiment.InputError("--bench times the sine's trainers: python merge.py --task sine --bench")
     for _, title, settings in studies:
         try:
             experiment.check_settings(settings)
@@ -154,9 +156,9 @@ def bench(s):
 
 def workers(s):
     """--workers with 0 resolved: one process per CPU core it may use (startup.cpu_cores), at most 8 (each holds
-    its own torch) and at most --runs; on a GPU, one."""
+    its own torch); on a GPU, one. Never more than --runs: a process without a run would idle."""
     if s.workers or experiment.resolve_device(s) == "cuda":
-        return s.workers or 1
+        return min(s.workers or 1, s.runs)
     return min(startup.cpu_cores(), 8, s.runs)
 
 # == The command line ==============================================================================

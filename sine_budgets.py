@@ -78,6 +78,8 @@ def run(s):
     experiment.check_settings(s)
     if set(s.strategies.split(",")) != set(NAMES):
         raise experiment.InputError(f"--strategies: the study compares {','.join(NAMES)}")
+    if len(set(s.shares)) < len(s.shares):
+        raise experiment.InputError(f"--shares: each budget once, got {' '.join(f'{x:g}' for x in s.shares)}")
     studies = [(settings_of(s, share).epochs, f"sine, {share} x --epochs {s.epochs} = {settings_of(s, share).epochs} "
                 "epochs", settings_of(s, share)) for share in s.shares]
     sine.run_study(s, studies, f"Where merging starts to pay: sine, test MSE over {s.runs} runs at each budget",

@@ -95,6 +95,8 @@ def copy_of(finished, tmp_path):
     (["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
     (["--lambda-start", "nan"], "--lambda-start must be above 0, got nan"),
     (["--runs", "100000"], "--runs must be from 1 to 1000"),
+    (["--lr", "1e300"], "--lr must be above 0 and at most 1e9, got 1e+300"),
+    (["--n-train", "100000000000"], "--n-train must be at least 1 and at most 1e9, got 100000000000"),
     (["--runs", "0"], "--runs must be from 1 to 1000"),
     (["--teachers", "11"], "--teachers must be from 2 to 10"),
     (["--teachers", "1"], "--teachers must be from 2 to 10"),
@@ -129,6 +131,10 @@ def test_a_diverged_phase_stops_the_run_with_one_line_and_writes_no_row_of_nans(
     ("sine_budgets", ["--epochs", "12", "--teachers", "3"], "sine, 0.2 x --epochs 12 = 2 epochs: --epochs 2 leaves"),
     ("sine_teachers", ["--epochs", "7"], "sine, k = 3: --epochs 7 leaves a phase without epochs for 3 teachers"),
     ("sine_teachers", ["--teachers", "3"], "--teachers is not used"),
+    ("sine_teachers", ["--strategies", "student,prune"], "--strategies is not used"),
+    ("sine_teachers", ["--bench"], "--bench times the sine's trainers: python merge.py --task sine --bench"),
+    ("sine_budgets", ["--bench"], "--bench times the sine's trainers"),
+    ("sine_budgets", ["--shares", "1", "0.5", "1"], "--shares: each budget once, got 1 0.5 1"),
 ])
 def test_a_study_names_which_of_its_experiments_a_setting_fails(tmp_path, capsys, script, args, message):
     with pytest.raises(SystemExit) as exit_:
@@ -395,6 +401,11 @@ def test_phases_by_turns_as_on_a_gpu_give_the_same_rows(finished, tmp_path, monk
         assert row["test_mse"] == pytest.approx(theirs[key]["test_mse"], abs=2e-6), key
 
 
+@pytest.mark.parametrize("workers, runs, expected", [("5", "2", 2), ("3", "50", 3), ("100", "50", 50)])
+def test_no_more_workers_than_runs(workers, runs, expected):
+    assert sine.workers(sine.parse(["--workers", workers, "--runs", runs, "--device", "cpu"])) == expected
+
+
 def test_workers_share_the_runs_and_give_the_rows_of_one_process(finished, tmp_path):
     """--workers 2: two processes, each a rank with every other run; rank 0 writes every row once."""
     out = tmp_path / "two"
@@ -604,6 +615,18 @@ def test_the_gpu_check_without_a_gpu_or_with_a_bad_setting_is_bad_input(tmp_path
         gpu_check.main([*args, "--report", str(tmp_path / "report.md")])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err and files(tmp_path) == []
+
+
+@pytest.mark.parametrize("report", ["", "a folder"])
+def test_the_gpu_check_refuses_a_report_that_names_no_file_and_writes_nothing(tmp_path, capsys, monkeypatch, report):
+    import gpu_check
+    (tmp_path / "a folder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(["--device", "cpu", "--report", report])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "names no file" in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a folder"]
 
 
 def test_the_gpu_check_keeps_what_a_failed_step_said_and_exits_with_1(tmp_path, capsys, monkeypatch):
