@@ -34,7 +34,7 @@ class InputError(ValueError):
 
 STRATEGIES = merge.STRATEGIES
 MAX_RUNS, MAX_SEED = 1000, 10 ** 9  # run seeds 1000 * seed + run; phase seeds stay far below 2^63, torch's limit
-MAX_TEACHERS = 10  # merge.PHASE_SEEDS gives the teachers the offsets 0 to 9
+MAX_TEACHERS, LARGEST = 10, 10 ** 9  # merge.PHASE_SEEDS' teacher offsets 0 to 9; any number (1e300 overflows float32)
 AT_LEAST_1, NOT_NEGATIVE = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0 or more")
 POSITIVE, FRACTION = (lambda v: v > 0, "above 0"), (lambda v: 0 < v < 1, "between 0 and 1")
 VALID = dict(  # what the numbers of merge.Settings and Settings must be, checked before anything runs
@@ -83,8 +83,8 @@ def check_settings(s, records=True):
     for f in dataclasses.fields(s):
         value, (test, what) = getattr(s, f.name), VALID.get(f.name, f.metadata.get("valid", (None, "")))
         for v in value if isinstance(value, tuple) else (value,):  # a tuple's every element
-            if test and not (math.isfinite(v) and test(v) and abs(v) <= 1e9):  # 1e300 overflows float32
-                raise InputError(f"{flag(f)} must be {what}{' and at most 1e9' * (1e9 < abs(v) < math.inf)}, got {v}")
+            if test and not (math.isfinite(v) and test(v) and abs(v) <= LARGEST):
+                raise InputError(f"{flag(f)} must be {what}{' and at most 1e9' * (test(v) and v > LARGEST)}, got {v}")
     names = s.strategies.split(",")
     if set(names) - set(STRATEGIES) or len(set(names)) < len(names):
         raise InputError(f"--strategies {s.strategies!r}: name each of {', '.join(STRATEGIES)} at most once, "

@@ -74,8 +74,8 @@ class ImageNetSettings(experiment.Settings):
     short: int = setting(90, "epochs of the second, shorter one model (Table 4: 90; the other has all 150)",
                          valid=AT_LEAST_1)
     phase_epochs: tuple = setting((20, 20, 90, 50, 150), "epochs of the teachers (each), importance, fine-tuning, "
-                                  "bo3 models (each; Table 4 has none) and one model (section 3.3.5)", nargs=5, type=int,
-                                  metavar="EPOCHS")
+                                  "bo3 models (each; only where --strategies has bo3) and one model (section 3.3.5)",
+                                  nargs=5, type=int, metavar="EPOCHS")
 
 PAPER = dict(  # docs/settings.md gives the source of every value
     out="runs/imagenet", runs=1, epochs=150, strategies="student,one", batch=256, lr=0.1, momentum=0.9,
@@ -111,6 +111,9 @@ def check(s, world):
     if s.epochs != PAPER["epochs"]:
         raise InputError(f"--epochs {s.epochs}: --epochs stays {PAPER['epochs']}; imagenet.py takes its phases from "
                          "--phase-epochs (teachers, importance, fine-tuning, bo3, one model) and --short")
+    if s.short > s.phase_epochs[4]:
+        raise InputError(f"--short {s.short}: the second one model is the shorter, at most --phase-epochs' one model "
+                         f"({s.phase_epochs[4]})")
     if s.batch % world:
         raise InputError(f"--batch {s.batch} must split evenly over {world} ranks")
     cuda = experiment.resolve_device(s) == "cuda"

@@ -111,7 +111,7 @@ def gates(model):
 
 def l_half(locs, share=0.5):
     """sum over gate layers l of L_half^l = (share - 1/n sum_i P[g_i > 0])^2 from each layer's loc, (n,) or (R, n):
-    section 2.2's share = 1/2 (it writes k for n). DEVIATION: k teachers (future work) ask for the 1/k kept."""
+    section 2.2's share = 1/2 (it writes k for n). DEVIATION: k > 2 teachers (future work) pass share = 1/k."""
     return sum((share - p_open(loc).mean(-1)) ** 2 for loc in locs)
 
 def lambda_schedule(epochs, start, step, tuned_epochs=None):

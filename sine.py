@@ -15,7 +15,9 @@ import merge
 import report
 import stacked
 import startup
-from experiment import AT_LEAST_1, NOT_NEGATIVE, setting
+from experiment import NOT_NEGATIVE, setting
+
+POINTS = (lambda v: 1 <= v <= 10 ** 6, "from 1 to 1,000,000")  # a chunk of runs' data sets is held at once
 
 @dataclass
 class SineSettings(experiment.Settings):
@@ -26,9 +28,9 @@ class SineSettings(experiment.Settings):
     gpu_pays: ClassVar[bool] = False
     task: str = setting("sine", "experiment (section 3.2); the image experiments have their own scripts",
                         choices=("sine",))
-    n_train: int = setting(10_000, "training points (3.2: 10,000)", valid=AT_LEAST_1)
-    n_val: int = setting(2_000, "validation points, drawn the same way, for choosing bo3 (ours)", valid=AT_LEAST_1)
-    n_test: int = setting(10_000, "test points, drawn the same way (ours)", valid=AT_LEAST_1)
+    n_train: int = setting(10_000, "training points (3.2: 10,000)", valid=POINTS)
+    n_val: int = setting(2_000, "validation points, drawn the same way, for choosing bo3 (ours)", valid=POINTS)
+    n_test: int = setting(10_000, "test points, drawn the same way (ours)", valid=POINTS)
     noise: float = setting(0.2, "standard deviation of the noise on y (3.2: N(0, 0.2))", valid=NOT_NEGATIVE)
     bench: bool = setting(False, "print the speed of the one-at-a-time and the stacked trainers, then exit", run_only=True)
     workers: int = setting(0, "processes that share the runs, each a rank with one thread (ours), never more than "
@@ -53,8 +55,9 @@ def run_study(s, studies, heading, table, plot, figure):
     """A study of several sine experiments, each of studies [(key, title, settings)] in its own --out folder:
     all checked before any trains, each run (resumable) and reported there; then the study's table(rows_of),
     headed, in s.out/summary.md, and its plot(rows_of, path) as s.out/figure."""
-    if s.bench:
-        raise experiment.InputError("--bench times the sine's trainers: python merge.py --task sine --bench")
+    if s.bench or s.workers > 1:  # a study trains in one process
+        raise experiment.InputError("--bench times the sine's trainers: python merge.py --task sine --bench" if s.bench
+                                    else "--workers is not used: a study trains in one process")
     for _, title, settings in studies:
         try:
             experiment.check_settings(settings)

@@ -78,8 +78,10 @@ def run(s):
     experiment.check_settings(s)
     if set(s.strategies.split(",")) != set(NAMES):
         raise experiment.InputError(f"--strategies: the study compares {','.join(NAMES)}")
-    if len(set(s.shares)) < len(s.shares):
-        raise experiment.InputError(f"--shares: each budget once, got {' '.join(f'{x:g}' for x in s.shares)}")
+    epochs = [settings_of(s, share).epochs for share in s.shares]
+    if len(set(epochs)) < len(epochs):
+        raise experiment.InputError(f"--shares {' '.join(f'{x:g}' for x in s.shares)} of --epochs {s.epochs} give "
+                                    f"{' '.join(map(str, epochs))} epochs: each budget once")
     studies = [(settings_of(s, share).epochs, f"sine, {share} x --epochs {s.epochs} = {settings_of(s, share).epochs} "
                 "epochs", settings_of(s, share)) for share in s.shares]
     sine.run_study(s, studies, f"Where merging starts to pay: sine, test MSE over {s.runs} runs at each budget",

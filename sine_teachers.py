@@ -84,7 +84,7 @@ def run(s):
     experiment.check_settings(s)
     if s.teachers != 2:
         raise experiment.InputError("--teachers is not used: the study merges k = 2, 3, ... up to --most teachers")
-    if s.strategies != "student,bo3,one":
+    if set(s.strategies.split(",")) != {"student", "bo3", "one"}:
         raise experiment.InputError("--strategies is not used: the study runs the student for every k, bo3 and one "
                                     "model for k = 2")
     studies = [(k, f"sine, k = {k}", settings_of(s, k)) for k in range(2, s.most + 1)]

@@ -86,7 +86,7 @@ def copy_of(finished, tmp_path):
     (["--seed", "100000000000000000"], "--seed must be from 0 to"),
     (["--seed", "-1"], "--seed must be from 0 to"),
     (["--lr", "nan"], "--lr must be above 0, got nan"),
-    (["--lr", "inf"], "--lr must be above 0, got inf"),
+    (["--lr", "inf"], "--lr must be above 0 and at most 1e9, got inf"),
     (["--lr", "-1"], "--lr must be above 0"),
     (["--gate-lr", "0"], "--gate-lr must be above 0"),
     (["--noise", "nan"], "--noise must be 0 or more, got nan"),
@@ -96,14 +96,15 @@ def copy_of(finished, tmp_path):
     (["--lambda-start", "nan"], "--lambda-start must be above 0, got nan"),
     (["--runs", "100000"], "--runs must be from 1 to 1000"),
     (["--lr", "1e300"], "--lr must be above 0 and at most 1e9, got 1e+300"),
-    (["--n-train", "100000000000"], "--n-train must be at least 1 and at most 1e9, got 100000000000"),
+    (["--n-train", "1000000000"], "--n-train must be from 1 to 1,000,000, got 1000000000"),
+    (["--seed", "-1"], "--seed must be from 0 to 1000000000, got -1"),
     (["--runs", "0"], "--runs must be from 1 to 1000"),
     (["--teachers", "11"], "--teachers must be from 2 to 10"),
     (["--teachers", "1"], "--teachers must be from 2 to 10"),
     (["--task", "mnist"], "invalid choice"),
     (["--epochs", "-5"], "--epochs must be at least 1"),
     (["--batch", "0"], "--batch must be at least 1"),
-    (["--n-train", "0"], "--n-train must be at least 1"),
+    (["--n-train", "0"], "--n-train must be from 1 to 1,000,000"),
     (["--epochs", "3"], "every budget from 6 epochs on works"),
     (["--epochs", "5"], "every budget from 6 epochs on works"),  # though 4 works: rounding leaves gaps
     (["--stack", "2"], "invalid choice"),
@@ -134,7 +135,9 @@ def test_a_diverged_phase_stops_the_run_with_one_line_and_writes_no_row_of_nans(
     ("sine_teachers", ["--strategies", "student,prune"], "--strategies is not used"),
     ("sine_teachers", ["--bench"], "--bench times the sine's trainers: python merge.py --task sine --bench"),
     ("sine_budgets", ["--bench"], "--bench times the sine's trainers"),
-    ("sine_budgets", ["--shares", "1", "0.5", "1"], "--shares: each budget once, got 1 0.5 1"),
+    ("sine_budgets", ["--shares", "1", "0.5", "1"], "--shares 1 0.5 1 of --epochs 900 give 900 450 900 epochs"),
+    ("sine_budgets", ["--epochs", "12", "--shares", "0.5", "0.51"], "give 6 6 epochs: each budget once"),
+    ("sine_teachers", ["--workers", "2"], "--workers is not used: a study trains in one process"),
 ])
 def test_a_study_names_which_of_its_experiments_a_setting_fails(tmp_path, capsys, script, args, message):
     with pytest.raises(SystemExit) as exit_:

@@ -167,6 +167,7 @@ def test_runs_spread_over_ranks_give_the_rows_of_a_plain_run_each_once(tmp_path)
     ("validation", "leaves fewer of the"),
     ("no epochs", "--phase-epochs must be at least 1, got 0"),
     ("epochs", "--epochs stays 150"),
+    ("short", "--short 3: the second one model is the shorter, at most --phase-epochs' one model (2)"),
     ("empty image", "cannot read image"),
     ("text as an image", "cannot read image"),
     ("bad image in val only", "cannot read image"),
@@ -198,7 +199,8 @@ def test_a_wrong_folder_or_setting_gives_one_line_and_exit_code_2(folder, tmp_pa
     if damage == "long name":
         data = tmp_path / ("x" * 300)
     extra = {"validation": ["--val-images", 1000], "no epochs": ["--phase-epochs", 0, 1, 1, 1, 1],
-             "epochs": ["--epochs", 6], "decode gpu": ["--decode", "gpu"]}.get(damage, [])
+             "epochs": ["--epochs", 6], "decode gpu": ["--decode", "gpu"],
+             "short": ["--phase-epochs", 1, 1, 1, 1, 2, "--short", 3]}.get(damage, [])
     with pytest.raises(SystemExit) as exit_:
         imagenet.main([str(a) for a in ["--data", data, "--out", tmp_path / "out", *TINY, *extra]])
     err = capsys.readouterr().err

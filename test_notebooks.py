@@ -87,7 +87,7 @@ def release(folder):
     must be new or empty: never the repository, whose exercises.ipynb and merge.py are the answer key."""
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise SystemExit(f"error: {folder} is not a new or empty folder; the release writes into one of its own")
+        raise ValueError(f"{folder} is not a new or empty folder; the release writes into one of its own")
     folder.mkdir(parents=True, exist_ok=True)
     nbformat.write(strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4)), folder / "exercises.ipynb")
     (folder / "merge.py").write_text(stub_merge((ROOT / "merge.py").read_text()))
@@ -382,13 +382,12 @@ def nbgrader_id(cell):
 
 
 def grade(submission, folder, timeout=60):
-    """The automatic points of a returned exercises notebook, as nbgrader's autograde gives them: the answer
-    key's locked cells (setup, texts, checks) in place of the student's, by grade id, the student's solution
-    cells and any cells of their own kept where they were; run in a fresh kernel in folder, beside the released
-    merge.py and stacked.py, exercise 5's experiment skipped; a cell still running after timeout seconds is
-    interrupted (it fails) and the next runs. Returns {check: (points, out of, why it failed or "")} and the
-    solution cells missing from the submission (their grade ids lost, say, by pasting into a fresh notebook:
-    graded as unanswered)."""
+    """The automatic points of a returned exercises notebook, as nbgrader's autograde gives them. The answer
+    key's locked cells (setup, texts, checks) replace the student's, by grade id; the student's solution cells
+    and cells of their own stay where they were. It runs in a fresh kernel in folder, beside the released
+    merge.py and stacked.py, exercise 5's experiment skipped; a cell running past timeout seconds is interrupted
+    and fails. Returns {check: (points, out of, why it failed or "")}, and the solution cells the submission
+    lacks (an answer pasted into a fresh notebook loses its grade id), which count as unanswered."""
     key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
     theirs, after, last = {}, {}, None
     for cell in nbformat.read(submission, as_version=4).cells:
@@ -434,18 +433,17 @@ if __name__ == "__main__":  # python test_notebooks.py --release DIR, or --grade
     task.add_argument("--grade", metavar="FILE", help="the automatic points of FILE, a returned exercises notebook")
     args = parser.parse_args()
     if args.release:
-        folder = Path(args.release)
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-            parser.error(f"{folder} is not a new or empty folder; the release writes into one of its own")
         try:
-            print(f"wrote {release(folder)}: exercises.ipynb, merge.py and stacked.py, for the students")
+            print(f"wrote {release(args.release)}: exercises.ipynb, merge.py and stacked.py, for the students")
+        except ValueError as e:
+            parser.error(str(e))
         except OSError as e:
-            parser.error(f"cannot write the release into {folder} ({e.strerror or e})")
+            parser.error(f"cannot write the release into {args.release} ({e.strerror or e})")
     else:
         try:
             nbformat.read(args.grade, as_version=4)
         except Exception as e:  # noqa: BLE001 - any file that is not a notebook: one line
-            parser.error(f"--grade {args.grade} is not a notebook nbformat can read ({type(e).__name__})")
+            parser.error(f"--grade {args.grade}: cannot read it as a notebook ({type(e).__name__})")
         with tempfile.TemporaryDirectory() as scratch:
             points, missing = grade(args.grade, scratch)
         for cell in missing:
