@@ -130,18 +130,22 @@ def load_teacher(path, model):
     tensors have our shapes in our order."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
+    except FileNotFoundError:
+        raise InputError(f"--teacher-files: no such file {path}") from None
     except pickle.UnpicklingError:
         raise InputError(f"--teacher-files: {path} holds Python objects besides tensors; save its state dict "
                          "alone (torch.save(checkpoint['model_state_dict'], path)) and pass that") from None
     except Exception as e:  # noqa: BLE001 - missing, truncated, not a torch file: all one line
-        raise InputError(f"--teacher-files: cannot read {path} ({type(e).__name__})") from None
+        raise InputError(f"--teacher-files: cannot read {path} as a file torch.save wrote ({type(e).__name__})") \
+            from None
     for key in ("model_state_dict", "state_dict"):
         if isinstance(state, dict) and key in state:
             state = state[key]
     ours, kind = model.state_dict(), type(model).__name__
     theirs = [(k, v) for k, v in state.items() if torch.is_tensor(v)] if isinstance(state, dict) else []
     if len(theirs) != len(ours):
-        raise InputError(f"--teacher-files: {path} holds {len(theirs)} tensors, a {kind} {len(ours)}")
+        raise InputError(f"--teacher-files: {path} holds {len(theirs)} tensors where a {kind}'s state dict has "
+                         f"{len(ours)}")
     for i, ((name, want), (their_name, got)) in enumerate(zip(ours.items(), theirs)):
         if got.shape != want.shape:
             raise InputError(f"--teacher-files: {path}: its tensor {i}, {their_name}, is {tuple(got.shape)} where "

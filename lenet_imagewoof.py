@@ -83,6 +83,8 @@ def check(s):
     if s.arch == "lenet" and s.size != 28:
         raise experiment.InputError(f"LeNet takes 28x28 images (section 3.3.1); --size {s.size} would not fit its "
                                     "first linear layer")
+    if s.arch == "lenet" and s.width != 64:
+        raise experiment.InputError(f"--width {s.width} is ResNet18's (--arch resnet18); LeNet's widths are the paper's")
     if s.arch == "resnet18":
         images.check_unstacked(s, "ResNet18")
 

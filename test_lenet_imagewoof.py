@@ -305,6 +305,7 @@ def test_a_fifo_and_an_empty_class_folder_are_not_images(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--arch", "vgg"], "invalid choice"),
     (["--size", "32"], "LeNet takes 28x28"),
+    (["--width", "8"], "--width 8 is ResNet18's (--arch resnet18)"),
     (["--arch", "resnet18", "--stack", "1"], "without BatchNorm"),
     (["--runs", "0"], "--runs must be from 1"),
     (["--val-fraction", "1.5"], "--val-fraction"),
