@@ -176,6 +176,8 @@ def run_task(s):
     elif experiment.ranks()[1] == 1 and workers(s) > 1:  # not yet a rank: start the ranks
         launcher.launch(s, workers(s), merge.__file__, run)
     else:
+        if experiment.resolve_device(s) == "cpu":  # one thread, as each of several processes has: a step of these
+            torch.set_num_threads(1)  # small models is no faster with two, and much slower on a core another job uses
         run(s)
 
 def main(argv=None):

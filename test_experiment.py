@@ -404,6 +404,16 @@ def test_phases_by_turns_as_on_a_gpu_give_the_same_rows(finished, tmp_path, monk
         assert row["test_mse"] == pytest.approx(theirs[key]["test_mse"], abs=2e-6), key
 
 
+def test_one_process_trains_the_sine_with_one_thread_as_each_of_several_does(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        main([*SMALL, "--strategies", "one", "--out", tmp_path / "out"], capsys)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("workers, runs, expected", [("5", "2", 2), ("3", "50", 3), ("100", "50", 50)])
 def test_no_more_workers_than_runs(workers, runs, expected):
     assert sine.workers(sine.parse(["--workers", workers, "--runs", runs, "--device", "cpu"])) == expected
