@@ -135,7 +135,7 @@ def load_teacher(path, model):
     except pickle.UnpicklingError:
         raise InputError(f"--teacher-files: {path} holds Python objects besides tensors; save its state dict "
                          "alone (torch.save(checkpoint['model_state_dict'], path)) and pass that") from None
-    except Exception as e:  # noqa: BLE001 - missing, truncated, not a torch file: all one line
+    except Exception as e:  # noqa: BLE001 - truncated, not a torch file: all one line
         raise InputError(f"--teacher-files: cannot read {path} as a file torch.save wrote ({type(e).__name__})") \
             from None
     for key in ("model_state_dict", "state_dict"):
