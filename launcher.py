@@ -27,8 +27,9 @@ def launch(s, n, script, run):
         experiment.log.warning(f"note: no local port for {n} processes ({e.strerror or type(e).__name__}); "
                                "one process trains")
         return run(s)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n),
-               MERGE_LAUNCHER=str(os.getpid()))
+    env = {"TORCH_CPP_LOG_LEVEL": "ERROR",  # not c10d's warning with a C++ stack when Ctrl-C comes as a rank connects
+           **os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": str(n), "MERGE_LAUNCHER": str(os.getpid())}
     argv = []  # every setting of the command line as s holds it (a list's values one by one; flags left out)
     for f in (f for f in dataclasses.fields(s) if "help" in f.metadata):
         value = getattr(s, f.name)
