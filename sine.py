@@ -55,9 +55,10 @@ def run_study(s, studies, heading, table, plot, figure):
     """A study of several sine experiments, each of studies [(key, title, settings)] in its own --out folder:
     all checked before any trains, each run (resumable) and reported there; then the study's table(rows_of),
     headed, in s.out/summary.md, and its plot(rows_of, path) as s.out/figure."""
-    if s.bench or s.workers > 1:  # a study trains in one process
-        raise experiment.InputError("--bench times the sine's trainers: python merge.py --task sine --bench" if s.bench
-                                    else "--workers is not used: a study trains in one process")
+    if s.bench:
+        raise experiment.InputError("--bench times the sine's trainers: python merge.py --task sine --bench")
+    if s.workers > 1:
+        raise experiment.InputError("--workers is not used: a study trains in one process")
     for _, title, settings in studies:
         try:
             experiment.check_settings(settings)
