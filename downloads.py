@@ -51,32 +51,41 @@ def download(url, path, instead):
 def made_once(root, name, make):
     """root/name, made once and whole: make(scratch) writes it under a scratch folder and returns the folder that
     becomes root/name. One process at a time: torchrun's other ranks wait for the first, then find it there. The
-    lock file is removed once root/name is made; a failed make leaves it (empty), as a process may wait on it."""
+    holder of the lock removes its file when done, made or failed; one who then gets the lock of a removed file
+    opens it anew (the usual recheck of the lock file's inode), so that two never make root/name at once."""
     target = root / name
     if target.is_dir():  # before any lock: a --root that is only read, such as a shared copy, serves as it is
         return target
+    path = root / f".{name}.lock"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / f".{name}.lock", "a")
+        lock = open(path, "a")
     except OSError as e:
         raise InputError(f"cannot write {name} into --root {root} ({e.strerror}); use another --root") from None
-    with lock:
-        if os.name == "posix":
-            import fcntl
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info(f"waiting for another process to write {target}")
-                fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes, also when the process dies
-        made = not target.is_dir()
-        if made:
+    if os.name == "posix":
+        import fcntl
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(f"waiting for another process to write {target}")
+            fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file closes, also when the process dies
+        try:
+            ours = os.path.samestat(os.stat(path), os.fstat(lock.fileno()))  # the lock held is the file's
+        except FileNotFoundError:
+            ours = False
+        if not ours:  # its holder removed it when done: try again, with the file there now (or none)
+            lock.close()
+            return made_once(root, name, make)
+    try:
+        if not target.is_dir():  # whoever held the lock before may have made it
             scratch = root / f".{name}.partial"
             shutil.rmtree(scratch, ignore_errors=True)  # what a killed process left
             make(scratch).replace(target)
             shutil.rmtree(scratch, ignore_errors=True)
-    if made:  # whoever takes the lock after this finds target there and leaves it be
+    finally:
         with contextlib.suppress(OSError):  # still open elsewhere, where that forbids it (Windows)
-            (root / f".{name}.lock").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)  # before the lock is let go
+        lock.close()
     return target
 
 def verified(url, path, digests, instead):

@@ -2,6 +2,7 @@
 in the real formats (JPEG and PNG files in the Imagewoof layout, a .tgz); no network."""
 import concurrent.futures
 import dataclasses
+import fcntl
 import gzip
 import hashlib
 import json
@@ -359,6 +360,27 @@ def test_processes_fetching_at_once_download_and_extract_once(tmp_path, monkeypa
     assert len(images.list_images(folders[0] / "train")[0]) == 18
 
 
+def test_a_lock_whose_file_its_holder_removed_is_taken_again_from_the_file_there_now(tmp_path):
+    """A waiting process that gets the lock of a file its holder has removed (made_once removes it when done,
+    made or failed) waits again on the file there now: it makes nothing while a newcomer holds that one."""
+    lock_file, made = tmp_path / ".x.lock", []
+    holder = open(lock_file, "a")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    make = lambda scratch: made.append(1) or scratch.mkdir() or scratch  # noqa: E731
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiter = pool.submit(downloads.made_once, tmp_path, "x", make)
+        time.sleep(0.3)  # the waiter has opened the file and waits for its lock
+        lock_file.unlink()  # the holder fails and removes its file; a newcomer opens and locks a new one
+        newcomer = open(lock_file, "a")
+        fcntl.flock(newcomer, fcntl.LOCK_EX)
+        holder.close()
+        time.sleep(0.3)
+        assert not made and not waiter.done()  # the waiter waits on the newcomer's lock
+        newcomer.close()
+        assert waiter.result(timeout=10) == tmp_path / "x" and made == [1]
+    assert not lock_file.exists()
+
+
 def write_idx(path, array):
     """One of MNIST's files in its format: gzipped IDX, unsigned bytes, big-endian sizes."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
@@ -398,10 +420,12 @@ def test_data_mnist_writes_mnists_files_in_the_imagewoof_layout_once_and_runs_on
     monkeypatch.setattr(downloads, "MNIST_URL", (tmp_path / "nowhere").as_uri() + "/")  # no network
     with pytest.raises(experiment.InputError, match=r"put MNIST's four files \(train-images-idx3-ubyte.gz, .*\) into"):
         downloads.mnist_folder(tmp_path / "offline", 3, 2)
+    assert not any((tmp_path / "offline").iterdir())  # no lock file left behind
     mine = tmp_path / "offline" / "train-images-idx3-ubyte.gz"  # a user's own copy, not the published file
     mine.write_bytes(b"a copy gzipped again")
     with pytest.raises(experiment.InputError, match=f"{mine} is there but is not the published file"):
         downloads.mnist_folder(tmp_path / "offline", 3, 2)
+    assert [p.name for p in (tmp_path / "offline").iterdir()] == [mine.name]
     assert mine.read_bytes() == b"a copy gzipped again"  # kept, not deleted
     monkeypatch.undo()
     (tmp_path / "data" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not IDX"))
