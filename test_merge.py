@@ -228,6 +228,14 @@ def test_lambda_schedule_follows_fig5_and_ends_at_the_papers_value_when_shortene
     assert merge.lambda_schedule(150, 0.01, 0.05, tuned_epochs=150) == paper
 
 
+def test_the_lr_warms_up_linearly_then_drops_tenfold_at_each_fraction_of_the_phase():
+    s = merge.Settings(lr=0.3)
+    assert [merge.lr_at(s, e, 9, (1 / 3, 2 / 3), warmup=2) for e in range(9)] == pytest.approx(
+        [0.1, 0.2, 0.3, 0.03, 0.03, 0.03, 0.003, 0.003, 0.003])  # ImageNet's fine-tuning: 2 epochs of warm-up
+    assert [merge.lr_at(s, e, 3, ()) for e in range(3)] == [0.3] * 3  # no warm-up, no drops: the lr throughout
+    assert [merge.lr_at(s, e, 2, (), warmup=2) for e in range(2)] == pytest.approx([0.1, 0.2])  # cut by the phase's end
+
+
 # ---------------------------------------------------------------------------------------
 # Training and the strategies, one run each
 # ---------------------------------------------------------------------------------------
