@@ -8,7 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+
+import torch
 
 import experiment
 
@@ -79,4 +82,18 @@ def guard():
     """In a rank that launch() started, SIGTERM ends it quietly: the launcher says what happened. (Its
     launcher's end ends it too: experiment.start_ranks.)"""
     if os.environ.get("MERGE_LAUNCHER"):
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
+        signal.signal(signal.SIGTERM, end_rank)
+
+def end_rank(*_):
+    """SIGTERM in a rank: exit code 130. Before its process group is up a rank has written nothing, and it ends at
+    once (an exception in c10d's connecting could leave a C++ thread running: "terminate called without an active
+    exception"); later by SystemExit, which lets a file being written go (report.written_whole). Where that
+    cannot end it (raised in a callback, such as an import's, whose exceptions Python prints and ignores),
+    os._exit ends it a second later, without the print."""
+    if not torch.distributed.is_initialized():
+        os._exit(130)
+    sys.unraisablehook = lambda unraisable: None
+    backstop = threading.Timer(1, os._exit, (130,))
+    backstop.daemon = True  # no wait at a normal exit
+    backstop.start()
+    sys.exit(130)

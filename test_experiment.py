@@ -526,6 +526,32 @@ def test_ctrl_c_while_torch_loads_is_one_line_too(tmp_path):
     assert not (tmp_path / "sine").exists()
 
 
+RANK_TERMINATED = """
+import os, signal, sys, time, torch, launcher
+os.environ["MERGE_LAUNCHER"] = str(os.getppid())
+launcher.guard()
+if sys.argv[1] == "connected":
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+class Callback:  # SIGTERM while Python runs a callback whose exceptions it prints and ignores, an import's say
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(1000))  # the handler runs here
+Callback()
+print("still running", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("state", ["connecting", "connected"])
+def test_sigterm_ends_a_rank_with_exit_code_130_and_nothing_printed_wherever_it_comes(state):
+    """launcher.py stops its ranks by SIGTERM (Ctrl-C, a failed rank): each ends with 130 and prints nothing, also
+    when SIGTERM comes in a callback, where SystemExit is printed and ignored (a second later there)."""
+    run = subprocess.run([sys.executable, "-c", RANK_TERMINATED, state], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert run.returncode == 130 and run.stderr == "", run.stderr
+    assert run.stdout == ("still running\n" if state == "connected" else "")
+
+
 def test_a_closed_pipe_ends_the_run_quietly_as_head_would_have_it(tmp_path):
     """python merge.py ... | head -1: exit code 1 and nothing on stderr (no traceback), the rows so far kept."""
     run = subprocess.Popen([sys.executable, str(ROOT / "merge.py"), *SMALL, "--out", str(tmp_path / "sine")],
