@@ -133,8 +133,8 @@ def parse_settings(argv, defaults, description):
             parser.add_argument(name, dest=f.name, nargs=f.metadata["nargs"], default=value, help=text,
                                 type=f.metadata.get("type", str), metavar=f.metadata.get("metavar", "FILE"))
         else:
-            parser.add_argument(name, dest=f.name, type=type(value), default=value, choices=f.metadata.get("choices"),
-                                help=text)
+            parser.add_argument(name, dest=f.name, type=f.metadata.get("type", type(value)), default=value,
+                                choices=f.metadata.get("choices"), help=text)
     args = parser.parse_args(argv)
     return dataclasses.replace(defaults, **{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
                                             for f in flags})
@@ -400,7 +400,7 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
                 report.append_row(out / "results.jsonl", row)
         results += rows
     log.info(f"{len(results)} results in {out / 'results.jsonl'}")
-    return [r for r in results if r["run"] < s.runs]
+    return [r for r in results if r["run"] < s.runs and r["strategy"] in names]  # what summary.md reports
 
 def run_seed(seed, run):
     return 1000 * seed + run

@@ -481,6 +481,24 @@ def test_one_strategy_alone_runs_and_reports(tmp_path, capsys):
     assert "| one | 2 |" in (tmp_path / "one" / "summary.md").read_text()
 
 
+def test_the_summary_shows_the_strategies_named_and_results_keep_every_row(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    assert main([*SMALL, "--strategies", "bo3", "--out", out], capsys)[0] == 0
+    summary = (out / "summary.md").read_text()
+    assert "| bo3 | 2 |" in summary and summary.count("| 2 |") == 1 and "at each stage" not in summary
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2 * len(experiment.STRATEGIES)
+
+
+def test_the_kept_share_figure_numbers_its_runs_in_whole_numbers_one_run_too():
+    import matplotlib
+    matplotlib.use("Agg")
+    for runs in (1, 2, 50):
+        rows = [dict(strategy="student", run=run, kept_from_teacher=[0.5, 0.5]) for run in range(runs)]
+        ax = report.plot_kept_share(rows).axes[0]
+        ax.figure.canvas.draw()
+        assert all(tick == int(tick) for tick in ax.get_xticks()), ax.get_xticks()
+
+
 def test_every_subset_of_strategies_reports(finished, tmp_path, monkeypatch, capsys):
     drawn = []
     for name in [name for name in dir(report) if name.startswith("plot_")]:  # which figures, not how they look
