@@ -201,6 +201,6 @@ def plot_kept_share(rows, path=None):
     for i in range(1, shares.shape[1]):  # an equal share from each teacher
         ax.axhline(i / shares.shape[1], color="k", lw=0.6, ls="--")
     ax.set(xlabel="run", ylabel="share of kept units", title="Which teacher the kept units came from")
-    ax.xaxis.get_major_locator().set_params(integer=True)  # runs are whole numbers
+    ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)  # runs are whole numbers, one run too
     ax.legend(loc="upper left", bbox_to_anchor=(1, 1))  # beside the bars, not over them
     return _finish(fig, path)
