@@ -56,7 +56,9 @@ def load_cifar(folder, dataset, val_fraction=0.1, seed=0):
         folder = folder / spec["folder"]
     others = [d["folder"] for d in DATASETS.values() if d is not spec and (folder / d["train"][0]).is_file()]
     if others and not (folder / spec["train"][0]).is_file():
-        raise InputError(f"--data {folder}: no {spec['train'][0]}; this looks like {others[0]}, the other data set")
+        other = next(name for name, network in NETWORKS.items() if DATASETS[network[0]]["folder"] == others[0])
+        raise InputError(f"--data {folder}: no {spec['train'][0]}; this looks like {others[0]}, the other data set: "
+                         f"use --experiment {other}, or name the {spec['folder']} folder")
     if not (folder / spec["train"][0]).is_file():  # neither data set's files
         raise InputError(f"--data {folder}: no CIFAR pickle {spec['train'][0]}; name the extracted {spec['folder']} "
                          f"folder (of the archive {spec['url'].rsplit('/', 1)[1]}) or the folder above it")
@@ -74,8 +76,8 @@ class CifarSettings(experiment.Settings):
                                                    "the other defaults follow it",
                               choices=("resnet20-cifar100", "vgg11-cifar10"))
     data: str = setting("", "the extracted folder (cifar-10-batches-py or cifar-100-python) or the folder above "
-                            "it; empty: download the archive into --root")
-    root: str = setting("data", "where the downloaded archive is kept and extracted")
+                            "it; empty: download the archive into --root", type=images.folder_name)
+    root: str = setting("data", "where the downloaded archive is kept and extracted", type=images.folder_name)
     val_fraction: float = setting(0.1, "share of the training set held out, fixed by --seed, to choose bo3 (ours)",
                                   valid=FRACTION)
     width: int = setting(16, "the network's first width (paper: ResNet20 16, VGG-11 64; smaller for quick checks)",
@@ -119,6 +121,8 @@ def check(s):
     experiment.check_settings(s)
     if s.experiment == "resnet20-cifar100":
         images.check_unstacked(s, "ResNet20")
+    else:
+        images.check_unstacked(s, "VGG-11", "its random crops are drawn for each model")
     if s.teacher_files and (s.runs != 1 or len(s.teacher_files) != s.teachers):
         raise InputError(f"--teacher-files gives the {s.teachers} teachers (--teachers) of one run: pass "
                          f"{s.teachers} files and use --runs 1")
@@ -175,12 +179,16 @@ def run(s):
             path = out / "phases" / f"teacher-{merge.phase_seed(experiment.run_seed(s.seed, 0), 'teacher', i)}.pt"
             report.save_whole(teacher.state_dict(), path)
         rows = experiment.run_experiment(s, title, lambda seed, device: data, make_teacher, images.accuracy_result)
+        if s.teacher_files:  # trained elsewhere, for epochs unknown here: not in the epochs and multiply-adds counted
+            rows = [dict(r, compute={phase: c for phase, c in r["compute"].items() if phase != "teacher"})
+                    for r in rows]
         strategies = s.strategies.split(",")
         if "student" in strategies:  # each teacher gets rows of its own, as in Table 3
             rows = rows + [dict(run=r["run"], strategy=f"teacher {i}", test_accuracy=acc)
                            for r in rows if r["strategy"] == "student" for i, acc in enumerate(r["teachers_test"])]
             strategies = [f"teacher {i}" for i in range(s.teachers)] + strategies
-        images.report_accuracy(s, rows, strategies, f"{title} (the paper's {table}), {s.epochs} epochs per strategy",
+        per = f"{s.epochs} epochs per strategy" + (", the given teachers' training not counted" if s.teacher_files else "")
+        images.report_accuracy(s, rows, strategies, f"{title} (the paper's {table}), {per}",
                                f"box_{s.experiment.replace('-', '_')}.png", title,
                                FUSION_NOTE if "fusion" in strategies else "")
 

@@ -56,7 +56,7 @@ def made_once(root, name, make):
     target = root / name
     if target.is_dir():  # before any lock: a --root that is only read, such as a shared copy, serves as it is
         return target
-    path = root / f".{name}.lock"
+    path, created = root / f".{name}.lock", not root.exists()
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = open(path, "a")
@@ -86,6 +86,9 @@ def made_once(root, name, make):
         with contextlib.suppress(OSError):  # still open elsewhere, where that forbids it (Windows)
             path.unlink(missing_ok=True)  # before the lock is let go
         lock.close()
+        if created:  # a --root made here and left empty (a failed download) goes again
+            with contextlib.suppress(OSError):
+                root.rmdir()
     return target
 
 def verified(url, path, digests, instead):

@@ -57,7 +57,8 @@ class ImageNetSettings(experiment.Settings):
     compile: str = dataclasses.field(default="auto", metadata=dict(run_only=True))
     data: str = setting("", "the ImageNet folder: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (no download: "
                             "ImageNet needs a registration); a file that is not an image stops the run before it "
-                            "trains, one cut short is replaced by the next image, with a warning")
+                            "trains, one cut short is replaced by the next image, with a warning",
+                        type=images.folder_name)
     workers: int = setting(-1, "DataLoader workers a rank, decoding the images; -1: this machine's CPU cores shared "
                            "by its ranks, less two a rank", run_only=True, valid=(lambda v: v >= -1, "-1 or more"))
     decode: str = setting("cpu", "where the JPEGs are decoded: cpu (Pillow, in the DataLoader workers) or gpu "
@@ -71,7 +72,8 @@ class ImageNetSettings(experiment.Settings):
     size: int = setting(224, "input side in pixels", valid=(lambda v: v >= 16, "at least 16"))
     width: int = setting(64, "ResNet18's first-stage width (paper: 64; smaller only for quick checks)",
                          valid=AT_LEAST_1)
-    short: int = setting(90, "epochs of the second, shorter one model (Table 4: 90; the other has all 150)",
+    short: int = setting(90, "epochs of the second, shorter one model, trained where --strategies has one (Table 4: "
+                             "90; the other has all 150)",
                          valid=AT_LEAST_1)
     phase_epochs: tuple = setting((20, 20, 90, 50, 150), "epochs of the teachers (each), importance, fine-tuning, "
                                   "bo3 models (each; only where --strategies has bo3) and one model (section 3.3.5)",
@@ -144,15 +146,17 @@ def run(s):
     make_teacher = lambda: merge.resnet18(classes, s.width)
     title = f"ResNet18 on {Path(s.data).name}"  # titled by the data it ran on
     rows = []
-    for settings, what in ((scaled, title), (short, f"one model of {s.short} epochs")):
+    both = (scaled, title), (short, f"one model of {s.short} epochs")
+    for settings, what in both if "one" in s.strategies.split(",") else both[:1]:  # the shorter one model with one
         with experiment.locked(settings):
             rows.append(experiment.run_experiment(settings, what, lambda seed, device: data, make_teacher,
                                                   images.accuracy_result, wrap=data.wrap, replicas=True))
     b = merge.budget(s)
     label = {"one": f"one, {b['one']} epochs"}
     rows = [dict(r, strategy=label.get(r["strategy"], r["strategy"])) for r in rows[0]] + \
-        [dict(r, strategy=f"one, {s.short} epochs") for r in rows[1]]
-    strategies = [label.get(name, name) for name in s.strategies.split(",")] + [f"one, {s.short} epochs"]
+        [dict(r, strategy=f"one, {s.short} epochs") for part in rows[1:] for r in part]
+    strategies = [label.get(name, name) for name in s.strategies.split(",")] + \
+        [f"one, {s.short} epochs"] * len(rows[1:])
     images.report_accuracy(s, rows, strategies, f"{title} (the paper's Table 4: ImageNet-1k); the student's epochs: "
                            f"{s.teachers} x {b['teacher']} teachers, {b['importance']} importance, {b['finetune']} "
                            "fine-tuning", "box_imagenet.png", title)

@@ -23,6 +23,11 @@ from experiment import InputError, log
 
 EXTENSIONS = {".jpg", ".jpeg", ".png"}  # in any case
 
+def folder_name(text):
+    """A folder named on the command line (--data, --root), without the trailing slash that tab completion adds:
+    data/ and data are one folder to the settings an --out records (experiment.settings_record)."""
+    return text.rstrip("/" + os.sep) or text
+
 def list_images(folder):
     """(paths, labels, classes) of folder/<class>/<image>: regular files with an image suffix (a FIFO or a
     folder named x.jpg is not one). The classes are the sorted folders that hold images: a class folder
@@ -77,10 +82,11 @@ def opened(path, at_least=None):
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"cannot read image {path}: {e}") from None
 
-def check_images(paths, threads=16):
+def check_images(paths, threads=16, total=None):
     """One line naming the first file Pillow cannot open as an image (empty, another format, too many pixels),
     from headers only, so that a bad file stops a run before it trains rather than days into it. A file cut
-    short shows only when decoded: Images puts the next image in its place, with a warning."""
+    short shows only when decoded: Images puts the next image in its place, with a warning. total: of how many
+    images paths are this rank's share."""
     from concurrent.futures import ThreadPoolExecutor
     from PIL import Image
 
@@ -90,7 +96,8 @@ def check_images(paths, threads=16):
                 return None
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             return f"cannot read image {path}: {e}"
-    log.info(f"checking {len(paths)} images")
+    log.info(f"checking {len(paths)} images" if total in (None, len(paths)) else
+             f"checking {len(paths)} of {total} images, this process's share")
     with ThreadPoolExecutor(threads) as pool:
         for found in pool.map(problem, paths):
             if found:
@@ -317,10 +324,11 @@ def image_data(d, device, size=None, augment=None, stats=()):
     data.augments = augment is not None
     return data
 
-def check_unstacked(s, network):
-    """One line for --stack with a network that has BatchNorm (its statistics are each model's own)."""
+def check_unstacked(s, network, why="it has BatchNorm, whose statistics are each model's own"):
+    """One line for --stack 1 with a network that a stack cannot hold."""
     if s.stack == "1":
-        raise InputError(f"--stack 1 is for networks without BatchNorm; {network} trains one model at a time")
+        raise InputError(f"--stack 1 is for networks without BatchNorm, on data alike for every model; {network} "
+                         f"trains one model at a time ({why})")
 
 # == The accuracy report (Tables 2 to 4) =============================================================
 

@@ -49,8 +49,9 @@ class ImageSettings(experiment.Settings):
                         choices=("lenet", "resnet18"))
     data: str = setting("", "an extracted folder in the Imagewoof layout; empty: download imagewoof2-160 "
                             "into --root; mnist: MNIST written in that layout into --root, the README's stand-in "
-                            "(a folder named mnist: ./mnist)")
-    root: str = setting("data", "where downloads are kept: the archive and its folder, or MNIST's files and theirs")
+                            "(a folder named mnist: ./mnist)", type=images.folder_name)
+    root: str = setting("data", "where downloads are kept: the archive and its folder, or MNIST's files and theirs",
+                        type=images.folder_name)
     size: int = setting(28, "input side in pixels (LeNet 28, ResNet18 224); images are decoded once at up to "
                             "160, the archive's size, and resized on the device",
                         valid=(lambda v: v >= 8, "at least 8"))

@@ -295,7 +295,7 @@ def streamed_folder(s, rank, world, device):
     saying what is wrong: --val-images training images, fixed by --seed, validate; val/ is the test set."""
     (paths, labels, classes), (test_paths, test_labels, _) = check_folder(Path(s.data))
     try:
-        check_images((paths + test_paths)[rank::world])  # each rank reads a share of the headers
+        check_images((paths + test_paths)[rank::world], total=len(paths + test_paths))  # each rank reads a share
         problem = None
     except InputError as e:
         problem = str(e)

@@ -203,6 +203,11 @@ def test_vgg11_cifar10_with_given_teachers_against_fusion(tmp_path):
     assert "VGG-11 on cifar-10-batches-py (the paper's section 3.3.4)" in summary and "Table 3" not in summary.split("\n")[0]
     assert "not rerun" in summary  # our fusion is not Table 3's OTFusion or GAMF
     assert all(f"| {n} | 1 |" in summary for n in ("teacher 0", "teacher 1", "student", "fusion"))
+    assert "6 epochs per strategy, the given teachers' training not counted" in summary.split("\n")[0]
+    assert "| student | 1 |" in summary and student["compute"]["teacher"][0] == 4  # in its row, not in the summary
+    table = summary.split("\n\n")[1].splitlines()  # the main table, below the heading
+    epochs = {cells[1].strip(): cells[-3].strip() for cells in (line.split("|") for line in table)}  # 3rd last
+    assert epochs["student"] == "2" and epochs["fusion"] == "1"  # importance and fine-tuning; fine-tuning
     assert "fused, before fine-tuning" in summary and (out / "box_vgg11_cifar10.png").exists()
 
 
@@ -242,7 +247,9 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     ("corrupt archive", "not a readable archive"),
     ("missing archive", "cannot download"),
     ("missing folder", "no such folder"),
-    ("other data set", "looks like cifar-100-python"),
+    ("other data set", "looks like cifar-100-python, the other data set: use --experiment resnet20-cifar100, or name "
+                       "the cifar-10-batches-py folder"),
+    ("stacked vgg", "VGG-11 trains one model at a time (its random crops are drawn for each model)"),
     ("not a data set", "no CIFAR pickle train; name the extracted cifar-100-python folder (of the archive"),
     ("corrupt pickle", "cannot read"),
     ("missing teacher", "--teacher-files: no such file"),
@@ -275,6 +282,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
         args += ["--root", tmp_path / "data"]
     elif damage == "missing folder":
         args += ["--data", tmp_path / "nowhere"]
+    elif damage == "stacked vgg":
+        args += ["--data", make_cifar(tmp_path, "cifar10"), "--experiment", "vgg11-cifar10", "--stack", "1"]
     elif damage == "not a data set":  # a folder of something else, such as Imagewoof's
         (tmp_path / "woof" / "train").mkdir(parents=True)
         args += ["--data", tmp_path / "woof"]

@@ -95,6 +95,16 @@ def test_the_protocol_runs_end_to_end(folder, tmp_path, capsys):
     protocol_ran(out, printed.out + printed.err, 2 * 2 + 1 + 2, 3, 2)
 
 
+def test_without_one_the_shorter_one_model_is_not_trained_either(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    imagenet.main([str(a) for a in ["--data", f"{folder}/", "--out", out, *TINY, "--phase-epochs", 1, 1, 1, 1, 2,
+                                    "--short", 1, "--strategies", "bo3"]])
+    assert [r["strategy"] for r in rows(out)] == ["bo3"] and not (out / "one_short").exists()
+    summary = (out / "summary.md").read_text()
+    assert "| bo3 | 1 |" in summary and "| one" not in summary and "one model of" not in capsys.readouterr().out
+    assert json.loads((out / "settings.json").read_text())["data"] == str(folder)  # tab completion's slash gone
+
+
 def test_ddp_averages_the_gradients_of_the_ranks(folder, tmp_path):
     """From the same weights, one epoch on 2 processes with 4 images a rank gives the weights of one
     process with 8 (LeNet: no BatchNorm, whose statistics are each rank's own)."""
@@ -208,9 +218,11 @@ def test_a_wrong_folder_or_setting_gives_one_line_and_exit_code_2(folder, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_the_ranks_share_the_check_of_the_headers_and_each_learns_a_problem_any_found(tmp_path, monkeypatch):
+def test_the_ranks_share_the_check_of_the_headers_and_each_learns_a_problem_any_found(tmp_path, monkeypatch,
+                                                                                       capsys):
     """Every start reads each image's header once, spread over the ranks; a bad file in one rank's share
     stops every rank with its line."""
+    experiment.report.show_progress()  # log's lines on stdout, as the command line shows them
     data = write_folder(tmp_path / "data")
     bad = data / "train" / "n01" / "bad.JPEG"
     bad.write_text("not an image")
@@ -218,8 +230,8 @@ def test_the_ranks_share_the_check_of_the_headers_and_each_learns_a_problem_any_
     paths = images.list_images(data / "train")[0] + images.list_images(data / "val")[0]
     owner, shares, real_check = paths.index(bad) % 2, {}, streaming.check_images  # owner: whose share holds it
     for rank in (0, 1):
-        monkeypatch.setattr(streaming, "check_images", lambda share, rank=rank: (shares.update({rank: share}),
-                                                                                   real_check(share)))
+        monkeypatch.setattr(streaming, "check_images", lambda share, total, rank=rank: (
+            shares.update({rank: share}), real_check(share, total=total)))
 
         def all_gather_object(found, problem, rank=rank):  # the process group's part: the other rank's answer
             found[:] = [problem if r == rank else f"cannot read image {bad}" if r == owner else None for r in (0, 1)]
@@ -227,6 +239,8 @@ def test_the_ranks_share_the_check_of_the_headers_and_each_learns_a_problem_any_
         with pytest.raises(experiment.InputError, match="bad.JPEG"):
             streaming.streamed_folder(s, rank, 2, torch.device("cpu"))
     assert sorted(shares[0] + shares[1]) == sorted(paths) and not set(shares[0]) & set(shares[1])
+    printed = capsys.readouterr()
+    assert f"checking {len(shares[0])} of {len(paths)} images, this process's share" in printed.out + printed.err
 
 
 def test_under_torchrun_an_out_of_other_settings_is_refused_before_any_rank_reads_the_images(tmp_path):

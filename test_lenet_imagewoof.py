@@ -381,6 +381,13 @@ def test_a_lock_whose_file_its_holder_removed_is_taken_again_from_the_file_there
     assert not lock_file.exists()
 
 
+def test_a_folder_is_recorded_without_the_trailing_slash_of_tab_completion():
+    """--out's settings.json compares folders as recorded: data/ must resume the --out of data."""
+    s = woof.parse(["--data", "runs/mnist/", "--root", "data//"])
+    assert (s.data, s.root) == ("runs/mnist", "data")
+    assert [woof.parse(["--data", d]).data for d in ("mnist", "./mnist", "/", "")] == ["mnist", "./mnist", "/", ""]
+
+
 def write_idx(path, array):
     """One of MNIST's files in its format: gzipped IDX, unsigned bytes, big-endian sizes."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
@@ -420,8 +427,9 @@ def test_data_mnist_writes_mnists_files_in_the_imagewoof_layout_once_and_runs_on
     monkeypatch.setattr(downloads, "MNIST_URL", (tmp_path / "nowhere").as_uri() + "/")  # no network
     with pytest.raises(experiment.InputError, match=r"put MNIST's four files \(train-images-idx3-ubyte.gz, .*\) into"):
         downloads.mnist_folder(tmp_path / "offline", 3, 2)
-    assert not any((tmp_path / "offline").iterdir())  # no lock file left behind
+    assert not (tmp_path / "offline").exists()  # the --root made for it goes again, no lock file left behind
     mine = tmp_path / "offline" / "train-images-idx3-ubyte.gz"  # a user's own copy, not the published file
+    mine.parent.mkdir()
     mine.write_bytes(b"a copy gzipped again")
     with pytest.raises(experiment.InputError, match=f"{mine} is there but is not the published file"):
         downloads.mnist_folder(tmp_path / "offline", 3, 2)
