@@ -95,8 +95,8 @@ def check_settings(s, records=True):
                          f"budget from {1 + max(e for e in range(1, 10_000) if short(e))} epochs on works")
     resolve_device(s)
     out = checked_out(s)
-    if records:
-        rank_0_decides(lambda: (settings_record(s, out), read_rows(out, s)))
+    if records:  # and an --out in use, before the data is read: lock() refuses it where report.held finds it so
+        rank_0_decides(lambda: (settings_record(s, out), read_rows(out, s), report.held(out / ".lock") and lock(out)))
 
 def rank_0_decides(check):
     """check() on rank 0 alone, and its InputError raised on every rank: none goes on where rank 0 stopped."""
@@ -213,10 +213,10 @@ def locked(s):
     """--out for this command alone (its files checked by check_settings): --out/.lock locked until the command
     ends (fcntl). Over ranks, rank 0 locks, and none trains into an --out that rank 0 could not lock."""
     out = checked_out(s)
-    with rank_0_decides(lambda: lock(s, out)) or contextlib.nullcontext():
+    with rank_0_decides(lambda: lock(out)) or contextlib.nullcontext():
         yield out
 
-def lock(s, out):
+def lock(out):
     """out/.lock, open and locked."""
     try:
         out.mkdir(parents=True, exist_ok=True)

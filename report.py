@@ -17,7 +17,7 @@ import merge
 
 log = logging.getLogger("merge")  # what the runs report; Progress shows it
 
-# == Files written whole ===========================================================================
+# == Files written whole, and locks ===============================================================
 
 @contextlib.contextmanager
 def written_whole(path):
@@ -41,6 +41,20 @@ def save_whole(obj, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(path) as part:
         torch.save(obj, part)
+
+def held(path):
+    """Whether another process holds the lock of the file at path now (fcntl.flock): a look that writes nothing,
+    so that a command refuses a busy --out before it reads its data (experiment.lock takes the lock later).
+    False where there is no such file, or no locks (Windows, some NFS or Lustre mounts)."""
+    try:
+        import fcntl
+        with open(path) as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go as the file closes
+        return False
+    except BlockingIOError:
+        return True
+    except (ImportError, OSError):
+        return False
 
 def append_row(path, row):
     """row as one more JSON line of path: a crash can cut its last line alone (experiment.read_rows drops it)."""

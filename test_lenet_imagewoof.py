@@ -381,6 +381,19 @@ def test_a_lock_whose_file_its_holder_removed_is_taken_again_from_the_file_there
     assert not lock_file.exists()
 
 
+def test_an_out_in_use_is_refused_before_the_data_is_read(tmp_path, monkeypatch, capsys):
+    """Decoding a new Imagewoof (or checking ImageNet's headers) takes minutes: a busy --out is refused first."""
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(images, "load_folder", lambda *args, **kwargs: pytest.fail("the data was read"))
+    with open(out / ".lock", "a") as held, pytest.raises(SystemExit) as exit_:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another command's
+        woof.main(["--data", str(tmp_path / "data"), "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err == f"error: --out {out} is in use by another command; let it finish or " \
+        "use another --out\n" and [p.name for p in out.iterdir()] == [".lock"]
+
+
 def test_a_folder_is_recorded_without_the_trailing_slash_of_tab_completion():
     """--out's settings.json compares folders as recorded: data/ must resume the --out of data."""
     s = woof.parse(["--data", "runs/mnist/", "--root", "data//"])
