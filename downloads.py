@@ -56,7 +56,7 @@ def made_once(root, name, make):
     target = root / name
     if target.is_dir():  # before any lock: a --root that is only read, such as a shared copy, serves as it is
         return target
-    path, created = root / f".{name}.lock", not root.exists()
+    path = root / f".{name}.lock"
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = open(path, "a")
@@ -83,12 +83,11 @@ def made_once(root, name, make):
             make(scratch).replace(target)
             shutil.rmtree(scratch, ignore_errors=True)
     finally:
-        with contextlib.suppress(OSError):  # still open elsewhere, where that forbids it (Windows)
-            path.unlink(missing_ok=True)  # before the lock is let go
+        if os.name != "posix":
+            lock.close()  # Windows removes no file that is open (and there is no lock to keep)
+        with contextlib.suppress(OSError):  # open elsewhere, where that forbids it (Windows)
+            path.unlink(missing_ok=True)  # on posix while the lock is held: a waiter then opens the file anew
         lock.close()
-        if created:  # a --root made here and left empty (a failed download) goes again
-            with contextlib.suppress(OSError):
-                root.rmdir()
     return target
 
 def verified(url, path, digests, instead):

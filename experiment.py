@@ -47,8 +47,8 @@ VALID = dict(  # what the numbers of merge.Settings and Settings must be, checke
     seed=(lambda v: 0 <= v <= MAX_SEED, f"from 0 to {MAX_SEED}"))
 
 def setting(default, help, **extra):
-    """A settings field: its help (unit, and where its value comes from) and what else the command line needs:
-    choices, valid (a test, what it asks), run_only (how to run, not what: a later command may change it)."""
+    """A settings field: its help (unit, and where its value comes from) and, for the command line, choices,
+    valid (a test, what it asks), run_only (how to run, not what: a later command may change it), type (from text)."""
     return dataclasses.field(default=default, metadata=dict(help=help, **extra))
 
 @dataclass
@@ -85,8 +85,7 @@ def check_settings(s, records=True):
         for v in value if isinstance(value, tuple) else (value,):  # a tuple's every element
             if test and not (math.isfinite(v) and test(v) and abs(v) <= LARGEST):
                 raise InputError(f"{flag(f)} must be {what}{' and at most 1e9' * (test(v) and v > LARGEST)}, got {v}")
-    names = s.strategies.split(",")
-    if set(names) - set(STRATEGIES) or len(set(names)) < len(names):
+    if set(names := s.strategies.split(",")) - set(STRATEGIES) or len(set(names)) < len(names):
         raise InputError(f"--strategies {s.strategies!r}: name each of {', '.join(STRATEGIES)} at most once, "
                          "with commas between")
     short = lambda e: min(merge.budget(dataclasses.replace(s, epochs=e)).values()) < 1  # noqa: E731
@@ -173,6 +172,8 @@ def settings_record(s, out):
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
             raise InputError(f"{path} is not a settings file; repair or remove it, or use another --out") from None
         defaults = json.loads(json.dumps({f.name: getattr(type(s)(), f.name) for f in dataclasses.fields(s)}))
+        old.update({f.name: f.metadata["type"](old[f.name]) for f in dataclasses.fields(s)  # as the command
+                    if "type" in f.metadata and isinstance(old.get(f.name), str)})  # line reads them: data/ is data
         changed = [f"{key} {old.get(key)} -> {value}" for key, value in record.items()  # a setting added since, at
                    if old.get(key, defaults.get(key)) != value]  # its default, keeps the experiment as it was
         if changed:
@@ -325,8 +326,7 @@ def fit_one(model, data, s, a, seed, checkpoint, rank, wrap):
     def after_epoch(epoch, epoch_history):
         history.append(epoch_history[-1])
         report_epoch(epoch, history)
-        if hooks.get("after_epoch"):
-            hooks["after_epoch"](epoch, history)
+        hooks.get("after_epoch", lambda *_: None)(epoch, history)
         if rank == 0:  # the other ranks hold the same
             report.save_whole(dict(model=model.state_dict(), opts=[opt.state_dict() for opt in opts], epoch=epoch,
                             step=noises[0].step if noises else 0, history=history), checkpoint)

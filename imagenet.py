@@ -106,7 +106,8 @@ def runs_settings(s):
 def check(s, world):
     """One line for a setting this run cannot take, on world ranks, before any data is read."""
     experiment.check_settings(s, records=False)  # the settings as given
-    for settings in runs_settings(s):  # and as --out and --out/one_short record them: the lr scaled by --batch
+    for settings in runs_settings(s)[:2 if "one" in s.strategies.split(",") else 1]:  # and as --out (and
+        # --out/one_short, with one) record them: the lr scaled by --batch
         experiment.check_settings(settings)
     if not s.data:
         raise InputError("--data is needed: the ImageNet folder, train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")

@@ -26,7 +26,8 @@ EXTENSIONS = {".jpg", ".jpeg", ".png"}  # in any case
 def folder_name(text):
     """A folder named on the command line (--data, --root), without the trailing slash that tab completion adds:
     data/ and data are one folder to the settings an --out records (experiment.settings_record)."""
-    return text.rstrip("/" + os.sep) or text
+    name = text.rstrip("/" + os.sep)
+    return name if name and not name.endswith(":") else text  # "/" and Windows' "C:\\" stay as they are
 
 def list_images(folder):
     """(paths, labels, classes) of folder/<class>/<image>: regular files with an image suffix (a FIFO or a

@@ -40,6 +40,13 @@ DIGESTS = {"md5": "fcd23cc7dfce8837c95a8f9d63a128b7",
            "sha256": "663c22f69c2802d85e2a67103c017e047096702ffddf9149a14011b7002539bf"}
 
 
+def data_folder(text):
+    """--data as images.folder_name spells it; a folder named mnist, as tab completion gives it (mnist/), stays a
+    folder: ./mnist, not the download."""
+    name = images.folder_name(text)
+    return "./mnist" if name == "mnist" and text != "mnist" else name
+
+
 @dataclass
 class ImageSettings(experiment.Settings):
     """The Imagewoof experiments' settings: experiment.Settings, and the data's and networks'."""
@@ -49,7 +56,7 @@ class ImageSettings(experiment.Settings):
                         choices=("lenet", "resnet18"))
     data: str = setting("", "an extracted folder in the Imagewoof layout; empty: download imagewoof2-160 "
                             "into --root; mnist: MNIST written in that layout into --root, the README's stand-in "
-                            "(a folder named mnist: ./mnist)", type=images.folder_name)
+                            "(a folder named mnist: ./mnist)", type=data_folder)
     root: str = setting("data", "where downloads are kept: the archive and its folder, or MNIST's files and theirs",
                         type=images.folder_name)
     size: int = setting(28, "input side in pixels (LeNet 28, ResNet18 224); images are decoded once at up to "

@@ -49,7 +49,8 @@ def held(path):
     try:
         import fcntl
         with open(path) as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go as the file closes
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a holder's exclusive lock refuses even this one;
+            # shared, as a file open for reading may take it (NFS refuses it an exclusive one); let go as it closes
         return False
     except BlockingIOError:
         return True

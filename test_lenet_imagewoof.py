@@ -2,7 +2,6 @@
 in the real formats (JPEG and PNG files in the Imagewoof layout, a .tgz); no network."""
 import concurrent.futures
 import dataclasses
-import fcntl
 import gzip
 import hashlib
 import json
@@ -363,6 +362,7 @@ def test_processes_fetching_at_once_download_and_extract_once(tmp_path, monkeypa
 def test_a_lock_whose_file_its_holder_removed_is_taken_again_from_the_file_there_now(tmp_path):
     """A waiting process that gets the lock of a file its holder has removed (made_once removes it when done,
     made or failed) waits again on the file there now: it makes nothing while a newcomer holds that one."""
+    import fcntl
     lock_file, made = tmp_path / ".x.lock", []
     holder = open(lock_file, "a")
     fcntl.flock(holder, fcntl.LOCK_EX)
@@ -383,6 +383,7 @@ def test_a_lock_whose_file_its_holder_removed_is_taken_again_from_the_file_there
 
 def test_an_out_in_use_is_refused_before_the_data_is_read(tmp_path, monkeypatch, capsys):
     """Decoding a new Imagewoof (or checking ImageNet's headers) takes minutes: a busy --out is refused first."""
+    import fcntl
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.setattr(images, "load_folder", lambda *args, **kwargs: pytest.fail("the data was read"))
@@ -394,11 +395,16 @@ def test_an_out_in_use_is_refused_before_the_data_is_read(tmp_path, monkeypatch,
         "use another --out\n" and [p.name for p in out.iterdir()] == [".lock"]
 
 
-def test_a_folder_is_recorded_without_the_trailing_slash_of_tab_completion():
-    """--out's settings.json compares folders as recorded: data/ must resume the --out of data."""
-    s = woof.parse(["--data", "runs/mnist/", "--root", "data//"])
+def test_a_folder_is_recorded_without_the_trailing_slash_of_tab_completion(tmp_path):
+    """--out's settings.json compares folders as recorded: data/ must resume the --out of data, also one that
+    recorded data/; a folder named mnist stays a folder (./mnist), not the download (mnist)."""
+    s = woof.parse(["--data", "runs/mnist/", "--root", "data//", "--out", str(tmp_path)])
     assert (s.data, s.root) == ("runs/mnist", "data")
-    assert [woof.parse(["--data", d]).data for d in ("mnist", "./mnist", "/", "")] == ["mnist", "./mnist", "/", ""]
+    assert [woof.parse(["--data", d]).data for d in ("mnist", "mnist/", "./mnist", "/", "")] == \
+        ["mnist", "./mnist", "./mnist", "/", ""]
+    record = experiment.settings_record(s, tmp_path)
+    (tmp_path / "settings.json").write_text(json.dumps(dict(record, data="runs/mnist/", root="data/")))
+    assert experiment.settings_record(s, tmp_path) == record  # as recorded before the slash was dropped
 
 
 def write_idx(path, array):
@@ -440,9 +446,8 @@ def test_data_mnist_writes_mnists_files_in_the_imagewoof_layout_once_and_runs_on
     monkeypatch.setattr(downloads, "MNIST_URL", (tmp_path / "nowhere").as_uri() + "/")  # no network
     with pytest.raises(experiment.InputError, match=r"put MNIST's four files \(train-images-idx3-ubyte.gz, .*\) into"):
         downloads.mnist_folder(tmp_path / "offline", 3, 2)
-    assert not (tmp_path / "offline").exists()  # the --root made for it goes again, no lock file left behind
+    assert not any((tmp_path / "offline").iterdir())  # no lock file left behind
     mine = tmp_path / "offline" / "train-images-idx3-ubyte.gz"  # a user's own copy, not the published file
-    mine.parent.mkdir()
     mine.write_bytes(b"a copy gzipped again")
     with pytest.raises(experiment.InputError, match=f"{mine} is there but is not the published file"):
         downloads.mnist_folder(tmp_path / "offline", 3, 2)
