@@ -95,19 +95,19 @@ def parse(argv=None):
     return experiment.parse_settings(argv, ImageNetSettings(**PAPER), __doc__)
 
 def runs_settings(s):
-    """The settings of this command's two experiments, as their --out folders record them: all of Table 4's
-    strategies, and the shorter one model in --out/one_short."""
+    """The settings of this command's experiments, as their --out folders record them: all of Table 4's
+    strategies, and, where --strategies has one, the shorter one model in --out/one_short."""
     # DEVIATION: the paper's lr is for a batch of 256; another --batch scales it linearly (ours). The gates' lr
     # stays 0.2: neither the paper nor the authors' configuration gives a rule for it
     scaled = dataclasses.replace(s, lr=s.lr * s.batch / 256, finetune_lr=s.finetune_lr * s.batch / 256)
-    return scaled, dataclasses.replace(scaled, out=str(Path(s.out) / "one_short"), strategies="one",
-                                       phase_epochs=s.phase_epochs[:4] + (s.short,))
+    short = dataclasses.replace(scaled, out=str(Path(s.out) / "one_short"), strategies="one",
+                                phase_epochs=s.phase_epochs[:4] + (s.short,))
+    return [scaled, short] if "one" in s.strategies.split(",") else [scaled]
 
 def check(s, world):
     """One line for a setting this run cannot take, on world ranks, before any data is read."""
     experiment.check_settings(s, records=False)  # the settings as given
-    for settings in runs_settings(s)[:2 if "one" in s.strategies.split(",") else 1]:  # and as --out (and
-        # --out/one_short, with one) record them: the lr scaled by --batch
+    for settings in runs_settings(s):  # and as --out and --out/one_short record them: the lr scaled by --batch
         experiment.check_settings(settings)
     if not s.data:
         raise InputError("--data is needed: the ImageNet folder, train/<wnid>/*.JPEG and val/<wnid>/*.JPEG")
@@ -143,21 +143,19 @@ def run(s):
     cuda = experiment.resolve_device(s) == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     data, classes = streaming.streamed_folder(s, rank, world, device)
-    scaled, short = runs_settings(s)
     make_teacher = lambda: merge.resnet18(classes, s.width)
     title = f"ResNet18 on {Path(s.data).name}"  # titled by the data it ran on
     rows = []
-    both = (scaled, title), (short, f"one model of {s.short} epochs")
-    for settings, what in both if "one" in s.strategies.split(",") else both[:1]:  # the shorter one model with one
+    for settings, what in zip(runs_settings(s), (title, f"one model of {s.short} epochs")):
         with experiment.locked(settings):
             rows.append(experiment.run_experiment(settings, what, lambda seed, device: data, make_teacher,
                                                   images.accuracy_result, wrap=data.wrap, replicas=True))
+    shorter = [f"one, {s.short} epochs"] * (len(rows) - 1)  # its label, where it ran
     b = merge.budget(s)
     label = {"one": f"one, {b['one']} epochs"}
     rows = [dict(r, strategy=label.get(r["strategy"], r["strategy"])) for r in rows[0]] + \
-        [dict(r, strategy=f"one, {s.short} epochs") for part in rows[1:] for r in part]
-    strategies = [label.get(name, name) for name in s.strategies.split(",")] + \
-        [f"one, {s.short} epochs"] * len(rows[1:])
+        [dict(r, strategy=shorter[0]) for part in rows[1:] for r in part]
+    strategies = [label.get(name, name) for name in s.strategies.split(",")] + shorter
     images.report_accuracy(s, rows, strategies, f"{title} (the paper's Table 4: ImageNet-1k); the student's epochs: "
                            f"{s.teachers} x {b['teacher']} teachers, {b['importance']} importance, {b['finetune']} "
                            "fine-tuning", "box_imagenet.png", title)
