@@ -82,7 +82,7 @@ class Gate(nn.Module):
     beta, gamma, zeta = 2 / 3, -0.1, 1.1  # temperature and stretch, fixed as in the authors' scripts
     def __init__(self, n):
         super().__init__()
-        self.loc = nn.Parameter(1 + 0.01 * torch.randn(n))  # log alpha in Louizos et al.: P[g > 0] ~ 0.93 at first
+        self.loc = nn.Parameter(1 + 0.01 * torch.randn(n))  # log alpha (Louizos); the scripts': P[g > 0] ~ 0.93
     def noise(self, B, n):
         """u ~ U(0, 1), (B, n), from torch's generator. A trainer may put another source in its
         place (gate.noise = f): the run machinery uses a counter-based one (stacked.py)."""
@@ -145,9 +145,9 @@ def top_units(big_student):
 
 def compress(big_student, keep=None, fold=False):
     """The teachers' architecture holding the kept units of every unit group (section 2.3; keep: one index
-    tensor per group, top_units() by default). As in the paper the gates are dropped: the gated function is
-    kept exactly where kept gates are 1 and dropped ones 0. DEVIATION, fold (ours): each kept unit's outgoing
-    weights times its test-time gate value (exact but for a ResNet stage's gate, which gates its stream too)."""
+    tensor per group, top_units() by default). The gates are dropped (Fig. 7, the authors' scripts): the gated
+    function is kept exactly where kept gates are 1 and dropped ones 0. DEVIATION, fold (ours): each kept unit's
+    outgoing weights times its test-time gate value (exact but for a ResNet stage's, which gates its stream too)."""
     keep = top_units(big_student) if keep is None else keep
     out_units, in_features, scale = {}, {}, {}
     for (gate, producers, consumers), units in zip(big_student.unit_groups(), keep):
@@ -194,8 +194,8 @@ class SineMLP(nn.Module):
         return chain_groups(self.gates, [self.hidden, self.out])
 
 class LeNet(nn.Module):
-    """conv 3->6 (5x5, pad 2), pool, conv 6->16 (5x5), pool, linear 400->120->80->classes,
-    for 28x28x3 images (section 3.3.1); a gate after every ReLU (Fig. 6b)."""
+    """conv 3->6 (5x5, pad 2), pool, conv 6->16 (5x5), pool, linear 400->120->80->classes, for 28x28x3 images
+    (3.3.1; kernels and padding, which give the 400 inputs, are the scripts'); a gate after every ReLU (Fig. 6b)."""
     def __init__(self, num_classes=10, widths=(6, 16, 120, 80), k=1, gated=False):
         super().__init__()
         self.hparams = dict(num_classes=num_classes, widths=tuple(widths), k=k, gated=gated)
@@ -298,7 +298,7 @@ def resnet18(num_classes=10, width=64):
 
 def resnet20(num_classes=100, width=16):
     """CIFAR ResNet20: 3x3 stem to 16, three stages of three BasicBlocks, 16/32/64. DEVIATION: 1x1-conv
-    shortcuts where the original pads with zeros, as the authors' scripts do, to concatenate them."""
+    shortcuts, as the authors' scripts have, where the original pads with zeros: they concatenate like any conv."""
     return ResNet(num_classes, (width, 2 * width, 4 * width), (3, 3, 3), "cifar")
 
 def vgg11(num_classes=10, width=64):
@@ -328,14 +328,14 @@ class Settings:
     gate_lr: float = setting(0.1, "learning rate of the gates' own SGD, momentum 0.9 (sine: the authors' scripts)")
     lambda_start: float = setting(0.01, "lambda_0, also stepped before epoch 0 (sine: the authors' scripts)")
     lambda_step: float = setting(0.05, "lambda += step sqrt(lambda) before each epoch (sine: Fig. 5)")
-    paper_epochs: int = setting(900, "the budget the lambda step is for; others rescale it to end at its lambda (ours)")
+    paper_epochs: int = setting(900, "budget whose importance phase (1/6) the lambda step fits; others rescale (ours)")
     fold: int = setting(0, "1: fold the kept gates' test-time values into the next layers at compression (ours)")
     finetune_lr: float = setting(0.0, "lr at the start of fine-tuning; 0: --lr (ImageNet: 0.07, 3.3.5)")
     finetune_warmup: int = setting(0, "epochs of linear lr warm-up at the start of fine-tuning (ImageNet: 2)")
 
 def budget(s):
-    """Epochs per phase, equal in total for every strategy (3.1): student = k teachers sharing 2/3 (k > 2: the
-    paper's future work), importance 1/6, fine-tune 1/6; bo3 = 3 x 1/3; one = all; or s.phase_epochs."""
+    """Epochs per phase, equal in total for every strategy (3.1; bo3's off by one where 3 does not divide epochs):
+    student = k teachers sharing 2/3 (k > 2: future work), importance 1/6, fine-tune the rest; bo3 3 x 1/3; one all."""
     if s.phase_epochs:
         return dict(zip(("teacher", "importance", "finetune", "bo3", "one"), s.phase_epochs))
     teacher, importance = round(s.epochs * 2 / 3 / s.teachers), round(s.epochs / 6)
@@ -426,8 +426,8 @@ def train(models, data, s, epochs, drops, seeds, phase, lambdas=None, share=0.5,
 
 # == 3.1  Strategies ===============================================================================
 # Plain functions of one run: (data, settings, teacher constructor, run seed, train) -> (model, info). A run's phase
-# trains from the seed 100 * run seed + its offset here (+ i for its i-th model: phase_seed). Phases strategies share
-# (the teachers; student's and random's importance) are trained once; random's fine-tuning takes the student's seed.
+# trains from the seed 100 * run seed + its offset here (+ i for its i-th model: phase_seed). Phases shared (teachers;
+# importance) have one seed: the run machinery trains them once, each strategy here again. random fine-tunes as student.
 PHASE_SEEDS = dict(teacher=0, importance=10, finetune=11, random=12, bo3=20, one=30, one_compute=31,  # teacher i: + i
                    wide=40, pruning=41, prune_finetune=42, fusion_finetune=50)
 
@@ -521,8 +521,8 @@ def sine_curve(x):
 
 def sine_data(seed, n_train=10_000, n_val=2_000, n_test=10_000, noise=0.2, device="cpu"):
     """x ~ U(0, 1), y = sin(10 pi x) + N(0, noise^2) (Fig. 8a): train, validation (ours, to choose bo3) and test
-    sets drawn alike from one seed per run, shared by its strategies. DEVIATION: N(0, 0.2) read as a standard
-    deviation; the authors' loaders drew a fresh set for each strategy, never shuffled, no validation set."""
+    sets drawn alike from one seed per run, shared by its strategies; 0.2 a standard deviation, as in the authors'
+    scripts. DEVIATION: their loaders drew a fresh set for each strategy, never shuffled, no validation set."""
     g = torch.Generator().manual_seed(seed)
     def draw(n):
         x = torch.rand(n, 1, generator=g)
