@@ -3,15 +3,17 @@ budget) and are committed executed; the exercises' release holds no answer, and 
 with our solutions, fails with the stubs and fails with wrong answers of the kinds students write.
 
     python test_notebooks.py --release DIR     # what a student gets: exercises.ipynb, merge.py, stacked.py
-    python test_notebooks.py --grade FILE      # the automatic points of a returned exercises notebook
+    python test_notebooks.py --grade FILE...   # the automatic points of returned exercises notebooks (--csv OUT)
 """
 import ast
 import contextlib
+import csv
 import importlib.util
 import json
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -32,14 +34,18 @@ def strip_solutions(notebook):
     """What nbgrader's generate_assignment does to the source: in each solution cell the code between
     ### BEGIN SOLUTION and ### END SOLUTION becomes a stub that raises NotImplementedError, and a written
     answer becomes YOUR ANSWER HERE; every output is cleared; cells are locked as its LockCells locks them
-    (checks and read-only cells can be neither edited nor deleted, answer cells not deleted). Its checksums
-    are left out: --grade puts the key's checks back whatever became of them."""
+    (checks and read-only cells can be neither edited nor deleted, answer cells not deleted); a check's lines
+    from ### BEGIN HIDDEN TESTS to ### END HIDDEN TESTS are removed. Its checksums are left out: --grade puts
+    the key's checks back, hidden tests and all, whatever became of them."""
     for cell in notebook.cells:
         marks = cell.get("metadata", {}).get("nbgrader", {})
         if marks.get("solution") or marks.get("grade") or marks.get("locked"):
             cell.metadata["deletable"] = False
             if not marks.get("solution"):
                 cell.metadata["editable"] = False
+        if marks.get("grade") and not marks.get("solution"):  # a check: its hidden tests go
+            cell.source = re.sub(r"^ *### BEGIN HIDDEN TESTS\n.*?^ *### END HIDDEN TESTS\n", "", cell.source,
+                                 flags=re.S | re.M)
         if marks.get("solution"):
             if cell.cell_type == "markdown":
                 cell.source = "YOUR ANSWER HERE"
@@ -144,6 +150,9 @@ def test_the_release_holds_no_answer_and_no_output(released):
     key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
     text = "\n".join(cell.source for cell in student.cells)
     assert "BEGIN SOLUTION" not in text and text.count("raise NotImplementedError()") == 6
+    hidden = re.findall(r"### BEGIN HIDDEN TESTS\n(.*?)### END HIDDEN TESTS", "\n".join(c.source for c in key.cells), re.S)
+    assert hidden and "HIDDEN TESTS" not in text and not [line for part in hidden for line in part.splitlines()
+                                                          if line.strip() and line.strip() in text]  # worked values
     assert not any(cell.get("outputs") or cell.get("execution_count") or "execution" in cell.metadata
                for cell in student.cells)  # no output, and no trace of when our copy ran
     answer = [c for c in key.cells if c.cell_type == "markdown" and c.metadata.get("nbgrader", {}).get("solution")]
@@ -183,12 +192,12 @@ for i, w in enumerate(weights):
     big[i * out:(i + 1) * out, i * inp:(i + 1) * inp] = w
 return MIDDLE
 """
-RIGHT = dict(FIRST="torch.cat(weights, 0)", LAST="torch.cat(weights, 1) / k", MIDDLE="big")
+PARTS = dict(FIRST="torch.cat(weights, 0)", LAST="torch.cat(weights, 1) / k", MIDDLE="big")
 
 
 def concat(**wrong):
     text = CONCAT
-    for place, code in {**RIGHT, **wrong}.items():
+    for place, code in {**PARTS, **wrong}.items():
         text = text.replace(place, code)
     return text
 
@@ -213,11 +222,13 @@ WRONG = {
         concat(FIRST="torch.cat(weights, 1)", LAST="torch.cat(weights, 0) / k"),  # the axes swapped
         concat(LAST="torch.cat(weights, 1) / 2"),  # k = 2 only
         concat(FIRST="torch.cat(weights[::-1], 0)"),  # teacher 1 first
+        concat(MIDDLE="big.float()"),  # float32 whatever the teachers' dtype
     ],
     "p_open": [
         "return torch.sigmoid(loc)",  # the test-time s, not P[g > 0]
         "return torch.sigmoid(loc + merge.Gate.beta * torch.log(torch.tensor(-merge.Gate.gamma / merge.Gate.zeta)))",
         "return torch.sigmoid(loc - torch.log(torch.tensor(-merge.Gate.gamma / merge.Gate.zeta)))",  # no beta
+        "return torch.sigmoid(loc + 1.6)",  # a shift fitted to how often the gate opens: the hidden values fail it
     ],
     "l_half": [
         "return (share - torch.cat(list(open_probs)).mean()) ** 2",  # one mean pooled over every layer
@@ -251,7 +262,12 @@ WRONG = {
     ],
 }
 
-RIGHT = {  # answers other than ours that a check must pass: exercise 5's other suggested rules
+RIGHT = {  # answers other than ours that a check must pass: a schedule in float32; exercise 5's other rules
+    "lambda_schedule": ["lam, lambdas = torch.tensor(start, dtype=torch.float32), []\n"
+                        "for _ in range(epochs):\n"
+                        "    lam = lam + step * torch.sqrt(lam)\n"
+                        "    lambdas.append(lam.item())\n"
+                        "return lambdas"],
     "choose_units": [
         # as many from each teacher by loc, a leftover place to the best unit left (its choice can be loc's)
         "k, keep = big_student.hparams['k'], []\n"
@@ -325,7 +341,7 @@ def test_each_check_passes_our_solution_and_fails_stubs_and_wrong_answers(releas
 
 
 def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_released_merge(released, tmp_path,
-                                                                                               monkeypatch):
+                                                                                               monkeypatch, capsys):
     """The round trip nbgrader makes: our solutions (the source) score every point, the release none, both
     run in a fresh kernel beside the released merge.py."""
     key = execute(nbformat.read(ROOT / "exercises.ipynb", as_version=4), tmp_path, monkeypatch, path=released)
@@ -346,7 +362,14 @@ def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_
     pasted = next(cell for cell in student.cells if nbgrader_id(cell) == "l_half")
     pasted.source, pasted.metadata = answers["l_half"].source, {}
     nbformat.write(student, tmp_path / "returned.ipynb")
-    points, missing = grade(tmp_path / "returned.ipynb", tmp_path / "grading", timeout=10)
+    capsys.readouterr()
+    [(_, points, missing)] = grade_all([tmp_path / "returned.ipynb"], tmp_path / "points.csv", timeout=10)
+    printed = capsys.readouterr().out  # --grade's printout: each check, the total, the written answer
+    assert "check_concat_weight: 2 of 2\n" in printed and "automatic points: 2 of 12;" in printed
+    assert printed.rstrip().endswith("    YOUR ANSWER HERE")  # the student's written answer, for the grader
+    with open(tmp_path / "points.csv") as f:
+        assert list(csv.DictReader(f)) == [{"file": str(tmp_path / "returned.ipynb"), "automatic": "2",
+                                            **{check: str(got) for check, (got, _, _) in points.items()}}]
     assert len(points) == 6 and points["check_concat_weight"] == (2, 2, "")
     assert points["check_p_open"][:2] == (0, 2) and "NotImplementedError" in points["check_p_open"][2]
     assert points["check_lambda_schedule"][:2] == (0, 2) and "interrupted" in points["check_lambda_schedule"][2]
@@ -367,8 +390,13 @@ def test_the_reference_table_of_exercise_5_is_what_the_committed_run_printed():
     assert f"about {seconds} s" in intro.replace("\n", " "), "the time in the introduction is the one printed"
 
 
+KEY = str(ROOT / "exercises.ipynb")
+
+
 @pytest.mark.parametrize("argv", [[], ["--release", "a_file"], ["--release", "a_file/inside"],
-                                  ["--grade", "missing.ipynb"], ["--grade", "a_file"], ["--grade", "."]])
+                                  ["--grade", "missing.ipynb"], ["--grade", "a_file"], ["--grade", "."],
+                                  ["--grade", KEY, "a_file"], ["--release", "new", "--csv", "points.csv"],
+                                  ["--grade", KEY, "--csv", "no/such/folder.csv"], ["--grade", KEY, "--csv", "."]])
 def test_bad_input_to_the_release_and_grading_commands_is_one_line_and_exit_2(tmp_path, argv):
     (tmp_path / "a_file").write_text("not a notebook")
     done = subprocess.run([sys.executable, str(ROOT / "test_notebooks.py"), *argv], cwd=tmp_path,
@@ -423,15 +451,50 @@ def why(cell):
                                                                 if name == "KeyboardInterrupt" else "")
 
 
-if __name__ == "__main__":  # python test_notebooks.py --release DIR, or --grade FILE
+def grade_all(files, csv_path=None, timeout=60):
+    """--grade: each file graded in turn (grade), its points printed and then its written answer of exercise 5,
+    which is graded by hand; with csv_path, one row a file (each check's points, their sum), the CSV file written
+    whole after each file, so an interrupted grading keeps the files done. Returns [(file, points, missing)]."""
+    graded_files, rows = [], []
+    for file in files:
+        with tempfile.TemporaryDirectory() as scratch:
+            points, missing = grade(file, scratch, timeout)
+        graded_files.append((file, points, missing))
+        if len(files) > 1:
+            print(f"== {file}")
+        for cell in missing:
+            print(f"warning: {file} has no cell {cell!r} (nbgrader's grade id lost, say by pasting into a fresh "
+                  "notebook?): graded as unanswered", file=sys.stderr)
+        for check, (got, most, reason) in points.items():
+            print(f"{check}: {got} of {most}" + (f" ({reason})" if reason else ""))
+        total = sum(p[0] for p in points.values())
+        print(f"automatic points: {total} of {sum(p[1] for p in points.values())}; the written answer of exercise 5 "
+              "(3 points) is graded by hand (the rubric: docs/teaching.md):")
+        answer = [c.source for c in nbformat.read(file, as_version=4).cells if nbgrader_id(c) == "answer_choose_units"]
+        print(textwrap.indent(answer[0].strip() if answer else "(no answer cell found)", "    "))
+        rows.append({"file": str(file), **{check: got for check, (got, _, _) in points.items()}, "automatic": total})
+        if csv_path:  # written whole: a temporary file, then renamed
+            partial = Path(f"{csv_path}.partial")
+            with open(partial, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            partial.replace(csv_path)
+    return graded_files
+
+
+if __name__ == "__main__":  # python test_notebooks.py --release DIR, or --grade FILE... [--csv OUT]
     import argparse
-    import tempfile
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = lambda message: sys.exit(print(f"error: {message}", file=sys.stderr) or 2)  # one line
     task = parser.add_mutually_exclusive_group(required=True)
     task.add_argument("--release", metavar="DIR", help="write the students' copy into DIR, a new or empty folder")
-    task.add_argument("--grade", metavar="FILE", help="the automatic points of FILE, a returned exercises notebook")
+    task.add_argument("--grade", metavar="FILE", nargs="+",
+                      help="the automatic points of each FILE, a returned exercises notebook, and its written answer")
+    parser.add_argument("--csv", metavar="OUT", help="with --grade: every file's points also written to OUT, a CSV file")
     args = parser.parse_args()
+    if args.csv and not args.grade:
+        parser.error("--csv goes with --grade")
     if args.release:
         try:
             print(f"wrote {release(args.release)}: exercises.ipynb, merge.py and stacked.py, for the students")
@@ -440,16 +503,11 @@ if __name__ == "__main__":  # python test_notebooks.py --release DIR, or --grade
         except OSError as e:
             parser.error(f"cannot write the release into {args.release} ({e.strerror or e})")
     else:
-        try:
-            nbformat.read(args.grade, as_version=4)
-        except Exception as e:  # noqa: BLE001 - any file that is not a notebook: one line
-            parser.error(f"--grade {args.grade}: cannot read it as a notebook ({type(e).__name__})")
-        with tempfile.TemporaryDirectory() as scratch:
-            points, missing = grade(args.grade, scratch)
-        for cell in missing:
-            print(f"warning: the submission has no cell {cell!r} (nbgrader's grade id lost, say by pasting into a "
-                  "fresh notebook?): graded as unanswered", file=sys.stderr)
-        for check, (got, most, reason) in points.items():
-            print(f"{check}: {got} of {most}" + (f" ({reason})" if reason else ""))
-        print(f"automatic points: {sum(p[0] for p in points.values())} of {sum(p[1] for p in points.values())}; "
-              "the written answer of exercise 5 (3 points) is graded by hand")
+        for file in args.grade:  # every file checked before any is graded
+            try:
+                nbformat.read(file, as_version=4)
+            except Exception as e:  # noqa: BLE001 - any file that is not a notebook: one line
+                parser.error(f"--grade {file}: cannot read it as a notebook ({type(e).__name__})")
+        if args.csv and (Path(args.csv).is_dir() or not Path(args.csv).resolve().parent.is_dir()):
+            parser.error(f"--csv {args.csv}: not a file in an existing folder")
+        grade_all(args.grade, args.csv)
