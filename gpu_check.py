@@ -131,11 +131,10 @@ def main(argv=None):
     def graphs():
         say("## The stacked step in blocks of 10 (CUDA graphs)", "")
         size = 4 if args.small else 50
-        times, difference, recompiled = sine_graphs(device, size, 1000 if args.small else 10_000)
-        for c, how in ((1, "compiled"), (0, "eager")):
-            plain, graphed = times[c, False], times[c, device == "cuda"]
+        for c, plain, graphed, difference, recompiled in sine_graphs(device, size, 1000 if args.small else 10_000):
+            how = "compiled" if c else "eager"  # each said as it is measured: a later failure keeps it
             with_graphs = f"{graphed:.0f} us a step with 10 steps a CUDA graph ({plain / graphed:.1f}x); largest " \
-                f"difference of the weights after 6 epochs {difference[c]:.2e}" if device == "cuda" else \
+                f"difference of the weights after 6 epochs {difference:.2e}" if device == "cuda" else \
                 "no CUDA graphs on a CPU"
             say(f"A stack of {size} sine MLPs, batch 32, {how}: {plain:.0f} us a step one launch a step, "
                 f"{with_graphs}" + (f"; between two compilations, the second with torch's compile caches off, "
@@ -206,6 +205,8 @@ def main(argv=None):
                 f"{1_281_167 / r['together'] / 60:.0f} |", "",
                 f"Batches made ready in the loader's thread and stream, that stream held back: largest difference "
                 f"from the same batches made in the main thread {r['same']:.2e}.", "")
+            if r["failed"]:  # imagenet.py's epoch failed: the numbers above are said, and the step fails
+                raise RuntimeError(f"an epoch of imagenet.py: {r['failed']}")
         step(f"ImageNet throughput, --decode {decode}", throughput)
 
     if wanted("lenet-cached", "LeNet again, its compiled steps cached", "lenet" not in args.only and
@@ -216,9 +217,10 @@ def main(argv=None):
         say("", "## Where a step of the stacked sine goes", "")
         def kernels():
             sizes = (4, 8) if args.small else (50, 250)
-            for size, (step_us, fused, count, gpu_us, orders, on_cpu, epoch, top) in \
-                    sine_kernels(device, sizes).items():
-                most = "; ".join(f"`{name}` {n:.0f} a step, {us:.1f} us" for name, n, us in top) or "none profiled"
+            for size, (step_us, fused, count, gpu_us, orders, on_cpu, epoch, top, unprofiled) in \
+                    sine_kernels(device, sizes):  # each size said as it is measured
+                most = "; ".join(f"`{name}` {n:.0f} a step, {us:.1f} us" for name, n, us in top) or \
+                    f"none profiled{f' (profiling failed: {unprofiled})' if unprofiled else ''}"
                 graph = "CUDA graph" if device == "cuda" else "block"
                 variant = f"failed, {fused}" if isinstance(fused, str) else (
                     f"{fused[0]:.0f} us a step, {fused[1]} matrix products decomposed"
@@ -242,7 +244,7 @@ def main(argv=None):
         step("sine protocol on the CPU", on_cpu)
     if wanted("small-runs", "small runs of each experiment against the CPU's rows"):
         say("", "## Small runs, the GPU's rows against the CPU's", "", "| experiment | device | trainer | model-epochs | "
-            "seconds | s / model-epoch | peak GPU MiB | largest difference from the CPU's rows |",
+            "seconds | s / model-epoch | peak GPU MiB | largest difference from the CPU's rows (other data orders) |",
             "|---|---|---|---|---|---|---|---|")
         failed += against_cpu(scratch, logs, device, say, args.budget - (time.time() - began))
     if left_out:
@@ -289,12 +291,12 @@ def against_cpu(scratch, logs, device, say, seconds_left):
             try:
                 on_cpu = run(script, [*common, *flags, "--device", "cpu", "--out", scratch / f"{i}{trainer}cpu"], "cpu",
                              logs / f"small-{i}-{trainer.replace(' ', '-')}-cpu.log")
+                add(what, "cpu", trainer, on_cpu)  # said before the GPU's run, which may fail
                 if device == "cuda":
                     add(what, "cuda", trainer, run(script, [*common, *flags, "--device", "cuda",
                                                             "--out", scratch / f"{i}{trainer}cuda"], "cuda",
                                                    logs / f"small-{i}-{trainer.replace(' ', '-')}-cuda.log"),
                         on_cpu[2], metric)
-                add(what, "cpu", trainer, on_cpu)
             except Exception as e:  # noqa: BLE001 - report it and go on with the next step
                 failed.append(failure(logs, f"small run: {what}, {trainer}"))
                 say(f"| {what} | {device} | {trainer} | failed: {type(e).__name__}: {str(e)[:200]} |")

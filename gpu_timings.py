@@ -69,7 +69,8 @@ def imagenet_throughput(scratch, device, decode="cpu", workers=-1, log="imagenet
     at 224 px, batch 256 (on a CPU, a try at 64 px and batch 16): the loader alone (decoding and cropping in its
     workers, or on the GPU with --decode gpu; jitter and normalisation on the device), the model alone (a
     training step on a batch already there, bf16 and channels-last on a GPU), the two together (the loader
-    feeding the steps) and an epoch of imagenet.py (its own count, from the start of the epoch)."""
+    feeding the steps) and an epoch of imagenet.py (its own count, from the start of the epoch; where that
+    fails, NaN, and failed says why)."""
     import imagenet
     import streaming
     import merge
@@ -125,11 +126,17 @@ def imagenet_throughput(scratch, device, decode="cpu", workers=-1, log="imagenet
     batches = data.batches(batch)
     together = rate(lambda: train_step(*next(batches)) for _ in range(steps))
     batches.close()
-    _, _, _, printed = run(imagenet.main, [*argv, "--out", scratch / f"imagenet_out_{decode}", "--strategies", "one",
-                                           "--phase-epochs", 1, 1, 1, 1, 1, "--short", 1], device, log)
-    rates = [float(line.split(" images/s")[0].rsplit(" ", 1)[1]) for line in printed.splitlines() if "images/s" in line]
+    epoch, failed = float("nan"), ""
+    try:  # the command's own epoch, last: where it fails, the numbers above stand (failed says why)
+        _, _, _, printed = run(imagenet.main, [*argv, "--out", scratch / f"imagenet_out_{decode}", "--strategies",
+                                               "one", "--phase-epochs", 1, 1, 1, 1, 1, "--short", 1], device, log)
+        rates = [float(line.split(" images/s")[0].rsplit(" ", 1)[1]) for line in printed.splitlines()
+                 if "images/s" in line]
+        epoch = rates[len(rates) // 2 - 1] if rates else epoch
+    except Exception as e:  # noqa: BLE001
+        failed = f"{type(e).__name__}: {str(e)[:300]}"
     return dict(size=size, batch=batch, workers=streaming.loader_workers(s), loader=loader, model=alone, together=together,
-                decoding=decoding, epoch=rates[len(rates) // 2 - 1] if rates else float("nan"), same=same)
+                decoding=decoding, epoch=epoch, same=same, failed=failed)
 
 def sine_stack(size, device):
     """size sine MLPs, model r made from seed r."""
@@ -141,28 +148,30 @@ def sine_stack(size, device):
     return models
 
 def sine_graphs(device, size=50, points=10_000):
-    """The stacked sine step with and without CUDA graphs of 10 steps, compiled and eager: {(compile, graphs):
-    microseconds a step of a stack of `size` models on `points` points (the median epoch past the first two)},
-    {compile: the largest difference between the weights with graphs and without}, and that between two
-    compilations without graphs, the second with torch's compile caches off (so that it chooses its kernels
-    afresh)."""
+    """The stacked sine step with and without CUDA graphs of 10 steps, compiled, then eager, each yielded as soon
+    as it is measured: (compile, microseconds a step of a stack of `size` models on `points` points without
+    graphs, and with them (the median epoch past the first two), the largest difference between the weights
+    with graphs and without, and compiled, that between two compilations without graphs, the second with torch's
+    compile caches off (so that it chooses its kernels afresh); eager, None). On a CPU, no graphs."""
     import merge
     import stacked
     s, data = merge.Settings(), merge.sine_data(0, points, 100, 100, device=device)
-    times, weights = {}, {}
-    for use_compile, graphs in ((1, False), (1, device == "cuda"), (1, "again"), (0, False), (0, device == "cuda")):
-        models, ends = sine_stack(size, device), []  # on a CPU, a try-out: without graphs throughout
-        with torch._inductor.config.patch(force_disable_caches=graphs == "again"):  # compiled afresh, no cache
-            stacked.fit_stacked(models, [data] * size, s, 6, seeds=range(size), compile=use_compile,
-                                graphs=graphs is True,
-                                after_epoch=lambda epoch, history: ends.append(time.time()))  # a GPU's: late
-        steps = -(-points // s.batch)
-        times[use_compile, graphs] = float(np.median(np.diff(ends[1:-1]))) / steps * 1e6  # epochs 2-4 (the
-        # last epoch's row waits for the GPU's tail alone)
-        weights[use_compile, graphs] = torch.cat([p.detach().flatten() for m in models for p in m.parameters()])
-    differ = lambda a, b: (weights[a] - weights[b]).abs().max().item()  # noqa: E731
-    return times, {c: differ((c, True), (c, False)) if (c, True) in weights else 0.0 for c in (1, 0)}, \
-        differ((1, "again"), (1, False))
+    graphs = device == "cuda"
+    for use_compile, variants in ((1, (False, graphs, "again")), (0, (False, graphs))):
+        times, weights = {}, {}
+        for variant in dict.fromkeys(variants):  # a CPU's False once
+            models, ends = sine_stack(size, device), []
+            with torch._inductor.config.patch(force_disable_caches=variant == "again"):  # afresh, no cache
+                stacked.fit_stacked(models, [data] * size, s, 6, seeds=range(size), compile=use_compile,
+                                    graphs=variant is True,
+                                    after_epoch=lambda epoch, history: ends.append(time.time()))  # a GPU's: late
+            steps = -(-points // s.batch)
+            times[variant] = float(np.median(np.diff(ends[1:-1]))) / steps * 1e6  # epochs 2-4 (the last
+            # epoch's row waits for the GPU's tail alone)
+            weights[variant] = torch.cat([p.detach().flatten() for m in models for p in m.parameters()])
+        differ = lambda a, b: (weights[a] - weights[b]).abs().max().item() if a in weights else 0.0  # noqa: E731
+        yield use_compile, times[False], times.get(True, times[False]), differ(True, False), \
+            differ("again", False) if use_compile else None
 
 def broadcast_products(step, use_compile):
     """stacked.compiled(step, use_compile), but with every bmm that has an M, K or N of 1 (a stacked sine step has
@@ -197,18 +206,18 @@ def broadcast_products(step, use_compile):
 
 def sine_kernels(device, sizes=(50, 250), epochs=5):
     """Where a step of the stacked sine goes, for stacks of 50 and 250 (the one model's, and the teachers' and
-    bo3 models'): {size: (microseconds a step, compiled, 10 steps a CUDA graph; with broadcast_products (its
+    bo3 models'), each size yielded as soon as it is measured: (size, (microseconds a step, compiled, 10 steps a CUDA graph; with broadcast_products (its
     microseconds a step, the products decomposed, the weights' largest difference after the epochs) or why it
     failed; kernels a
     step and their GPU time in microseconds, profiled one launch a step, those launched at least once a step;
     milliseconds an epoch to draw its orders, a randperm a model as fit_stacked draws them, and drawn on the CPU,
     pinned and copied instead; milliseconds of steps an epoch; the five kernels of most GPU time, each (name,
-    launches a step, microseconds a step))}."""
+    launches a step, microseconds a step); why profiling failed, or "")). A failed profile leaves the rest."""
     import merge
     import stacked
     from torch.profiler import ProfilerActivity, profile
     s, data = merge.Settings(), merge.sine_data(0, 10_000, 100, 100, device=device)
-    steps, result = -(-10_000 // s.batch), {}
+    steps = -(-10_000 // s.batch)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # as imagenet_throughput's
     for size in sizes:
         def train(epochs, **how):
@@ -230,10 +239,16 @@ def sine_kernels(device, sizes=(50, 250), epochs=5):
             fused = (fused, broadcast_products.decomposed, (weights - fused_weights).abs().max().item())
         except Exception as e:  # noqa: BLE001 - the variant failed (no compiler?): the other numbers stand
             fused = f"{type(e).__name__}: {str(e)[:100]}"
-        train(1, graphs=False)  # compiled again one launch a step, then profiled with torch's compiled step cached
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])) as p:
-            train(1, graphs=False)
-        kernels = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.count >= steps]
+        kernels, unprofiled = [], ""
+        try:
+            train(1, graphs=False)  # compiled again one launch a step, then profiled with the compiled step cached
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])) \
+                    as p:
+                train(1, graphs=False)
+            kernels = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and
+                       e.count >= steps - 1]  # at least once a step (the short last step may have kernels of its own)
+        except Exception as e:  # noqa: BLE001 - no profiler here (CUPTI): the timings stand
+            unprofiled = f"{type(e).__name__}: {str(e)[:100]}"
         orders = []
         for where in (device, "cpu"):
             sync()
@@ -245,10 +260,9 @@ def sine_kernels(device, sizes=(50, 250), epochs=5):
             sync()
             orders.append((time.time() - began) / 3 * 1e3)
         top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:5]
-        result[size] = (step, fused, sum(e.count for e in kernels) / steps,
-                        sum(e.self_device_time_total for e in kernels) / steps, *orders, step * steps / 1e3,
-                        [(e.key[:80], e.count / steps, e.self_device_time_total / steps) for e in top])
-    return result
+        yield size, (step, fused, sum(e.count for e in kernels) / steps,
+                     sum(e.self_device_time_total for e in kernels) / steps, *orders, step * steps / 1e3,
+                     [(e.key[:80], e.count / steps, e.self_device_time_total / steps) for e in top], unprofiled)
 
 def run(main, argv, device, log):
     """One command line in this process: (seconds, peak GPU memory in MiB, rows, what it printed). What it and

@@ -55,7 +55,7 @@ class CounterNoise:
         self.key, self.step = counter(seed, layer).to(device), step
 
     def __call__(self, B, n):
-        u = uniform(self.key, torch.tensor(self.step, dtype=torch.int32, device=self.key.device), B * n)
+        u = uniform(self.key, self.step, B * n)  # the step a Python int: no copy to a GPU, no wait, each call
         self.step += 1
         return u.view(B, n)
 
@@ -288,9 +288,12 @@ class Graphs:
                 self.block(spare, *inputs)
             if side:
                 torch.cuda.current_stream(x.device).wait_stream(side)
+            stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
             try:
                 self.graphs[key] = self.record(lambda: self.block(self.state, *inputs)), inputs
             except Exception as e:  # noqa: BLE001 - any failure to record means: run the block as it is
+                if stream is not None:  # a failed capture can leave torch's capture stream current
+                    torch.cuda.set_stream(stream)
                 log.warning(f"note: CUDA graphs are unavailable here ({type(e).__name__}: {str(e)[:100]}); "
                             "one launch a kernel")
                 self.failed, Graphs.failures = True, Graphs.failures + 1

@@ -170,8 +170,9 @@ class Streamed(merge.Data):
                 x.record_stream(current), y.record_stream(current)
             return x, y
         # the thread on this rank's GPU: a new thread's is GPU 0, where every rank would then open a CUDA context
-        with ThreadPoolExecutor(1, initializer=torch.cuda.set_device if cuda else None,
-                                initargs=(self._device,) if cuda else ()) as executor:
+        with ThreadPoolExecutor(1, initializer=torch.cuda.set_device if cuda else None, initargs=(
+                self._device.index if self._device.index is not None else torch.cuda.current_device(),) if cuda
+                else ()) as executor:
             pending = None
             for batch in loader:
                 upcoming = executor.submit(ready, *batch)
