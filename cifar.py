@@ -91,8 +91,8 @@ class CifarSettings(experiment.Settings):
 
 
 # lr / 10 "during half and three quarters of the training of one network" (3.3.3): the networks' phases. The
-# importance phase's drops the paper names only for the sine and LeNet (none, 3.2 and 3.3.1), so here they are
-# the authors' configuration's: after 50 and 70 of 100 epochs.
+# importance phase's drops the paper names only for LeNet (none, 3.3.1), so here they are the authors'
+# configuration's: after 50 and 70 of 100 epochs.
 DROPS = dict(drops_teacher=(1 / 2, 3 / 4), drops_importance=(1 / 2, 0.7), drops_finetune=(1 / 2, 3 / 4),
              drops_one=(1 / 2, 3 / 4))
 EXPERIMENTS = {  # docs/settings.md gives the source of every value

@@ -64,13 +64,12 @@ def write_jpegs(folder, count):
         pool.map(write_jpeg, jobs, chunksize=64)
     return folder
 
-def imagenet_throughput(scratch, device, decode="cpu", workers=-1, log="imagenet.log"):
+def imagenet_throughput(scratch, device, decode="cpu", workers=-1):
     """Images per second of ResNet18's training on ImageNet-sized JPEGs (500 x 375, natural-looking, synthetic)
     at 224 px, batch 256 (on a CPU, a try at 64 px and batch 16): the loader alone (decoding and cropping in its
     workers, or on the GPU with --decode gpu; jitter and normalisation on the device), the model alone (a
-    training step on a batch already there, bf16 and channels-last on a GPU), the two together (the loader
-    feeding the steps) and an epoch of imagenet.py (its own count, from the start of the epoch; where that
-    fails, NaN, and failed says why)."""
+    training step on a batch already there, bf16 and channels-last on a GPU) and the two together (the loader
+    feeding the steps); and argv, imagenet.py's settings of these runs (for imagenet_epoch)."""
     import imagenet
     import streaming
     import merge
@@ -126,17 +125,17 @@ def imagenet_throughput(scratch, device, decode="cpu", workers=-1, log="imagenet
     batches = data.batches(batch)
     together = rate(lambda: train_step(*next(batches)) for _ in range(steps))
     batches.close()
-    epoch, failed = float("nan"), ""
-    try:  # the command's own epoch, last: where it fails, the numbers above stand (failed says why)
-        _, _, _, printed = run(imagenet.main, [*argv, "--out", scratch / f"imagenet_out_{decode}", "--strategies",
-                                               "one", "--phase-epochs", 1, 1, 1, 1, 1, "--short", 1], device, log)
-        rates = [float(line.split(" images/s")[0].rsplit(" ", 1)[1]) for line in printed.splitlines()
-                 if "images/s" in line]
-        epoch = rates[len(rates) // 2 - 1] if rates else epoch
-    except Exception as e:  # noqa: BLE001
-        failed = f"{type(e).__name__}: {str(e)[:300]}"
     return dict(size=size, batch=batch, workers=streaming.loader_workers(s), loader=loader, model=alone, together=together,
-                decoding=decoding, epoch=epoch, same=same, failed=failed)
+                decoding=decoding, same=same, argv=argv)
+
+def imagenet_epoch(argv, scratch, device, decode, log="imagenet.log"):
+    """Images per second of an epoch of imagenet.py with imagenet_throughput's argv, its own count from the
+    start of the epoch (NaN where it printed none)."""
+    import imagenet
+    _, _, _, printed = run(imagenet.main, [*argv, "--out", scratch / f"imagenet_out_{decode}", "--strategies", "one",
+                                           "--phase-epochs", 1, 1, 1, 1, 1, "--short", 1], device, log)
+    rates = [float(line.split(" images/s")[0].rsplit(" ", 1)[1]) for line in printed.splitlines() if "images/s" in line]
+    return rates[len(rates) // 2 - 1] if rates else float("nan")
 
 def sine_stack(size, device):
     """size sine MLPs, model r made from seed r."""

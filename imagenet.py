@@ -88,7 +88,7 @@ PAPER = dict(  # docs/settings.md gives the source of every value
     # authors' from 1e-4
     # lr / 10 "in third and two thirds of training" (3.3.5): the teachers' after epochs 7 and 13 of 20, where the
     # authors' configuration drops it after 9 and 18 (the paper and it disagree: we follow the paper). The
-    # importance phase's, which the paper names only for the sine and LeNet (none), are the configuration's: none
+    # importance phase's, which the paper names only for LeNet (none, 3.3.1), are the configuration's: none
     drops_teacher=(1 / 3, 2 / 3), drops_importance=(), drops_finetune=(1 / 3, 2 / 3), drops_one=(1 / 3, 2 / 3))
 
 def parse(argv=None):

@@ -714,6 +714,40 @@ def test_the_gpu_check_keeps_what_a_failed_step_said_and_exits_with_1(tmp_path, 
     assert exit_.value.code == 2 and "cannot write the report" in capsys.readouterr().err
 
 
+def test_the_gpu_check_says_each_measurement_as_it_is_made(tmp_path, capsys, monkeypatch):
+    """A later part's failure keeps what was measured before it: the compiled graphs' row when the eager ones fail,
+    ImageNet's loader and model when imagenet.py's epoch fails (its traceback kept whole), each stack size of the
+    kernels, whose failed profile is named."""
+    import gpu_check
+
+    def graphs(*args):
+        yield 1, 200.0, 200.0, 0.0, 0.0
+        raise IndexError("the eager step's bug")
+
+    def epoch_fails(*args, **kwargs):
+        raise ValueError("an epoch's bug")
+
+    def kernels(device, sizes):
+        yield sizes[0], (100.0, "RuntimeError: no compiler", 0.0, 0.0, 0.5, 0.6, 30.0, [], "RuntimeError: no CUPTI")
+        raise IndexError("the larger stack's bug")
+    monkeypatch.setattr(gpu_check, "sine_graphs", graphs)
+    monkeypatch.setattr(gpu_check, "imagenet_throughput", lambda *args: dict(
+        size=64, batch=16, workers=1, loader=400.0, model=30.0, together=28.0, decoding=float("nan"), same=0.0,
+        argv=[]))
+    monkeypatch.setattr(gpu_check, "imagenet_epoch", epoch_fails)
+    monkeypatch.setattr(gpu_check, "sine_kernels", kernels)
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.main(["--device", "cpu", "--only", "graphs", "imagenet-cpu", "kernels", "--report",
+                        str(tmp_path / "r.md")])
+    said, failed = (tmp_path / "r.md").read_text(), (tmp_path / "r_logs" / "failed.log").read_text()
+    assert exit_.value.code == 1 and "compiled: 200 us a step" in said and "batch 32, eager" not in said
+    assert "| 400 | - | 30 | 28 |" in said and "ValueError: an epoch's bug" in said and "in epoch_fails" in failed
+    assert "A stack of 50 sine MLPs, compiled, 10 steps a block: 100 us a step" in said
+    assert "none profiled (profiling failed: RuntimeError: no CUPTI)" in said
+    assert "Failed: CUDA graphs; ImageNet throughput, --decode cpu; kernels." in said
+    capsys.readouterr()
+
+
 def test_stack_auto_stacks_on_a_gpu_alone():
     import stacked
     assert woof.parse([]).stack == "auto" and sine.parse([]).stack == "1"  # LeNet's default; the sine's

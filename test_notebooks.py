@@ -222,7 +222,8 @@ WRONG = {
         concat(FIRST="torch.cat(weights, 1)", LAST="torch.cat(weights, 0) / k"),  # the axes swapped
         concat(LAST="torch.cat(weights, 1) / 2"),  # k = 2 only
         concat(FIRST="torch.cat(weights[::-1], 0)"),  # teacher 1 first
-        concat(MIDDLE="big.float()"),  # float32 whatever the teachers' dtype
+        concat(MIDDLE="big.double()"),  # float64 whatever the teachers' dtype
+        concat().replace("weights[0].new_zeros(", "torch.zeros("),  # the default dtype (and device), not theirs
     ],
     "p_open": [
         "return torch.sigmoid(loc)",  # the test-time s, not P[g > 0]
@@ -340,6 +341,38 @@ def test_each_check_passes_our_solution_and_fails_stubs_and_wrong_answers(releas
     capsys.readouterr()
 
 
+def test_the_released_checks_pass_our_solutions_and_only_the_hidden_values_catch_a_fitted_shift(released):
+    """The students' checks, their hidden tests cut out, still run and pass our solutions; a p_open with a shift
+    fitted to how often the gate opens passes what the students see, and fails the graded check."""
+    key = nbformat.read(ROOT / "exercises.ipynb", as_version=4).cells
+    checks = {nbgrader_id(c): c for c in nbformat.read(released / "exercises.ipynb", as_version=4).cells
+              if nbgrader_id(c, "").startswith("check_")}
+    theirs = [checks.get(nbgrader_id(c), c) for c in key]  # our solutions, the students' checks
+    with stubbed_merge(released):
+        for name in WRONG:
+            assert run_check(theirs, name, None) is None, f"our {name} fails the students' check"
+        assert run_check(theirs, "p_open", "return torch.sigmoid(loc + 1.6)") is None
+        assert run_check(key, "p_open", "return torch.sigmoid(loc + 1.6)") is not None
+
+
+def test_grading_many_notebooks_prints_each_and_writes_one_csv_row_a_notebook(tmp_path, monkeypatch, capsys):
+    points = {"a.ipynb": {"check_x": (2, 2, ""), "check_y": (0, 1, "AssertionError: no")},
+              "b.ipynb": {"check_x": (1, 2, ""), "check_y": (1, 1, "")}}
+    monkeypatch.setattr(sys.modules[__name__], "grade", lambda file, folder, timeout: (points[Path(file).name],
+                                                                                       ["l_half"] * (file == "b.ipynb")))
+    key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
+    for name in points:
+        nbformat.write(key, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    grade_all(["a.ipynb", "b.ipynb"], "points.csv")
+    out, err = capsys.readouterr()
+    assert out.count("== ") == 2 and "check_y: 0 of 1 (AssertionError: no)" in out and out.count("Our answer") == 2
+    assert "automatic points: 2 of 3;" in out and "b.ipynb has no cell 'l_half'" in err
+    assert (tmp_path / "points.csv").read_text().splitlines() == ["file,check_x,check_y,automatic", "a.ipynb,2,0,2",
+                                                                  "b.ipynb,1,1,2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ipynb", "b.ipynb", "points.csv"]  # no .partial left
+
+
 def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_released_merge(released, tmp_path,
                                                                                                monkeypatch, capsys):
     """The round trip nbgrader makes: our solutions (the source) score every point, the release none, both
@@ -396,7 +429,9 @@ KEY = str(ROOT / "exercises.ipynb")
 @pytest.mark.parametrize("argv", [[], ["--release", "a_file"], ["--release", "a_file/inside"],
                                   ["--grade", "missing.ipynb"], ["--grade", "a_file"], ["--grade", "."],
                                   ["--grade", KEY, "a_file"], ["--release", "new", "--csv", "points.csv"],
-                                  ["--grade", KEY, "--csv", "no/such/folder.csv"], ["--grade", KEY, "--csv", "."]])
+                                  ["--grade", KEY, "--csv", "no/such/folder.csv"], ["--grade", KEY, "--csv", "."],
+                                  ["--grade", "a_file", "--csv", "a_file"], ["--grade", KEY, "--csv", KEY],
+                                  ["--release", ""], ["--grade", KEY, "--csv", ""]])
 def test_bad_input_to_the_release_and_grading_commands_is_one_line_and_exit_2(tmp_path, argv):
     (tmp_path / "a_file").write_text("not a notebook")
     done = subprocess.run([sys.executable, str(ROOT / "test_notebooks.py"), *argv], cwd=tmp_path,
@@ -405,8 +440,8 @@ def test_bad_input_to_the_release_and_grading_commands_is_one_line_and_exit_2(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written
 
 
-def nbgrader_id(cell):
-    return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id")
+def nbgrader_id(cell, default=None):
+    return cell.get("metadata", {}).get("nbgrader", {}).get("grade_id", default)
 
 
 def grade(submission, folder, timeout=60):
@@ -493,9 +528,12 @@ if __name__ == "__main__":  # python test_notebooks.py --release DIR, or --grade
                       help="the automatic points of each FILE, a returned exercises notebook, and its written answer")
     parser.add_argument("--csv", metavar="OUT", help="with --grade: every file's points also written to OUT, a CSV file")
     args = parser.parse_args()
-    if args.csv and not args.grade:
+    for flag, value in (("--release", args.release), ("--csv", args.csv), *(("--grade", f) for f in args.grade or ())):
+        if value == "":
+            parser.error(f"{flag} names nothing: give a path")
+    if args.csv is not None and args.grade is None:
         parser.error("--csv goes with --grade")
-    if args.release:
+    if args.release is not None:
         try:
             print(f"wrote {release(args.release)}: exercises.ipynb, merge.py and stacked.py, for the students")
         except ValueError as e:
@@ -508,6 +546,14 @@ if __name__ == "__main__":  # python test_notebooks.py --release DIR, or --grade
                 nbformat.read(file, as_version=4)
             except Exception as e:  # noqa: BLE001 - any file that is not a notebook: one line
                 parser.error(f"--grade {file}: cannot read it as a notebook ({type(e).__name__})")
-        if args.csv and (Path(args.csv).is_dir() or not Path(args.csv).resolve().parent.is_dir()):
-            parser.error(f"--csv {args.csv}: not a file in an existing folder")
+        if args.csv is not None:  # a file it can write, and none of the notebooks it grades
+            out = Path(args.csv)
+            if out.is_dir() or not out.resolve().parent.is_dir() or out.suffix == ".ipynb" or \
+                    any(out.resolve() == Path(file).resolve() for file in args.grade):
+                parser.error(f"--csv {args.csv}: give a CSV file in an existing folder, not a notebook")
+            try:
+                Path(f"{out}.partial").open("w").close()
+                Path(f"{out}.partial").unlink()
+            except OSError as e:
+                parser.error(f"--csv {args.csv}: cannot write there ({e.strerror or e})")
         grade_all(args.grade, args.csv)
