@@ -59,7 +59,7 @@ class Settings(merge.Settings):
     gpu_pays: ClassVar[bool] = True  # whether --device auto takes a GPU torch sees (the sine's keeps its CPU rows)
     runs: int = setting(50, "independent runs, each with its own models and seeds", run_only=True)
     seed: int = setting(0, "base seed: run r has the run seed 1000 * seed + r (ours)")
-    device: str = setting("auto", "where to train: auto picks a GPU torch sees, for the sine the CPU (docs/speed.md)",
+    device: str = setting("auto", "where to train: auto, a GPU torch sees where one pays (not the sine's; speed.md)",
                           run_only=True, choices=("auto", "cpu", "cuda"))
     out: str = setting("runs/sine", "folder for results.jsonl, summary.md and the figures", run_only=True)
     strategies: str = setting("student,bo3,one", "comma-separated, of student, bo3, one (section 3.1), the controls "

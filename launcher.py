@@ -3,6 +3,7 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), without torchrun's own rep
 (merge.py --workers) and ImageNet's ranks on one machine (imagenet.py --processes). What went wrong is
 the last line printed: rank 0's, or the launcher's for a rank killed by a signal."""
 import dataclasses
+import logging
 import os
 import signal
 import socket
@@ -89,10 +90,12 @@ def end_rank(*_):
     once (an exception in c10d's connecting could leave a C++ thread running: "terminate called without an active
     exception"); later by SystemExit, which lets a file being written go (report.written_whole). Where that
     cannot end it (raised in a callback, such as an import's, whose exceptions Python prints and ignores),
-    os._exit ends it a second later, without the print."""
+    os._exit ends it a second later, without the print; and it logs nothing more in that second (a compiled
+    step cut short would say that torch.compile is unavailable)."""
     if not torch.distributed.is_initialized():
         os._exit(130)
     sys.unraisablehook = lambda unraisable: None
+    logging.disable(logging.CRITICAL)
     backstop = threading.Timer(1, os._exit, (130,))
     backstop.daemon = True  # no wait at a normal exit
     backstop.start()

@@ -1,6 +1,7 @@
 """The sine experiment (section 3.2) run by the machinery: `python merge.py --task sine` hands over to
 main() here. Its settings, the numbers of a row, the report (Table 1, Figs. 5, 8a, 9, 10), the bench of
 the stacked trainer, and the command spread over one process per CPU core (--workers)."""
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ class SineSettings(experiment.Settings):
                         choices=("sine",))
     n_train: int = setting(10_000, "training points (3.2: 10,000)", valid=POINTS)
     n_val: int = setting(2_000, "validation points, drawn the same way, for choosing bo3 (ours)", valid=POINTS)
-    n_test: int = setting(10_000, "test points, drawn the same way (ours)", valid=POINTS)
+    n_test: int = setting(10_000, "test points, drawn the same way (the authors' scripts)", valid=POINTS)
     noise: float = setting(0.2, "standard deviation of the noise on y (3.2: N(0, 0.2))", valid=NOT_NEGATIVE)
     bench: bool = setting(False, "print the speed of the one-at-a-time and the stacked trainers, then exit", run_only=True)
     workers: int = setting(0, "processes that share the runs, each a rank with one thread (ours), never more than "
@@ -184,3 +185,7 @@ def run_task(s):
 def main(argv=None):
     launcher.guard()
     experiment.main(argv, parse, run_task)
+
+if __name__ == "__main__":  # the command is merge.py's, which hands over to main() here
+    sys.exit(print("error: sine.py is the machinery of the sine experiment: run python merge.py --task sine ...",
+                   file=sys.stderr) or 2)

@@ -545,7 +545,7 @@ def test_ctrl_c_while_torch_loads_is_one_line_too(tmp_path):
 
 
 RANK_TERMINATED = """
-import os, signal, sys, time, torch, launcher
+import logging, os, signal, sys, time, torch, launcher
 os.environ["MERGE_LAUNCHER"] = str(os.getppid())
 launcher.guard()
 if sys.argv[1] == "connected":
@@ -556,6 +556,7 @@ class Callback:  # SIGTERM while Python runs a callback whose exceptions it prin
         sum(range(1000))  # the handler runs here
 Callback()
 print("still running", flush=True)
+logging.getLogger("merge").warning("note: torch.compile is unavailable here")  # a compiled step cut short's
 time.sleep(30)
 """
 
@@ -563,11 +564,19 @@ time.sleep(30)
 @pytest.mark.parametrize("state", ["connecting", "connected"])
 def test_sigterm_ends_a_rank_with_exit_code_130_and_nothing_printed_wherever_it_comes(state):
     """launcher.py stops its ranks by SIGTERM (Ctrl-C, a failed rank): each ends with 130 and prints nothing, also
-    when SIGTERM comes in a callback, where SystemExit is printed and ignored (a second later there)."""
+    when SIGTERM comes in a callback, where SystemExit is printed and ignored (a second later there; nothing
+    logged in that second)."""
     run = subprocess.run([sys.executable, "-c", RANK_TERMINATED, state], capture_output=True, text=True, timeout=60,
                          cwd=ROOT)
     assert run.returncode == 130 and run.stderr == "", run.stderr
     assert run.stdout == ("still running\n" if state == "connected" else "")
+
+
+def test_sine_py_run_as_a_command_names_the_command_in_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "sine.py"), "--runs", "2"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "python merge.py --task sine" in run.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_a_closed_pipe_ends_the_run_quietly_as_head_would_have_it(tmp_path):
