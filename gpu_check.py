@@ -3,13 +3,13 @@ stacked step with and without CUDA graphs, compiled and eager; the whole sine pr
 compiling, again with torch's compiled steps cached, and again with its stacks one after another, as a
 CPU trains them, not by turns (the largest difference of its rows is reported); LeNet, 10 runs x 60 epochs,
 stacked, compiled and eager; ImageNet's loader and ResNet18 on synthetic JPEGs (the loader alone, the
-model alone, both; Pillow and nvJPEG); then, while --budget lasts, where a step of the stacked sine goes
-(its kernels, their GPU time, drawing an epoch's orders), the sine protocol on this machine's CPU cores,
-LeNet with its compiled steps cached and small runs of each experiment on the GPU against the CPU's rows.
+model alone, both; Pillow and nvJPEG); then, while --budget lasts, LeNet with its compiled steps cached,
+where a step of the stacked sine goes (its kernels, their GPU time, drawing an epoch's orders), the sine
+protocol on this machine's CPU cores and small runs of each experiment on the GPU against the CPU's rows.
 Each timing says how often a CUDA graph could not be recorded (its steps then ran one launch a kernel). It
 writes its report to --report as it goes, and each command's output to its log (REPORT_logs/) as it comes; a
 step that fails leaves its traceback in REPORT_logs/failed.log, and the check then exits with 1. --only runs
-some of its steps again. The measurements are gpu_timings.py's.
+some of its steps again, in this order whatever the order named. The measurements are gpu_timings.py's.
 
     python gpu_check.py --report gpu_check.md --lenet-data DIR     # on one GPU
     python gpu_check.py --only imagenet-gpu graphs                 # two steps again, after a change

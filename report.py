@@ -3,9 +3,11 @@ the summary tables (the paper's Tables 1-4, and the stages of the student) and t
 functions, each returning its figure and, given a path, saving it as a PNG (whole: a temporary file,
 then a rename) and closing it."""
 import contextlib
+import errno
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +30,9 @@ def written_whole(path):
     try:
         yield part
         part.replace(path)
+    except OSError as e:
+        e.filename = e.filename or str(path)  # a write's error names no file: this one (experiment.main says it)
+        raise
     finally:
         part.unlink(missing_ok=True)
 
@@ -37,10 +42,15 @@ def write_whole(path, text):
         part.write_text(text)
 
 def save_whole(obj, path):
-    """torch.save, whole or not at all (written_whole). Its folder is made."""
+    """torch.save, whole or not at all (written_whole). Its folder is made. torch says a write failed (a full
+    disk) by a RuntimeError: it becomes an OSError, ENOSPC where the disk has no room left (under 16 MiB)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(path) as part:
-        torch.save(obj, part)
+        try:
+            torch.save(obj, part)
+        except RuntimeError as e:
+            code = errno.ENOSPC if shutil.disk_usage(part.parent).free < 1 << 24 else errno.EIO
+            raise OSError(code, os.strerror(code), str(path)) from e
 
 def held(path):
     """Whether another process holds the lock of the file at path now (fcntl.flock): a look that writes nothing,
@@ -59,8 +69,12 @@ def held(path):
 
 def append_row(path, row):
     """row as one more JSON line of path: a crash can cut its last line alone (experiment.read_rows drops it)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        e.filename = e.filename or str(path)  # a write's error names no file: this one
+        raise
 
 # == Progress ======================================================================================
 

@@ -11,9 +11,11 @@ be the stack's, not each model's (experiment.py trains such phases one at a time
 """
 import contextlib
 import copy
+import errno
 import itertools
 import logging
 import os
+import shutil
 import threading
 import time
 import types
@@ -238,6 +240,9 @@ def save_stack(path, state):
     try:
         torch.save(state, part)
         part.replace(path)
+    except RuntimeError as e:  # torch's word for a failed write (a full disk): an OSError, as report.save_whole's
+        code = errno.ENOSPC if shutil.disk_usage(part.parent).free < 1 << 24 else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from e
     finally:
         part.unlink(missing_ok=True)
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -313,6 +314,19 @@ def test_a_full_disk_gives_one_line_and_leaves_no_part_file(tmp_path, capsys, mo
     code, err = main([*SMALL, "--out", tmp_path / "out"], capsys)
     assert code == 1 and err.count("\n") == 1 and "No space left on device writing in" in err and "phases" in err, err
     assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".part")]
+
+    def torch_full(obj, path):  # as torch.save says it: a RuntimeError, the disk then without room
+        Path(path).write_bytes(b"half a phase")
+        raise RuntimeError("basic_ios::clear: iostream error")
+    monkeypatch.setattr(experiment.torch, "save", torch_full)
+    monkeypatch.setattr(report.shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=4096))
+    code, err = main([*SMALL, "--out", tmp_path / "torch"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "No space left on device writing in" in err and "phases" in err, err
+    assert not [p for p in (tmp_path / "torch").rglob("*") if p.name.endswith(".part")]
+    if Path("/dev/full").exists():  # a row's write into a full disk: its error names no file, append_row names it
+        with pytest.raises(OSError) as full_disk:
+            report.append_row(Path("/dev/full"), {"test_mse": 0.05})
+        assert full_disk.value.errno == errno.ENOSPC and full_disk.value.filename == "/dev/full"
 
 
 # -- one command at a time, rows read once ------------------------------------------------------
@@ -762,6 +776,14 @@ def test_stack_auto_stacks_on_a_gpu_alone():
     assert woof.parse([]).stack == "auto" and sine.parse([]).stack == "1"  # LeNet's default; the sine's
     assert stacked.stacks("auto", "cuda") and not stacked.stacks("auto", "cpu")
     assert stacked.stacks("1", "cpu") and not stacked.stacks("0", torch.device("cuda", 0))
+
+
+def test_more_sine_workers_than_gpus_is_bad_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, err = main([*SMALL, "--device", "cuda", "--workers", 2, "--out", tmp_path / "sine"], capsys)
+    assert code == 2 and err == "error: --workers 2 on the GPU: each worker takes a GPU of its own, and torch sees 1\n"
+    assert not list(tmp_path.iterdir())
 
 
 def test_device_auto_takes_a_gpu_but_for_the_sine(monkeypatch):
