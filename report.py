@@ -21,6 +21,8 @@ log = logging.getLogger("merge")  # what the runs report; Progress shows it
 
 # == Files written whole, and locks ===============================================================
 
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)  # a file's write failed
+
 @contextlib.contextmanager
 def written_whole(path):
     """A temporary name beside path to write to; renamed to path when the block ends, removed if it fails:
@@ -31,7 +33,8 @@ def written_whole(path):
         yield part
         part.replace(path)
     except OSError as e:
-        e.filename = e.filename or str(path)  # a write's error names no file: this one (experiment.main says it)
+        if e.filename is None and e.errno in WRITE_ERRORS:  # a write's error names no file: this one
+            e.filename = str(path)  # (experiment.main says where); a download's own errors stay as they are
         raise
     finally:
         part.unlink(missing_ok=True)
@@ -42,15 +45,16 @@ def write_whole(path, text):
         part.write_text(text)
 
 def save_whole(obj, path):
-    """torch.save, whole or not at all (written_whole). Its folder is made. torch says a write failed (a full
-    disk) by a RuntimeError: it becomes an OSError, ENOSPC where the disk has no room left (under 16 MiB)."""
+    """torch.save, whole or not at all (written_whole). Its folder is made. torch says a full disk by a
+    RuntimeError: where the disk has no room left (under 16 MiB), it becomes the OSError it is (ENOSPC)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(path) as part:
         try:
             torch.save(obj, part)
         except RuntimeError as e:
-            code = errno.ENOSPC if shutil.disk_usage(part.parent).free < 1 << 24 else errno.EIO
-            raise OSError(code, os.strerror(code), str(path)) from e
+            if shutil.disk_usage(part.parent).free >= 1 << 24:  # another failure (a GPU's, say): as it is
+                raise
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
 
 def held(path):
     """Whether another process holds the lock of the file at path now (fcntl.flock): a look that writes nothing,
@@ -73,7 +77,8 @@ def append_row(path, row):
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
     except OSError as e:
-        e.filename = e.filename or str(path)  # a write's error names no file: this one
+        if e.filename is None and e.errno in WRITE_ERRORS:  # a write's error names no file: this one
+            e.filename = str(path)
         raise
 
 # == Progress ======================================================================================

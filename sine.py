@@ -173,7 +173,8 @@ def parse(argv=None):
 
 def run_task(s):
     experiment.check_settings(s, records=not s.bench)  # the bench writes nothing to --out
-    if experiment.resolve_device(s) == "cuda" and experiment.ranks()[1] == 1 and workers(s) > torch.cuda.device_count():
+    if not s.bench and experiment.resolve_device(s) == "cuda" and experiment.ranks()[1] == 1 and \
+            workers(s) > torch.cuda.device_count():
         raise experiment.InputError(f"--workers {s.workers} on the GPU: each worker takes a GPU of its own, and torch "
                                     f"sees {torch.cuda.device_count()}")
     if s.bench:

@@ -240,9 +240,10 @@ def save_stack(path, state):
     try:
         torch.save(state, part)
         part.replace(path)
-    except RuntimeError as e:  # torch's word for a failed write (a full disk): an OSError, as report.save_whole's
-        code = errno.ENOSPC if shutil.disk_usage(part.parent).free < 1 << 24 else errno.EIO
-        raise OSError(code, os.strerror(code), str(path)) from e
+    except RuntimeError as e:  # torch's word for a full disk: the OSError it is, as report.save_whole's
+        if shutil.disk_usage(part.parent).free >= 1 << 24:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
     finally:
         part.unlink(missing_ok=True)
 

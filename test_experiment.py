@@ -323,6 +323,15 @@ def test_a_full_disk_gives_one_line_and_leaves_no_part_file(tmp_path, capsys, mo
     code, err = main([*SMALL, "--out", tmp_path / "torch"], capsys)
     assert code == 1 and err.count("\n") == 1 and "No space left on device writing in" in err and "phases" in err, err
     assert not [p for p in (tmp_path / "torch").rglob("*") if p.name.endswith(".part")]
+    with pytest.raises(RuntimeError, match="CUDA error"):  # torch.save's other failures, with room left, as they are
+        monkeypatch.setattr(report.shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=1 << 30))
+        monkeypatch.setattr(experiment.torch, "save", lambda obj, path: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+        report.save_whole({}, tmp_path / "model.pt")
+    for error, named in ((errno.ENOSPC, True), (errno.ECONNRESET, False)):  # a write's, a download's
+        with pytest.raises(OSError) as raised, report.written_whole(tmp_path / "file") as part:
+            part.write_text("half")
+            raise OSError(error, os.strerror(error))
+        assert raised.value.filename == (str(tmp_path / "file") if named else None)
     if Path("/dev/full").exists():  # a row's write into a full disk: its error names no file, append_row names it
         with pytest.raises(OSError) as full_disk:
             report.append_row(Path("/dev/full"), {"test_mse": 0.05})
