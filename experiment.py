@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import torch
 
+import lockstep
 import merge
 import report
 import stacked
@@ -384,14 +385,13 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
         jobs = [dict(run=run, strategy=name, work=lambda train, run=run, name=name: STRATEGIES[name](
             datas[run], s, make_teacher, run_seed(s.seed, run), train)) for name in names for run in chunk
             if (run, name) not in done]
-
-        def finished(job, outcome):
+        def finished(job, outcome):  # a job's row, written as it comes
             model, info = outcome
             rows.append(dict(run=job["run"], strategy=job["strategy"], seed=run_seed(s.seed, job["run"]), **info,
                              compute=job.get("compute", {}), **result(model, datas[job["run"]])))
             if rank == 0 and not split:
                 report.append_row(out / "results.jsonl", rows[-1])
-        stacked.Lockstep(trainer, overlap=device == "cuda" and OVERLAP_ON_GPU).run(jobs, finished)
+        lockstep.Lockstep(trainer, overlap=device == "cuda" and OVERLAP_ON_GPU).run(jobs, finished)
         if split:  # every rank's rows, to rank 0
             log.info("  waiting for the other processes' runs of this chunk")
             torch.distributed.all_gather_object(gathered := [None] * world, rows)

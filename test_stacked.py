@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import lockstep
 import merge
 import stacked
 
@@ -215,7 +216,7 @@ def test_lockstep_stacks_the_phases_of_all_runs_and_changes_no_model():
     results = {}
     jobs = [dict(key=(name, seed), work=lambda train, name=name, seed=seed: merge.STRATEGIES[name](
         datas[seed], s, merge.SineMLP, seed, train)) for name in merge.STRATEGIES for seed in (0, 1)]
-    stacked.Lockstep(fit_phases).run(jobs, lambda job, outcome: results.__setitem__(job["key"], outcome))
+    lockstep.Lockstep(fit_phases).run(jobs, lambda job, outcome: results.__setitem__(job["key"], outcome))
     assert len(results) == 2 * len(merge.STRATEGIES)
     assert {("teacher", 2), ("bo3", 3), ("one", 1)} <= set(asked[0]), asked  # round 1: every run
     assert len(asked[0]) == 2 * len(merge.STRATEGIES)  # every strategy's first phase, for each run
@@ -265,7 +266,7 @@ def test_lockstep_by_turns_gives_each_stack_a_cuda_stream_and_lets_jobs_go_on_wh
         return run
     jobs = [dict(work=work(("short", 2), ("after", 1))), dict(work=work(("long", 5))), dict(work=work(("plain", 3)))]
     finished = []
-    stacked.Lockstep(fit_phases, overlap=True).run(jobs, lambda job, result: finished.append(result))
+    lockstep.Lockstep(fit_phases, overlap=True).run(jobs, lambda job, result: finished.append(result))
     names = [name for name, _, _ in turns]
     assert names.index("after") < len(names) - 1 - names[::-1].index("long")  # begun while "long" trained on
     assert [name for name, epoch, _ in turns if epoch == 0] == ["short", "long", "plain", "after"]
@@ -283,7 +284,7 @@ def test_lockstep_by_turns_gives_each_stack_a_cuda_stream_and_lets_jobs_go_on_wh
         return [dict(jobs=[a["job"]], stacked=True, epochs=(failing if a["phase"] == "short" else epochs)(
             a["phase"], a["epochs"])) for a in asked]
     with pytest.raises(RuntimeError, match="out of memory"):
-        stacked.Lockstep(fit_phases, overlap=True).run([dict(work=work(("short", 2))), dict(work=work(("long", 5)))],
+        lockstep.Lockstep(fit_phases, overlap=True).run([dict(work=work(("short", 2))), dict(work=work(("long", 5)))],
                                                        lambda job, result: None)
 
 
