@@ -411,10 +411,10 @@ def test_phases_of_several_strategies_in_one_stack_give_the_rows_of_one_at_a_tim
 def test_phases_by_turns_as_on_a_gpu_give_the_same_rows(finished, tmp_path, monkeypatch, capsys):
     """On a GPU the run loop trains its stacks by turns, an epoch each, and the jobs of a phase that is over go
     on at once: the student's importance phase starts while the one model still trains. Here on the CPU."""
-    class ByTurns(experiment.stacked.Lockstep):
+    class ByTurns(experiment.lockstep.Lockstep):
         def __init__(self, fit_phases, overlap=False):
             super().__init__(fit_phases, overlap=True)
-    monkeypatch.setattr(experiment.stacked, "Lockstep", ByTurns)
+    monkeypatch.setattr(experiment.lockstep, "Lockstep", ByTurns)
     said = []
     monkeypatch.setattr(report.Progress, "emit", lambda self, record: said.append(record.getMessage().strip()))
     strategies = "student,random,bo3,one,prune"  # twins (the teachers of student and random), a phase not stacked
