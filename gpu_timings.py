@@ -205,10 +205,10 @@ def broadcast_products(step, use_compile):
 
 def sine_kernels(device, sizes=(50, 250), epochs=5):
     """Where a step of the stacked sine goes, for stacks of 50 and 250 (the one model's, and the teachers' and
-    bo3 models'), each size yielded as soon as it is measured: (size, (microseconds a step, compiled, 10 steps a CUDA graph; with broadcast_products (its
-    microseconds a step, the products decomposed, the weights' largest difference after the epochs) or why it
-    failed; kernels a
-    step and their GPU time in microseconds, profiled one launch a step, those launched at least once a step;
+    bo3 models'), each size yielded as soon as it is measured: (size, (microseconds a step, compiled, 10 steps a
+    CUDA graph; with broadcast_products (its microseconds a step, the products decomposed, the weights' largest
+    difference after the epochs) or why it failed; kernels a step and their GPU time in microseconds, profiled
+    one launch a step, those launched at least once a step;
     milliseconds an epoch to draw its orders, a randperm a model as fit_stacked draws them, and drawn on the CPU,
     pinned and copied instead; milliseconds of steps an epoch; the five kernels of most GPU time, each (name,
     launches a step, microseconds a step); why profiling failed, or "")). A failed profile leaves the rest."""

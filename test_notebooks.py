@@ -150,7 +150,8 @@ def test_the_release_holds_no_answer_and_no_output(released):
     key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
     text = "\n".join(cell.source for cell in student.cells)
     assert "BEGIN SOLUTION" not in text and text.count("raise NotImplementedError()") == 6
-    hidden = re.findall(r"### BEGIN HIDDEN TESTS\n(.*?)### END HIDDEN TESTS", "\n".join(c.source for c in key.cells), re.S)
+    hidden = re.findall(r"### BEGIN HIDDEN TESTS\n(.*?)### END HIDDEN TESTS", "\n".join(c.source for c in key.cells),
+                        re.S)
     assert hidden and "HIDDEN TESTS" not in text and not [line for part in hidden for line in part.splitlines()
                                                           if line.strip() and line.strip() in text]  # worked values
     assert not any(cell.get("outputs") or cell.get("execution_count") or "execution" in cell.metadata
@@ -358,8 +359,8 @@ def test_the_released_checks_pass_our_solutions_and_only_the_hidden_values_catch
 def test_grading_many_notebooks_prints_each_and_writes_one_csv_row_a_notebook(tmp_path, monkeypatch, capsys):
     points = {"a.ipynb": {"check_x": (2, 2, ""), "check_y": (0, 1, "AssertionError: no")},
               "b.ipynb": {"check_x": (1, 2, ""), "check_y": (1, 1, "")}}
-    monkeypatch.setattr(sys.modules[__name__], "grade", lambda file, folder, timeout: (points[Path(file).name],
-                                                                                       ["l_half"] * (file == "b.ipynb")))
+    monkeypatch.setattr(sys.modules[__name__], "grade", lambda file, folder, timeout: (
+        points[Path(file).name], ["l_half"] * (file == "b.ipynb")))
     key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
     for name in points:
         nbformat.write(key, tmp_path / name)
@@ -526,7 +527,8 @@ if __name__ == "__main__":  # python test_notebooks.py --release DIR, or --grade
     task.add_argument("--release", metavar="DIR", help="write the students' copy into DIR, a new or empty folder")
     task.add_argument("--grade", metavar="FILE", nargs="+",
                       help="the automatic points of each FILE, a returned exercises notebook, and its written answer")
-    parser.add_argument("--csv", metavar="OUT", help="with --grade: every file's points also written to OUT, a CSV file")
+    parser.add_argument("--csv", metavar="OUT", help="with --grade: every file's points also written to OUT, "
+                        "a CSV file")
     args = parser.parse_args()
     for flag, value in (("--release", args.release), ("--csv", args.csv), *(("--grade", f) for f in args.grade or ())):
         if value == "":
