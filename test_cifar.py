@@ -164,6 +164,7 @@ def test_pruning_keeps_the_function_and_ends_in_the_teachers_architecture():
 
 # --- the command line ----------------------------------------------------------
 
+@pytest.mark.slow
 def test_resnet20_cifar100_end_to_end_with_every_strategy(tmp_path):
     data, out = make_cifar(tmp_path, "cifar100"), tmp_path / "out"
     result = run_cli("--data", data, "--width", 2, "--epochs", 6, "--runs", 2, "--batch", 8, "--out", out,
@@ -179,6 +180,7 @@ def test_resnet20_cifar100_end_to_end_with_every_strategy(tmp_path):
     assert settings["lr"] == 0.1 and settings["weight_decay"] == 1e-4 and settings["drops_importance"] == [0.5, 0.7]
 
 
+@pytest.mark.slow
 def test_vgg11_cifar10_with_given_teachers_against_fusion(tmp_path):
     data, out = make_cifar(tmp_path, "cifar10"), tmp_path / "out"
     files = []

@@ -63,7 +63,7 @@ def cli(*args, **kwargs):
                           timeout=600, **kwargs)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a worker, whatever order the tests run in
 def finished(tmp_path_factory):
     """A small sine experiment with every strategy, run once through the command line."""
     out = tmp_path_factory.mktemp("finished") / "sine"
@@ -340,6 +340,7 @@ def test_a_full_disk_gives_one_line_and_leaves_no_part_file(tmp_path, capsys, mo
 
 # -- one command at a time, rows read once ------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_commands_on_one_out_are_refused_and_rows_stay_unique(tmp_path, capsys):
     """The second command is main(argv) in this process: it meets the lock at once, while the first trains."""
     out = tmp_path / "sine"
@@ -369,6 +370,7 @@ def test_an_out_in_use_is_refused_by_every_process_before_any_trains(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no phases/, no rows, no settings.json
 
 
+@pytest.mark.slow
 def test_an_out_that_cannot_be_locked_is_used_with_a_note(finished, tmp_path, capsys, monkeypatch):
     """A file system without locks (flock: ENOLCK) is not "in use": the command goes on, saying it could not
     lock. Ranks started in this process leave its SIGTERM handler as it was."""
@@ -442,6 +444,7 @@ def test_no_more_workers_than_runs(workers, runs, expected):
     assert sine.workers(sine.parse(["--workers", workers, "--runs", runs, "--device", "cpu"])) == expected
 
 
+@pytest.mark.slow
 def test_workers_share_the_runs_and_give_the_rows_of_one_process(finished, tmp_path):
     """--workers 2: two processes, each a rank with every other run; rank 0 writes every row once."""
     out = tmp_path / "two"
@@ -457,6 +460,7 @@ def test_workers_share_the_runs_and_give_the_rows_of_one_process(finished, tmp_p
     assert "| student | 2 |" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_more_runs_on_a_finished_out_over_two_processes_that_get_unequal_shares(finished, tmp_path):
     """Two processes, one new run: one process trains it, the other has nothing to do; neither waits for ever."""
     out = copy_of(finished, tmp_path)
@@ -539,6 +543,7 @@ def test_every_subset_of_strategies_reports(finished, tmp_path, monkeypatch, cap
     capsys.readouterr()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_ctrl_c_ends_with_one_line_saying_what_was_kept(tmp_path, workers):
     out = tmp_path / "sine"
@@ -618,6 +623,7 @@ def workers_of(parent):
     return {int(environ(pid)["RANK"]): int(pid) for pid in children}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("killed", ["worker 1", "the launcher"])
 def test_a_killed_process_leaves_no_orphan_and_the_launcher_says_which(tmp_path, killed):
     out = tmp_path / "sine"

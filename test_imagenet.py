@@ -42,7 +42,7 @@ def write_folder(root, classes=3, n_train=12, n_val=4):
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a worker, whatever order the tests run in
 def folder(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp("imagenet") / "data")
 
@@ -108,6 +108,7 @@ def test_without_one_the_shorter_one_model_is_not_trained_either(folder, tmp_pat
     assert json.loads((out / "settings.json").read_text())["data"] == str(folder)  # tab completion's slash gone
 
 
+@pytest.mark.slow
 def test_ddp_averages_the_gradients_of_the_ranks(folder, tmp_path):
     """From the same weights, one epoch on 2 processes with 4 images a rank gives the weights of one
     process with 8 (LeNet: no BatchNorm, whose statistics are each rank's own)."""
@@ -139,6 +140,7 @@ if world > 1:  # as experiment.main does: no rank leaves while another still tal
     assert not torch.allclose(alone["fc3.weight"], start["fc3.weight"], atol=1e-3)  # it did train
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_at_its_last_epoch_with_the_rows_of_an_unbroken_one(folder, tmp_path):
     """Ranks that imagenet.py --processes 2 starts itself (torchrun's are the other tests'): the whole protocol
     runs on two; killed with its launcher, it resumes at the last finished epoch, to the same rows."""
@@ -159,6 +161,7 @@ def test_a_killed_two_process_run_resumes_at_its_last_epoch_with_the_rows_of_an_
     assert rows(out) == rows(tmp_path / "unbroken")
 
 
+@pytest.mark.slow
 def test_runs_spread_over_ranks_give_the_rows_of_a_plain_run_each_once(tmp_path):
     import test_lenet_imagewoof
     data = test_lenet_imagewoof.make_folder(tmp_path / "woof")
@@ -246,6 +249,7 @@ def test_the_ranks_share_the_check_of_the_headers_and_each_learns_a_problem_any_
     assert f"checking {len(shares[0])} of {len(paths)} images, this process's share" in printed.out + printed.err
 
 
+@pytest.mark.slow
 def test_under_torchrun_an_out_of_other_settings_is_refused_before_any_rank_reads_the_images(tmp_path):
     """Rank 0 reads --out's files before the ranks read the images' headers, and every rank stops: the line is
     the refusal's, not the bad image's that reading the headers would have found."""
@@ -260,12 +264,13 @@ def test_under_torchrun_an_out_of_other_settings_is_refused_before_any_rank_read
     assert "bad.JPEG" not in output and sorted(p.name for p in out.iterdir()) == ["settings.json"], output[-2000:]
 
 
-def test_an_image_cut_short_is_replaced_by_the_next_with_a_warning(tmp_path):
+def test_an_image_cut_short_is_replaced_by_the_next_with_a_warning(tmp_path, capsys):
     data = write_folder(tmp_path / "data")
     whole = (data / "train" / "n01" / "3.JPEG").read_bytes()
     (data / "train" / "n01" / "3.JPEG").write_bytes(whole[:len(whole) // 2])  # its header fine, its pixels cut
-    output = finished(launch("imagenet.py", "--data", data, "--out", tmp_path / "out", *TINY, "--phase-epochs", 1, 1, 1,
-                             1, 1, "--short", 1, "--strategies", "one"))
+    imagenet.main([str(a) for a in ["--data", data, "--out", tmp_path / "out", *TINY, "--phase-epochs", 1, 1, 1, 1, 1,
+                                    "--short", 1, "--strategies", "one"]])
+    output = capsys.readouterr().err
     assert "3.JPEG" in output and "the next image takes its place" in output
     assert (tmp_path / "out" / "summary.md").exists()
 

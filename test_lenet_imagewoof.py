@@ -81,6 +81,7 @@ def read_rows(out):
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_lenet_end_to_end_through_the_command_line_then_resumed_from_the_cache(tmp_path):
     data, out = make_folder(tmp_path / "woof"), tmp_path / "out"
     first = run_cli("--data", data, "--epochs", 6, "--runs", 2, "--out", out, "--device", "cpu")
@@ -139,6 +140,7 @@ def test_lenet_stacked_as_on_a_gpu_gives_the_rows_of_one_at_a_time_and_a_cut_sta
     assert read_rows(tmp_path / "cut") == stack and not list((tmp_path / "cut" / "phases").glob("*.stack"))
 
 
+@pytest.mark.slow
 def test_resnet18_end_to_end_through_the_command_line(tmp_path):
     data, out = make_folder(tmp_path / "woof"), tmp_path / "out"
     result = run_cli("--arch", "resnet18", "--size", 32, "--width", 4, "--data", data, "--epochs", 6,

@@ -317,6 +317,7 @@ def test_count_peaks_needs_each_crest_and_trough():
     assert merge.count_peaks(flat_crest) == 4 and merge.count_peaks(flat_trough) == 4
 
 
+@pytest.mark.slow
 def test_the_method_stands_alone_in_a_folder_of_its_own(tmp_path):
     """merge.py imports the standard library and torch (scipy inside fusion), and runs alone: in a folder
     holding merge.py only, with matplotlib and Pillow unimportable, every strategy runs on the sine."""
@@ -369,7 +370,7 @@ def here(capsys, *args):
     return code, capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a worker, whatever order the tests run in
 def small_run(tmp_path_factory):
     """A short sine run through the real command line; each test below works on a copy of its --out."""
     out = tmp_path_factory.mktemp("small") / "sine"

@@ -122,6 +122,7 @@ def failed(cell):
     return any(o.get("output_type") == "error" for o in cell.outputs)
 
 
+@pytest.mark.slow
 def test_the_demo_runs_top_to_bottom_in_a_fresh_kernel_and_writes_nothing(tmp_path, monkeypatch):
     notebook = execute(nbformat.read(ROOT / "sine_demo.ipynb", as_version=4), tmp_path, monkeypatch)
     assert all(cell.outputs for cell in notebook.cells if cell.cell_type == "code")
@@ -140,7 +141,7 @@ def test_the_committed_notebooks_are_executed_without_errors_and_linked(name, im
     assert name in (ROOT / "README.md").read_text()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once a worker, whatever order the tests run in
 def released(tmp_path_factory):
     return release(tmp_path_factory.mktemp("release"))
 
@@ -374,6 +375,7 @@ def test_grading_many_notebooks_prints_each_and_writes_one_csv_row_a_notebook(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ipynb", "b.ipynb", "points.csv"]  # no .partial left
 
 
+@pytest.mark.slow
 def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_released_merge(released, tmp_path,
                                                                                                monkeypatch, capsys):
     """The round trip nbgrader makes: our solutions (the source) score every point, the release none, both
