@@ -1,7 +1,7 @@
 """What every test leaves as it found it, so that the suite passes in any order: the project's logger
 (the command line installs its Progress handler), torch's default dtype and random state; and one torch
-thread a test. Tests marked slow (about ten seconds or more on 2 cores) run first, so that pytest -n 2 ends its two
-workers together; -m "not slow" leaves them out."""
+thread a test. Tests marked slow start first in each worker's share, so that pytest -n 2 ends its two workers
+together; -m "not slow" leaves them out."""
 import logging
 import os
 
@@ -14,19 +14,24 @@ import torch  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: about ten seconds or more on 2 cores (processes of its own, whole runs)")
+    config.addinivalue_line("markers", "slow: the slowest tests (most start processes or run whole experiments)")
 
 
-def pytest_collection_modifyitems(items):
-    """pytest -n 2 --dist worksteal hands each worker half the list, and the worker done first takes tests from
-    the end of the other's: half the slow tests go first in each half, so that the tests left to the end are
-    short ones and the two workers end together. Slow tests of one file stay side by side (in one worker, a
-    fixture of theirs is made once)."""
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: the list the workers share out
+def pytest_collection_modifyitems(config, items):
+    """pytest -n N --dist worksteal hands worker w the w-th of N equal slices of the list, and a worker done
+    first takes tests from the end of another's: each slice starts with its share of the slow tests, so that
+    the tests left to the end are short ones and the workers end together."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
     slow = [item for item in items if item.get_closest_marker("slow")]
     fast = [item for item in items if not item.get_closest_marker("slow")]
-    half = len(slow) // 2
-    first = max(0, len(items) // 2 - half)
-    items[:] = slow[:half] + fast[:first] + slow[half:] + fast[first:]
+    ordered = []
+    for w in range(workers):
+        mine = slow[len(slow) * w // workers:len(slow) * (w + 1) // workers]
+        room = max(0, len(items) * (w + 1) // workers - len(ordered) - len(mine))
+        ordered += mine + fast[:room]
+        del fast[:room]
+    items[:] = ordered + fast
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ CGROUPS, OWN_CGROUP = Path("/sys/fs/cgroup"), Path("/proc/self/cgroup")  # Linux
 def before_torch():
     signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted while starting", file=sys.stderr) or 130))
     atexit.register(gc.freeze)  # the last handler at exit: Python's final garbage collections then walk none of
-    # the objects still alive (torch's alone are 165,000), about a second of a core saved a command and a rank here
+    # the objects still alive (torch's import alone makes 154,000), about a second of a core (docs/speed.md)
     if cpu_cores() < usable_cores():  # torch reads it as it loads; a thread count given is kept
         os.environ.setdefault("OMP_NUM_THREADS", str(cpu_cores()))
 

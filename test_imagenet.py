@@ -2,7 +2,9 @@
 write runs end to end in one process and over the ranks imagenet.py --processes starts; DDP (under
 torchrun) really averages; a killed 2-process run resumes at its last finished epoch; runs spread
 over torchrun's ranks give the rows of a plain run, each once; the loader's draft and GPU decoding."""
+import atexit
 import dataclasses
+import gc
 import json
 import os
 import runpy
@@ -338,11 +340,13 @@ def test_a_containers_cpu_quota_limits_the_cores_a_run_takes(monkeypatch, tmp_pa
 def test_a_command_starts_no_more_torch_threads_than_its_cpu_quota_allows(monkeypatch, tmp_path):
     """startup.before_torch, which every command runs before torch loads: OMP_NUM_THREADS, which torch reads
     as it loads, at the quota's cores where they are fewer than the cores the process may run on; none
-    without a quota (torch's own default); a count given is kept."""
+    without a quota (torch's own default); a count given is kept. And gc.freeze is made to run at exit."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(startup, "CGROUPS", tmp_path)
     monkeypatch.setattr(startup, "OWN_CGROUP", tmp_path / "membership")
-    monkeypatch.setattr(signal, "signal", lambda *args: None)  # pytest's Ctrl-C stays
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # pytest's Ctrl-C stays, and its exit
+    exit_handlers = []
+    monkeypatch.setattr(atexit, "register", exit_handlers.append)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     (tmp_path / "membership").write_text("0::/\n")
     startup.before_torch()
@@ -353,6 +357,7 @@ def test_a_command_starts_no_more_torch_threads_than_its_cpu_quota_allows(monkey
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     startup.before_torch()
     assert os.environ["OMP_NUM_THREADS"] == "2"
+    assert exit_handlers == [gc.freeze] * 3  # a command calls it once, first: at exit it runs last
 
 
 def photo(path, w=500, h=375, seed=0):

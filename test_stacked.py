@@ -42,8 +42,7 @@ def same(a, b, tolerance):
     return all(torch.allclose(a.state_dict()[n], b.state_dict()[n], **tolerance) for n in a.state_dict())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("use_compile", [0, pytest.param(1, marks=needs_compiler)])
+@pytest.mark.parametrize("use_compile", [0, pytest.param(1, marks=[needs_compiler, pytest.mark.slow])])
 def test_the_stack_trains_what_merge_fit_trains_given_the_same_noise(use_compile, monkeypatch, caplog):
     monkeypatch.setattr(stacked.log, "propagate", True)  # to caplog, whatever a Progress handler did
     caplog.set_level(logging.WARNING, logger="merge")
