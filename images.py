@@ -153,7 +153,8 @@ def arrays(images, labels, test_images, test_labels, val_fraction, seed):
 def load_folder(data, size, val_fraction=0.1, seed=0, whole=False):
     """A folder in ImageFolder's layout as uint8 arrays: train/ minus a validation split fixed by seed (to
     choose bo3), and val/ as the test set (as Imagewoof's val is used)."""
-    check_folder(data)
+    listed = check_folder(data)
+    split(len(listed[0][0]), val_fraction, seed)  # a validation split that leaves none to train on: before decoding
     images, labels, classes = load_split(data, "train", size, whole)
     test_images, test_labels, _ = load_split(data, "val", size, whole)
     return dict(arrays(images, labels, test_images, test_labels, val_fraction, seed), classes=classes)

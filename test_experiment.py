@@ -255,7 +255,7 @@ def test_a_damaged_epoch_checkpoint_is_trained_again_with_one_line(finished, tmp
     redone = {r["run"]: r["test_mse"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
               if r["strategy"] == "one"}
     assert redone == pytest.approx({r["run"]: r["test_mse"] for r in map(json.loads, rows) if r["strategy"] == "one"},
-                                   rel=1e-3)  # one at a time: the stack's rows up to float32 rounding
+                                   abs=2e-6)  # one at a time: the stack's rows up to float32 rounding
     assert not list((out / "phases").glob("*.epochs"))
 
 

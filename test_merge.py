@@ -155,6 +155,11 @@ def test_a_residual_stage_is_kept_or_dropped_as_one_group():
     groups = [g for g, _, _ in big_student.unit_groups()]
     assert sum(id(g) in stage_gates for g in groups) == 3  # one group per stage, not per block
     assert len(merge.gates(big_student)) == 3 + 9  # 3 shared stage gates + one inner gate per block
+    drawn = []  # in training, each stage gate draws its noise once a forward pass, shared by the stage's blocks
+    for stage, gate in enumerate(big_student.stage_gates):
+        gate.noise = lambda batch, units, stage=stage: drawn.append(stage) or torch.rand(batch, units)
+    big_student.train()(torch.randn(3, 3, 16, 16))
+    assert drawn == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,6 +222,15 @@ def test_l_half_is_zero_at_exactly_one_kth(k):
         assert merge.l_half([g.loc for g in merge.gates(model)]).item() == pytest.approx(0, abs=1e-12)
 
 
+def test_l_half_sums_each_layers_squared_distance_from_one_kth():
+    """Section 2.2: the sum over layers of (share - the layer's mean P[g > 0])^2."""
+    shift = merge.Gate.beta * torch.log(torch.tensor(-merge.Gate.gamma / merge.Gate.zeta))
+    loc = lambda p_open: torch.logit(torch.tensor(p_open)) + shift  # noqa: E731 - merge.p_open(loc) = p_open
+    layers = [loc([0.9, 0.9]), loc([0.1, 0.3])]  # means 0.9 and 0.2
+    assert merge.l_half(layers).item() == pytest.approx((0.5 - 0.9) ** 2 + (0.5 - 0.2) ** 2, rel=1e-9)
+    assert merge.l_half(layers, share=1 / 3).item() == pytest.approx((1 / 3 - 0.9) ** 2 + (1 / 3 - 0.2) ** 2, rel=1e-9)
+
+
 def test_lambda_schedule_follows_fig5_and_ends_at_the_papers_value_when_shortened():
     paper = merge.lambda_schedule(150, 0.01, 0.05)
     assert paper[0] == pytest.approx(0.01 + 0.05 * 0.1)
@@ -272,6 +286,7 @@ def test_random_keeps_other_units_than_the_gates_on_the_students_phases():
     assert not torch.equal(student.hidden.weight, random.hidden.weight)
     big = merge.make_big_student([merge.SineMLP(), merge.SineMLP()])
     big.gates[0].loc.data = torch.arange(200.0)  # the gates would keep units 100-199
+    assert torch.equal(merge.top_units(big)[0], torch.arange(100, 200))
     keep = merge.random_units(big, seed=3)
     assert len(keep[0]) == 100 and keep[0].unique().tolist() == keep[0].tolist()  # 1/k, sorted, no repeats
     assert not torch.equal(keep[0], merge.top_units(big)[0]) and torch.equal(keep[0], merge.random_units(big, 3)[0])
@@ -292,6 +307,47 @@ def test_every_strategy_trains_the_phases_of_its_budget():
         epochs = sum(copies * epochs for phase, copies, epochs in asked)
         want = dict(one_compute=2 * 4 + 2 * 2 + 2, fusion=10)  # the wider importance phase; no importance phase
         assert epochs == want.get(name, 12), (name, asked)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_the_students_importance_phase_ends_at_the_papers_lambda_and_aims_at_one_kth(k, monkeypatch):
+    """What student() asks of its train for the importance phase (2.2): Fig. 5's schedule over the phase's epochs,
+    rescaled to end at the paper's last lambda, and L_half's share 1/k; and --fold 1 reaches compression (ours)."""
+    s, data, asked, folded = merge.Settings(epochs=24, teachers=k, fold=1), merge.sine_data(0, 100, 20, 20), {}, []
+
+    def train(models, data, s, epochs, drops, seeds, phase, lambdas=None, share=0.5, warmup=0, **hooks):
+        if phase == "importance":
+            asked.update(epochs=epochs, lambdas=lambdas, share=share)
+        return merge.train(models, data, s, epochs, drops, seeds, phase, lambdas, share, warmup, **hooks)
+    compress = merge.compress
+    monkeypatch.setattr(merge, "compress", lambda big, keep, fold: folded.append(fold) or compress(big, keep, fold))
+    merge.student(data, s, merge.SineMLP, 0, train)
+    paper = merge.lambda_schedule(round(s.paper_epochs / 6), s.lambda_start, s.lambda_step)
+    assert asked["epochs"] == len(asked["lambdas"]) == merge.budget(s)["importance"] < len(paper)
+    assert asked["lambdas"][-1] == pytest.approx(paper[-1], rel=1e-9) and asked["share"] == pytest.approx(1 / k)
+    assert folded == [1]
+
+
+def test_bo3_takes_the_best_of_three_on_the_validation_set_not_the_test_set():
+    class Scores:  # model 1 is the best on the validation set, model 0 on the test set (by MSE)
+        metric, device = "mse", torch.device("cpu")
+
+        def evaluate(self, model, split="test"):
+            return {"val": [0.3, 0.1, 0.2], "test": [0.1, 0.3, 0.2]}[split][model.index]
+
+    def train(models, *args, **kwargs):
+        for index, model in enumerate(models):
+            model.index = index
+        return models
+    model, info = merge.bo3(Scores(), merge.Settings(epochs=12), merge.SineMLP, 0, train)
+    assert info["chosen"] == model.index == 1 and info["val_of_three"] == [0.3, 0.1, 0.2]
+    Scores.metric = "accuracy"  # the higher the better
+    assert merge.bo3(Scores(), merge.Settings(epochs=12), merge.SineMLP, 0, train)[1]["chosen"] == 0
+
+
+def test_kept_share_counts_the_kept_units_of_each_teacher():
+    big_student = merge.make_big_student([merge.SineMLP(widths=(4,)), merge.SineMLP(widths=(4,))])
+    assert merge.kept_share(big_student, [torch.tensor([0, 1, 2, 5])]) == [0.75, 0.25]  # units 0-3: teacher 0's
 
 
 def test_macs_counts_each_layers_outputs_times_its_fan_in():
@@ -444,6 +500,8 @@ def test_changed_settings_with_the_same_out_are_refused(tmp_path):
     (out / "settings.json").write_text(json.dumps({"epochs": 600}))
     result = run_cli("--out", str(out))
     assert result.returncode == 2 and "other settings" in result.stderr and result.stderr.count("\n") == 1
+    assert [p.name for p in out.iterdir()] == ["settings.json"]  # nothing written, nothing changed
+    assert json.loads((out / "settings.json").read_text()) == {"epochs": 600}
 
 
 def test_the_readme_reports_what_the_committed_run_produced(tmp_path, capsys):

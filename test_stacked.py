@@ -85,6 +85,19 @@ def test_the_stack_trains_what_merge_fit_trains_given_the_same_noise(use_compile
     assert "unavailable" not in caplog.text  # compiled, not fallen back to eager
 
 
+def test_big_students_of_three_teachers_train_in_a_stack_as_alone_toward_a_third():
+    """The importance phase at k = 3: L_half's share 1/3 reaches the stack as it reaches merge.fit."""
+    s, lambdas = settings(), merge.lambda_schedule(3, 0.5, 0.5)
+    datas = [merge.sine_data(seed, 200, 50, 50) for seed in (0, 1)]
+    big_students = lambda: [merge.make_big_student(fresh([3 * r, 3 * r + 1, 3 * r + 2])) for r in (0, 1)]  # noqa: E731
+    alone, stack = big_students(), big_students()
+    for big_student, data, seed in zip(alone, datas, [7, 8]):
+        stacked.counter_noise(big_student, seed)
+        merge.fit(big_student, data, s, 3, seed=seed, lambdas=lambdas, share=1 / 3)
+    stacked.fit_stacked(stack, datas, s, 3, seeds=[7, 8], lambdas=lambdas, share=1 / 3, compile=0)
+    assert all(same(a, b, dict(rtol=1e-12, atol=1e-12)) for a, b in zip(alone, stack))
+
+
 def test_a_conv_stack_compiles_its_step_once_a_phase_its_short_last_batch_eagerly(monkeypatch):
     """Under vmap a convolution fixes the compiled step's batch size: an epoch's short last batch would compile
     LeNet's step a second time in every phase. It runs eagerly instead, and the stack trains what it trains
