@@ -138,7 +138,7 @@ def lambda_schedule(epochs, start, step, tuned_epochs=None):
 # == 2.3  Compression of the big student (Fig. 7) ==================================================
 def top_units(big_student):
     """The kept units of every unit group: the top 1/k by loc. The paper keeps "the most important" units;
-    ranking by loc (the order of the test-time gate value, which its clamp at 0 and 1 only ties) is the scripts'."""
+    ranking by loc (the order of P[g > 0]; of the test-time value too, but for ties where it clamps) is the scripts'."""
     k = big_student.hparams["k"]
     return [gate.loc.detach().topk(len(gate.loc) // k).indices.sort().values
             for gate, _, _ in big_student.unit_groups()]
@@ -314,12 +314,12 @@ class Settings:
     """The method's settings, with the sine problem's values (section 3.2); each experiment extends them."""
     epochs: int = setting(900, "epochs per strategy, the whole budget; every phase and lr drop scales with it (3.1)")
     teachers: int = setting(2, "k, the number of teachers merged into one student (paper: 2)")
-    phase_epochs: tuple = ()  # (teacher, importance, fine-tune, bo3, one) epochs given, not from epochs (ImageNet)
+    phase_epochs: tuple = ()  # (teacher, importance, fine-tune, bo3, one) epochs given, not from epochs (3.3.5)
     batch: int = setting(32, "examples per SGD step (sine: the authors' scripts)")
     lr: float = setting(0.01, "SGD learning rate, divided by 10 at each drop (sine: 3.2)")
     momentum: float = setting(0.9, "SGD momentum (sine: 3.2)")
     weight_decay: float = setting(0.0, "SGD weight decay (sine: none named by the paper or the scripts, SGD's default)")
-    # lr / 10 at these fractions of each phase (3.2: teachers and bo3 250 of 300, none, 100 of 150, 800 of 900)
+    # lr / 10 at these fractions (3.2: teachers, bo3 250/300, fine-tune 100/150, one 800/900; importance none: 3.3.1)
     drops_teacher: tuple = (5 / 6,)
     drops_importance: tuple = ()
     drops_finetune: tuple = (2 / 3,)
@@ -331,7 +331,7 @@ class Settings:
     paper_epochs: int = setting(900, "budget whose importance phase (1/6) the lambda step fits; others rescale (ours)")
     fold: int = setting(0, "1: fold the kept gates' test-time values into the next layers at compression (ours)")
     finetune_lr: float = setting(0.0, "lr at the start of fine-tuning; 0: --lr (ImageNet: 0.07, 3.3.5)")
-    finetune_warmup: int = setting(0, "epochs of linear lr warm-up at the start of fine-tuning (ImageNet: 2)")
+    finetune_warmup: int = setting(0, "fine-tuning's first epochs of lr warm-up from lr/3 (ImageNet: 2, authors' timm)")
 
 def budget(s):
     """Epochs per phase, equal in total for every strategy (3.1; bo3's off by one where 3 does not divide epochs):
@@ -383,7 +383,7 @@ def optimizers(model, s, importance=False):
     locs = [gate.loc for gate in gates(model)]
     weights = [p for p in model.parameters() if all(p is not loc for loc in locs)]
     opts = [torch.optim.SGD(weights, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)]
-    return opts + [torch.optim.SGD(locs, lr=s.gate_lr, momentum=0.9)] if importance else opts
+    return opts + ([torch.optim.SGD(locs, lr=s.gate_lr, momentum=0.9)] if importance else [])
 
 def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, share=0.5, warmup=0, opts=None, start=0,
         after_step=None, after_epoch=None):
@@ -401,7 +401,7 @@ def fit(model, data, s, epochs, drops=(), seed=0, lambdas=None, share=0.5, warmu
         total, seen = 0, 0
         for x, y in data.batches(s.batch):
             error = error_loss(model(x), y)
-            loss = error + lambdas[epoch] * l_half(locs, share) if lambdas is not None else error  # L_E + lambda L_half
+            loss = error + (lambdas[epoch] * l_half(locs, share) if lambdas is not None else 0)  # L_E + lambda L_half
             for opt in opts:
                 opt.zero_grad()
             loss.backward()
@@ -425,9 +425,9 @@ def train(models, data, s, epochs, drops, seeds, phase, lambdas=None, share=0.5,
     return models
 
 # == 3.1  Strategies ===============================================================================
-# Plain functions of one run: (data, settings, teacher constructor, run seed, train) -> (model, info). A run's phase
-# trains from the seed 100 * run seed + its offset here (+ i for its i-th model: phase_seed). Phases shared (teachers;
-# importance) have one seed: the run machinery trains them once, each strategy here again. random fine-tunes as student.
+# Plain functions of one run: (data, settings, teacher constructor, run seed, train) -> (model, info). A phase trains
+# from the seed 100 * run seed + its offset here (+ i for its i-th model: phase_seed); shared ones (teachers,
+# importance) train once in the run machinery, in each strategy here. random and student differ only in the units kept.
 PHASE_SEEDS = dict(teacher=0, importance=10, finetune=11, random=12, bo3=20, one=30, one_compute=31,  # teacher i: + i
                    wide=40, pruning=41, prune_finetune=42, fusion_finetune=50)
 
@@ -588,8 +588,8 @@ def prune(data, s, make_teacher, seed, train=train):
     masks = with_masks(masked)
     train([masked], data, s, b["importance"], s.drops_importance, [phase_seed(seed, "pruning")], "pruning",
           **taylor_pruning(masks, b["importance"]))
-    pruned = compress(masked, [mask.m.detach().nonzero().flatten() for mask in masks])  # exact: the dropped
-    info = dict(wide_test=round(data.evaluate(wide), 6), pruned_test=round(data.evaluate(pruned), 6))  # units are 0
+    pruned = compress(masked, [mask.m.detach().nonzero().flatten() for mask in masks])  # exact: dropped masks are 0
+    info = dict(wide_test=round(data.evaluate(wide), 6), pruned_test=round(data.evaluate(pruned), 6))
     finetune(pruned, data, s, phase_seed(seed, "prune_finetune"), "prune_finetune", train)
     return pruned, info
 

@@ -272,6 +272,11 @@ RIGHT = {  # answers other than ours that a check must pass: a schedule in float
                         "    lambdas.append(lam.item())\n"
                         "return lambdas"],
     "choose_units": [
+        # a rule that changes the big student it is given (the check and the experiment give it a copy)
+        "merge.with_masks(big_student)  # the gates replaced by masks, in place\n"
+        "k = big_student.hparams['k']\n"
+        "return [p[0].weight.detach().flatten(1).norm(dim=1).topk(p[0].weight.shape[0] // k).indices.sort().values\n"
+        "        for _, p, _ in big_student.unit_groups()]",
         # as many from each teacher by loc, a leftover place to the best unit left (its choice can be loc's)
         "k, keep = big_student.hparams['k'], []\n"
         "for gate, _, _ in big_student.unit_groups():\n"
@@ -385,8 +390,9 @@ def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_
     assert not any(failed(c) for c in key.cells if c.cell_type == "code")
     printed = "".join(o.get("text", "") for c in key.cells for o in c.get("outputs", []))
     assert "| yours |" in printed  # the experiment ran, at its tiny budget
-    # Grading a returned copy (--grade): a student who answered exercise 1 alone, and deleted the check of
-    # exercise 2a, gets exercise 1's 2 points; the key's checks run again, whatever was done to them.
+    # Grading a returned copy (--grade): a student who answered exercise 1 alone, left a syntax error in 2a's
+    # answer and deleted its check, gets exercise 1's 2 points; the key's checks run again, whatever was done to
+    # them, and a check that fails after an answer raised says what that answer raised.
     student = nbformat.read(released / "exercises.ipynb", as_version=4)
     answers = {nbgrader_id(cell): cell for cell in nbformat.read(ROOT / "exercises.ipynb", as_version=4).cells}
     student.cells = [answers["concat_weight"] if nbgrader_id(cell) == "concat_weight" else cell
@@ -395,6 +401,8 @@ def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_
     # without its grade id is said to be missing and counts as unanswered.
     endless = next(cell for cell in student.cells if nbgrader_id(cell) == "lambda_schedule")
     endless.source = "def lambda_schedule(epochs, start, step):\n    while True:\n        pass"
+    broken = next(cell for cell in student.cells if nbgrader_id(cell) == "p_open")  # a syntax error: --grade says so
+    broken.source = "def p_open(loc):\n    return (loc"
     pasted = next(cell for cell in student.cells if nbgrader_id(cell) == "l_half")
     pasted.source, pasted.metadata = answers["l_half"].source, {}
     nbformat.write(student, tmp_path / "returned.ipynb")
@@ -407,7 +415,9 @@ def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_
         assert list(csv.DictReader(f)) == [{"file": str(tmp_path / "returned.ipynb"), "automatic": "2",
                                             **{check: str(got) for check, (got, _, _) in points.items()}}]
     assert len(points) == 6 and points["check_concat_weight"] == (2, 2, "")
-    assert points["check_p_open"][:2] == (0, 2) and "NotImplementedError" in points["check_p_open"][2]
+    assert points["check_p_open"][:2] == (0, 2) and points["check_p_open"][2].startswith("NameError: ")
+    assert "; a cell above it raised SyntaxError" in points["check_p_open"][2]
+    assert "raised" not in points["check_l_half"][2]  # the stub above it raises when called, in the check
     assert points["check_lambda_schedule"][:2] == (0, 2) and "interrupted" in points["check_lambda_schedule"][2]
     assert points["check_l_half"][:2] == (0, 2) and missing == ["l_half"]
     assert sum(p[0] for p in points.values()) == 2 and sum(p[1] for p in points.values()) == 12
@@ -452,8 +462,9 @@ def grade(submission, folder, timeout=60):
     key's locked cells (setup, texts, checks) replace the student's, by grade id; the student's solution cells
     and cells of their own stay where they were. It runs in a fresh kernel in folder, beside the released
     merge.py and stacked.py, exercise 5's experiment skipped; a cell running past timeout seconds is interrupted
-    and fails. Returns {check: (points, out of, why it failed or "")}, and the solution cells the submission
-    lacks (an answer pasted into a fresh notebook loses its grade id), which count as unanswered."""
+    and fails. Returns {check: (points, out of, why it failed or "")}, where a failed check's why adds the first
+    error of the cells run since the check before (a student's answer that raised), and the solution cells the
+    submission lacks (an answer pasted into a fresh notebook loses its grade id), which count as unanswered."""
     key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
     theirs, after, last = {}, {}, None
     for cell in nbformat.read(submission, as_version=4).cells:
@@ -475,8 +486,15 @@ def grade(submission, folder, timeout=60):
         NotebookClient(key, timeout=timeout, interrupt_on_timeout=True, kernel_name="python3", allow_errors=True,
                        resources={"metadata": {"path": str(released)}}).execute()
     missing = [i for i, cell in stubs.items() if cell.metadata.nbgrader.get("solution") and i not in theirs]
-    return {nbgrader_id(cell): (0 if failed(cell) else cell.metadata.nbgrader.points, cell.metadata.nbgrader.points,
-                                why(cell)) for cell in graded(key) if cell.cell_type == "code"}, missing
+    points, above = {}, ""  # above: the first error of a cell run since the last check (a student's answer, say)
+    for cell in (c for c in key.cells if c.cell_type == "code"):
+        if not cell.metadata.get("nbgrader", {}).get("grade"):
+            above = above or why(cell)
+            continue
+        reason = why(cell) + (f"; a cell above it raised {above}" if failed(cell) and above else "")
+        points[nbgrader_id(cell)], above = (0 if failed(cell) else cell.metadata.nbgrader.points,
+                                            cell.metadata.nbgrader.points, reason), ""
+    return points, missing
 
 
 def why(cell):
