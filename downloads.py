@@ -80,8 +80,10 @@ def made_once(root, name, make):
         if not target.is_dir():  # whoever held the lock before may have made it
             scratch = root / f".{name}.partial"
             shutil.rmtree(scratch, ignore_errors=True)  # what a killed process left
-            make(scratch).replace(target)
-            shutil.rmtree(scratch, ignore_errors=True)
+            try:
+                make(scratch).replace(target)
+            finally:  # a make that failed leaves no half-made folder behind
+                shutil.rmtree(scratch, ignore_errors=True)
     finally:
         if os.name != "posix":
             lock.close()  # Windows removes no file that is open (and there is no lock to keep)
@@ -116,6 +118,9 @@ def fetch(root, url, digests, folder):
             with tarfile.open(archive) as tar:
                 tar.extractall(scratch, filter="data")  # refuses absolute paths and links out of scratch
         except (tarfile.TarError, OSError, EOFError) as e:
+            if isinstance(e, OSError) and e.errno in report.WRITE_ERRORS:  # a full disk, say: not the archive's fault
+                e.filename = e.filename or str(scratch)  # experiment.main's one line says where
+                raise
             raise InputError(f"{archive} is not a readable archive ({e}); delete it to fetch it again") from None
         if not (scratch / folder).is_dir():
             raise InputError(f"{archive} holds no {folder} folder")

@@ -340,3 +340,50 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert not out.exists()  # nothing written: not settings.json, not a given teacher
+
+
+def test_cifar100_takes_the_fine_labels_of_its_100_classes(tmp_path):
+    """The official CIFAR-100 batches hold fine_labels (100 classes) and coarse_labels (20 superclasses)."""
+    folder = make_cifar(tmp_path, "cifar100")
+    rng = np.random.default_rng(0)
+    for name in ("train", "test"):
+        fine = rng.integers(0, 100, 16)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (16, 3072), dtype=np.uint8), b"fine_labels": fine.tolist(),
+                         b"coarse_labels": (fine // 5).tolist()}, f, protocol=2)
+    d = cifar.load_cifar(folder, "cifar100", val_fraction=0.25)
+    assert d["y_test"].tolist() == fine.tolist()
+
+
+def test_the_crop_takes_each_of_its_offsets_and_mirrors_about_half():
+    """random_crop_flip: every one of the (2 pad + 1)^2 windows of the padded image, mirrored half the time."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 8, 8)
+    windows = torch.nn.functional.pad(x, (2, 2, 2, 2))[0].unfold(1, 8, 1).unfold(2, 8, 1).permute(1, 2, 0, 3, 4)
+    windows = windows.reshape(25, 1, 3 * 64)
+    out = images.random_crop_flip(x.expand(500, -1, -1, -1), pad=2)
+    plain = (out.reshape(1, 500, -1) == windows).all(-1)  # (25, 500): which window each example is
+    mirrored = (out.flip(-1).reshape(1, 500, -1) == windows).all(-1)
+    assert ((plain | mirrored).sum(0) >= 1).all()
+    assert (plain.any(1) | mirrored.any(1)).all()  # every offset drawn
+    assert 200 < mirrored.any(0).sum() < 300
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mean_std", [(), (0.4914, 0.4822, 0.4465, 0.2023, 0.1994, 0.2010)])
+def test_the_data_is_cropped_and_flipped_for_training_and_normalised_by_mean_std_where_given(tmp_path, monkeypatch,
+                                                                                              mean_std):
+    given = []
+
+    def image_data(d, device, augment=None, stats=()):
+        given.append((augment, stats))
+        raise Stop
+    monkeypatch.setattr(images, "image_data", image_data)
+    with pytest.raises(Stop):
+        cifar.run(cifar.parse(["--data", str(make_cifar(tmp_path, "cifar10")), "--experiment", "vgg11-cifar10",
+                               "--out", str(tmp_path / "out"), "--device", "cpu", *["--mean-std"] * bool(mean_std),
+                               *map(str, mean_std)]))
+    assert given == [(images.random_crop_flip, mean_std)]

@@ -484,3 +484,97 @@ def test_the_next_batch_is_made_ready_in_a_thread_while_this_one_trains():
                 assert ready.setdefault(i + 1, threading.Event()).wait(timeout=10), f"batch {i + 1} waited for {i}"
             trained.append(i)
     assert trained == [0, 1, 2]
+
+
+def noise_png(path, w=80, h=60, seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_a_training_crop_is_its_drawn_box_resized_bicubic_and_mirrored_as_drawn_per_epoch_and_image(tmp_path):
+    """Streamed training crops: the draws (box of 8-100 % of the area, flip half the time, jitter 0.4 in
+    brightness, contrast and saturation, no hue) fixed by (the epoch's seed, the image); evaluation: the
+    shorter side to size / 0.95, the centre crop, no flip, no jitter."""
+    paths = [noise_png(tmp_path / f"{i}.png", seed=i) for i in range(4)]
+    train, test = (streaming.Images(paths, [0, 1, 2, 3], 16, train) for train in (True, False))
+    for i, (pixels, label, factors) in enumerate(crops(train, seed=7)):
+        (left, top, cw, ch), flip, drawn = train.draws(80, 60, np.random.default_rng([7, i]))
+        crop = Image.open(paths[i]).convert("RGB").resize((16, 16), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
+        assert torch.equal(pixels, torch.from_numpy(np.array(crop)).permute(2, 0, 1)) and torch.equal(factors, drawn)
+        assert label == i
+    others = crops(train, seed=8)  # the next epoch draws anew; this one again, the same
+    assert all(not torch.equal(a[0], b[0]) for a, b in zip(crops(train, seed=7), others))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) for a, b in zip(crops(train, 8), others))
+    assert len({tuple(train.draws(80, 60, np.random.default_rng([7, i]))[0]) for i in range(4)}) == 4
+    for i, (pixels, label, factors) in enumerate(crops(test, seed=7)):
+        crop = images.centre_crop(Image.open(paths[i]).convert("RGB"), 16, crop_pct=0.95)
+        assert torch.equal(pixels, torch.from_numpy(np.array(crop)).permute(2, 0, 1)) and not factors.any()
+    draws = [train.draws(500, 375, np.random.default_rng([1, i])) for i in range(400)]
+    share = np.array([cw * ch / (500 * 375) for (_, _, cw, ch), _, _ in draws])
+    factors = torch.stack([f for _, _, f in draws])
+    assert 0.08 <= share.min() < 0.1 and 0.9 < share.max() <= 1 and 150 < sum(flip for _, flip, _ in draws) < 250
+    assert 0.6 <= factors[:, :3].min() < 0.62 and 1.38 < factors[:, :3].max() <= 1.4 and not factors[:, 3].any()
+
+
+def test_a_jpeg_decodes_with_at_least_as_many_pixels_as_its_crop_takes(tmp_path, monkeypatch):
+    """Pillow's draft may shrink a JPEG only as far as its crop keeps full resolution: the drawn box, in the
+    decoded image, at least size x size pixels (training); the shorter side at least size / 0.95 (evaluation)."""
+    paths, found = [photo(tmp_path / f"{i}.JPEG", seed=i) for i in range(8)], []
+    opened, crop_box = streaming.opened, streaming.crop_box
+    monkeypatch.setattr(streaming, "opened", lambda *args: found.append(opened(*args)) or found[-1])
+    monkeypatch.setattr(streaming, "crop_box", lambda *args, **kwargs: found.append(crop_box(*args, **kwargs)) or
+                        found[-1])
+    crops(streaming.Images(paths, list(range(8)), 64, True))
+    for box, (image, (w, h)) in zip(found[0::2], found[1::2]):
+        assert box[2] * image.width / w >= 64 and box[3] * image.height / h >= 64, (box, image.size)
+    found.clear()
+    crops(streaming.Images(paths, list(range(8)), 64, False))
+    assert all(min(image.size) >= images.resized_side(64, 0.95) for image, _ in found)
+    assert min(image.width for image, _ in found) < 500  # some did decode at a smaller scale
+
+
+def test_each_rank_streams_its_own_share_of_an_epoch_reshuffled_every_epoch(monkeypatch):
+    """batches(8) over 2 ranks: 4 images a batch on each, the two ranks' shares of an epoch disjoint and
+    together the whole training split; the next epoch in another order, the same epoch in the same."""
+    monkeypatch.setattr(streaming.Images, "__getitem__", lambda self, i: (torch.tensor(self.paths[i]), 0,
+                                                                          torch.zeros(4)))  # its index
+    s = imagenet.parse(["--data", "x", "--workers", "0"])
+    train, seen = streaming.Images(list(range(32)), [0] * 32, 32, True), []
+
+    def epoch(rank, seed):
+        data = streaming.Streamed(dict(train=train), s, rank, 2, torch.device("cpu"))
+        data.prepared = lambda loader, jitter: ((x, y) for x, y, _ in loader)
+        data.trained = torch.nn.Linear(1, 1)  # no buffers to broadcast
+        torch.manual_seed(seed)
+        batches = [x.tolist() for x, _ in data.batches(8)]
+        seen.append(train.seed)
+        return batches
+    first, second = epoch(0, 1), epoch(1, 1)
+    assert [len(b) for b in first + second] == [4] * 8
+    assert sorted(sum(first + second, [])) == list(range(32))
+    assert epoch(0, 1) == first and epoch(0, 2) != first and seen[0] == seen[2] != seen[3]
+
+
+def test_batches_become_floats_jittered_for_training_only_normalised_with_imagenets_statistics():
+    data = streaming.Streamed({}, None, 0, 1, torch.device("cpu"))
+    x, y = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8), torch.tensor([0, 1])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    dark = torch.tensor([[0.5, 1, 1, 0]] * 2)  # brightness halved
+    (evaluated, labels), = data.prepared([(x, y, dark)])  # evaluation: its factors are not applied
+    assert torch.allclose(evaluated, (x / 255 - mean) / std, atol=1e-6) and torch.equal(labels, y)
+    (trained, _), = data.prepared([(x, y, dark)], jitter=True)
+    assert torch.allclose(trained, (x / 255 * 0.5 - mean) / std, atol=1e-6)
+
+
+def test_the_validation_split_is_held_out_of_train_by_the_seed_and_evaluated_as_the_test_set(folder):
+    """--val-images of train, fixed by --seed, disjoint from the images trained on, cropped as the test set."""
+    def splits(seed):
+        s = imagenet.parse([str(a) for a in ["--data", folder, *TINY, "--seed", seed]])
+        return streaming.streamed_folder(s, 0, 1, torch.device("cpu"))[0].splits
+    mine = splits(0)
+    train, val, test = mine["train"], mine["val"], mine["test"]
+    assert (train.train, val.train, test.train) == (True, False, False)
+    assert len(val.paths) == 4 and len(train.paths) == 32 and not set(val.paths) & set(train.paths)
+    assert all(p.parent.name == f"n0{label}" for p, label in zip(train.paths + val.paths, train.labels + val.labels))
+    assert splits(0)["val"].paths == val.paths and splits(1)["val"].paths != val.paths

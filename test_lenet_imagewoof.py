@@ -2,6 +2,7 @@
 in the real formats (JPEG and PNG files in the Imagewoof layout, a .tgz); no network."""
 import concurrent.futures
 import dataclasses
+import errno
 import gzip
 import hashlib
 import json
@@ -524,3 +525,191 @@ def test_colour_jitter_keeps_images_in_range_and_gives_each_its_own_change():
     assert all(not torch.allclose(jittered[i], jittered[j]) for i in range(16) for j in range(i))
     gray = torch.full((1, 3, 8, 8), 0.5)  # a gray image has no hue or saturation to change
     assert torch.allclose(images.color_jitter(gray, 0.15).std(1), torch.zeros(1, 8, 8), atol=1e-5)
+
+
+def striped(path, w=48, h=24):
+    """An image whose left and right eighths are white and whose middle is black: a centre crop is black."""
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[:, :w // 8], pixels[:, -w // 8:] = 255, 255
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_lenet_takes_the_centre_crop_resnet18_the_whole_image_each_cached_apart(tmp_path):
+    """LeNet's images are the shorter side resized and the centre crop; ResNet18's the whole image squashed to a
+    square (docs/images.md); the two are cached under names of their own."""
+    data = make_folder(tmp_path / "woof")
+    image = data / "train" / CLASSES[0] / f"{CLASSES[0]}_0.JPEG"
+    striped(image.with_suffix(".png"))
+    image.unlink()
+    crop, whole = images.decode(image.with_suffix(".png"), 12), images.decode(image.with_suffix(".png"), 12, whole=True)
+    assert crop.max() == 0 and (whole[:, 0] > 200).all() and (whole[:, -1] > 200).all()
+    cropped, squashed = images.load_split(data, "train", 12)[0], images.load_split(data, "train", 12, whole=True)[0]
+    assert np.array_equal(cropped[0], crop) and np.array_equal(squashed[0], whole)
+    assert np.array_equal(images.load_split(data, "train", 12)[0], cropped)  # read back from its own cache
+
+
+def test_the_image_cache_sees_a_file_rewritten_at_the_same_size(tmp_path):
+    """A replaced image of the same number of bytes (an uncompressed PNG): its modification time tells."""
+    data = make_folder(tmp_path / "woof")
+    image = data / "train" / CLASSES[0] / f"{CLASSES[0]}_1.png"
+    Image.new("RGB", (48, 36), (10, 10, 10)).save(image, compress_level=0)
+    first = images.load_split(data, "train", 20)[0]
+    size = image.stat().st_size
+    Image.new("RGB", (48, 36), (240, 240, 240)).save(image, compress_level=0)
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10 ** 9))  # a coarse clock's tick later
+    assert image.stat().st_size == size and first[1, 10, 10, 0] < 20
+    assert images.load_split(data, "train", 20)[0][1, 10, 10, 0] > 230
+
+
+def test_a_random_resized_crop_is_its_drawn_box_resized_and_mirrored_as_drawn(monkeypatch):
+    """random_resized_crop_flip samples the box crop_box draws: here 8 wide and 4 high at (3, 5) of a 20 x 16
+    image, stretched to 8 x 8 (bilinear), mirrored about half the time."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 16, 20).expand(64, -1, -1, -1)
+    monkeypatch.setattr(images, "crop_box", lambda w, h, rng, scale, ratio: (3, 5, 8, 4))
+    out = images.random_resized_crop_flip(x, 8)
+    box = torch.nn.functional.interpolate(x[:1, :, 5:9, 3:11], size=(8, 8), mode="bilinear", align_corners=False)
+    inner = lambda t: t[..., 1:-1, :]  # the rows the box's own pixels give (at its edges bilinear reads its neighbours)
+    same = [torch.allclose(inner(o), inner(box[0]), atol=1e-5) for o in out]
+    mirrored = [torch.allclose(inner(o), inner(box[0].flip(-1)), atol=1e-5) for o in out]
+    assert all(s or m for s, m in zip(same, mirrored)) and 16 < sum(mirrored) < 48
+    monkeypatch.undo()
+    boxes, crop_box = [], images.crop_box
+    monkeypatch.setattr(images, "crop_box", lambda *args: boxes.append(crop_box(*args)) or boxes[-1])
+    images.random_resized_crop_flip(torch.rand(400, 3, 40, 40), 20)  # the authors' scale: 40-80 % of the area
+    share = np.array([cw * ch / 1600 for _, _, cw, ch in boxes])
+    assert 0.35 < share.min() < 0.45 and 0.75 < share.max() < 0.87
+
+
+def test_colour_jitters_factors_scale_brightness_blend_contrast_and_saturation_and_turn_the_hue():
+    """Each factor as torchvision's ColorJitter applies it (brightness times, contrast about the grey level's
+    mean, saturation about each pixel's grey); a hue turned half way round gives each colour its opposite about
+    its grey (YIQ), a whole turn the image itself."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 8, 8) * 0.5 + 0.25
+    jitter = lambda *factors: images.color_jitter(x, factors=torch.tensor([factors]))
+    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    close = lambda a, b: torch.allclose(a, b.clamp(0, 1), atol=1e-5)
+    assert close(jitter(1.3, 1, 1, 0), x * 1.3) and close(jitter(1, 1, 1, 0), x)
+    assert close(jitter(1, 0.6, 1, 0), (x - gray.mean()) * 0.6 + gray.mean())
+    assert close(jitter(1, 1, 0.6, 0), (x - gray) * 0.6 + gray)
+    assert close(jitter(1, 1, 1, 0.5), 2 * gray - x) and close(jitter(1, 1, 1, 1.0), x)
+
+
+def test_evaluation_batches_are_not_augmented_and_training_ones_are_before_normalising(tmp_path):
+    """prepare(x) for evaluation: the whole image, resized; for training augment gets floats in [0, 1] (CIFAR's
+    padding is black), and the batch is normalised after it."""
+    d = images.load_folder(make_folder(tmp_path / "woof"), 28)
+    seen = []
+    data = images.image_data(d, "cpu", 40, augment=lambda x: seen.append(x) or torch.zeros_like(x[..., :40, :40]))
+    floats = data.x_test.permute(0, 3, 1, 2).float() / 255
+    resized = torch.nn.functional.interpolate(floats, size=(40, 40), mode="bilinear", antialias=True)
+    mean, std = (v.view(1, 3, 1, 1) for v in images.channel_stats(data.x_train))
+    assert torch.allclose(data.prepare(data.x_test), (resized - mean) / std, atol=1e-5) and not seen
+    assert torch.allclose(data.prepare(data.x_train, train=True), -mean / std * torch.ones(16, 3, 28, 28), atol=1e-6)
+    assert len(seen) == 1 and torch.equal(seen[0], data.x_train.permute(0, 3, 1, 2).to(mean.dtype) / 255)
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("arch", ["lenet", "resnet18"])
+def test_each_architecture_reads_and_augments_the_images_as_the_docs_say(tmp_path, monkeypatch, arch):
+    """LeNet: centre crops at 28, no augmentation; ResNet18: whole images decoded at 160 (the archive's size),
+    for training a random resized crop to --size, flipped, then colour-jittered."""
+    data, loaded, given = make_folder(tmp_path / "woof"), [], []
+    load = images.load_folder
+
+    def image_data(d, device, size, augment):
+        given.append(augment)
+        raise Stop
+    monkeypatch.setattr(images, "load_folder", lambda *args, **kwargs: loaded.append((args[1], kwargs)) or
+                        load(*args, **kwargs))
+    monkeypatch.setattr(images, "image_data", image_data)
+    with pytest.raises(Stop):
+        woof.run(woof.parse(["--arch", arch, "--data", str(data), "--out", str(tmp_path / "out"), "--device", "cpu"]))
+    assert loaded == [(28, dict(whole=False)) if arch == "lenet" else (160, dict(whole=True))]
+    augment, = given
+    if arch == "resnet18":
+        calls = []
+        monkeypatch.setattr(images, "random_resized_crop_flip", lambda x, size: calls.append(("crop", size)) or x + 1)
+        monkeypatch.setattr(images, "color_jitter", lambda x: calls.append("jitter") or x * 2)
+        assert torch.equal(augment(torch.zeros(1)), torch.tensor([2.0])) and calls == [("crop", 224), "jitter"]
+    else:
+        assert augment is None
+
+
+def test_the_validation_split_is_its_share_rounded_disjoint_and_fixed_by_the_seed():
+    train, val = images.split(19, 0.25, seed=4)  # 4.75 images: 5
+    assert len(val) == 5 and sorted(np.concatenate([train, val]).tolist()) == list(range(19))
+    assert np.array_equal(images.split(19, 0.25, seed=4)[1], val)
+    assert len(images.split(19, 3, seed=4)[1]) == 3  # a count (ImageNet's --val-images)
+
+
+@pytest.mark.parametrize("cut", ["short", "reset"])
+def test_a_download_cut_short_leaves_no_file_there_nor_beside_it(tmp_path, monkeypatch, cut):
+    """download(): the file appears only whole; a response with fewer bytes than it announced, or a connection
+    reset, leaves nothing (verified() then fetches it again, or says so in one line)."""
+    url, _ = make_archive(tmp_path)
+    real_urlopen = downloads.urllib.request.urlopen
+
+    def cut_urlopen(address):
+        response = real_urlopen(address)
+        first = [response.read()[:100]]
+
+        def read(n):  # 100 bytes, then the end (short) or a connection reset
+            if first:
+                return first.pop()
+            if cut == "reset":
+                raise ConnectionResetError("reset by peer")
+            return b""
+        response.read = read
+        return response
+    monkeypatch.setattr(downloads.urllib.request, "urlopen", cut_urlopen)
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / "imagewoof2-160.tgz"
+    if cut == "short":
+        downloads.download(url, path, "put it there yourself")
+    else:
+        with pytest.raises(experiment.InputError, match="cannot download .*reset by peer.*put it there yourself"):
+            downloads.download(url, path, "put it there yourself")
+    assert not os.listdir(tmp_path / "data")
+
+
+@pytest.mark.parametrize("damage", ["cut", "outside"])
+def test_an_archive_that_fails_to_extract_leaves_no_folder_and_writes_nothing_outside_it(tmp_path, damage):
+    """fetch(): extracted whole or not at all, into a scratch folder first; a member that points out of it (an
+    archive made to write elsewhere) is refused."""
+    archive = tmp_path / "server" / "imagewoof2-160.tgz"
+    archive.parent.mkdir()
+    make_folder(tmp_path / "src" / "imagewoof2-160", n_train=30)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "imagewoof2-160", arcname="imagewoof2-160")
+        if damage == "outside":
+            (tmp_path / "src" / "evil.txt").write_text("written outside")
+            tar.add(tmp_path / "src" / "evil.txt", arcname="../evil.txt")
+    if damage == "cut":  # a whole download of an archive cut at its source: its digest is the published one
+        archive.write_bytes(archive.read_bytes()[:archive.stat().st_size * 2 // 3])
+    digests, root = {"md5": hashlib.md5(archive.read_bytes()).hexdigest()}, tmp_path / "data"
+    with pytest.raises(experiment.InputError, match="not a readable archive"):
+        downloads.fetch(root, archive.as_uri(), digests, "imagewoof2-160")
+    assert not (root / "imagewoof2-160").exists() and not (root / "evil.txt").exists()
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_a_full_disk_while_extracting_is_said_as_such_and_leaves_no_half_extracted_folder(tmp_path, monkeypatch):
+    """Not "not a readable archive; delete it": the archive is whole (its digest matched); the disk is full."""
+    url, digests = make_archive(tmp_path)
+    makefile, written = tarfile.TarFile.makefile, []
+
+    def full_disk(self, member, target):
+        written.append(target)
+        if len(written) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        makefile(self, member, target)
+    monkeypatch.setattr(tarfile.TarFile, "makefile", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        downloads.fetch(tmp_path / "data", url, digests, "imagewoof2-160")
+    assert os.listdir(tmp_path / "data") == ["imagewoof2-160.tgz"]  # the archive kept, no .partial folder
