@@ -140,8 +140,8 @@ def load_teacher(path, model):
         raise InputError(f"--teacher-files: {path} holds Python objects besides tensors; save its state dict "
                          "alone (torch.save(checkpoint['model_state_dict'], path)) and pass that") from None
     except Exception as e:  # noqa: BLE001 - truncated, not a torch file: all one line
-        raise InputError(f"--teacher-files: cannot read {path} as a file torch.save wrote ({type(e).__name__})") \
-            from None
+        raise InputError(f"--teacher-files: {path} is not a file torch.save wrote, or one cut short "
+                         f"({type(e).__name__} while reading it)") from None
     for key in ("model_state_dict", "state_dict"):
         if isinstance(state, dict) and key in state:
             state = state[key]

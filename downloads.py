@@ -56,7 +56,7 @@ def made_once(root, name, make):
     target = root / name
     if target.is_dir():  # before any lock: a --root that is only read, such as a shared copy, serves as it is
         return target
-    path = root / f".{name}.lock"
+    path, made = root / f".{name}.lock", [p for p in [root, *root.parents] if not p.exists()]  # deepest first
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = open(path, "a")
@@ -90,6 +90,9 @@ def made_once(root, name, make):
         with contextlib.suppress(OSError):  # open elsewhere, where that forbids it (Windows)
             path.unlink(missing_ok=True)  # on posix while the lock is held: a waiter then opens the file anew
         lock.close()
+        for folder in made:  # the folders made here, if a failure left them empty: refused input writes nothing
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return target
 
 def verified(url, path, digests, instead):

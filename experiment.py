@@ -11,7 +11,6 @@ import errno
 import json
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -164,6 +163,8 @@ def checked_out(s):
 
 def settings_record(s, out):
     """The settings that results in out must share (all but run_only ones), checked with out/settings.json."""
+    if (out / "study.json").exists():  # sine_teachers.py's, sine_budgets.py's: its experiments in folders below it
+        raise InputError(f"{out} holds a study, its experiments in folders of their own; use another --out")
     record = json.loads(json.dumps({f.name: getattr(s, f.name) for f in dataclasses.fields(s)
                                     if not f.metadata.get("run_only")}))
     if (path := out / "settings.json").exists():
@@ -410,7 +411,7 @@ def run_seed(seed, run):
 def main(argv, parse, run):
     """Every script's command line: bad input is one line and exit code 2; Ctrl-C one line and 130."""
     if threading.current_thread() is threading.main_thread():  # Ctrl-C is KeyboardInterrupt again, past the imports
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        report.catch_interrupts()
     s = parse(argv)
     report.show_progress(quiet=ranks()[0] > 0)
     try:
@@ -440,11 +441,6 @@ def main(argv, parse, run):
         sys.exit(1)
     except KeyboardInterrupt:
         out = Path(s.out) if ranks()[0] == 0 else sys.exit(130)
-        try:  # a study's runs (sine_teachers.py, sine_budgets.py) have folders of their own below its --out
-            kept = f"{len(read_rows(out, s)[0])} results in {out / 'results.jsonl'} and every finished phase in " \
-                f"{out / 'phases'}" if (out / "settings.json").exists() else f"every finished phase and row below {out}"
-        except Exception:  # noqa: BLE001 - the message must not fail
-            kept = f"the results in {out / 'results.jsonl'} and every finished phase in {out / 'phases'}"
         print(end="\n" if sys.stdout.isatty() else "")  # end a progress bar's line
-        print(f"interrupted: kept {kept}; the same command resumes from there", file=sys.stderr)
+        print(f"interrupted: {report.kept(out, lambda: len(read_rows(out, s)[0]))}", file=sys.stderr)
         sys.exit(130)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,43 @@ import torch
 import merge
 
 log = logging.getLogger("merge")  # what the runs report; Progress shows it
+
+# == Ctrl-C ========================================================================================
+
+interrupted = False  # Ctrl-C has come (on_interrupt)
+
+def on_interrupt(*_):
+    """SIGINT's handler (experiment.main): KeyboardInterrupt now, and again at the next epoch's report (progress)
+    should torch swallow this one: a compiled step's guard takes it for a failed check, and a weakref callback
+    prints it and goes on (catch_interrupts keeps that quiet)."""
+    global interrupted
+    interrupted = True
+    raise KeyboardInterrupt
+
+def catch_interrupts():
+    """Ctrl-C ends the command however deep in torch it lands (on_interrupt); a KeyboardInterrupt raised where
+    Python can only print it (a weakref callback, a __del__) is not printed: the next epoch raises it again."""
+    global interrupted
+    interrupted = False  # a command run again in one process (a notebook's) starts afresh
+    signal.signal(signal.SIGINT, on_interrupt)
+    sys.unraisablehook = quiet_interrupts
+
+def quiet_interrupts(unraisable):
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
+
+def kept(out, count_rows):
+    """What an interrupted command's last line says it kept in out (count_rows(): its rows; it may fail)."""
+    if (out / "study.json").exists():  # a study's runs (sine_teachers.py, sine_budgets.py) have folders below it
+        return f"kept every finished phase and row in the folders below {out}; the same command resumes from there"
+    if not (out / "settings.json").exists():
+        return "nothing had finished; the same command starts again"
+    try:
+        rows = f"{count_rows()} results"
+    except Exception:  # noqa: BLE001 - the message must not fail
+        rows = "the results"
+    return f"kept {rows} in {out / 'results.jsonl'} and every finished phase and checkpoint in {out / 'phases'}; " \
+        "the same command resumes from there"
 
 # == Files written whole, and locks ===============================================================
 
@@ -116,6 +154,8 @@ def progress(epochs, name="", began=None):
     began = began or time.time()
 
     def report(epoch, history):
+        if interrupted:  # a Ctrl-C that torch swallowed (on_interrupt)
+            raise KeyboardInterrupt
         error = np.mean(history[-1]["error"])
         log.info(f"    {name}{': ' if name else ''}epoch %d/%d, training error %.4f", epoch + 1, epochs, error,
                  extra=dict(epochs=epochs, began=began, phase=name))

@@ -1,6 +1,7 @@
 """The sine experiment (section 3.2) run by the machinery: `python merge.py --task sine` hands over to
 main() here. Its settings, the numbers of a row, the report (Table 1, Figs. 5, 8a, 9, 10), the bench of
 the stacked trainer, and the command spread over one process per CPU core (--workers)."""
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -60,21 +61,33 @@ def run_study(s, studies, heading, table, plot, figure):
         raise experiment.InputError("--bench times the sine's trainers: python merge.py --task sine --bench")
     if s.workers > 1:
         raise experiment.InputError("--workers is not used: a study trains in one process")
+    out, marker = Path(s.out), {"study": type(s).__name__}  # study.json: this folder is this study's
+    if (out / "settings.json").exists() or (out / "results.jsonl").exists():
+        raise experiment.InputError(f"--out {out} holds an experiment's results; a study's experiments go in folders "
+                                    "of their own below its --out: use another")
+    try:
+        other = (out / "study.json").exists() and (out / "study.json").read_text() != json.dumps(marker)
+    except (OSError, UnicodeDecodeError):  # unreadable: not this study's either
+        other = True
+    if other:
+        raise experiment.InputError(f"--out {out} holds another study (its study.json); use another --out")
     for _, title, settings in studies:
         try:
             experiment.check_settings(settings)
         except experiment.InputError as e:  # named: the study made these settings, not the command line
             raise experiment.InputError(f"{title}: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_whole(out / "study.json", json.dumps(marker))
     rows_of = {}
     for key, title, settings in studies:
-        with experiment.locked(settings) as out:
+        with experiment.locked(settings) as folder:
             rows_of[key] = experiment.run_experiment(settings, title, lambda seed, device: data(settings, seed, device),
                                                      merge.SineMLP, result)
-            write_report(settings, rows_of[key], out)
+            write_report(settings, rows_of[key], folder)
     text = f"# {heading}\n\n{table(rows_of)}\n"
-    report.write_whole(Path(s.out) / "summary.md", text)
+    report.write_whole(out / "summary.md", text)
     print(text)
-    plot(rows_of, Path(s.out) / figure)
+    plot(rows_of, out / figure)
 
 def write_report(s, rows, out):
     """summary.md (Table 1) printed and saved; Figs. 5, 8a, 9, 10 and the kept shares as PNG."""
@@ -191,5 +204,7 @@ def main(argv=None):
     experiment.main(argv, parse, run_task)
 
 if __name__ == "__main__":  # the command is merge.py's, which hands over to main() here
-    sys.exit(print("error: sine.py is the machinery of the sine experiment: run python merge.py --task sine ...",
-                   file=sys.stderr) or 2)
+    asked = bool({"-h", "--help"} & set(sys.argv[1:]))  # help asked for is not bad input: exit code 0
+    sys.exit(print(f"{'' if asked else 'error: '}sine.py is the machinery of the sine experiment: run python merge.py "
+                   "--task sine ... (python merge.py --help: its settings)", file=sys.stdout if asked else sys.stderr)
+             or (0 if asked else 2))

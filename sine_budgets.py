@@ -75,7 +75,7 @@ def plot_budgets(rows_of, path=None):
 
 
 def run(s):
-    experiment.check_settings(s)
+    experiment.check_settings(s, records=False)  # its experiments' folders hold the records
     if set(s.strategies.split(",")) != set(NAMES):
         raise experiment.InputError(f"--strategies: the study compares {','.join(NAMES)}")
     epochs = [settings_of(s, share).epochs for share in s.shares]

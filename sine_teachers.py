@@ -81,7 +81,7 @@ def plot_teachers(rows_of, path=None):
 
 
 def run(s):
-    experiment.check_settings(s)
+    experiment.check_settings(s, records=False)  # its experiments' folders hold the records
     if s.teachers != 2:
         raise experiment.InputError("--teachers is not used: the study merges k = 2, 3, ... up to --most teachers")
     if set(s.strategies.split(",")) != {"student", "bo3", "one"}:

@@ -258,7 +258,7 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     ("missing teacher, no download", "--teacher-files: no such file"),
     ("wrong teacher", "holds 10 tensors where a VGG's state dict has 9"),
     ("wider teacher", "another --width"),
-    ("broken teacher", "--teacher-files: cannot read"),
+    ("broken teacher", "is not a file torch.save wrote"),
     ("one teacher", "pass 2 files"),
     ("cuda with teachers", "no GPU"),
     ("empty batch", "holds no images"),

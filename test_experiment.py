@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import types
+import weakref
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,19 @@ def test_a_study_of_k_teachers_grows_on_its_out_and_keeps_what_it_ran(tmp_path, 
     assert "3 results already" in printed and (tmp_path / "study" / "k2" / "results.jsonl").read_text() == k2
     assert len((tmp_path / "study" / "k3" / "results.jsonl").read_text().splitlines()) == 1
     assert "| 3 |" in (tmp_path / "study" / "summary.md").read_text()
+    # A study's folder is its own (study.json): an experiment, or the other study, refused there, and a study
+    # refused in an experiment's folder; one line each, nothing written.
+    import sine_budgets
+    before, sine_out = files(tmp_path), tmp_path / "study" / "k2"  # an experiment's folder
+    refusals = [(sine.main, [*SMALL, "--out", tmp_path / "study"], "holds a study, its experiments in folders"),
+                (sine_budgets.main, [*args, "--shares", "1"], "holds another study (its study.json)"),
+                (sine_teachers.main, [*args[:-1], sine_out], "holds an experiment's results; a study's experiments")]
+    for command, argv, message in refusals:
+        with pytest.raises(SystemExit) as exit_:
+            command([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert files(tmp_path) == before and (tmp_path / "study" / "k2" / "results.jsonl").read_text() == k2
 
 
 def test_a_bad_out_gives_one_line_exit_code_2_and_writes_nothing(tmp_path, capsys):
@@ -541,6 +555,46 @@ def test_every_subset_of_strategies_reports(finished, tmp_path, monkeypatch, cap
             assert ("fig2_kept_share.png" in drawn) == ("student" in subset)
             drawn.clear()
     capsys.readouterr()
+
+
+def test_a_ctrl_c_that_torch_swallows_still_ends_the_run_at_the_next_epoch(tmp_path, capsys, monkeypatch):
+    """A compiled step's guard takes a KeyboardInterrupt for a failed check and goes on, and a weakref callback
+    only prints it: report.on_interrupt, SIGINT's handler, remembers it and the next epoch's report raises it."""
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # put back after the test
+    previous = signal.getsignal(signal.SIGINT)
+    data = sine.data
+
+    def swallowed(*args, **kwargs):  # Ctrl-C lands where torch catches it
+        try:
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            pass
+        return data(*args, **kwargs)
+    monkeypatch.setattr(sine, "data", swallowed)
+    try:
+        code, err = main([*SMALL, "--workers", "1", "--out", tmp_path / "out"], capsys)
+        assert code == 130 and err.count("\n") == 1 and err.startswith("interrupted: kept 0 results in "), err
+        assert report.interrupted and sys.unraisablehook is report.quiet_interrupts
+        holder = type("Holder", (), {})()
+        reference = weakref.ref(holder, report.on_interrupt)  # raised in a callback, where Python can only print it
+        del holder
+        assert reference() is None and capsys.readouterr().err == ""
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    monkeypatch.setattr(sine, "data", data)
+    assert main([*SMALL, "--workers", "1", "--out", tmp_path / "out"], capsys)[0] == 0  # afresh, in one process
+
+
+def test_an_interrupted_commands_line_says_what_it_kept(tmp_path):
+    out = tmp_path / "out"
+    assert report.kept(out, lambda: 3) == "nothing had finished; the same command starts again"
+    out.mkdir()
+    (out / "settings.json").write_text("{}")
+    assert report.kept(out, lambda: 3) == f"kept 3 results in {out / 'results.jsonl'} and every finished phase and " \
+        f"checkpoint in {out / 'phases'}; the same command resumes from there"
+    assert report.kept(out, lambda: 1 / 0).startswith("kept the results in")  # a damaged file: said all the same
+    (out / "study.json").write_text("{}")
+    assert report.kept(out, lambda: 3).startswith(f"kept every finished phase and row in the folders below {out};")
 
 
 @pytest.mark.slow

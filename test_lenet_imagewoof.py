@@ -448,7 +448,8 @@ def test_data_mnist_writes_mnists_files_in_the_imagewoof_layout_once_and_runs_on
     monkeypatch.setattr(downloads, "MNIST_URL", (tmp_path / "nowhere").as_uri() + "/")  # no network
     with pytest.raises(experiment.InputError, match=r"put MNIST's four files \(train-images-idx3-ubyte.gz, .*\) into"):
         downloads.mnist_folder(tmp_path / "offline", 3, 2)
-    assert not any((tmp_path / "offline").iterdir())  # no lock file left behind
+    assert not (tmp_path / "offline").exists()  # no lock file left behind, nor the --root it made
+    (tmp_path / "offline").mkdir()
     mine = tmp_path / "offline" / "train-images-idx3-ubyte.gz"  # a user's own copy, not the published file
     mine.write_bytes(b"a copy gzipped again")
     with pytest.raises(experiment.InputError, match=f"{mine} is there but is not the published file"):
@@ -505,8 +506,9 @@ def test_a_download_cut_short_is_fetched_again_and_no_network_is_one_line(tmp_pa
     monkeypatch.setattr(downloads.urllib.request, "urlopen", flaky_urlopen)
     assert (downloads.fetch(tmp_path / "data", url, digests, "imagewoof2-160") / "train").is_dir()
     assert calls.count(url) == 2
-    with pytest.raises(experiment.InputError, match="cannot download"):
-        downloads.fetch(tmp_path / "other", (tmp_path / "nowhere.tgz").as_uri(), digests, "imagewoof2-160")
+    with pytest.raises(experiment.InputError, match="cannot download"):  # and no --root left behind, nor above it
+        downloads.fetch(tmp_path / "other" / "root", (tmp_path / "nowhere.tgz").as_uri(), digests, "imagewoof2-160")
+    assert not (tmp_path / "other").exists()
 
 
 def test_the_readme_states_where_lenets_lambda_ends():
