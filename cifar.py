@@ -139,6 +139,8 @@ def load_teacher(path, model):
     except pickle.UnpicklingError:
         raise InputError(f"--teacher-files: {path} holds Python objects besides tensors; save its state dict "
                          "alone (torch.save(checkpoint['model_state_dict'], path)) and pass that") from None
+    except OSError as e:  # a folder, a file not readable
+        raise InputError(f"--teacher-files: cannot read {path} ({e.strerror})") from None
     except Exception as e:  # noqa: BLE001 - truncated, not a torch file: all one line
         raise InputError(f"--teacher-files: {path} is not a file torch.save wrote, or one cut short "
                          f"({type(e).__name__} while reading it)") from None

@@ -3,6 +3,7 @@ published digests and extracted once, whole, by one process at a time (lenet_ima
 MNIST's original files written in Imagewoof's layout, the stand-in of the README's LeNet results
 (lenet_imagewoof.py --data mnist)."""
 import contextlib
+import errno
 import gzip
 import hashlib
 import math
@@ -121,8 +122,8 @@ def fetch(root, url, digests, folder):
             with tarfile.open(archive) as tar:
                 tar.extractall(scratch, filter="data")  # refuses absolute paths and links out of scratch
         except (tarfile.TarError, OSError, EOFError) as e:
-            if isinstance(e, OSError) and e.errno in report.WRITE_ERRORS:  # a full disk, say: not the archive's fault
-                e.filename = e.filename or str(scratch)  # experiment.main's one line says where
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # not the archive's
+                e.filename = e.filename or str(scratch)  # fault: experiment.main's one line says where
                 raise
             raise InputError(f"{archive} is not a readable archive ({e}); delete it to fetch it again") from None
         if not (scratch / folder).is_dir():

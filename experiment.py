@@ -163,7 +163,8 @@ def checked_out(s):
 
 def settings_record(s, out):
     """The settings that results in out must share (all but run_only ones), checked with out/settings.json."""
-    if (out / "study.json").exists():  # sine_teachers.py's, sine_budgets.py's: its experiments in folders below it
+    study = [out / "study.json", *out.glob("k[0-9]*/settings.json"), *out.glob("epochs[0-9]*/settings.json")]
+    if any(p.exists() for p in study):  # sine_teachers.py's, sine_budgets.py's (also one older than study.json)
         raise InputError(f"{out} holds a study, its experiments in folders of their own; use another --out")
     record = json.loads(json.dumps({f.name: getattr(s, f.name) for f in dataclasses.fields(s)
                                     if not f.metadata.get("run_only")}))
@@ -332,6 +333,8 @@ def fit_one(model, data, s, a, seed, checkpoint, rank, wrap):
         if rank == 0:  # the other ranks hold the same
             report.save_whole(dict(model=model.state_dict(), opts=[opt.state_dict() for opt in opts], epoch=epoch,
                             step=noises[0].step if noises else 0, history=history), checkpoint)
+        if report.interrupted:  # a Ctrl-C that torch swallowed (report.on_interrupt), now that the epoch is kept
+            raise KeyboardInterrupt
     merge.fit(net, data, s, a["epochs"], a["drops"], seed, a["lambdas"], a["share"], a["warmup"], opts, start,
               hooks.get("after_step"), after_epoch)
     for gate in merge.gates(model):
@@ -410,8 +413,7 @@ def run_seed(seed, run):
 
 def main(argv, parse, run):
     """Every script's command line: bad input is one line and exit code 2; Ctrl-C one line and 130."""
-    if threading.current_thread() is threading.main_thread():  # Ctrl-C is KeyboardInterrupt again, past the imports
-        report.catch_interrupts()
+    report.catch_interrupts()  # Ctrl-C is KeyboardInterrupt again, past the imports, even where torch catches it
     s = parse(argv)
     report.show_progress(quiet=ranks()[0] > 0)
     try:

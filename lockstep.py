@@ -7,6 +7,8 @@ import threading
 
 import torch
 
+import report
+
 class Lockstep:
     """Runs jobs, each one strategy on one run as merge.py writes it, one at a time: a job goes on until it
     asks its `train` for a phase, then waits. When every job waits or is done, fit_phases(asked) groups the
@@ -97,6 +99,8 @@ class Lockstep:
         with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
             try:
                 next(training["epochs"])
+                if report.interrupted:  # a Ctrl-C that torch swallowed (report.on_interrupt), the epoch kept
+                    raise KeyboardInterrupt
                 return False
             except StopIteration:
                 pass

@@ -331,7 +331,7 @@ class Settings:
     paper_epochs: int = setting(900, "budget whose importance phase (1/6) the lambda step fits; others rescale (ours)")
     fold: int = setting(0, "1: fold the kept gates' test-time values into the next layers at compression (ours)")
     finetune_lr: float = setting(0.0, "lr at the start of fine-tuning; 0: --lr (ImageNet: 0.07, 3.3.5)")
-    finetune_warmup: int = setting(0, "fine-tuning's first epochs of lr warm-up from lr/3 (ImageNet: 2, authors' timm)")
+    finetune_warmup: int = setting(0, "N fine-tuning epochs of lr warm-up from lr/(N+1) (ImageNet: 2, authors' config)")
 
 def budget(s):
     """Epochs per phase, equal in total for every strategy (3.1; bo3's off by one where 3 does not divide epochs):
@@ -426,8 +426,8 @@ def train(models, data, s, epochs, drops, seeds, phase, lambdas=None, share=0.5,
 
 # == 3.1  Strategies ===============================================================================
 # Plain functions of one run: (data, settings, teacher constructor, run seed, train) -> (model, info). A phase trains
-# from the seed 100 * run seed + its offset here (+ i for its i-th model: phase_seed); shared ones (teachers,
-# importance) train once in the run machinery, in each strategy here. random and student differ only in the units kept.
+# from the seed 100 * run seed + its offset here (+ i for its i-th model: phase_seed). Phases that strategies share
+# (teachers, importance) each asks for, the run machinery trains once. random differs from student in the kept only.
 PHASE_SEEDS = dict(teacher=0, importance=10, finetune=11, random=12, bo3=20, one=30, one_compute=31,  # teacher i: + i
                    wide=40, pruning=41, prune_finetune=42, fusion_finetune=50)
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,37 +26,39 @@ log = logging.getLogger("merge")  # what the runs report; Progress shows it
 interrupted = False  # Ctrl-C has come (on_interrupt)
 
 def on_interrupt(*_):
-    """SIGINT's handler (experiment.main): KeyboardInterrupt now, and again at the next epoch's report (progress)
-    should torch swallow this one: a compiled step's guard takes it for a failed check, and a weakref callback
-    prints it and goes on (catch_interrupts keeps that quiet)."""
+    """SIGINT's handler (experiment.main): KeyboardInterrupt now, and again once the epoch is kept (experiment's
+    fit_one, lockstep's turn) should torch swallow this one: a compiled step's guard takes it for a failed check,
+    and a weakref callback prints it and goes on (catch_interrupts keeps that quiet)."""
     global interrupted
     interrupted = True
     raise KeyboardInterrupt
 
 def catch_interrupts():
     """Ctrl-C ends the command however deep in torch it lands (on_interrupt); a KeyboardInterrupt raised where
-    Python can only print it (a weakref callback, a __del__) is not printed: the next epoch raises it again."""
+    Python can only print it (a weakref callback, a __del__) is not printed: the epoch's end raises it again."""
     global interrupted
     interrupted = False  # a command run again in one process (a notebook's) starts afresh
-    signal.signal(signal.SIGINT, on_interrupt)
-    sys.unraisablehook = quiet_interrupts
+    if threading.current_thread() is threading.main_thread():  # where signals are handled
+        signal.signal(signal.SIGINT, on_interrupt)
+    if sys.unraisablehook is not quiet_interrupts:
+        quiet_interrupts.previous, sys.unraisablehook = sys.unraisablehook, quiet_interrupts
 
 def quiet_interrupts(unraisable):
     if not issubclass(unraisable.exc_type, KeyboardInterrupt):
-        sys.__unraisablehook__(unraisable)
+        quiet_interrupts.previous(unraisable)  # the hook it took the place of
 
 def kept(out, count_rows):
     """What an interrupted command's last line says it kept in out (count_rows(): its rows; it may fail)."""
     if (out / "study.json").exists():  # a study's runs (sine_teachers.py, sine_budgets.py) have folders below it
         return f"kept every finished phase and row in the folders below {out}; the same command resumes from there"
-    if not (out / "settings.json").exists():
-        return "nothing had finished; the same command starts again"
     try:
-        rows = f"{count_rows()} results"
+        count = count_rows()
     except Exception:  # noqa: BLE001 - the message must not fail
-        rows = "the results"
-    return f"kept {rows} in {out / 'results.jsonl'} and every finished phase and checkpoint in {out / 'phases'}; " \
-        "the same command resumes from there"
+        count = None
+    if not (out / "settings.json").exists() or count == 0 and not any((out / "phases").glob("*")):
+        return "nothing had finished; the same command starts again"
+    return f"kept {'the' if count is None else count} results in {out / 'results.jsonl'} and every finished phase " \
+        f"and checkpoint in {out / 'phases'}; the same command resumes from there"
 
 # == Files written whole, and locks ===============================================================
 
@@ -154,8 +157,6 @@ def progress(epochs, name="", began=None):
     began = began or time.time()
 
     def report(epoch, history):
-        if interrupted:  # a Ctrl-C that torch swallowed (on_interrupt)
-            raise KeyboardInterrupt
         error = np.mean(history[-1]["error"])
         log.info(f"    {name}{': ' if name else ''}epoch %d/%d, training error %.4f", epoch + 1, epochs, error,
                  extra=dict(epochs=epochs, began=began, phase=name))

@@ -174,6 +174,9 @@ def test_a_study_of_k_teachers_grows_on_its_out_and_keeps_what_it_ran(tmp_path, 
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert files(tmp_path) == before and (tmp_path / "study" / "k2" / "results.jsonl").read_text() == k2
+    (tmp_path / "study" / "study.json").unlink()  # a study made before study.json: known by its folders
+    code, err = main([*SMALL, "--out", tmp_path / "study"], capsys)
+    assert code == 2 and "holds a study" in err and not (tmp_path / "study" / "settings.json").exists(), err
 
 
 def test_a_bad_out_gives_one_line_exit_code_2_and_writes_nothing(tmp_path, capsys):
@@ -557,7 +560,8 @@ def test_every_subset_of_strategies_reports(finished, tmp_path, monkeypatch, cap
     capsys.readouterr()
 
 
-def test_a_ctrl_c_that_torch_swallows_still_ends_the_run_at_the_next_epoch(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("stack", ["1", "0"])  # a stack's epochs (lockstep's turns), one model's (fit_one)
+def test_a_ctrl_c_that_torch_swallows_still_ends_the_run_at_the_next_epoch(tmp_path, capsys, monkeypatch, stack):
     """A compiled step's guard takes a KeyboardInterrupt for a failed check and goes on, and a weakref callback
     only prints it: report.on_interrupt, SIGINT's handler, remembers it and the next epoch's report raises it."""
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # put back after the test
@@ -572,8 +576,10 @@ def test_a_ctrl_c_that_torch_swallows_still_ends_the_run_at_the_next_epoch(tmp_p
         return data(*args, **kwargs)
     monkeypatch.setattr(sine, "data", swallowed)
     try:
-        code, err = main([*SMALL, "--workers", "1", "--out", tmp_path / "out"], capsys)
-        assert code == 130 and err.count("\n") == 1 and err.startswith("interrupted: kept 0 results in "), err
+        code, err = main([*SMALL, "--stack", stack, "--out", tmp_path / "out"], capsys)
+        assert code == 130 and err.count("\n") == 1 and err.startswith("interrupted: "), err
+        assert not list((tmp_path / "out" / "phases").glob("*.pt"))  # stopped in its first phase, after an epoch
+        assert stack == "1" or list((tmp_path / "out" / "phases").glob("*.epochs"))  # kept before it stopped
         assert report.interrupted and sys.unraisablehook is report.quiet_interrupts
         holder = type("Holder", (), {})()
         reference = weakref.ref(holder, report.on_interrupt)  # raised in a callback, where Python can only print it
@@ -582,7 +588,7 @@ def test_a_ctrl_c_that_torch_swallows_still_ends_the_run_at_the_next_epoch(tmp_p
     finally:
         signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(sine, "data", data)
-    assert main([*SMALL, "--workers", "1", "--out", tmp_path / "out"], capsys)[0] == 0  # afresh, in one process
+    assert main([*SMALL, "--stack", stack, "--out", tmp_path / "out"], capsys)[0] == 0  # afresh, in one process
 
 
 def test_an_interrupted_commands_line_says_what_it_kept(tmp_path):
@@ -593,6 +599,10 @@ def test_an_interrupted_commands_line_says_what_it_kept(tmp_path):
     assert report.kept(out, lambda: 3) == f"kept 3 results in {out / 'results.jsonl'} and every finished phase and " \
         f"checkpoint in {out / 'phases'}; the same command resumes from there"
     assert report.kept(out, lambda: 1 / 0).startswith("kept the results in")  # a damaged file: said all the same
+    assert report.kept(out, lambda: 0) == "nothing had finished; the same command starts again"
+    (out / "phases").mkdir()
+    (out / "phases" / "teacher-0.stack").write_text("")  # a phase's checkpoint
+    assert report.kept(out, lambda: 0).startswith("kept 0 results in")
     (out / "study.json").write_text("{}")
     assert report.kept(out, lambda: 3).startswith(f"kept every finished phase and row in the folders below {out};")
 

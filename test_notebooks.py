@@ -416,7 +416,8 @@ def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_
                                             **{check: str(got) for check, (got, _, _) in points.items()}}]
     assert len(points) == 6 and points["check_concat_weight"] == (2, 2, "")
     assert points["check_p_open"][:2] == (0, 2) and points["check_p_open"][2].startswith("NameError: ")
-    assert "; a cell above it raised SyntaxError" in points["check_p_open"][2]
+    assert "; the answer cell 'p_open' above it raised SyntaxError" in points["check_p_open"][2]
+    assert ".py, line" not in points["check_p_open"][2]  # (line 2), not the kernel's scratch file's name
     assert "raised" not in points["check_l_half"][2]  # the stub above it raises when called, in the check
     assert points["check_lambda_schedule"][:2] == (0, 2) and "interrupted" in points["check_lambda_schedule"][2]
     assert points["check_l_half"][:2] == (0, 2) and missing == ["l_half"]
@@ -489,9 +490,10 @@ def grade(submission, folder, timeout=60):
     points, above = {}, ""  # above: the first error of a cell run since the last check (a student's answer, say)
     for cell in (c for c in key.cells if c.cell_type == "code"):
         if not cell.metadata.get("nbgrader", {}).get("grade"):
-            above = above or why(cell)
+            name = f"the answer cell {nbgrader_id(cell)!r}" if nbgrader_id(cell) else "a cell of the student's own"
+            above = above or (why(cell) and f"{name} above it raised {why(cell)}")
             continue
-        reason = why(cell) + (f"; a cell above it raised {above}" if failed(cell) and above else "")
+        reason = why(cell) + (f"; {above}" if failed(cell) and above else "")
         points[nbgrader_id(cell)], above = (0 if failed(cell) else cell.metadata.nbgrader.points,
                                             cell.metadata.nbgrader.points, reason), ""
     return points, missing
@@ -503,6 +505,7 @@ def why(cell):
     if not errors:
         return ""
     name, value = errors[0].get("ename", ""), errors[0].get("evalue", "").strip().splitlines()
+    value = [re.sub(r"\(\d+\.py, (line \d+)\)", r"(\1)", line) for line in value]  # not the kernel's scratch file
     return (f"{name}: {value[0]}" if value else name)[:200] + (" (interrupted: it ran too long)"
                                                                 if name == "KeyboardInterrupt" else "")
 
