@@ -137,7 +137,7 @@ class Progress(logging.Handler):
     def emit(self, record):
         done, epochs, error = record.args if hasattr(record, "epochs") else (0, 0, 0)
         if epochs and sys.stdout.isatty():
-            left = (time.time() - record.began) / done * (epochs - done)
+            left = (time.time() - record.began) / (done - record.first) * (epochs - done)  # this process's pace
             phase = f"{record.phase}: " if getattr(record, "phase", "") else ""
             print(f"\r    {phase}[{'#' * (30 * done // epochs):<30}] {done}/{epochs} epochs, training error "
                   f"{error:.4f}, {left:.0f} s left\x1b[K",  # \x1b[K clears the rest of the line: a longer bar's
@@ -153,13 +153,16 @@ def show_progress(quiet=False):
     log.propagate = False
 
 def progress(epochs, name="", began=None):
-    """after_epoch that reports each epoch of a phase (its name) to log (Progress: a bar, or a line now and then)."""
+    """after_epoch that reports each epoch of a phase (its name) to log (Progress: a bar, or a line now and then).
+    began: when its epoch 0 began; by default now, before the first epoch reported (later than 0 when resumed)."""
+    first = [] if began is None else [0]  # the epochs done when the clock started
     began = began or time.time()
 
     def report(epoch, history):
+        first[:] = first or [epoch]
         error = np.mean(history[-1]["error"])
         log.info(f"    {name}{': ' if name else ''}epoch %d/%d, training error %.4f", epoch + 1, epochs, error,
-                 extra=dict(epochs=epochs, began=began, phase=name))
+                 extra=dict(epochs=epochs, began=began, phase=name, first=first[0]))
     return report
 
 

@@ -52,8 +52,9 @@ def teachers_table(rows_of):
         beats = {name: sum(a["test_mse"] < b["test_mse"] for a, b in zip(mine, sorted(base, key=lambda r: r["run"])))
                  for name, base in baseline.items()}
         shares = " / ".join(f"{x:.2f}" for x in np.mean([r["kept_from_teacher"] for r in mine], 0))
+        std = f"{v.std(ddof=1):.4f}" if len(v) > 1 else "-"  # no spread from one run (as report.summarize)
         lines.append(f"| {k} | {mine[0]['compute']['teacher'][0] // k} | {v.mean():.4f} | {np.median(v):.4f} | "
-                     f"{v.std(ddof=1):.4f} | {beats['bo3']}/{len(mine)} | {beats['one']}/{len(mine)} | "
+                     f"{std} | {beats['bo3']}/{len(mine)} | {beats['one']}/{len(mine)} | "
                      f"{sum(r['peaks'] == 5 for r in mine)}/{len(mine)} | {shares} |")
     lines += [f"| bo3 | - | {mean(baseline['bo3']):.4f} | | | | | {sum(r['peaks'] == 5 for r in baseline['bo3'])}/"
               f"{len(baseline['bo3'])} | |",

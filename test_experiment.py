@@ -3,12 +3,14 @@ give one line and exit code 2 and write nothing; one command at a time per --out
 read once; every subset of strategies reports; Ctrl-C says what was kept; the experiments'
 presets are docs/settings.md's. Most bad inputs share this process through main(argv)."""
 import ast
+import dataclasses
 import errno
 import itertools
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -427,6 +429,21 @@ def test_phases_of_several_strategies_in_one_stack_give_the_rows_of_one_at_a_tim
     assert (finished / "phases" / f"bo3-{merge.phase_seed(experiment.run_seed(0, 1), 'bo3', 2)}.pt").exists()
 
 
+def test_only_alike_phases_share_a_stack_each_model_with_its_own_seed(tmp_path):
+    """The run loop's trainer stacks a phase of every run (seeds 30 and 1030), but not phases of another length
+    (one model's 12 epochs, one_compute's 14) or another lr; each model's phase file is named by its seed."""
+    s, data = sine.parse(["--compile", "0"]), merge.sine_data(0, 30, 10, 10)
+    ask = lambda phase, seed, epochs, s=s: dict(job={}, models=[merge.SineMLP()], data=data, s=s, epochs=epochs,
+                                                drops=s.drops_one, seeds=[seed], phase=phase, lambdas=None, share=0.5,
+                                                warmup=0, hooks={})
+    asked = [ask("one", 30, 12), ask("one_compute", 31, 14), ask("one", 1030, 12),
+             ask("one", 2030, 12, dataclasses.replace(s, lr=0.1))]
+    trainings = experiment.phase_trainer(tmp_path)(asked)
+    assert [[(seed, path.name) for _, seed, path, _ in t["todo"]] for t in trainings] == [
+        [(30, "one-30.pt"), (1030, "one-1030.pt")], [(31, "one_compute-31.pt")], [(2030, "one-2030.pt")]]
+    assert all(t["stacked"] for t in trainings) and files(tmp_path) == []  # trained only as they are run
+
+
 def test_phases_by_turns_as_on_a_gpu_give_the_same_rows(finished, tmp_path, monkeypatch, capsys):
     """On a GPU the run loop trains its stacks by turns, an epoch each, and the jobs of a phase that is over go
     on at once: the student's importance phase starts while the one model still trains. Here on the CPU."""
@@ -723,6 +740,190 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_file_or_pipe(monkeypatch
     report.progress(6)(0, [dict(error=0.25)])
     report.progress(6)(1, [dict(error=0.25)])
     assert capsys.readouterr().out.count("epoch") == 2
+
+
+def test_a_log_gets_a_line_at_each_fifth_of_a_long_phase_and_after_each_quiet_spell(monkeypatch, capsys):
+    """In a file or a pipe: a phase of 20 epochs says epochs 4, 8, ... 20; a short one whose epochs take 10 s
+    says one line each time 30 s have passed since the last line (clock stood in by a list)."""
+    now = [0.0]
+    monkeypatch.setattr(report, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    report.show_progress()
+    said = lambda: [line.split("epoch ")[1].split(",")[0] for line in capsys.readouterr().out.splitlines()]
+    for epoch in range(20):
+        report.progress(20, began=0)(epoch, [dict(error=0.25)])
+    assert said() == ["4/20", "8/20", "12/20", "16/20", "20/20"]
+    for epoch in range(12):
+        now[0] += 10
+        report.progress(12, began=0)(epoch, [dict(error=0.25)])
+    assert said() == ["4/12", "8/12", "12/12"]
+
+
+def test_a_file_or_figure_whose_write_fails_keeps_what_it_held_and_leaves_no_part(tmp_path, monkeypatch):
+    import matplotlib.figure
+    matplotlib.use("Agg")
+    path = tmp_path / "summary.md"
+    path.write_text("before")
+    with pytest.raises(UnicodeEncodeError):
+        report.write_whole(path, "after \ud800")  # fails as it writes
+    assert path.read_text() == "before" and files(tmp_path) == ["summary.md"]
+
+    def cut(fig, target, **kwargs):  # a figure's save cut short by a full disk
+        Path(target).write_bytes(b"half a figure")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", cut)
+    with pytest.raises(OSError):
+        report.plot_lambda([0.1, 0.2], path=path)
+    assert path.read_text() == "before" and files(tmp_path) == ["summary.md"]
+
+
+def test_the_figures_draw_each_strategys_own_numbers(monkeypatch):
+    """Fig. 9's boxes (a strategy without rows left out), Fig. 10's count of curves with all 5 peaks, and the kept
+    shares stacked run by run."""
+    import matplotlib.axes
+    matplotlib.use("Agg")
+    boxes = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "boxplot", lambda ax, values, **kwargs: boxes.append(values))
+    rows = [dict(strategy=name, run=run, test_mse=mse, peaks=peaks, curve=[0.0] * len(merge.GRID))
+            for name, run, mse, peaks in (("bo3", 0, 0.3, 5), ("bo3", 1, 0.2, 4), ("one", 0, 0.1, 5))]
+    ax = report.plot_box(rows, "test_mse", ["student", "bo3", "one"]).axes[0]
+    assert boxes == [[[0.3, 0.2], [0.1]]] and [t.get_text() for t in ax.get_yticklabels()] == ["bo3", "one"]
+    axes = report.plot_curves(rows, ["student", "bo3", "one"]).axes
+    assert [ax.get_title() for ax in axes] == ["bo3: 1/2 get all 5 peaks", "one: 1/1 get all 5 peaks"]
+    shares = [dict(strategy="student", run=run, kept_from_teacher=[0.25, 0.75]) for run in range(2)]
+    bars = report.plot_kept_share(shares).axes[0].patches
+    assert [(bar.get_y(), bar.get_height()) for bar in bars] == [(0, 0.25), (0, 0.25), (0.25, 0.75), (0.25, 0.75)]
+
+
+def test_the_sines_figures_draw_its_test_mse_its_own_lambdas_and_run_0s_data(monkeypatch, tmp_path, capsys):
+    drawn = {}
+    for name in [name for name in dir(report) if name.startswith("plot_")]:
+        monkeypatch.setattr(report, name, lambda *args, name=name: drawn.setdefault(name, args))
+    rows = [json.loads(line) for line in (ROOT / "figures" / "results.jsonl").read_text().splitlines()]
+    s = sine.SineSettings(runs=50, epochs=12, n_train=300, strategies="student,bo3,one")
+    sine.write_report(s, rows, tmp_path)
+    capsys.readouterr()
+    assert drawn["plot_box"][1:3] == ("test_mse", ["student", "bo3", "one"])
+    ours, papers = drawn["plot_lambda"][:2]  # 2 importance epochs, rescaled to end where the paper's 150 end
+    assert len(ours) == 2 and len(papers) == 150 and ours[-1] == pytest.approx(papers[-1])
+    assert torch.equal(drawn["plot_sine_data"][0].x_train, sine.data(s, experiment.run_seed(s.seed, 0)).x_train)
+
+
+def test_workers_0_is_a_process_per_core_the_quota_allows_at_most_8_and_runs(monkeypatch):
+    import startup
+    monkeypatch.setattr(startup, "usable_cores", lambda: 48)
+    for cores, runs, expected in ((16, 50, 8), (3, 50, 3), (16, 2, 2)):
+        monkeypatch.setattr(startup, "cpu_cores", lambda: cores)  # a container's quota of cores
+        assert sine.workers(sine.parse(["--runs", str(runs), "--device", "cpu"])) == expected
+
+
+def test_a_studys_experiments_are_its_k_or_budget_each_in_a_folder_of_its_own():
+    """k teachers share the teachers' 2/3 of the budget, and only k = 2 runs bo3 and one model; a budget scales
+    --epochs, and the lambda step is rescaled so that lambda ends where the paper's 150 importance epochs end."""
+    import sine_budgets
+    import sine_teachers
+    s = sine_teachers.parse(["--out", "study"])
+    for k in (2, 3, 5):
+        mine = sine_teachers.settings_of(s, k)
+        assert (mine.teachers, mine.out, mine.epochs) == (k, str(Path("study") / f"k{k}"), 900)
+        assert merge.budget(mine)["teacher"] == round(600 / k) and mine.strategies.split(",")[1:] == (
+            ["bo3", "one"] if k == 2 else [])
+    s = sine_budgets.parse(["--out", "study"])
+    paper = merge.lambda_schedule(150, s.lambda_start, s.lambda_step)
+    for share, epochs in zip(sine_budgets.SHARES, (180, 450, 900, 1800)):
+        mine = sine_budgets.settings_of(s, share)
+        assert (mine.epochs, mine.out) == (epochs, str(Path("study") / f"epochs{epochs}"))
+        importance = merge.budget(mine)["importance"]
+        lambdas = merge.lambda_schedule(importance, mine.lambda_start, mine.lambda_step, round(mine.paper_epochs / 6))
+        assert len(lambdas) == epochs // 6 and lambdas[-1] == pytest.approx(paper[-1])
+
+
+def test_a_studys_figure_draws_each_ks_students_and_each_budgets_means_and_medians(monkeypatch):
+    import matplotlib.axes
+    import sine_budgets
+    import sine_teachers
+    matplotlib.use("Agg")
+    boxes = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "boxplot", lambda ax, values, **kwargs: boxes.append(values))
+    row = lambda name, mse, k=2: dict(strategy=name, run=0, test_mse=mse, kept_from_teacher=[1 / k] * k)
+    rows_of = {2: [row("student", 0.1), row("bo3", 0.2), row("one", 0.3)], 3: [row("student", 0.4, 3)]}
+    sine_teachers.plot_teachers(rows_of)
+    assert boxes == [[[0.1], [0.4], [0.2], [0.3]]]
+    rows_of = {e: [dict(strategy=name, run=run, test_mse=mse * e) for name in sine_budgets.NAMES
+                   for run, mse in enumerate((0.1, 0.2, 0.6))] for e in (180, 900)}
+    lines = sine_budgets.plot_budgets(rows_of).axes[0].get_lines()
+    assert [list(line.get_xdata()) for line in lines] == [[180, 900]] * 6
+    assert [list(line.get_ydata()) for line in lines[:2]] == [pytest.approx([54, 270]), pytest.approx([36, 180])]
+
+
+class Rank:  # a rank that launcher.launch started, without a process: it ends at once with its code, or runs on
+    def __init__(self, code):
+        self.returncode, self.pid = code, 4242
+
+    def poll(self):
+        return self.returncode
+
+    def send_signal(self, signum):
+        self.returncode = -signum
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+    def kill(self):
+        self.returncode = -signal.SIGKILL
+
+
+def test_the_launcher_starts_each_rank_as_torchrun_would_with_every_setting(monkeypatch, capsys):
+    """RANK and LOCAL_RANK r of WORLD_SIZE n, the free port found, one thread each, the command's settings (a
+    list's too); a rank's exit code is the command's, and a rank killed by a signal is named."""
+    class Free(socket.socket):
+        def getsockname(self):
+            return ("127.0.0.1", 45678)
+    monkeypatch.setattr(launcher.socket, "socket", Free)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    started, codes = [], []
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda argv, env, **kwargs: started.append((argv, env)) or
+                        Rank(codes.pop(0)))
+    s = imagenet.parse(["--data", "x", "--phase-epochs", "1", "2", "3", "4", "5", "--lr", "0.02", "--runs", "2"])
+    codes[:] = [0, 0, 0]
+    launcher.launch(s, 3, "imagenet.py", run=None)
+    assert [argv[:2] for argv, _ in started] == [[sys.executable, "imagenet.py"]] * 3
+    assert all(imagenet.parse(argv[2:]) == s for argv, _ in started)
+    for r, (_, env) in enumerate(started):
+        assert {name: env[name] for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                              "OMP_NUM_THREADS", "MERGE_LAUNCHER")} == dict(
+            RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="45678",
+            OMP_NUM_THREADS="1", MERGE_LAUNCHER=str(os.getpid()))
+    for ranks, code, said in (([2, None], 2, ""), ([None, -signal.SIGKILL], 1, "worker 1 of 2 (pid 4242) was ended "
+                                                                               "by signal 9 (SIGKILL)")):
+        codes[:] = ranks
+        with pytest.raises(SystemExit) as exit_:
+            launcher.launch(s, 2, "imagenet.py", run=None)
+        assert exit_.value.code == code and said in capsys.readouterr().err
+
+
+def test_a_resumed_phases_bar_tells_the_time_left_at_this_processs_pace(monkeypatch, capsys):
+    """fit_one and a stack's checkpoint go on from epoch 500 of 600: 2 s an epoch since, 99 epochs left."""
+    now = [0.0]
+    monkeypatch.setattr(report, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    report.show_progress()
+    after_epoch = report.progress(600, "teacher")  # made as the phase resumes
+    now[0] += 2
+    after_epoch(500, [dict(error=0.25)])
+    assert "501/600 epochs, training error 0.2500, 198 s left" in capsys.readouterr().out
+
+
+def test_the_study_of_k_teachers_of_one_run_shows_no_spread():
+    import warnings
+
+    import sine_teachers
+    row = lambda name, k=2: dict(strategy=name, run=0, test_mse=0.1, peaks=5, kept_from_teacher=[0.5, 0.5],
+                                 compute=dict(teacher=[k * 4, 0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning of numpy's either
+        table = sine_teachers.teachers_table({2: [row("student"), row("bo3"), row("one")]})
+    assert "| 2 | 4 | 0.1000 | 0.1000 | - | 0/1 |" in table
 
 
 # -- the experiments' settings are docs/settings.md's ----------------------------------------------

@@ -521,6 +521,19 @@ def test_the_readme_reports_what_the_committed_run_produced(tmp_path, capsys):
     assert table in (ROOT / "README.md").read_text()
 
 
+def test_stages_md_holds_each_runs_stages_as_committed(tmp_path, capsys, monkeypatch):
+    """The committed run's per-run stage table (figures/stages.md), run by run in order, as write_report makes it."""
+    import report
+    import sine
+    for name in [name for name in dir(report) if name.startswith("plot_")]:  # the figures: not here
+        monkeypatch.setattr(report, name, lambda *args: None)
+    rows = [json.loads(line) for line in (ROOT / "figures" / "results.jsonl").read_text().splitlines()]
+    s = sine.SineSettings(runs=50, strategies="student,bo3,one,fusion,random,one_compute")
+    sine.write_report(s, rows, tmp_path)
+    capsys.readouterr()
+    assert (tmp_path / "stages.md").read_text() == (ROOT / "figures" / "stages.md").read_text()
+
+
 def test_the_readme_reports_the_committed_fold_study():
     """figures/fold holds the student and random of the same 50 runs with --fold 1; the README's table is theirs."""
     import sine

@@ -239,6 +239,19 @@ def test_lockstep_stacks_the_phases_of_all_runs_and_changes_no_model():
         assert info.keys() == alone_info.keys()
 
 
+def test_lockstep_ends_with_a_jobs_own_error_and_hands_on_no_result_for_it():
+    """A strategy that fails (a bug, a GPU out of memory) ends the run with its error, after the rows of the jobs
+    finished before it; none is made for it."""
+    def failing(train):
+        train([], None, None, 1, (), [0], "teacher")
+        raise ValueError("a strategy's bug")
+    finished = []
+    with pytest.raises(ValueError, match="a strategy's bug"):
+        lockstep.Lockstep(lambda asked: None).run([dict(work=failing), dict(work=lambda train: "done")],
+                                                  lambda job, result: finished.append(result))
+    assert finished == ["done"]
+
+
 def test_lockstep_by_turns_gives_each_stack_a_cuda_stream_and_lets_jobs_go_on_when_theirs_is_over(monkeypatch):
     """overlap (on a GPU): the trainings take turns, an epoch each, every stacked one on a CUDA stream of its own
     that waits for the work before it, and the jobs go on, on the default stream after its last kernels, as soon
