@@ -479,30 +479,25 @@ def test_no_more_workers_than_runs(workers, runs, expected):
 
 
 @pytest.mark.slow
-def test_workers_share_the_runs_and_give_the_rows_of_one_process(finished, tmp_path):
-    """--workers 2: two processes, each a rank with every other run; rank 0 writes every row once."""
-    out = tmp_path / "two"
-    result = cli(*SMALL, "--workers", "2", "--strategies", "student,bo3,one", "--out", out)
-    assert result.returncode == 0, result.stderr
-    assert "in 2 processes" in result.stdout and "teacher and bo3: 5 x 4 epochs" in result.stdout  # run 0 alone
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    theirs = {(r["run"], r["strategy"]): r for r in map(json.loads, open(finished / "results.jsonl"))}
-    assert sorted((r["run"], r["strategy"]) for r in rows) == sorted((run, name) for run in range(2)
-                                                                     for name in ("student", "bo3", "one"))
-    for row in rows:
-        assert row["test_mse"] == pytest.approx(theirs[row["run"], row["strategy"]]["test_mse"], abs=2e-6)
-    assert "| student | 2 |" in (out / "summary.md").read_text()
-
-
-@pytest.mark.slow
-def test_more_runs_on_a_finished_out_over_two_processes_that_get_unequal_shares(finished, tmp_path):
-    """Two processes, one new run: one process trains it, the other has nothing to do; neither waits for ever."""
+def test_workers_share_the_runs_unequally_and_give_the_rows_of_one_process(finished, tmp_path):
+    """--workers 2 where one run is left to train (run 1, its rows and phases gone): one process trains it, the
+    other has nothing to do and neither waits for ever; rank 0 writes every row once, as one process made them."""
     out = copy_of(finished, tmp_path)
-    result = cli(*SMALL[:1], "3", *SMALL[2:-2], "--workers", "2", "--strategies", ",".join(experiment.STRATEGIES),
-                 "--out", out)
+    for phase in (out / "phases").iterdir():  # run 1's phases: seeds 100 to 199 (100 x run seed + offset)
+        if int(phase.stem.split("-")[-1]) // 100 == 1:
+            phase.unlink()
+    theirs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in theirs if r["run"] == 0))
+    result = cli(*SMALL[:-2], "--workers", "2", "--strategies", ",".join(experiment.STRATEGIES), "--out", out)
     assert result.returncode == 0, result.stderr
+    assert "in 2 processes" in result.stdout and "teacher and bo3: 5 x 4 epochs" in result.stdout  # run 1 alone
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted({r["run"] for r in rows}) == [0, 1, 2] and len(rows) == 3 * len(experiment.STRATEGIES)
+    key = lambda r: (r["run"], r["strategy"])
+    assert sorted(map(key, rows)) == sorted(map(key, theirs)) and len(rows) == 2 * len(experiment.STRATEGIES)
+    theirs = {key(r): r for r in theirs}
+    for row in rows:
+        assert row["test_mse"] == pytest.approx(theirs[key(row)]["test_mse"], abs=2e-6)
+    assert "| student | 2 |" in (out / "summary.md").read_text()
 
 
 def test_without_a_local_port_one_process_trains_with_a_note(finished, tmp_path, monkeypatch, capsys):

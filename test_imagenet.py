@@ -174,7 +174,7 @@ def test_runs_spread_over_ranks_give_the_rows_of_a_plain_run_each_once(tmp_path)
     spread, plain = rows(tmp_path / "ranks"), rows(tmp_path / "plain")
     assert len({key(r) for r in spread}) == len(spread) == 9 and sorted(spread, key=key) == sorted(plain, key=key)
     assert (tmp_path / "ranks" / "summary.md").read_text() == (tmp_path / "plain" / "summary.md").read_text()
-    # (a run over ranks that resumes: test_experiment.py's more runs on a finished --out over two processes)
+    # (a run over ranks that resumes: test_experiment.py's workers that share the runs unequally)
 
 
 @pytest.mark.parametrize("damage, message", [
