@@ -3,6 +3,7 @@ give one line and exit code 2 and write nothing; one command at a time per --out
 read once; every subset of strategies reports; Ctrl-C says what was kept; the experiments'
 presets are docs/settings.md's. Most bad inputs share this process through main(argv)."""
 import ast
+import copy
 import dataclasses
 import errno
 import itertools
@@ -179,6 +180,10 @@ def test_a_study_of_k_teachers_grows_on_its_out_and_keeps_what_it_ran(tmp_path, 
     (tmp_path / "study" / "study.json").unlink()  # a study made before study.json: known by its folders
     code, err = main([*SMALL, "--out", tmp_path / "study"], capsys)
     assert code == 2 and "holds a study" in err and not (tmp_path / "study" / "settings.json").exists(), err
+    (tmp_path / "study" / "k2").rename(tmp_path / "study" / "epochs900")  # sine_budgets.py's, before study.json
+    (tmp_path / "study" / "k3").rename(tmp_path / "study" / "epochs180")
+    code, err = main([*SMALL, "--out", tmp_path / "study"], capsys)
+    assert code == 2 and "holds a study" in err and not (tmp_path / "study" / "settings.json").exists(), err
 
 
 def test_a_bad_out_gives_one_line_exit_code_2_and_writes_nothing(tmp_path, capsys):
@@ -261,6 +266,18 @@ def test_a_damaged_phase_file_is_trained_again_with_one_line(finished, tmp_path,
     assert redone == [json.loads(r) for r in rows if '"student"' in r]  # the same teacher again, the same rows
 
 
+def test_a_phase_file_of_another_model_is_trained_again_and_leaves_the_model_as_it_was(tmp_path):
+    """load(): a file that torch reads but that is not this model's (a key missing) is no finished phase, and the
+    model keeps its own start rather than the weights the file shares with it."""
+    model, path = merge.SineMLP(), tmp_path / "teacher-0.pt"
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    torch.save({name: t + 1 for name, t in before.items() if name != "out.bias"}, path)
+    assert not experiment.load(model, path, "cpu")
+    assert all(torch.equal(t, before[name]) for name, t in model.state_dict().items())
+    torch.save({name: t + 1 for name, t in before.items()}, path)
+    assert experiment.load(model, path, "cpu") and torch.equal(model.out.bias, before["out.bias"] + 1)
+
+
 def test_a_damaged_epoch_checkpoint_is_trained_again_with_one_line(finished, tmp_path, capsys):
     out = copy_of(finished, tmp_path)
     rows = (out / "results.jsonl").read_text().splitlines()
@@ -276,6 +293,20 @@ def test_a_damaged_epoch_checkpoint_is_trained_again_with_one_line(finished, tmp
     assert redone == pytest.approx({r["run"]: r["test_mse"] for r in map(json.loads, rows) if r["strategy"] == "one"},
                                    abs=2e-6)  # one at a time: the stack's rows up to float32 rounding
     assert not list((out / "phases").glob("*.epochs"))
+
+
+def test_an_epoch_checkpoint_whose_optimizers_do_not_load_trains_the_phase_from_the_models_own_start(tmp_path):
+    """fit_one: a checkpoint whose model loads but whose optimizers' state is missing (a foreign or older file) is
+    damaged: the phase starts over from the weights the model had, to the model trained without that file."""
+    s, data = sine.parse([]), merge.sine_data(0, 30, 10, 10)
+    a = dict(phase="one", epochs=2, drops=s.drops_one, lambdas=None, share=0.5, warmup=0, hooks={})
+    start = merge.SineMLP()
+    alone = copy.deepcopy(start)
+    experiment.fit_one(alone, data, s, a, 7, tmp_path / "alone.epochs", 0, lambda model: model)
+    checkpoint = tmp_path / "one-7.epochs"
+    torch.save(dict(model={name: t + 1 for name, t in start.state_dict().items()}, epoch=0), checkpoint)
+    experiment.fit_one(start, data, s, a, 7, checkpoint, 0, lambda model: model)
+    assert all(torch.equal(t, alone.state_dict()[name]) for name, t in start.state_dict().items())
 
 
 def test_a_stacked_phase_cut_short_goes_on_from_its_checkpoint_to_the_same_rows(finished, tmp_path, capsys,
@@ -326,13 +357,14 @@ def test_an_importance_phase_cut_short_one_model_at_a_time_goes_on_from_its_chec
 
 
 def test_a_full_disk_gives_one_line_and_leaves_no_part_file(tmp_path, capsys, monkeypatch):
-    def full(obj, path):  # as torch.save into a full file system: some bytes, then ENOSPC
-        Path(path).write_bytes(b"half a phase")
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    monkeypatch.setattr(experiment.torch, "save", full)
-    code, err = main([*SMALL, "--out", tmp_path / "out"], capsys)
-    assert code == 1 and err.count("\n") == 1 and "No space left on device writing in" in err and "phases" in err, err
-    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".part")]
+    for error in (errno.ENOSPC, errno.EROFS):  # a full disk, one made read-only under the run
+        def full(obj, path, error=error):  # as torch.save into such a file system: some bytes, then the error
+            Path(path).write_bytes(b"half a phase")
+            raise OSError(error, os.strerror(error), str(path))
+        monkeypatch.setattr(experiment.torch, "save", full)
+        code, err = main([*SMALL, "--out", tmp_path / str(error)], capsys)
+        assert code == 1 and err.count("\n") == 1 and f"{os.strerror(error)} writing in" in err and "phases" in err, err
+        assert not [p for p in (tmp_path / str(error)).rglob("*") if p.name.endswith(".part")]
 
     def torch_full(obj, path):  # as torch.save says it: a RuntimeError, the disk then without room
         Path(path).write_bytes(b"half a phase")
@@ -355,6 +387,29 @@ def test_a_full_disk_gives_one_line_and_leaves_no_part_file(tmp_path, capsys, mo
         with pytest.raises(OSError) as full_disk:
             report.append_row(Path("/dev/full"), {"test_mse": 0.05})
         assert full_disk.value.errno == errno.ENOSPC and full_disk.value.filename == "/dev/full"
+
+
+def test_only_a_last_line_cut_short_is_dropped_and_a_file_without_its_last_newline_is_repaired(tmp_path):
+    """read_rows: a last line a crash cut short (no newline after it) is dropped, and the file marked for repair;
+    a bad line anywhere else, a bad last line that ends with its newline, or a row of a negative run is refused;
+    whole rows without the last newline, or a row repeated, are kept once, the file marked for repair (the next
+    row would join a line without its newline)."""
+    s, path = sine.parse([]), tmp_path / "results.jsonl"
+    rows = [json.dumps(dict(run=run, strategy="one", seed=experiment.run_seed(0, run), test_mse=0.1,
+                            **{key: 0 for key in s.row_keys})) for run in range(3)]
+
+    def read(text):
+        path.write_text(text)
+        return experiment.read_rows(tmp_path, s)
+    assert read("".join(row + "\n" for row in rows)) == ([json.loads(row) for row in rows], False)
+    assert read("\n".join(rows)) == ([json.loads(row) for row in rows], True)
+    assert read("".join(row + "\n" for row in rows + rows[:1])) == ([json.loads(row) for row in rows], True)
+    assert read("\n".join(rows[:2] + [rows[2][:30]])) == ([json.loads(row) for row in rows[:2]], True)
+    negative = json.dumps(dict(json.loads(rows[0]), run=-1, seed=experiment.run_seed(0, -1)))
+    for lines, number in (([rows[0], "{\"run\"", rows[2]], 2), (rows[:2] + [rows[2][:30] + "\n"], 3),
+                          ([rows[0], negative, rows[2] + "\n"], 2)):
+        with pytest.raises(experiment.InputError, match=f"results.jsonl, line {number}, is not a result row"):
+            read("\n".join(lines))
 
 
 # -- one command at a time, rows read once ------------------------------------------------------
@@ -389,6 +444,31 @@ def test_an_out_in_use_is_refused_by_every_process_before_any_trains(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no phases/, no rows, no settings.json
 
 
+def test_rank_0_alone_checks_and_every_rank_learns_its_refusal(monkeypatch):
+    """rank_0_decides over 2 ranks: rank 0 runs the check and broadcasts its refusal (or None); rank 1 does not
+    check, and raises rank 0's refusal (the process group stood in by its broadcast)."""
+    said = []  # what rank 0 broadcast, in order
+
+    def broadcast(objects):
+        if experiment.ranks()[0] == 0:
+            said.append(objects[0])
+        else:
+            objects[0] = said.pop(0)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def refuse():
+        raise experiment.InputError("--out x is in use by another command")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(experiment.InputError, match="^--out x is in use by another command$"):
+        experiment.rank_0_decides(refuse)
+    assert experiment.rank_0_decides(lambda: 42) == 42 and said == ["--out x is in use by another command", None]
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(experiment.InputError, match="^--out x is in use by another command$"):
+        experiment.rank_0_decides(lambda: pytest.fail("rank 1 checked"))
+    assert experiment.rank_0_decides(lambda: pytest.fail("rank 1 checked")) is None and said == []
+
+
 @pytest.mark.slow
 def test_an_out_that_cannot_be_locked_is_used_with_a_note(finished, tmp_path, capsys, monkeypatch):
     """A file system without locks (flock: ENOLCK) is not "in use": the command goes on, saying it could not
@@ -405,10 +485,37 @@ def test_an_out_that_cannot_be_locked_is_used_with_a_note(finished, tmp_path, ca
     assert again.returncode == 0 and f"--out {out} cannot be locked (No locks available)" in again.stdout
 
 
-def test_a_repeated_row_is_read_once_and_a_last_line_without_newline_kept(finished, tmp_path, capsys):
+def test_an_out_is_the_commands_alone_while_it_runs_and_without_locks_it_goes_on_with_a_note(tmp_path, monkeypatch):
+    """locked(s): --out/.lock held while its block runs (another command is refused), free after it; a file system
+    without locks (flock: ENOLCK, some NFS mounts) is not "in use": lock() goes on and says so."""
+    import fcntl
+    with experiment.locked(sine.parse(["--out", str(tmp_path / "out")])) as out:
+        assert report.held(out / ".lock")
+        with pytest.raises(experiment.InputError, match="is in use by another command"):
+            experiment.lock(out)
+    assert not report.held(out / ".lock")
+    said = []
+    monkeypatch.setattr(experiment.log, "warning", said.append)
+    monkeypatch.setattr(fcntl, "flock", lambda *args: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks")))
+    experiment.lock(out).close()
+    assert said == [f"note: --out {out} cannot be locked (No locks); use it once at a time"]
+
+
+def test_a_repeated_row_is_read_once_and_a_last_line_without_newline_kept(finished, tmp_path, capsys, monkeypatch):
     out = copy_of(finished, tmp_path)
     lines = (out / "results.jsonl").read_text().splitlines()
     (out / "results.jsonl").write_text("\n".join(lines + [lines[0]]))  # a repeat, and no newline at the end
+    damaged, write_text = (out / "results.jsonl").read_text(), Path.write_text
+
+    def full(path, text, *args, **kwargs):  # the repair's write into a full disk: half of it, then ENOSPC
+        if "results.jsonl" not in path.name:
+            return write_text(path, text, *args, **kwargs)
+        write_text(path, text[:len(text) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(Path, "write_text", full)
+    code, err = main([*SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out], capsys)
+    assert code == 1 and "No space left on device" in err and (out / "results.jsonl").read_text() == damaged, err
+    monkeypatch.setattr(Path, "write_text", write_text)  # the repair written whole, or not at all
     again = here(capsys, *SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out)
     assert again.returncode == 0, again.stderr
     assert f"{len(lines)} results already" in again.stdout and "repaired" in again.stdout
@@ -533,7 +640,7 @@ def test_runs_in_smaller_stacks_give_the_same_rows(finished, tmp_path, monkeypat
 
 def test_one_strategy_alone_runs_and_reports(tmp_path, capsys):
     result = here(capsys, *SMALL, "--strategies", "one", "--out", tmp_path / "one")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and "damaged" not in result.stdout, result.stderr  # no phase file yet: no news
     assert "| one | 2 |" in (tmp_path / "one" / "summary.md").read_text()
 
 
@@ -543,6 +650,8 @@ def test_the_summary_shows_the_strategies_named_and_results_keep_every_row(finis
     summary = (out / "summary.md").read_text()
     assert "| bo3 | 2 |" in summary and summary.count("| 2 |") == 1 and "at each stage" not in summary
     assert len((out / "results.jsonl").read_text().splitlines()) == 2 * len(experiment.STRATEGIES)
+    assert main([*SMALL, "--runs", "1", "--strategies", "bo3", "--out", out], capsys)[0] == 0  # fewer runs: run 0's
+    assert "| bo3 | 1 |" in (out / "summary.md").read_text()
 
 
 def test_the_kept_share_figure_numbers_its_runs_in_whole_numbers_one_run_too():

@@ -324,6 +324,8 @@ def test_a_containers_cpu_quota_limits_the_cores_a_run_takes(monkeypatch, tmp_pa
     assert streaming.loader_workers(imagenet.parse(["--data", "x"])) == 1  # 6 cores / 2, less two a rank
     (tmp_path / "machine" / "cpu.max").write_text("150000 100000\n")
     assert startup.cpu_cores() == 1
+    (tmp_path / "machine" / "cpu.max").write_text("50000 100000\n")  # Docker's --cpus 0.5: a core, not none
+    assert startup.cpu_cores() == 1
     (tmp_path / "membership").write_text("12:cpu,cpuacct:/\n")  # cgroup v1 only: its quota at the root
     assert startup.cpu_cores() == 48  # none written
     (tmp_path / "cpu").mkdir()
@@ -332,6 +334,10 @@ def test_a_containers_cpu_quota_limits_the_cores_a_run_takes(monkeypatch, tmp_pa
     assert startup.cpu_cores() == 48
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
     assert startup.cpu_cores() == 4
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")  # half a core: one
+    assert startup.cpu_cores() == 1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("6400000\n")  # 64 cores' quota: the 48 it may run on
+    assert startup.cpu_cores() == 48
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("0\n")  # damaged files: no quota read, no error
     (tmp_path / "membership").write_bytes(b"0::/machine/\xff\n")
     assert startup.cpu_cores() == 48

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -35,7 +36,8 @@ def strip_solutions(notebook):
     ### BEGIN SOLUTION and ### END SOLUTION becomes a stub that raises NotImplementedError, and a written
     answer becomes YOUR ANSWER HERE; every output is cleared; cells are locked as its LockCells locks them
     (checks and read-only cells can be neither edited nor deleted, answer cells not deleted); a check's lines
-    from ### BEGIN HIDDEN TESTS to ### END HIDDEN TESTS are removed. Its checksums are left out: --grade puts
+    from ### BEGIN HIDDEN TESTS to ### END HIDDEN TESTS are removed (a marker without its pair: ValueError,
+    nothing released). Its checksums are left out: --grade puts
     the key's checks back, hidden tests and all, whatever became of them."""
     for cell in notebook.cells:
         marks = cell.get("metadata", {}).get("nbgrader", {})
@@ -44,8 +46,11 @@ def strip_solutions(notebook):
             if not marks.get("solution"):
                 cell.metadata["editable"] = False
         if marks.get("grade") and not marks.get("solution"):  # a check: its hidden tests go
-            cell.source = re.sub(r"^ *### BEGIN HIDDEN TESTS\n.*?^ *### END HIDDEN TESTS\n", "", cell.source,
-                                 flags=re.S | re.M)
+            cell.source = re.sub(r"^ *### BEGIN HIDDEN TESTS\n.*?^ *### END HIDDEN TESTS(\n|\Z)", "", cell.source,
+                                 flags=re.S | re.M)  # the last lines of a check too
+            if "### BEGIN HIDDEN TESTS" in cell.source or "### END HIDDEN TESTS" in cell.source:
+                raise ValueError(f"check {marks.get('grade_id')!r}: a ### BEGIN HIDDEN TESTS without its ### END "
+                                 "HIDDEN TESTS, or the other way round (nothing released: it would show them)")
         if marks.get("solution"):
             if cell.cell_type == "markdown":
                 cell.source = "YOUR ANSWER HERE"
@@ -151,6 +156,9 @@ def test_the_release_holds_no_answer_and_no_output(released):
     key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
     text = "\n".join(cell.source for cell in student.cells)
     assert "BEGIN SOLUTION" not in text and text.count("raise NotImplementedError()") == 6
+    assert text.count("# YOUR CODE HERE") == 6  # where the students write
+    for cell in (c for c in student.cells if c.cell_type == "code"):
+        ast.parse(cell.source)  # the stubs indented as our solutions were: no cell is a syntax error
     hidden = re.findall(r"### BEGIN HIDDEN TESTS\n(.*?)### END HIDDEN TESTS", "\n".join(c.source for c in key.cells),
                         re.S)
     assert hidden and "HIDDEN TESTS" not in text and not [line for part in hidden for line in part.splitlines()
@@ -163,13 +171,21 @@ def test_the_release_holds_no_answer_and_no_output(released):
     checks = [c for c in marked if not c.metadata.nbgrader.get("solution")]  # checks and read-only cells
     assert len(checks) > len(graded(student)) and not any(c.metadata.editable for c in checks)
     assert not any(c.metadata.deletable for c in marked)  # nbgrader's locks: no check edited or deleted in Jupyter
+    assert all(c.metadata.get("editable", True) for c in marked if c.metadata.nbgrader.get("solution"))  # answers
+    assert sorted(p.name for p in released.iterdir()) == ["exercises.ipynb", "merge.py", "stacked.py"]
+    assert (released / "stacked.py").read_text() == (ROOT / "stacked.py").read_text()  # exercise 5's trainer
     merge_py = (released / "merge.py").read_text()
     assert "import startup" not in merge_py and "import sine" not in merge_py  # no command of the whole project
     assert "--runs 50     # in the whole project, not this copy:" in merge_py
     assert merge_py.rstrip().endswith('sys.exit("this merge.py is the exercises\' copy: its command line is the whole '
                                       'project\'s")')
+    intro = re.sub(r"\(.*?\)", "", key.cells[0].source, flags=re.S)  # (of which exercise 4's compress_mlp ...)
+    stated = re.search(r"would give\s+the answers away:(.*?)raise", intro, re.S)
+    assert sorted(re.findall(r"`(\w+)`", stated.group(1))) == sorted(EXERCISED)  # the stubs the students are told of
+    stubs = {node.name: node for node in ast.parse(merge_py).body if isinstance(node, ast.FunctionDef)}
     for name in EXERCISED:  # no line of our solutions, no line of merge.py's functions they ask for
         assert f'raise NotImplementedError("exercise {EXERCISED[name]} of exercises.ipynb")' in merge_py
+        assert len(stubs[name].body) == 2 and isinstance(stubs[name].body[1], ast.Raise)  # a docstring, a raise
     solutions = [line.strip() for cell in key.cells if cell.get("metadata", {}).get("nbgrader", {}).get("solution")
                  for line in cell.source.split("### BEGIN SOLUTION")[-1].split("### END SOLUTION")[0].splitlines()]
     assert not [line for line in solutions if len(line) > 20 and line in merge_py]
@@ -179,6 +195,50 @@ def test_the_release_holds_no_answer_and_no_output(released):
     bodies = {line.strip() for answer in answers for line in answer.splitlines()[1:] if len(line.strip()) > 12}
     assert not [line for line in merge_py.splitlines() if line.strip() in bodies]
     assert len(merge_py.splitlines()) < len(project.splitlines()) and "def make_big_student" in merge_py
+
+
+def test_the_release_step_stubs_indented_solutions_keeps_what_follows_and_cuts_every_hidden_block():
+    """strip_solutions on cells unlike the key's: a solution with code after it, two hidden blocks in one check
+    (the visible line between them kept) and one at the very end of a check, as nbgrader's examples put them."""
+    marks = dict(grade=False, solution=True, locked=False, grade_id="f", schema_version=3)
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("def f(x):\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION\n\n\n"
+                                  "def g():\n    return 1", metadata={"nbgrader": marks}),
+        nbformat.v4.new_code_cell("a = 1\n### BEGIN HIDDEN TESTS\nassert f(2) == 2\n### END HIDDEN TESTS\nb = 2\n"
+                                  "if a:\n    ### BEGIN HIDDEN TESTS\n    assert f(3) == 3\n    ### END HIDDEN TESTS",
+                                  metadata={"nbgrader": {**marks, "grade_id": "check_f", "grade": True,
+                                                         "solution": False, "locked": True, "points": 1}}),
+        nbformat.v4.new_markdown_cell("the answer", metadata={"nbgrader": {**marks, "grade_id": "answer"}}),
+        nbformat.v4.new_markdown_cell("a text", metadata={"nbgrader": {**marks, "grade_id": "text", "solution": False,
+                                                                       "locked": True}})])
+    solution, check, answer, text = strip_solutions(notebook).cells
+    namespace = {}
+    exec(solution.source, namespace)  # the stub is indented as the solution was, and what follows it is kept
+    with pytest.raises(NotImplementedError):
+        namespace["f"](1)
+    assert namespace["g"]() == 1 and "    # YOUR CODE HERE\n    raise NotImplementedError()" in solution.source
+    assert "HIDDEN" not in check.source and "f(2)" not in check.source and "f(3)" not in check.source
+    assert check.source.startswith("a = 1\nb = 2\nif a:")  # the visible lines between the hidden blocks stay
+    assert (answer.source, text.source) == ("YOUR ANSWER HERE", "a text")
+    assert solution.metadata.get("editable", True) and answer.metadata.get("editable", True)  # for the answers
+    assert not any(c.metadata.deletable for c in (solution, check, answer, text))
+    assert not check.metadata.editable and not text.metadata.editable
+    unended = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "### BEGIN HIDDEN TESTS\nassert f(2) == 2", metadata={"nbgrader": check.metadata.nbgrader})])
+    with pytest.raises(ValueError, match="check_f"):  # a hidden block without its end: no release, not a leak
+        strip_solutions(unended)
+
+
+def test_the_release_refuses_a_folder_that_holds_files(tmp_path):
+    """The repository above all: its exercises.ipynb and merge.py are the answer key, which the stubs would
+    replace (a folder of the key's files stands in for it, so that a release that wrote would harm nothing)."""
+    for name in ("exercises.ipynb", "merge.py"):
+        (tmp_path / name).write_text(name)
+    for folder in (tmp_path, tmp_path / "merge.py"):
+        with pytest.raises(ValueError, match="not a new or empty folder"):
+            release(folder)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == {"exercises.ipynb": "exercises.ipynb",
+                                                                   "merge.py": "merge.py"}
 
 
 # Wrong answers of the kinds students write, for each graded function: every one must fail its check.
@@ -232,6 +292,8 @@ WRONG = {
         "return torch.sigmoid(loc + merge.Gate.beta * torch.log(torch.tensor(-merge.Gate.gamma / merge.Gate.zeta)))",
         "return torch.sigmoid(loc - torch.log(torch.tensor(-merge.Gate.gamma / merge.Gate.zeta)))",  # no beta
         "return torch.sigmoid(loc + 1.6)",  # a shift fitted to how often the gate opens: the hidden values fail it
+        "return torch.sigmoid(loc.detach() - merge.Gate.beta * torch.log(torch.tensor(-merge.Gate.gamma / "
+        "merge.Gate.zeta)))",  # right values, no gradient
     ],
     "l_half": [
         "return (share - torch.cat(list(open_probs)).mean()) ** 2",  # one mean pooled over every layer
@@ -239,6 +301,7 @@ WRONG = {
         "return sum(((share - p) ** 2).mean() for p in open_probs)",  # the mean of squares, unit by unit
         "return sum((share - p.mean()) ** 2 for p in open_probs) / len(open_probs)",  # a mean over layers
         "return torch.stack([(share - p.mean()) ** 2 for p in open_probs]).sum()",  # fails on a teacher's []
+        "return torch.as_tensor(sum((share - p.detach().mean()) ** 2 for p in open_probs))",  # no gradient
     ],
     "lambda_schedule": [
         SCHEDULE.replace("FIRST", "lambdas.append(lam)").replace("SECOND", "lam += step * lam ** 0.5"),  # from start
@@ -262,6 +325,11 @@ WRONG = {
         "        for g, _, _ in big_student.unit_groups()]",  # past the end of a group
         "return [torch.randperm(len(g.loc))[:len(g.loc) // big_student.hparams['k']]\n"
         "        for g, _, _ in big_student.unit_groups()]",  # not sorted
+        "return [p[0].weight.detach().flatten(1).norm(dim=1).topk(p[0].weight.shape[0] // 2).indices.sort().values\n"
+        "        for _, p, _ in big_student.unit_groups()]",  # half the units, whatever k
+        "k = big_student.hparams['k']\n"
+        "return [p[0].weight.detach().flatten(1).norm(dim=1).topk(p[0].weight.shape[0] // k).indices.sort().values\n"
+        "        for _, p, _ in big_student.unit_groups()][:1]",  # the first unit group only
     ],
 }
 
@@ -380,6 +448,122 @@ def test_grading_many_notebooks_prints_each_and_writes_one_csv_row_a_notebook(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ipynb", "b.ipynb", "points.csv"]  # no .partial left
 
 
+def test_an_interrupted_grading_keeps_the_csv_rows_of_the_notebooks_graded_before(tmp_path, monkeypatch, capsys):
+    """The CSV file is rewritten whole after each notebook: Ctrl-C while grading the second, or a write that
+    fails halfway, leaves the first notebook's row as it was."""
+    key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
+    for name in ("a.ipynb", "b.ipynb"):
+        nbformat.write(key, tmp_path / name)
+
+    def interrupted(file, folder, timeout):
+        if Path(file).name == "b.ipynb":
+            raise KeyboardInterrupt
+        return {"check_x": (2, 2, "")}, []
+
+    monkeypatch.setattr(sys.modules[__name__], "grade", interrupted)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        grade_all(["a.ipynb", "b.ipynb"], "points.csv")
+    assert (tmp_path / "points.csv").read_text().splitlines() == ["file,check_x,automatic", "a.ipynb,2,2"]
+    monkeypatch.setattr(sys.modules[__name__], "grade", lambda file, folder, timeout: ({"check_x": (1, 2, "")}, []))
+    writes = []
+
+    def disk_full(self, rows):  # the second file's write fails after its header
+        writes.append(rows)
+        if len(writes) == 2:
+            raise OSError("no space left on device")
+        return original(self, rows)
+
+    original = csv.DictWriter.writerows
+    monkeypatch.setattr(csv.DictWriter, "writerows", disk_full)
+    with pytest.raises(OSError):
+        grade_all(["a.ipynb", "b.ipynb"], "again.csv")
+    capsys.readouterr()
+    assert (tmp_path / "again.csv").read_text().splitlines() == ["file,check_x,automatic", "a.ipynb,1,1"]
+
+
+def test_why_a_cell_failed_is_its_first_error_in_one_line_without_the_kernels_file_name():
+    def cell(*errors):
+        return nbformat.v4.new_code_cell(outputs=[nbformat.v4.new_output("stream", text="printed\n"), *(
+            nbformat.v4.new_output("error", ename=name, evalue=value, traceback=[]) for name, value in errors)])
+
+    assert why(cell()) == ""
+    assert why(cell(("SyntaxError", "'(' was never closed (2795372471.py, line 2)"), ("NameError", "x"))) == \
+        "SyntaxError: '(' was never closed (line 2)"
+    assert why(cell(("AssertionError", "not the mean\nof 2 teachers"))) == "AssertionError: not the mean"
+    assert why(cell(("NotImplementedError", ""))) == "NotImplementedError"
+    assert why(cell(("KeyboardInterrupt", ""))) == "KeyboardInterrupt (interrupted: it ran too long)"
+
+
+class InProcessKernel:
+    """NotebookClient's stand-in for grade(): runs the code cells here, one namespace, beside the handout's
+    merge.py, and records each cell's error as a kernel's error output (ipykernel names a cell's file N.py)."""
+    environment = None
+
+    def __init__(self, notebook, timeout, interrupt_on_timeout, kernel_name, allow_errors, resources):
+        self.notebook, self.folder = notebook, Path(resources["metadata"]["path"])
+
+    def execute(self):
+        InProcessKernel.environment = os.environ.get("NBGRADER_EXECUTION")
+        assert InProcessKernel.environment == "autograde", "graded as nbgrader autogrades: the experiment skipped"
+        namespace = {}
+        with stubbed_merge(self.folder):
+            for n, cell in enumerate(c for c in self.notebook.cells if c.cell_type == "code"):
+                cell.outputs = []
+                try:
+                    exec(compile(cell.source, f"{4000 + n}.py", "exec"), namespace)
+                except Exception as e:  # noqa: BLE001 - a cell's error, whatever it raised
+                    cell.outputs = [nbformat.v4.new_output("error", ename=type(e).__name__, evalue=str(e),
+                                                           traceback=[])]
+
+
+def test_grading_puts_back_the_keys_checks_and_hidden_tests_and_keeps_the_students_answers_where_they_wrote_them(
+        tmp_path, monkeypatch, capsys):
+    """grade() with the kernel stood in for (the slow round trip runs a real one): a student's answers are graded
+    by the key's checks, hidden tests and all, whatever the student did to a check; an answer written in a cell
+    of their own below the stub counts, and so does a helper in a cell of their own; a deleted answer cell is
+    missing and graded as the stub; the points of each check are the key's, whatever a cell's metadata says."""
+    monkeypatch.setattr(sys.modules[__name__], "NotebookClient", InProcessKernel)
+    key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
+    answers = {nbgrader_id(cell): cell.source for cell in key.cells}
+    student = strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4))
+    cells = {nbgrader_id(cell): cell for cell in student.cells}
+    # a copy of the answer cell (its grade id too) below the stub, holding the right answer: 2 points, as the
+    # later cell wins in the student's kernel
+    copied = nbformat.v4.new_code_cell(answers["concat_weight"], metadata=cells["concat_weight"].metadata)
+    # a p_open fitted to how often the gate opens (only the hidden values catch it), its check emptied and
+    # worth 9 points by its metadata; below it two cells of the student's own that raise
+    cells["p_open"].source = "def p_open(loc):\n    return torch.sigmoid(loc + 1.6)"
+    cells["check_p_open"].source = "pass"
+    cells["check_p_open"].metadata.nbgrader.points = 9
+    cells["p_open"].metadata.nbgrader.update(grade=True, points=9)  # an answer cell made a check: no points
+    own = [nbformat.v4.new_code_cell("print(p_open(torch.zeros(1))"), nbformat.v4.new_code_cell("1 / 0")]
+    # lambda_schedule through a helper of their own, in a cell after it; compress_mlp left a stub in its cell
+    # and written in a cell of their own below it; l_half's answer cell deleted
+    helper = nbformat.v4.new_code_cell("def grow(lam, step):\n    return lam + step * lam ** 0.5")
+    cells["lambda_schedule"].source = ("def lambda_schedule(epochs, start, step):\n    lambdas = [grow(start, step)]\n"
+                                       "    while len(lambdas) < epochs:\n"
+                                       "        lambdas.append(grow(lambdas[-1], step))\n"
+                                       "    return lambdas[:epochs]")
+    below = nbformat.v4.new_code_cell(answers["compress_mlp"].replace("### BEGIN SOLUTION", "").replace(
+        "### END SOLUTION", ""))
+    placed = {"concat_weight": [copied], "p_open": own, "lambda_schedule": [helper], "compress_mlp": [below]}
+    student.cells = [c for cell in student.cells if nbgrader_id(cell) != "l_half"
+                     for c in (cell, *placed.get(nbgrader_id(cell), []))]
+    nbformat.write(student, tmp_path / "returned.ipynb")
+    points, missing = grade(tmp_path / "returned.ipynb", tmp_path / "scratch")
+    capsys.readouterr()
+    assert InProcessKernel.environment == "autograde" and missing == ["l_half"]
+    assert {check: got[:2] for check, got in points.items()} == {
+        "check_concat_weight": (2, 2), "check_p_open": (0, 2), "check_l_half": (0, 2), "check_lambda_schedule": (2, 2),
+        "check_compress_mlp": (3, 3), "check_choose_units": (0, 1)}
+    assert points["check_p_open"][2].startswith("AssertionError: P[g > 0] at loc")  # the hidden values, put back
+    assert points["check_p_open"][2].endswith("; a cell of the student's own above it raised SyntaxError: '(' was "
+                                              "never closed (line 1)")  # the first error since the check before
+    assert points["check_l_half"][2] == "NotImplementedError" and points["check_choose_units"][2] == \
+        "NotImplementedError"  # the stubs, no error of the cells above the check before them
+
+
 @pytest.mark.slow
 def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_released_merge(released, tmp_path,
                                                                                                monkeypatch, capsys):
@@ -445,7 +629,8 @@ KEY = str(ROOT / "exercises.ipynb")
                                   ["--grade", KEY, "a_file"], ["--release", "new", "--csv", "points.csv"],
                                   ["--grade", KEY, "--csv", "no/such/folder.csv"], ["--grade", KEY, "--csv", "."],
                                   ["--grade", "a_file", "--csv", "a_file"], ["--grade", KEY, "--csv", KEY],
-                                  ["--release", ""], ["--grade", KEY, "--csv", ""]])
+                                  ["--release", ""], ["--grade", KEY, "--csv", ""],
+                                  ["--grade", KEY, "--csv", "another.ipynb"]])  # never written over a notebook
 def test_bad_input_to_the_release_and_grading_commands_is_one_line_and_exit_2(tmp_path, argv):
     (tmp_path / "a_file").write_text("not a notebook")
     done = subprocess.run([sys.executable, str(ROOT / "test_notebooks.py"), *argv], cwd=tmp_path,
@@ -474,6 +659,7 @@ def grade(submission, folder, timeout=60):
         else:
             after.setdefault(last, []).append(cell)  # a cell of their own, after the labelled one before it
     stubs = {nbgrader_id(cell): cell for cell in strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4)).cells}
+    marks = {nbgrader_id(cell): cell.metadata.nbgrader for cell in key.cells}  # the key's: its checks, their points
     cells = list(after.get(None, []))
     for cell in key.cells:
         locked = cell.metadata.nbgrader.get("locked")
@@ -489,13 +675,13 @@ def grade(submission, folder, timeout=60):
     missing = [i for i, cell in stubs.items() if cell.metadata.nbgrader.get("solution") and i not in theirs]
     points, above = {}, ""  # above: the first error of a cell run since the last check (a student's answer, say)
     for cell in (c for c in key.cells if c.cell_type == "code"):
-        if not cell.metadata.get("nbgrader", {}).get("grade"):
+        check = marks.get(nbgrader_id(cell), {})  # not what a student's cell says of itself (edited metadata)
+        if not check.get("grade"):
             name = f"the answer cell {nbgrader_id(cell)!r}" if nbgrader_id(cell) else "a cell of the student's own"
             above = above or (why(cell) and f"{name} above it raised {why(cell)}")
             continue
         reason = why(cell) + (f"; {above}" if failed(cell) and above else "")
-        points[nbgrader_id(cell)], above = (0 if failed(cell) else cell.metadata.nbgrader.points,
-                                            cell.metadata.nbgrader.points, reason), ""
+        points[nbgrader_id(cell)], above = (0 if failed(cell) else check.points, check.points, reason), ""
     return points, missing
 
 

@@ -3,11 +3,14 @@ exactly what merge.fit trains one model at a time (teacher and importance phases
 compiled); a compiler that fails falls back to eager with one notice; Lockstep runs the plain
 strategies of merge.py so that their phases stack, and changes no model."""
 import contextlib
+import errno
 import functools
 import logging
 import os
 import shutil
 import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,16 +49,16 @@ def same(a, b, tolerance):
 def test_the_stack_trains_what_merge_fit_trains_given_the_same_noise(use_compile, monkeypatch, caplog):
     monkeypatch.setattr(stacked.log, "propagate", True)  # to caplog, whatever a Progress handler did
     caplog.set_level(logging.WARNING, logger="merge")
-    s = settings(weight_decay=1e-2)  # on the weights, not on the gates (merge.optimizers)
+    s = settings(weight_decay=1e-2, momentum=0.8)  # on the weights, not on the gates (their SGD's momentum 0.9)
     datas = [merge.sine_data(seed, 200, 50, 50) for seed in (0, 1)]  # 200 points: a last batch of 8
     tolerance = dict(rtol=1e-6, atol=1e-6) if use_compile else dict(rtol=1e-12, atol=1e-12)
-    # the teacher phase: SGD with an lr drop
+    # the teacher phase: SGD with an lr drop (and fine-tuning's warm-up: half the lr in epoch 0)
     alone, stack, histories = fresh([5, 6]), fresh([5, 6]), []
     for model, data, seed in zip(alone, datas, [5, 6]):
         stacked.counter_noise(model, seed)
-        histories.append(merge.fit(model, data, s, 3, drops=(0.5,), seed=seed))
+        histories.append(merge.fit(model, data, s, 3, drops=(0.5,), seed=seed, warmup=1))
     seen = []  # after_epoch's calls: (epoch, rows so far)
-    history = stacked.fit_stacked(stack, datas, s, 3, drops=(0.5,), seeds=[5, 6], compile=use_compile,
+    history = stacked.fit_stacked(stack, datas, s, 3, drops=(0.5,), seeds=[5, 6], warmup=1, compile=use_compile,
                                   after_epoch=lambda epoch, rows: seen.append((epoch, len(rows))))
     assert all(same(a, b, tolerance) for a, b in zip(alone, stack))
     assert seen == [(0, 1), (1, 2), (2, 3)]  # each epoch's row, in order, the last one's too
@@ -78,6 +81,7 @@ def test_the_stack_trains_what_merge_fit_trains_given_the_same_noise(use_compile
     for r, model_history in enumerate(histories):  # the gates' L_half and open probabilities, epoch by epoch
         for mine, theirs in zip(history, model_history):
             assert abs(mine["l_half"][r] - theirs["l_half"]) < 1e-6
+            assert len(mine["open"]) == len(theirs["open"]) == len(merge.gates(bigs[r]))  # a row for each gate layer
             assert all(torch.allclose(torch.tensor(a[r]), torch.tensor(b), **tolerance)
                        for a, b in zip(mine["open"], theirs["open"]))
     assert not torch.allclose(bigs[0].gates[0].loc, twins[1].gates[0].loc)  # each its own noise and data
@@ -90,12 +94,14 @@ def test_big_students_of_three_teachers_train_in_a_stack_as_alone_toward_a_third
     s, lambdas = settings(), merge.lambda_schedule(3, 0.5, 0.5)
     datas = [merge.sine_data(seed, 200, 50, 50) for seed in (0, 1)]
     big_students = lambda: [merge.make_big_student(fresh([3 * r, 3 * r + 1, 3 * r + 2])) for r in (0, 1)]  # noqa: E731
-    alone, stack = big_students(), big_students()
+    alone, stack, histories = big_students(), big_students(), []
     for big_student, data, seed in zip(alone, datas, [7, 8]):
         stacked.counter_noise(big_student, seed)
-        merge.fit(big_student, data, s, 3, seed=seed, lambdas=lambdas, share=1 / 3)
-    stacked.fit_stacked(stack, datas, s, 3, seeds=[7, 8], lambdas=lambdas, share=1 / 3, compile=0)
+        histories.append(merge.fit(big_student, data, s, 3, seed=seed, lambdas=lambdas, share=1 / 3))
+    history = stacked.fit_stacked(stack, datas, s, 3, seeds=[7, 8], lambdas=lambdas, share=1 / 3, compile=0)
     assert all(same(a, b, dict(rtol=1e-12, atol=1e-12)) for a, b in zip(alone, stack))
+    for r, model_history in enumerate(histories):  # the rows' L_half, toward a third too
+        assert [h["l_half"][r] for h in history] == pytest.approx([h["l_half"] for h in model_history], abs=1e-12)
 
 
 def test_a_conv_stack_compiles_its_step_once_a_phase_its_short_last_batch_eagerly(monkeypatch):
@@ -156,11 +162,16 @@ def test_stacks_trained_by_turns_train_what_each_trains_alone_compiled(monkeypat
 
 def test_counter_noise_is_uniform_and_another_for_every_seed_layer_and_step():
     noise = stacked.CounterNoise(seed=3, layer=0, device="cpu")
-    u = noise(1000, 100)
+    u, next_u = noise(1000, 100), noise(1000, 100)
     assert u.shape == (1000, 100) and 0 <= u.min() and u.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
-    assert not torch.equal(u, noise(1000, 100))  # the next step
+    assert not torch.equal(u, next_u)  # the next step
+    assert torch.equal(next_u, stacked.CounterNoise(3, 0, "cpu", step=1)(1000, 100))  # from step 1 on, as resumed
+    big_student = merge.make_big_student(fresh([1, 2]))
+    stacked.counter_noise(big_student, 3, step=1)
+    assert torch.equal(next_u, big_student.gates[0].noise(1000, 100))
     assert not torch.equal(u, stacked.CounterNoise(4, 0, "cpu")(1000, 100))
+    assert not torch.equal(u, stacked.CounterNoise(3 + (1 << 48), 0, "cpu")(1000, 100))  # DDP's rank 1 (fit_one)
     assert not torch.equal(u, stacked.CounterNoise(3, 1, "cpu")(1000, 100))
     assert torch.equal(u, stacked.CounterNoise(3, 0, "cpu")(1000, 100))
 
@@ -382,9 +393,58 @@ def test_a_stack_cut_short_goes_on_from_its_checkpoint_to_the_same_models(tmp_pa
         assert fit(again, checkpoint=after_two) == rows
     assert "resumed after epoch 2 of 4" in caplog.text and "unavailable" not in caplog.text
     assert all(same(a, b, dict(rtol=0, atol=0)) for a, b in zip(whole, again))
-    if not use_compile:  # a stack of other seeds does not take it
+    if not use_compile:  # a stack of other seeds, epochs or shapes does not take it; a damaged file: from the start
+        monkeypatch.setattr(stacked, "CHECKPOINT_SECONDS", float("inf"))  # none written below
         other = fresh_stack()
         with caplog.at_level(logging.INFO, logger="merge"):
             fit(other, seeds=[5, 6], checkpoint=checkpoint)
         assert "is damaged or another stack's (ValueError)" in caplog.text
         assert not same(other[0], whole[0], dict(rtol=0, atol=0))
+        longer = merge.lambda_schedule(5, 0.5, 0.5)  # a phase of 5 epochs: another lr and lambda schedule
+        narrower = [merge.make_big_student(fresh([2 * r, 2 * r + 1], width=4)) for r in (0, 1)]  # other shapes
+        damaged = tmp_path / "damaged.stack"
+        damaged.write_bytes(b"half a stack")
+        for models, changes, error in ((fresh_stack(), dict(epochs=5, lambdas=longer), "(ValueError)"),
+                                       (narrower, {}, "(ValueError)"), (fresh_stack(), {}, "")):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="merge"):
+                fit(models, checkpoint=damaged if not error else after_two, **changes)
+            assert f"is damaged or another stack's {error}" in caplog.text and "resumed" not in caplog.text
+        assert all(same(a, b, dict(rtol=0, atol=0)) for a, b in zip(models, whole))  # the damaged: from the start
+
+
+def test_a_stack_writes_its_checkpoint_at_most_every_checkpoint_seconds(tmp_path, monkeypatch):
+    """Epochs of 25 s on a clock of the test's: the state written after the first epoch that ends 60 s or more after
+    the last write (or the start), and the time counted afresh from each write."""
+    clock, written = [0.0], []
+    monkeypatch.setattr(stacked, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(stacked, "save_stack", lambda path, state: written.append(state["epoch"]))
+    assert stacked.CHECKPOINT_SECONDS == 60
+
+    def a_25_second_epoch(epoch, rows):
+        clock[0] += 25
+    stacked.fit_stacked(fresh([1]), [merge.sine_data(0, 64, 16, 16)], settings(), 6, seeds=[1], compile=False,
+                        after_epoch=a_25_second_epoch, checkpoint=tmp_path / "teacher.stack")
+    assert written == [2, 5]  # at 75 s and at 150 s
+
+
+def test_a_stacks_checkpoint_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """torch.save failing halfway (a full disk: an OSError of ENOSPC; another failure as it is) leaves the checkpoint
+    before it as it was, and no part file."""
+    path = tmp_path / "phases" / "teacher.stack"
+    stacked.save_stack(path, dict(epoch=0))
+    real_save = torch.save
+
+    def half(obj, f):  # as torch.save on a full disk: some bytes written, then torch's error
+        Path(f).write_bytes(b"half a stack")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", half)
+    for free, error in ((0, OSError), (1 << 30, RuntimeError)):
+        monkeypatch.setattr(shutil, "disk_usage", lambda p, free=free: types.SimpleNamespace(free=free))
+        with pytest.raises(error) as raised:
+            stacked.save_stack(path, dict(epoch=1))
+        assert (raised.value.errno == errno.ENOSPC) if error is OSError else "write failed" in str(raised.value)
+        assert torch.load(path, weights_only=True) == dict(epoch=0) and os.listdir(path.parent) == [path.name]
+    monkeypatch.setattr(torch, "save", real_save)
+    stacked.save_stack(path, dict(epoch=1))
+    assert torch.load(path, weights_only=True) == dict(epoch=1) and os.listdir(path.parent) == [path.name]
