@@ -223,6 +223,21 @@ def test_vgg11_cifar10_trains_its_own_teachers_once_for_the_student_and_fusion(t
     assert (fusion["strategy"], student["strategy"]) == ("fusion", "student")
     assert student["teachers_test"] == fusion["teachers_test"] and len(student["teachers_test"]) == 2
     assert len(list((out / "phases").glob("teacher-*.pt"))) == 2
+    summary = (out / "summary.md").read_text()  # each teacher its row, as in Table 3; our fusion is not theirs
+    assert all(f"| {n} | 1 |" in summary for n in ("teacher 0", "teacher 1", "student", "fusion"))
+    assert "not rerun" in summary
+
+
+def test_a_wrapped_checkpoint_of_other_names_loads_its_tensors_in_order(tmp_path):
+    """load_teacher: a state dict wrapped as OTFusion's ({"model_state_dict": ...}, or "state_dict"), its names
+    not ours (features.0.weight for convs.0.weight), other entries beside its tensors: the tensors, in order."""
+    torch.manual_seed(0)
+    theirs = merge.vgg11(10, width=2).state_dict()
+    names = [f"features.{j}.weight" for j in range(len(theirs) - 1)] + ["classifier.weight"]
+    for key in ("model_state_dict", "state_dict"):
+        torch.save({key: {"epoch": 7, **dict(zip(names, theirs.values()))}, "test_accuracy": 0.5}, tmp_path / "t.pt")
+        mine = cifar.load_teacher(tmp_path / "t.pt", merge.vgg11(10, width=2)).state_dict()
+        assert all(torch.equal(mine[name], value) for name, value in theirs.items())
 
 
 def make_archive(tmp_path, dataset):
@@ -260,6 +275,7 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     ("wider teacher", "another --width"),
     ("broken teacher", "is not a file torch.save wrote"),
     ("one teacher", "pass 2 files"),
+    ("teachers for two runs", "of one run: pass 2 files and use --runs 1"),
     ("cuda with teachers", "no GPU"),
     ("empty batch", "holds no images"),
     ("missing batch", "no data_batch_4"),
@@ -326,13 +342,14 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
         folder = make_cifar(tmp_path, "cifar10")
         files = {"missing teacher": ["missing.pt"] * 2, "wrong teacher": ["lenet.pt"] * 2, "one teacher": ["vgg.pt"],
                  "wider teacher": ["vgg.pt", "wide.pt"], "broken teacher": ["vgg.pt", "broken.pt"],
-                 "cuda with teachers": ["vgg.pt"] * 2}[damage]
+                 "cuda with teachers": ["vgg.pt"] * 2, "teachers for two runs": ["vgg.pt"] * 2}[damage]
         torch.save(merge.LeNet().state_dict(), tmp_path / "lenet.pt")
         torch.save(merge.vgg11(10, width=2).state_dict(), tmp_path / "vgg.pt")
         torch.save(merge.vgg11(10, width=4).state_dict(), tmp_path / "wide.pt")
         (tmp_path / "broken.pt").write_bytes((tmp_path / "vgg.pt").read_bytes()[:300])
         args += ["--data", folder, "--experiment", "vgg11-cifar10", "--teacher-files", *[tmp_path / f for f in files]]
         args += ["--device", "cuda"] if damage == "cuda with teachers" else []
+        args += ["--runs", "2"] if damage == "teachers for two runs" else []
     if damage == "cuda with teachers" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit) as exit_:

@@ -56,6 +56,12 @@ def here(capsys, *args):
     return subprocess.CompletedProcess(args, code, printed.out, printed.err)
 
 
+def nothing_trained(monkeypatch):
+    """A bad setting let through fails its test at once, not after training the default budget."""
+    monkeypatch.setattr(experiment, "run_experiment", lambda *args, **kwargs: pytest.fail("bad input was trained"))
+    monkeypatch.setattr(launcher, "launch", lambda *args, **kwargs: pytest.fail("bad input started the workers"))
+
+
 def main(argv, capsys):
     """here(argv): (exit code, what it wrote to stderr)."""
     result = here(capsys, *argv)
@@ -120,7 +126,8 @@ def copy_of(finished, tmp_path):
     (["--strategies", "student,student"], "at most once"),
     (["--strategies", "student,sutdent"], "name each of"),
 ])
-def test_bad_settings_give_one_line_exit_code_2_and_write_nothing(tmp_path, capsys, args, message):
+def test_bad_settings_give_one_line_exit_code_2_and_write_nothing(tmp_path, capsys, monkeypatch, args, message):
+    nothing_trained(monkeypatch)
     code, err = main([*args, "--out", tmp_path / "out"], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert files(tmp_path) == []

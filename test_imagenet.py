@@ -3,6 +3,7 @@ write runs end to end in one process and over the ranks imagenet.py --processes 
 torchrun) really averages; a killed 2-process run resumes at its last finished epoch; runs spread
 over torchrun's ranks give the rows of a plain run, each once; the loader's draft and GPU decoding."""
 import atexit
+import contextlib
 import dataclasses
 import gc
 import json
@@ -302,6 +303,11 @@ def test_loader_workers_by_default_share_the_machines_cores_among_its_ranks(monk
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert streaming.loader_workers(imagenet.parse(["--data", "x"])) == 46
     assert streaming.loader_workers(imagenet.parse(["--data", "x", "--workers", "0"])) == 0  # in the rank itself
+    monkeypatch.setenv("WORLD_SIZE", "16")  # torchrun over 2 machines: 8 ranks on this one
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert streaming.loader_workers(imagenet.parse(["--data", "x"])) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "24")  # 2 cores a rank: still one worker
+    assert streaming.loader_workers(imagenet.parse(["--data", "x"])) == 1
     with pytest.raises(experiment.InputError, match="--workers must be -1 or more, got -2"):
         experiment.check_settings(imagenet.parse(["--data", "x", "--workers", "-2"]))
 
@@ -534,32 +540,40 @@ def test_a_jpeg_decodes_with_at_least_as_many_pixels_as_its_crop_takes(tmp_path,
     crops(streaming.Images(paths, list(range(8)), 64, True))
     for box, (image, (w, h)) in zip(found[0::2], found[1::2]):
         assert box[2] * image.width / w >= 64 and box[3] * image.height / h >= 64, (box, image.size)
-    found.clear()
-    crops(streaming.Images(paths, list(range(8)), 64, False))
-    assert all(min(image.size) >= images.resized_side(64, 0.95) for image, _ in found)
+    found.clear()  # 92: a quarter of 375 (94 rows) holds 92 but not the 96 that 92 / 0.95 takes
+    crops(streaming.Images(paths, list(range(8)), 92, False))
+    assert all(min(image.size) >= images.resized_side(92, 0.95) for image, _ in found)
     assert min(image.width for image, _ in found) < 500  # some did decode at a smaller scale
 
 
 def test_each_rank_streams_its_own_share_of_an_epoch_reshuffled_every_epoch(monkeypatch):
     """batches(8) over 2 ranks: 4 images a batch on each, the two ranks' shares of an epoch disjoint and
-    together the whole training split; the next epoch in another order, the same epoch in the same."""
+    together the whole training split; the next epoch in another order, the same epoch in the same. An epoch
+    that does not split evenly leaves some images out, none twice; at its end every rank takes rank 0's
+    BatchNorm statistics."""
     monkeypatch.setattr(streaming.Images, "__getitem__", lambda self, i: (torch.tensor(self.paths[i]), 0,
                                                                           torch.zeros(4)))  # its index
     s = imagenet.parse(["--data", "x", "--workers", "0"])
-    train, seen = streaming.Images(list(range(32)), [0] * 32, 32, True), []
+    train, seen, broadcast = streaming.Images(list(range(32)), [0] * 32, 32, True), [], []
+    monkeypatch.setattr(streaming.dist, "broadcast", lambda tensor, src: broadcast.append((tensor, src)))
 
-    def epoch(rank, seed):
+    def epoch(rank, seed, size=8):
         data = streaming.Streamed(dict(train=train), s, rank, 2, torch.device("cpu"))
         data.prepared = lambda loader, jitter: ((x, y) for x, y, _ in loader)
-        data.trained = torch.nn.Linear(1, 1)  # no buffers to broadcast
+        data.trained = torch.nn.BatchNorm1d(1)
         torch.manual_seed(seed)
-        batches = [x.tolist() for x, _ in data.batches(8)]
+        batches = [x.tolist() for x, _ in data.batches(size)]
         seen.append(train.seed)
+        assert [(id(t), src) for t, src in broadcast] == [(id(t), 0) for t in data.trained.buffers()]
+        broadcast.clear()
         return batches
     first, second = epoch(0, 1), epoch(1, 1)
     assert [len(b) for b in first + second] == [4] * 8
     assert sorted(sum(first + second, [])) == list(range(32))
     assert epoch(0, 1) == first and epoch(0, 2) != first and seen[0] == seen[2] != seen[3]
+    train.paths = list(range(35))  # 17 a rank, one image left out (none repeated for an 18th): 5 batches of 3
+    shares = sum(epoch(0, 1, size=6) + epoch(1, 1, size=6), [])
+    assert len(shares) == 30 and len(set(shares)) == 30
 
 
 def test_batches_become_floats_jittered_for_training_only_normalised_with_imagenets_statistics():
@@ -574,9 +588,10 @@ def test_batches_become_floats_jittered_for_training_only_normalised_with_imagen
 
 
 def test_the_validation_split_is_held_out_of_train_by_the_seed_and_evaluated_as_the_test_set(folder):
-    """--val-images of train, fixed by --seed, disjoint from the images trained on, cropped as the test set."""
-    def splits(seed):
-        s = imagenet.parse([str(a) for a in ["--data", folder, *TINY, "--seed", seed]])
+    """--val-images of train, fixed by --seed, disjoint from the images trained on, cropped as the test set;
+    at most all but one batch; --decode gpu: every split's JPEGs handed over undecoded."""
+    def splits(seed, *args):
+        s = imagenet.parse([str(a) for a in ["--data", folder, *TINY, "--seed", seed, *args]])
         return streaming.streamed_folder(s, 0, 1, torch.device("cpu"))[0].splits
     mine = splits(0)
     train, val, test = mine["train"], mine["val"], mine["test"]
@@ -584,3 +599,114 @@ def test_the_validation_split_is_held_out_of_train_by_the_seed_and_evaluated_as_
     assert len(val.paths) == 4 and len(train.paths) == 32 and not set(val.paths) & set(train.paths)
     assert all(p.parent.name == f"n0{label}" for p, label in zip(train.paths + val.paths, train.labels + val.labels))
     assert splits(0)["val"].paths == val.paths and splits(1)["val"].paths != val.paths
+    assert not any(split.raw for split in mine.values())
+    assert all(split.raw for split in splits(0, "--decode", "gpu").values())
+    assert len(splits(0, "--val-images", 36 - 8)["train"].paths) == 8  # one batch of 8 left to train on
+    with pytest.raises(experiment.InputError, match="--val-images 29 leaves fewer of the 36 training images than "
+                                                    "one batch of 8"):
+        splits(0, "--val-images", 29)
+
+
+class Indexed(torch.utils.data.Dataset):
+    """Image i: a (3, 2, 2) uint8 crop of the value i, its label i % 6, no jitter (as evaluation gives)."""
+    raw, train = False, False
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, i):
+        return torch.full((3, 2, 2), i, dtype=torch.uint8), i % 6, torch.zeros(4)
+
+
+def test_accuracies_count_each_image_of_a_split_once_as_top_1_and_top_5():
+    """Streamed.accuracies over 7 images in batches of 2 (the last of 1, kept), not jittered: a model that ranks
+    image i's class at place RANKS[i] (of 6 classes) is right in top-1 for 2 of them, in top-5 for 5."""
+    ranks = [0, 1, 4, 5, 0, 2, 5]
+    s = imagenet.parse(["--data", "x", "--workers", "0", "--batch", "2"])
+    data = streaming.Streamed(dict(test=Indexed()), s, 0, 1, torch.device("cpu"))
+    seen = []
+
+    class Model(torch.nn.Module):
+        def forward(self, x):  # the image's index back from its normalised pixels
+            i = ((x[:, 0, 0, 0] * streaming.STD[0] + streaming.MEAN[0]) * 255).round().long()
+            seen.extend(i.tolist())
+            label, rank = i % 6, torch.tensor(ranks)[i]
+            return -((torch.arange(6)[None] - label[:, None] + rank[:, None]) % 6).float()
+    top1, top5 = data.accuracies(Model(), "test")
+    assert sorted(seen) == list(range(7))
+    assert top1 == pytest.approx(sum(r < 1 for r in ranks) / 7) and top5 == pytest.approx(sum(r < 5 for r in ranks) / 7)
+    assert data.evaluate(Model()) == pytest.approx(top1)
+
+
+def test_every_rank_finds_that_its_weights_are_the_same_as_rank_0s_or_stops(monkeypatch):
+    """same_on_every_rank: rank 0's weights broadcast, the largest difference of any rank all-reduced; any
+    difference, however small, stops the run in one line."""
+    model, others = torch.nn.Linear(3, 2), []
+
+    def broadcast(tensor, src):  # rank 0's weights: here the other rank's
+        assert src == 0
+        tensor.copy_(others[-1])
+    monkeypatch.setattr(streaming.dist, "broadcast", broadcast)
+    monkeypatch.setattr(streaming.dist, "all_reduce", lambda tensor, op: None)
+    flat = torch.cat([t.detach().flatten() for t in model.state_dict().values()])
+    others.append(flat.clone())
+    streaming.same_on_every_rank(model)
+    others.append(flat + torch.eye(len(flat))[0] * 1e-3)  # one weight of rank 0's a little other
+    with pytest.raises(RuntimeError, match="different weights"):
+        streaming.same_on_every_rank(model)
+
+
+def test_the_lr_scales_with_the_batch_and_the_shorter_one_model_has_short_epochs():
+    """runs_settings: lr and fine-tuning lr for a batch of 256, linear in --batch; --out/one_short: one, --short."""
+    s = imagenet.parse(["--data", "x", "--batch", "512", "--phase-epochs", "2", "3", "4", "5", "6", "--short", "1"])
+    main, short = imagenet.runs_settings(s)
+    assert (main.lr, main.finetune_lr) == pytest.approx((2 * s.lr, 2 * s.finetune_lr)) and main.phase_epochs == \
+        s.phase_epochs
+    assert (short.lr, short.finetune_lr, short.strategies, short.phase_epochs) == \
+        (main.lr, main.finetune_lr, "one", (2, 3, 4, 5, 1)) and Path(short.out) == Path(s.out) / "one_short"
+
+
+def test_the_checks_take_each_setting_at_its_limit_and_refuse_it_past(monkeypatch):
+    """--short up to the one model's epochs; --decode gpu on a GPU with torchvision; --processes under our own
+    launcher (not torchrun's), a GPU each."""
+    check = lambda *args, world=1: imagenet.check(imagenet.parse(["--data", "x", "--out", "/nonexistent/out",
+                                                                  *args]), world)
+    check("--phase-epochs", "1", "1", "1", "1", "2", "--short", "2")
+    monkeypatch.setattr(experiment, "resolve_device", lambda s: "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for torchvision in (False, True):
+        monkeypatch.setattr(streaming, "has_torchvision", lambda: torchvision)
+        with pytest.raises(experiment.InputError, match="needs a GPU and torchvision") if not torchvision else \
+                contextlib.nullcontext():
+            check("--decode", "gpu")
+    check("--processes", "2")
+    with pytest.raises(experiment.InputError, match="--processes 3 on --device cuda wants a GPU each"):
+        check("--processes", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank: torchrun's, or launcher.py's with MERGE_LAUNCHER
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda objects: None)  # rank 0's refusal
+    with pytest.raises(experiment.InputError, match="under torchrun"):
+        check("--processes", "2", world=2)
+    monkeypatch.setenv("MERGE_LAUNCHER", str(os.getpid()))
+    check("--processes", "2", world=2)
+
+
+def test_with_processes_a_setting_the_ranks_cannot_take_is_refused_before_any_starts(monkeypatch):
+    monkeypatch.setattr(imagenet.launcher, "launch", lambda *args: pytest.fail("the ranks started"))
+    with pytest.raises(experiment.InputError, match="--batch 7 must split evenly over 2 ranks"):
+        imagenet.start(imagenet.parse(["--data", "x", "--processes", "2", "--batch", "7", "--device", "cpu"]))
+
+
+def test_an_out_of_other_settings_is_refused_in_one_line_before_the_images_are_read(folder, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """--out's settings.json against the settings it records (the lr scaled by --batch), before any header is
+    read (under torchrun: the slow test above)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [str(a) for a in ["--data", folder, "--out", out, *TINY]]
+    other = imagenet.runs_settings(imagenet.parse(args + ["--lr", "0.2"]))[0]
+    (out / "settings.json").write_text(json.dumps(experiment.settings_record(other, out)))
+    monkeypatch.setattr(streaming, "check_images", lambda *args, **kwargs: pytest.fail("the images were read"))
+    with pytest.raises(SystemExit) as exit_:
+        imagenet.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "holds results made with other settings" in err, err

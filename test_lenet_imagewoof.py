@@ -312,8 +312,10 @@ def test_a_fifo_and_an_empty_class_folder_are_not_images(tmp_path):
     (["--runs", "0"], "--runs must be from 1"),
     (["--val-fraction", "1.5"], "--val-fraction"),
 ])
-def test_bad_settings_give_one_line_and_exit_code_2(tmp_path, capsys, args, message):
-    """The first case through the real command line, the others through main(argv) in this process."""
+def test_bad_settings_give_one_line_and_exit_code_2(tmp_path, capsys, monkeypatch, args, message):
+    """The first case through the real command line, the others through main(argv) in this process (where a bad
+    setting let through fails at once, not after training the default budget)."""
+    monkeypatch.setattr(experiment, "run_experiment", lambda *args, **kwargs: pytest.fail("bad input was trained"))
     argv = ["--data", make_folder(tmp_path / "woof"), "--out", tmp_path / "out", *args]
     if message == "invalid choice":
         result = run_cli(*argv)
@@ -342,6 +344,56 @@ def test_the_archive_is_downloaded_verified_and_extracted_once(tmp_path, monkeyp
     assert folder == root / "imagewoof2-160" and len(images.list_images(folder / "train")[0]) == 18
     monkeypatch.setattr(downloads, "download", lambda *a: pytest.fail("downloaded again"))
     assert downloads.fetch(root, url, digests, "imagewoof2-160") == folder
+
+
+def test_an_archive_put_into_root_by_hand_is_extracted_without_a_download_and_over_a_killed_extraction(
+        tmp_path, monkeypatch):
+    """The archive that the line without a network asks for, put into --root: verified and extracted, not fetched;
+    the scratch folder a killed extraction left is cleared first, not extracted into."""
+    url, digests = make_archive(tmp_path)
+    root = tmp_path / "data"
+    (root / ".imagewoof2-160.partial" / "imagewoof2-160").mkdir(parents=True)
+    (root / ".imagewoof2-160.partial" / "imagewoof2-160" / "stale.txt").write_text("a killed extraction's")
+    shutil.copy(tmp_path / "server" / "imagewoof2-160.tgz", root)
+    monkeypatch.setattr(downloads, "download", lambda *a: pytest.fail("downloaded"))
+    folder = downloads.fetch(root, url, digests, "imagewoof2-160")
+    assert len(images.list_images(folder / "train")[0]) == 18 and not (folder / "stale.txt").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["imagewoof2-160", "imagewoof2-160.tgz"]
+
+
+def test_an_archive_without_the_folder_is_one_line_and_leaves_no_folder(tmp_path):
+    make_folder(tmp_path / "src" / "other")
+    archive = tmp_path / "imagewoof2-160.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "other", arcname="other")
+    root = tmp_path / "data"
+    with pytest.raises(experiment.InputError, match="imagewoof2-160.tgz holds no imagewoof2-160 folder"):
+        downloads.fetch(root, archive.as_uri(), {"md5": hashlib.md5(archive.read_bytes()).hexdigest()},
+                        "imagewoof2-160")
+    assert [p.name for p in root.iterdir()] == ["imagewoof2-160.tgz"]
+
+
+def test_a_file_matches_where_any_of_its_published_digests_does(tmp_path):
+    """matches(): a download must match one of the digests given (Imagewoof's md5 and sha256), not each."""
+    path = tmp_path / "archive"
+    path.write_bytes(b"an archive")
+    md5, sha256 = (hashlib.new(name, b"an archive").hexdigest() for name in ("md5", "sha256"))
+    assert downloads.matches(path, {"md5": "0" * 32, "sha256": sha256})
+    assert downloads.matches(path, {"md5": md5, "sha256": "0" * 64})
+    assert not downloads.matches(path, {"md5": "0" * 32, "sha256": "0" * 64})
+
+
+def test_a_folder_made_while_this_process_waited_for_the_lock_is_not_made_again(tmp_path, monkeypatch):
+    """made_once checks for the folder again once it holds the lock: another process may have made it between
+    the first look and the lock."""
+    real_open = open
+
+    def open_after_another_made_it(path, mode):
+        (tmp_path / "x").mkdir()
+        return real_open(path, mode)
+    monkeypatch.setattr(downloads, "open", open_after_another_made_it, raising=False)
+    assert downloads.made_once(tmp_path, "x", lambda scratch: pytest.fail("made again")) == tmp_path / "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
 
 
 def test_processes_fetching_at_once_download_and_extract_once(tmp_path, monkeypatch):
@@ -460,6 +512,10 @@ def test_data_mnist_writes_mnists_files_in_the_imagewoof_layout_once_and_runs_on
     (tmp_path / "data" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"not IDX"))
     with pytest.raises(experiment.InputError, match="not one of MNIST's IDX files"):
         downloads.read_idx(tmp_path / "data" / "t10k-labels-idx1-ubyte.gz")
+    cut = tmp_path / "data" / "train-labels-idx1-ubyte.gz"  # its header whole, its last label gone
+    cut.write_bytes(gzip.compress(gzip.decompress(cut.read_bytes())[:-1]))
+    with pytest.raises(experiment.InputError, match="not one of MNIST's IDX files"):
+        downloads.read_idx(cut)
     monkeypatch.setattr(downloads, "mnist_folder", lambda root: folder)  # the command line's --data mnist
     woof.main(["--data", "mnist", "--root", str(tmp_path / "data"), "--epochs", "6", "--runs", "1", "--strategies",
                "one", "--out", str(tmp_path / "out"), "--device", "cpu"])
