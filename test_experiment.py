@@ -476,22 +476,6 @@ def test_rank_0_alone_checks_and_every_rank_learns_its_refusal(monkeypatch):
     assert experiment.rank_0_decides(lambda: pytest.fail("rank 1 checked")) is None and said == []
 
 
-@pytest.mark.slow
-def test_an_out_that_cannot_be_locked_is_used_with_a_note(finished, tmp_path, capsys, monkeypatch):
-    """A file system without locks (flock: ENOLCK) is not "in use": the command goes on, saying it could not
-    lock. Ranks started in this process leave its SIGTERM handler as it was."""
-    import fcntl
-    out, before = copy_of(finished, tmp_path), signal.getsignal(signal.SIGTERM)
-    again = here(capsys, *SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--workers", "2", "--out", out)
-    assert again.returncode == 0 and signal.getsignal(signal.SIGTERM) is before
-
-    def no_locks(*args):
-        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-    monkeypatch.setattr(fcntl, "flock", no_locks)
-    again = here(capsys, *SMALL, "--strategies", ",".join(experiment.STRATEGIES), "--out", out)
-    assert again.returncode == 0 and f"--out {out} cannot be locked (No locks available)" in again.stdout
-
-
 def test_an_out_is_the_commands_alone_while_it_runs_and_without_locks_it_goes_on_with_a_note(tmp_path, monkeypatch):
     """locked(s): --out/.lock held while its block runs (another command is refused), free after it; a file system
     without locks (flock: ENOLCK, some NFS mounts) is not "in use": lock() goes on and says so."""
@@ -1001,7 +985,9 @@ def test_the_launcher_starts_each_rank_as_torchrun_would_with_every_setting(monk
                         Rank(codes.pop(0)))
     s = imagenet.parse(["--data", "x", "--phase-epochs", "1", "2", "3", "4", "5", "--lr", "0.02", "--runs", "2"])
     codes[:] = [0, 0, 0]
+    before = signal.getsignal(signal.SIGTERM)
     launcher.launch(s, 3, "imagenet.py", run=None)
+    assert signal.getsignal(signal.SIGTERM) is before  # as this process had it (Ctrl-C's while the ranks ran)
     assert [argv[:2] for argv, _ in started] == [[sys.executable, "imagenet.py"]] * 3
     assert all(imagenet.parse(argv[2:]) == s for argv, _ in started)
     for r, (_, env) in enumerate(started):
@@ -1015,6 +1001,7 @@ def test_the_launcher_starts_each_rank_as_torchrun_would_with_every_setting(monk
         with pytest.raises(SystemExit) as exit_:
             launcher.launch(s, 2, "imagenet.py", run=None)
         assert exit_.value.code == code and said in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_a_resumed_phases_bar_tells_the_time_left_at_this_processs_pace(monkeypatch, capsys):
