@@ -36,21 +36,16 @@ def strip_solutions(notebook):
     ### BEGIN SOLUTION and ### END SOLUTION becomes a stub that raises NotImplementedError, and a written
     answer becomes YOUR ANSWER HERE; every output is cleared; cells are locked as its LockCells locks them
     (checks and read-only cells can be neither edited nor deleted, answer cells not deleted); a check's lines
-    from ### BEGIN HIDDEN TESTS to ### END HIDDEN TESTS are removed (a marker without its pair: ValueError,
-    nothing released). Its checksums are left out: --grade puts
-    the key's checks back, hidden tests and all, whatever became of them."""
+    from ### BEGIN HIDDEN TESTS to ### END HIDDEN TESTS are removed (cut_hidden_tests). Its checksums are left
+    out: --grade puts the key's checks back, hidden tests and all, whatever became of them."""
     for cell in notebook.cells:
         marks = cell.get("metadata", {}).get("nbgrader", {})
         if marks.get("solution") or marks.get("grade") or marks.get("locked"):
             cell.metadata["deletable"] = False
             if not marks.get("solution"):
                 cell.metadata["editable"] = False
-        if marks.get("grade") and not marks.get("solution"):  # a check: its hidden tests go
-            cell.source = re.sub(r"^ *### BEGIN HIDDEN TESTS\n.*?^ *### END HIDDEN TESTS(\n|\Z)", "", cell.source,
-                                 flags=re.S | re.M)  # the last lines of a check too
-            if "### BEGIN HIDDEN TESTS" in cell.source or "### END HIDDEN TESTS" in cell.source:
-                raise ValueError(f"check {marks.get('grade_id')!r}: a ### BEGIN HIDDEN TESTS without its ### END "
-                                 "HIDDEN TESTS, or the other way round (nothing released: it would show them)")
+        cell.source = cut_hidden_tests(cell.source, marks.get("grade_id"), marks.get("grade") and
+                                       not marks.get("solution"))
         if marks.get("solution"):
             if cell.cell_type == "markdown":
                 cell.source = "YOUR ANSWER HERE"
@@ -69,6 +64,26 @@ def strip_solutions(notebook):
             cell.outputs, cell.execution_count = [], None
         cell.metadata.pop("execution", None)  # when our copy ran
     return notebook
+
+
+def cut_hidden_tests(source, grade_id, check):
+    """A check's source without its hidden tests: every line from one holding BEGIN HIDDEN TESTS to one holding
+    END HIDDEN TESTS, as nbgrader finds them. Hidden tests outside a check, or a marker without its pair, are
+    a ValueError: nothing is released that would show them."""
+    kept, inside = [], False
+    for line in source.splitlines(keepends=True):
+        marker = "BEGIN HIDDEN TESTS" in line or "END HIDDEN TESTS" in line
+        if marker and (not check or inside == ("BEGIN HIDDEN TESTS" in line)):
+            raise ValueError(f"cell {grade_id!r}: hidden tests outside a check, or a marker without its pair "
+                             "(nothing released: it would show them)")
+        if marker:
+            inside = "BEGIN HIDDEN TESTS" in line
+        elif not inside:
+            kept.append(line)
+    if inside:
+        raise ValueError(f"cell {grade_id!r}: a BEGIN HIDDEN TESTS without its END HIDDEN TESTS (nothing "
+                         "released: it would show them)")
+    return "".join(kept)
 
 
 def stub_merge(source):
@@ -99,8 +114,9 @@ def release(folder):
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ValueError(f"{folder} is not a new or empty folder; the release writes into one of its own")
+    handout = strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4))  # before any folder is made
     folder.mkdir(parents=True, exist_ok=True)
-    nbformat.write(strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4)), folder / "exercises.ipynb")
+    nbformat.write(handout, folder / "exercises.ipynb")
     (folder / "merge.py").write_text(stub_merge((ROOT / "merge.py").read_text()))
     (folder / "stacked.py").write_text((ROOT / "stacked.py").read_text())  # the fast trainer of exercise 5
     return folder
@@ -155,8 +171,9 @@ def test_the_release_holds_no_answer_and_no_output(released):
     student = nbformat.read(released / "exercises.ipynb", as_version=4)
     key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
     text = "\n".join(cell.source for cell in student.cells)
-    assert "BEGIN SOLUTION" not in text and text.count("raise NotImplementedError()") == 6
-    assert text.count("# YOUR CODE HERE") == 6  # where the students write
+    answers = "\n".join(cell.source for cell in key.cells).count("### BEGIN SOLUTION")
+    assert "BEGIN SOLUTION" not in text and text.count("raise NotImplementedError()") == answers == 6
+    assert text.count("# YOUR CODE HERE") == answers  # where the students write
     for cell in (c for c in student.cells if c.cell_type == "code"):
         ast.parse(cell.source)  # the stubs indented as our solutions were: no cell is a syntax error
     hidden = re.findall(r"### BEGIN HIDDEN TESTS\n(.*?)### END HIDDEN TESTS", "\n".join(c.source for c in key.cells),
@@ -197,9 +214,10 @@ def test_the_release_holds_no_answer_and_no_output(released):
     assert len(merge_py.splitlines()) < len(project.splitlines()) and "def make_big_student" in merge_py
 
 
-def test_the_release_step_stubs_indented_solutions_keeps_what_follows_and_cuts_every_hidden_block():
+def test_strip_solutions_indents_stubs_keeps_code_after_them_and_cuts_every_hidden_block():
     """strip_solutions on cells unlike the key's: a solution with code after it, two hidden blocks in one check
-    (the visible line between them kept) and one at the very end of a check, as nbgrader's examples put them."""
+    (the visible line between them kept) and one at the very end of a check, as nbgrader's examples put them;
+    hidden tests it cannot cut are refused, never released."""
     marks = dict(grade=False, solution=True, locked=False, grade_id="f", schema_version=3)
     notebook = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("def f(x):\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION\n\n\n"
@@ -223,10 +241,18 @@ def test_the_release_step_stubs_indented_solutions_keeps_what_follows_and_cuts_e
     assert solution.metadata.get("editable", True) and answer.metadata.get("editable", True)  # for the answers
     assert not any(c.metadata.deletable for c in (solution, check, answer, text))
     assert not check.metadata.editable and not text.metadata.editable
-    unended = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "### BEGIN HIDDEN TESTS\nassert f(2) == 2", metadata={"nbgrader": check.metadata.nbgrader})])
-    with pytest.raises(ValueError, match="check_f"):  # a hidden block without its end: no release, not a leak
-        strip_solutions(unended)
+    assert cut_hidden_tests("a = 1\n# BEGIN HIDDEN TESTS\nassert f(2) == 2\n#  END HIDDEN TESTS  \r\nb = 2\n",
+                            "check_f", check=True) == "a = 1\nb = 2\n"  # any marker nbgrader would find
+    refused = {"a BEGIN without its END": ("### BEGIN HIDDEN TESTS\nassert f(2) == 2", check.metadata.nbgrader),
+               "an END first": ("### END HIDDEN TESTS\n### BEGIN HIDDEN TESTS\n", check.metadata.nbgrader),
+               "in an answer cell": ("### BEGIN HIDDEN TESTS\nx = 1\n### END HIDDEN TESTS", marks),
+               "in a setup cell": ("### BEGIN HIDDEN TESTS\nx = 1\n### END HIDDEN TESTS",
+                                   dict(marks, grade_id="setup", solution=False, locked=True))}
+    for why_refused, (source, nbgrader) in refused.items():
+        with pytest.raises(ValueError, match="nothing released"):  # not a leak
+            strip_solutions(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source, metadata={
+                "nbgrader": nbgrader})]))
+            pytest.fail(why_refused)
 
 
 def test_the_release_refuses_a_folder_that_holds_files(tmp_path):
@@ -375,13 +401,12 @@ RIGHT = {  # answers other than ours that a check must pass: a schedule in float
 def stubbed_merge(folder):
     """`import merge` gives the released merge.py while the checks run in this process."""
     spec = importlib.util.spec_from_file_location("merge", folder / "merge.py")
-    module, saved = importlib.util.module_from_spec(spec), sys.modules.get("merge")
-    sys.modules["merge"] = module
-    try:
+    module = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as patch:  # sys.modules as it was after: merge and stacked the project's
+        patch.setitem(sys.modules, "merge", module)
+        patch.delitem(sys.modules, "stacked", raising=False)  # a stacked imported here takes this merge
         spec.loader.exec_module(module)
         yield module
-    finally:
-        sys.modules["merge"] = saved
 
 
 def run_check(cells, name, body):
@@ -466,7 +491,7 @@ def test_an_interrupted_grading_keeps_the_csv_rows_of_the_notebooks_graded_befor
         grade_all(["a.ipynb", "b.ipynb"], "points.csv")
     assert (tmp_path / "points.csv").read_text().splitlines() == ["file,check_x,automatic", "a.ipynb,2,2"]
     monkeypatch.setattr(sys.modules[__name__], "grade", lambda file, folder, timeout: ({"check_x": (1, 2, "")}, []))
-    writes = []
+    writes, original = [], csv.DictWriter.writerows
 
     def disk_full(self, rows):  # the second file's write fails after its header
         writes.append(rows)
@@ -474,7 +499,6 @@ def test_an_interrupted_grading_keeps_the_csv_rows_of_the_notebooks_graded_befor
             raise OSError("no space left on device")
         return original(self, rows)
 
-    original = csv.DictWriter.writerows
     monkeypatch.setattr(csv.DictWriter, "writerows", disk_full)
     with pytest.raises(OSError):
         grade_all(["a.ipynb", "b.ipynb"], "again.csv")
@@ -498,14 +522,12 @@ def test_why_a_cell_failed_is_its_first_error_in_one_line_without_the_kernels_fi
 class InProcessKernel:
     """NotebookClient's stand-in for grade(): runs the code cells here, one namespace, beside the handout's
     merge.py, and records each cell's error as a kernel's error output (ipykernel names a cell's file N.py)."""
-    environment = None
 
     def __init__(self, notebook, timeout, interrupt_on_timeout, kernel_name, allow_errors, resources):
         self.notebook, self.folder = notebook, Path(resources["metadata"]["path"])
 
     def execute(self):
-        InProcessKernel.environment = os.environ.get("NBGRADER_EXECUTION")
-        assert InProcessKernel.environment == "autograde", "graded as nbgrader autogrades: the experiment skipped"
+        assert os.environ.get("NBGRADER_EXECUTION") == "autograde", "graded as nbgrader autogrades: no experiment"
         namespace = {}
         with stubbed_merge(self.folder):
             for n, cell in enumerate(c for c in self.notebook.cells if c.cell_type == "code"):
@@ -553,7 +575,7 @@ def test_grading_puts_back_the_keys_checks_and_hidden_tests_and_keeps_the_studen
     nbformat.write(student, tmp_path / "returned.ipynb")
     points, missing = grade(tmp_path / "returned.ipynb", tmp_path / "scratch")
     capsys.readouterr()
-    assert InProcessKernel.environment == "autograde" and missing == ["l_half"]
+    assert missing == ["l_half"]
     assert {check: got[:2] for check, got in points.items()} == {
         "check_concat_weight": (2, 2), "check_p_open": (0, 2), "check_l_half": (0, 2), "check_lambda_schedule": (2, 2),
         "check_compress_mlp": (3, 3), "check_choose_units": (0, 1)}
@@ -767,4 +789,8 @@ if __name__ == "__main__":  # python test_notebooks.py --release DIR, or --grade
                 Path(f"{out}.partial").unlink()
             except OSError as e:
                 parser.error(f"--csv {args.csv}: cannot write there ({e.strerror or e})")
+        try:
+            strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4))  # the key's checks, put back
+        except ValueError as e:
+            parser.error(f"the answer key exercises.ipynb: {e}")
         grade_all(args.grade, args.csv)
