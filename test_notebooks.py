@@ -38,14 +38,16 @@ def strip_solutions(notebook):
     (checks and read-only cells can be neither edited nor deleted, answer cells not deleted); a check's lines
     from ### BEGIN HIDDEN TESTS to ### END HIDDEN TESTS are removed (cut_hidden_tests). Its checksums are left
     out: --grade puts the key's checks back, hidden tests and all, whatever became of them."""
-    for cell in notebook.cells:
+    for number, cell in enumerate(notebook.cells, 1):
         marks = cell.get("metadata", {}).get("nbgrader", {})
         if marks.get("solution") or marks.get("grade") or marks.get("locked"):
             cell.metadata["deletable"] = False
             if not marks.get("solution"):
                 cell.metadata["editable"] = False
-        cell.source = cut_hidden_tests(cell.source, marks.get("grade_id"), marks.get("grade") and
-                                       not marks.get("solution"))
+        kind = "check" if marks.get("grade") and not marks.get("solution") else "answer cell" if \
+            marks.get("solution") else "cell"
+        name = f"the {kind} {marks['grade_id']!r} (cell {number})" if marks.get("grade_id") else f"cell {number}"
+        cell.source = cut_hidden_tests(cell.source, name, kind == "check")
         if marks.get("solution"):
             if cell.cell_type == "markdown":
                 cell.source = "YOUR ANSWER HERE"
@@ -66,23 +68,23 @@ def strip_solutions(notebook):
     return notebook
 
 
-def cut_hidden_tests(source, grade_id, check):
+def cut_hidden_tests(source, where, check):
     """A check's source without its hidden tests: every line from one holding BEGIN HIDDEN TESTS to one holding
     END HIDDEN TESTS, as nbgrader finds them. Hidden tests outside a check, or a marker without its pair, are
     a ValueError: nothing is released that would show them."""
     kept, inside = [], False
     for line in source.splitlines(keepends=True):
         marker = "BEGIN HIDDEN TESTS" in line or "END HIDDEN TESTS" in line
-        if marker and (not check or inside == ("BEGIN HIDDEN TESTS" in line)):
-            raise ValueError(f"cell {grade_id!r}: hidden tests outside a check, or a marker without its pair "
-                             "(nothing released: it would show them)")
+        if marker and not check:
+            raise ValueError(f"{where} holds hidden tests: they belong in a check cell, and would be shown here")
+        if marker and inside == ("BEGIN HIDDEN TESTS" in line):
+            raise ValueError(f"{where}: a hidden tests marker without its pair (the tests would be shown)")
         if marker:
             inside = "BEGIN HIDDEN TESTS" in line
         elif not inside:
             kept.append(line)
     if inside:
-        raise ValueError(f"cell {grade_id!r}: a BEGIN HIDDEN TESTS without its END HIDDEN TESTS (nothing "
-                         "released: it would show them)")
+        raise ValueError(f"{where}: a BEGIN HIDDEN TESTS without its END HIDDEN TESTS (the tests would be shown)")
     return "".join(kept)
 
 
@@ -249,7 +251,7 @@ def test_strip_solutions_indents_stubs_keeps_code_after_them_and_cuts_every_hidd
                "in a setup cell": ("### BEGIN HIDDEN TESTS\nx = 1\n### END HIDDEN TESTS",
                                    dict(marks, grade_id="setup", solution=False, locked=True))}
     for why_refused, (source, nbgrader) in refused.items():
-        with pytest.raises(ValueError, match="nothing released"):  # not a leak
+        with pytest.raises(ValueError, match="would be shown"):  # refused, not a leak
             strip_solutions(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source, metadata={
                 "nbgrader": nbgrader})]))
             pytest.fail(why_refused)
@@ -586,6 +588,29 @@ def test_grading_puts_back_the_keys_checks_and_hidden_tests_and_keeps_the_studen
         "NotImplementedError"  # the stubs, no error of the cells above the check before them
 
 
+def test_an_instructors_cells_without_nbgrader_marks_are_released_and_graded_as_the_students(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """A key with a note and a code cell of the instructor's, unmarked (nbgrader leaves them to the students):
+    released as they are, and graded where the student's copy has them, once, without a crash."""
+    key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
+    key.cells[1:1] = [nbformat.v4.new_markdown_cell("Due on Friday."), nbformat.v4.new_code_cell("note = 1")]
+    for name in ("merge.py", "stacked.py"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    nbformat.write(key, tmp_path / "exercises.ipynb")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)  # the instructor's key
+    monkeypatch.setattr(sys.modules[__name__], "NotebookClient", InProcessKernel)
+    student = nbformat.read(release(tmp_path / "handout") / "exercises.ipynb", as_version=4)
+    assert [c.source for c in student.cells[1:3]] == ["Due on Friday.", "note = 1"]
+    answers = {nbgrader_id(cell): cell.source for cell in key.cells}
+    student.cells[2].source = "note = 2  # the student's"
+    next(c for c in student.cells if nbgrader_id(c) == "concat_weight").source = answers["concat_weight"]
+    nbformat.write(student, tmp_path / "returned.ipynb")
+    points, missing = grade(tmp_path / "returned.ipynb", tmp_path / "scratch")
+    capsys.readouterr()
+    assert missing == [] and points["check_concat_weight"][:2] == (2, 2)
+    assert sum(got for got, _, _ in points.values()) == 2
+
+
 @pytest.mark.slow
 def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_released_merge(released, tmp_path,
                                                                                                monkeypatch, capsys):
@@ -681,9 +706,11 @@ def grade(submission, folder, timeout=60):
         else:
             after.setdefault(last, []).append(cell)  # a cell of their own, after the labelled one before it
     stubs = {nbgrader_id(cell): cell for cell in strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4)).cells}
-    marks = {nbgrader_id(cell): cell.metadata.nbgrader for cell in key.cells}  # the key's: its checks, their points
+    marks = {nbgrader_id(cell): cell.metadata.get("nbgrader", {}) for cell in key.cells}  # its checks, their points
     cells = list(after.get(None, []))
     for cell in key.cells:
+        if not nbgrader_id(cell):  # a cell nbgrader does not mark (a note of the instructor's) is the student's:
+            continue  # their copy of it comes with their own cells
         locked = cell.metadata.nbgrader.get("locked")
         cells += [cell if locked else theirs.get(nbgrader_id(cell), stubs[nbgrader_id(cell)]), *after.get(nbgrader_id(cell), [])]
     key.cells = cells
@@ -694,7 +721,7 @@ def grade(submission, folder, timeout=60):
         monkeypatch.setenv("PYTHONPATH", str(released))
         NotebookClient(key, timeout=timeout, interrupt_on_timeout=True, kernel_name="python3", allow_errors=True,
                        resources={"metadata": {"path": str(released)}}).execute()
-    missing = [i for i, cell in stubs.items() if cell.metadata.nbgrader.get("solution") and i not in theirs]
+    missing = [i for i, cell in stubs.items() if cell.metadata.get("nbgrader", {}).get("solution") and i not in theirs]
     points, above = {}, ""  # above: the first error of a cell run since the last check (a student's answer, say)
     for cell in (c for c in key.cells if c.cell_type == "code"):
         check = marks.get(nbgrader_id(cell), {})  # not what a student's cell says of itself (edited metadata)
