@@ -44,10 +44,10 @@ def strip_solutions(notebook):
             cell.metadata["deletable"] = False
             if not marks.get("solution"):
                 cell.metadata["editable"] = False
-        kind = "check" if marks.get("grade") and not marks.get("solution") else "answer cell" if \
-            marks.get("solution") else "cell"
+        check = bool(marks.get("grade")) and not marks.get("solution")
+        kind = "answer cell" if marks.get("solution") else "check" if check else "cell"
         name = f"the {kind} {marks['grade_id']!r} (cell {number})" if marks.get("grade_id") else f"cell {number}"
-        cell.source = cut_hidden_tests(cell.source, name, kind == "check")
+        cell.source = cut_hidden_tests(cell.source, name, check)
         if marks.get("solution"):
             if cell.cell_type == "markdown":
                 cell.source = "YOUR ANSWER HERE"
@@ -74,13 +74,13 @@ def cut_hidden_tests(source, where, check):
     a ValueError: nothing is released that would show them."""
     kept, inside = [], False
     for line in source.splitlines(keepends=True):
-        marker = "BEGIN HIDDEN TESTS" in line or "END HIDDEN TESTS" in line
-        if marker and not check:
+        begins, ends = "BEGIN HIDDEN TESTS" in line, "END HIDDEN TESTS" in line
+        if (begins or ends) and not check:
             raise ValueError(f"{where} holds hidden tests: they belong in a check cell, and would be shown here")
-        if marker and inside == ("BEGIN HIDDEN TESTS" in line):
+        if (begins and inside) or (ends and not inside):
             raise ValueError(f"{where}: a hidden tests marker without its pair (the tests would be shown)")
-        if marker:
-            inside = "BEGIN HIDDEN TESTS" in line
+        if begins or ends:
+            inside = begins
         elif not inside:
             kept.append(line)
     if inside:
