@@ -297,8 +297,9 @@ class Graphs:
             try:
                 self.graphs[key] = self.record(lambda: self.block(self.state, *inputs)), inputs
             except Exception as e:  # noqa: BLE001 - any failure to record means: run the block as it is
-                log.warning(f"note: CUDA graphs are unavailable here ({type(e).__name__}: {str(e)[:100]}); "
-                            "one launch a kernel")
+                # an error inside the capture surfaces as capture_end's "previous error": the first one named too
+                why = ", then ".join(f"{type(c).__name__}: {str(c)[:100]}" for c in (e.__context__, e) if c)
+                log.warning(f"note: CUDA graphs are unavailable here ({why}); one launch a kernel")
                 self.failed, Graphs.failures = True, Graphs.failures + 1
                 return self.block(self.state, x, y)
         replay, (x_in, y_in) = self.graphs[key]

@@ -103,9 +103,9 @@ def collate_raw(items):
             torch.tensor(labels), torch.stack(factors))
 
 def has_torchvision():
-    """Whether torchvision loads beside this torch (--decode gpu needs its decode_jpeg)."""
+    """Whether torchvision loads beside this torch, with the decode_jpeg --decode gpu needs."""
     try:
-        import torchvision.io  # noqa: F401 - only whether it loads beside this torch
+        from torchvision.io import ImageReadMode, decode_jpeg  # noqa: F401 - only whether they load beside this torch
         return True
     except Exception:  # noqa: BLE001 - missing, or built for another torch
         return False
@@ -116,7 +116,7 @@ class Streamed(merge.Data):
 
     def __init__(self, splits, s, rank, world, device):
         self.splits, self.s, self.rank, self.world, self._device = splits, s, rank, world, device
-        self.metric, self.prepare = "accuracy", None
+        self.metric, self.prepare, self.said_one_at_a_time = "accuracy", None, False
         self.mean, self.std = (torch.tensor(v, device=device) for v in (MEAN, STD))
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None  # where prepared readies batches
 
@@ -221,9 +221,14 @@ class Streamed(merge.Data):
             # kernels (an earlier batch's) may still use: the GPU check found batches so changed (pytorch/vision#9606)
         try:
             images = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self._device) if jpegs else [])
-        except Exception:  # noqa: BLE001 - one of them the GPU cannot decode: each alone
+        except Exception as e:  # noqa: BLE001 - one of them the GPU cannot decode: each alone
             if cuda:  # once the failed call's decoding, if any began, has stopped writing
                 torch.cuda.synchronize(self._device)
+            if not self.said_one_at_a_time:  # once: where every batch fails (no nvJPEG, say), each is slower
+                print(f"note: a batch's JPEGs could not be decoded in one call ({type(e).__name__}: {str(e)[:100]}); "
+                      "such a batch's are decoded one at a time, each on the GPU, else the CPU", file=sys.stderr,
+                      flush=True)
+                self.said_one_at_a_time = True
             images = iter([one(d) for d in jpegs])
         crops = []
         for d, (w, h, left, top, cw, ch), flip in zip(data, boxes.tolist(), flips.tolist()):

@@ -414,13 +414,15 @@ def test_evaluation_resizes_the_shorter_side_to_224_over_0_95_rounded_down_as_ti
     timm = image.resize((470, 235), 3).crop((left, top, left + 224, top + 224))  # 3: bicubic
     assert np.array_equal(np.asarray(images.centre_crop(image, 224, crop_pct=0.95)), np.asarray(timm))
 
-def test_decoding_on_the_gpu_crops_as_the_workers_do(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("decoder", ["Pillow", pytest.param("torchvision", marks=pytest.mark.skipif(
+    not streaming.has_torchvision(), reason="torchvision does not load beside this torch"))])
+def test_decoding_on_the_gpu_crops_as_the_workers_do(tmp_path, monkeypatch, capsys, decoder):
     """--decode gpu, its plumbing on the CPU: the workers hand JPEGs over undecoded (another image, here a PNG
     and a JPEG cut short, decoded as before), collate_raw batches them, and Streamed.decoded gives crops close to
-    Pillow's, with the same draws; torchvision's decode_jpeg stood in for by Pillow."""
+    Pillow's, with the same draws; torchvision's decode_jpeg on the CPU where it loads, else Pillow in its place
+    (where a JPEG that neither decodes is the one of a given length)."""
     import io
     import types
-    import streaming
     from torch.utils.data import DataLoader
 
     def decode_jpeg(data, mode=None, device=None):
@@ -430,8 +432,9 @@ def test_decoding_on_the_gpu_crops_as_the_workers_do(tmp_path, monkeypatch, caps
             return torch.from_numpy(np.array(Image.open(io.BytesIO(d.numpy().tobytes())).convert("RGB"))
                                     ).permute(2, 0, 1).contiguous()
         return [one(d) for d in data] if isinstance(data, list) else one(data)
-    monkeypatch.setitem(sys.modules, "torchvision.io", types.SimpleNamespace(decode_jpeg=decode_jpeg,
-                                                                             ImageReadMode=types.SimpleNamespace(RGB=3)))
+    if decoder == "Pillow":
+        monkeypatch.setitem(sys.modules, "torchvision.io", types.SimpleNamespace(
+            decode_jpeg=decode_jpeg, ImageReadMode=types.SimpleNamespace(RGB=3)))
     paths = [photo(tmp_path / f"{i}.JPEG", seed=i) for i in range(5)]
     Image.open(paths[4]).save(tmp_path / "4.png")
     paths.append(tmp_path / "4.png")
@@ -454,9 +457,15 @@ def test_decoding_on_the_gpu_crops_as_the_workers_do(tmp_path, monkeypatch, caps
         assert a.shape == b.shape == (7, 3, 32, 32) and source.tolist() == list(range(7))
         assert (a - b).abs().mean() < 0.02  # two bicubic resizes of the same crops and flips
     damaged = paths[2].read_bytes()  # one neither the GPU nor the CPU decodes: the next image in its place
+    if decoder == "torchvision":  # the real one: that JPEG's bytes without JPEG's first marker
+        start = int(x_raw[1][:2].sum())
+        x_raw[0][start:start + 2] = 0
     x, y = data.to_device(x_raw, y_raw)
     assert torch.equal(y, y_raw[[0, 1, 3, 3, 4, 5, 6]]) and torch.equal(x[2], x[3])
-    assert "could not be decoded" in capsys.readouterr().err
+    data.to_device(x_raw, y_raw)
+    err = capsys.readouterr().err
+    assert err.count("1 JPEG(s) of a batch could not be decoded") == 2  # at each batch, and a note of the batch
+    assert err.count("decoded one at a time") == 1  # decoded one at a time, once
 
 
 def test_over_ranks_it_starts_itself_a_wrong_setting_is_the_last_line_and_nothing_is_written(folder, tmp_path):

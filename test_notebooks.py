@@ -20,6 +20,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).parent
@@ -470,8 +471,8 @@ def test_grading_many_notebooks_prints_each_and_writes_one_csv_row_a_notebook(tm
     out, err = capsys.readouterr()
     assert out.count("== ") == 2 and "check_y: 0 of 1 (AssertionError: no)" in out and out.count("Our answer") == 2
     assert "automatic points: 2 of 3;" in out and "b.ipynb has no cell 'l_half'" in err
-    assert (tmp_path / "points.csv").read_text().splitlines() == ["file,check_x,check_y,automatic", "a.ipynb,2,0,2",
-                                                                  "b.ipynb,1,1,2"]
+    assert (tmp_path / "points.csv").read_text().splitlines() == [  # the most each column holds, then each file
+        "file,check_x,check_y,automatic,written_answer", "(out of),2,1,3,3", "a.ipynb,2,0,2,", "b.ipynb,1,1,2,"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ipynb", "b.ipynb", "points.csv"]  # no .partial left
 
 
@@ -491,7 +492,8 @@ def test_an_interrupted_grading_keeps_the_csv_rows_of_the_notebooks_graded_befor
     monkeypatch.chdir(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         grade_all(["a.ipynb", "b.ipynb"], "points.csv")
-    assert (tmp_path / "points.csv").read_text().splitlines() == ["file,check_x,automatic", "a.ipynb,2,2"]
+    assert (tmp_path / "points.csv").read_text().splitlines() == ["file,check_x,automatic,written_answer",
+                                                                  "(out of),2,2,3", "a.ipynb,2,2,"]
     monkeypatch.setattr(sys.modules[__name__], "grade", lambda file, folder, timeout: ({"check_x": (1, 2, "")}, []))
     writes, original = [], csv.DictWriter.writerows
 
@@ -505,7 +507,8 @@ def test_an_interrupted_grading_keeps_the_csv_rows_of_the_notebooks_graded_befor
     with pytest.raises(OSError):
         grade_all(["a.ipynb", "b.ipynb"], "again.csv")
     capsys.readouterr()
-    assert (tmp_path / "again.csv").read_text().splitlines() == ["file,check_x,automatic", "a.ipynb,1,1"]
+    assert (tmp_path / "again.csv").read_text().splitlines() == ["file,check_x,automatic,written_answer",
+                                                                 "(out of),2,2,3", "a.ipynb,1,1,"]
 
 
 def test_why_a_cell_failed_is_its_first_error_in_one_line_without_the_kernels_file_name():
@@ -517,7 +520,9 @@ def test_why_a_cell_failed_is_its_first_error_in_one_line_without_the_kernels_fi
     assert why(cell(("SyntaxError", "'(' was never closed (2795372471.py, line 2)"), ("NameError", "x"))) == \
         "SyntaxError: '(' was never closed (line 2)"
     assert why(cell(("AssertionError", "not the mean\nof 2 teachers"))) == "AssertionError: not the mean"
-    assert why(cell(("NotImplementedError", ""))) == "NotImplementedError"
+    assert why(cell(("NotImplementedError", ""))) == "unanswered (NotImplementedError)"  # the stub, still there
+    assert why(cell(("NotImplementedError", "exercise 3 of exercises.ipynb"))) == \
+        "unanswered (NotImplementedError: exercise 3 of exercises.ipynb)"
     assert why(cell(("KeyboardInterrupt", ""))) == "KeyboardInterrupt (interrupted: it ran too long)"
 
 
@@ -525,7 +530,7 @@ class InProcessKernel:
     """NotebookClient's stand-in for grade(): runs the code cells here, one namespace, beside the handout's
     merge.py, and records each cell's error as a kernel's error output (ipykernel names a cell's file N.py)."""
 
-    def __init__(self, notebook, timeout, interrupt_on_timeout, kernel_name, allow_errors, resources):
+    def __init__(self, notebook, km, timeout, interrupt_on_timeout, allow_errors, resources):
         self.notebook, self.folder = notebook, Path(resources["metadata"]["path"])
 
     def execute(self):
@@ -545,8 +550,9 @@ def test_grading_puts_back_the_keys_checks_and_hidden_tests_and_keeps_the_studen
         tmp_path, monkeypatch, capsys):
     """grade() with the kernel stood in for (the slow round trip runs a real one): a student's answers are graded
     by the key's checks, hidden tests and all, whatever the student did to a check; an answer written in a cell
-    of their own below the stub counts, and so does a helper in a cell of their own; a deleted answer cell is
-    missing and graded as the stub; the points of each check are the key's, whatever a cell's metadata says."""
+    of their own below the stub counts, and so does a helper in a cell of their own, above the answer after a
+    pasted copy of a check too; a deleted answer cell is missing and graded as the stub; the points of each check
+    are the key's, whatever a cell's metadata says, and each check counts once."""
     monkeypatch.setattr(sys.modules[__name__], "NotebookClient", InProcessKernel)
     key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
     answers = {nbgrader_id(cell): cell.source for cell in key.cells}
@@ -562,8 +568,11 @@ def test_grading_puts_back_the_keys_checks_and_hidden_tests_and_keeps_the_studen
     cells["check_p_open"].metadata.nbgrader.points = 9
     cells["p_open"].metadata.nbgrader.update(grade=True, points=9)  # an answer cell made a check: no points
     own = [nbformat.v4.new_code_cell("print(p_open(torch.zeros(1))"), nbformat.v4.new_code_cell("1 / 0")]
-    # lambda_schedule through a helper of their own, in a cell after it; compress_mlp left a stub in its cell
-    # and written in a cell of their own below it; l_half's answer cell deleted
+    # lambda_schedule through a helper of their own, in a cell above it after a copy of its check (grade id and
+    # all); compress_mlp left a stub in its cell and written in a cell of their own below it; l_half's answer
+    # cell deleted
+    pasted = nbformat.v4.new_code_cell(cells["check_lambda_schedule"].source,
+                                       metadata=cells["check_lambda_schedule"].metadata)
     helper = nbformat.v4.new_code_cell("def grow(lam, step):\n    return lam + step * lam ** 0.5")
     cells["lambda_schedule"].source = ("def lambda_schedule(epochs, start, step):\n    lambdas = [grow(start, step)]\n"
                                        "    while len(lambdas) < epochs:\n"
@@ -571,9 +580,10 @@ def test_grading_puts_back_the_keys_checks_and_hidden_tests_and_keeps_the_studen
                                        "    return lambdas[:epochs]")
     below = nbformat.v4.new_code_cell(answers["compress_mlp"].replace("### BEGIN SOLUTION", "").replace(
         "### END SOLUTION", ""))
-    placed = {"concat_weight": [copied], "p_open": own, "lambda_schedule": [helper], "compress_mlp": [below]}
+    placed = {"concat_weight": [copied], "p_open": own, "compress_mlp": [below]}  # after those cells
     student.cells = [c for cell in student.cells if nbgrader_id(cell) != "l_half"
-                     for c in (cell, *placed.get(nbgrader_id(cell), []))]
+                     for c in ([pasted, helper] if nbgrader_id(cell) == "lambda_schedule" else []) +
+                     [cell, *placed.get(nbgrader_id(cell), [])]]
     nbformat.write(student, tmp_path / "returned.ipynb")
     points, missing = grade(tmp_path / "returned.ipynb", tmp_path / "scratch")
     capsys.readouterr()
@@ -584,8 +594,8 @@ def test_grading_puts_back_the_keys_checks_and_hidden_tests_and_keeps_the_studen
     assert points["check_p_open"][2].startswith("AssertionError: P[g > 0] at loc")  # the hidden values, put back
     assert points["check_p_open"][2].endswith("; a cell of the student's own above it raised SyntaxError: '(' was "
                                               "never closed (line 1)")  # the first error since the check before
-    assert points["check_l_half"][2] == "NotImplementedError" and points["check_choose_units"][2] == \
-        "NotImplementedError"  # the stubs, no error of the cells above the check before them
+    assert points["check_l_half"][2] == points["check_choose_units"][2] == "unanswered (NotImplementedError)"
+    # the stubs, and no error of the cells above the check before them
 
 
 def test_an_instructors_cells_without_nbgrader_marks_are_released_and_graded_as_the_students(tmp_path, monkeypatch,
@@ -613,7 +623,7 @@ def test_an_instructors_cells_without_nbgrader_marks_are_released_and_graded_as_
 
 @pytest.mark.slow
 def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_released_merge(released, tmp_path,
-                                                                                               monkeypatch, capsys):
+                                                                                               monkeypatch, capfd):
     """The round trip nbgrader makes: our solutions (the source) score every point, the release none, both
     run in a fresh kernel beside the released merge.py."""
     key = execute(nbformat.read(ROOT / "exercises.ipynb", as_version=4), tmp_path, monkeypatch, path=released)
@@ -637,14 +647,18 @@ def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_
     pasted = next(cell for cell in student.cells if nbgrader_id(cell) == "l_half")
     pasted.source, pasted.metadata = answers["l_half"].source, {}
     nbformat.write(student, tmp_path / "returned.ipynb")
-    capsys.readouterr()
+    capfd.readouterr()
     [(_, points, missing)] = grade_all([tmp_path / "returned.ipynb"], tmp_path / "points.csv", timeout=10)
-    printed = capsys.readouterr().out  # --grade's printout: each check, the total, the written answer
+    printed, err = capfd.readouterr()  # --grade's printout: each check, the total, the written answer
+    assert "TCP" not in err  # the kernel's warning of plain TCP: the grading kernel talks over files
     assert "check_concat_weight: 2 of 2\n" in printed and "automatic points: 2 of 12;" in printed
     assert printed.rstrip().endswith("    YOUR ANSWER HERE")  # the student's written answer, for the grader
     with open(tmp_path / "points.csv") as f:
-        assert list(csv.DictReader(f)) == [{"file": str(tmp_path / "returned.ipynb"), "automatic": "2",
-                                            **{check: str(got) for check, (got, _, _) in points.items()}}]
+        assert list(csv.DictReader(f)) == [
+            {"file": "(out of)", "automatic": "12", "written_answer": "3",
+             **{check: str(most) for check, (_, most, _) in points.items()}},
+            {"file": str(tmp_path / "returned.ipynb"), "automatic": "2", "written_answer": "",
+             **{check: str(got) for check, (got, _, _) in points.items()}}]
     assert len(points) == 6 and points["check_concat_weight"] == (2, 2, "")
     assert points["check_p_open"][:2] == (0, 2) and points["check_p_open"][2].startswith("NameError: ")
     assert "; the answer cell 'p_open' above it raised SyntaxError" in points["check_p_open"][2]
@@ -700,11 +714,14 @@ def grade(submission, folder, timeout=60):
     submission lacks (an answer pasted into a fresh notebook loses its grade id), which count as unanswered."""
     key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
     theirs, after, last = {}, {}, None
-    for cell in nbformat.read(submission, as_version=4).cells:
-        if nbgrader_id(cell):
+    submitted = nbformat.read(submission, as_version=4).cells
+    final = {nbgrader_id(cell): n for n, cell in enumerate(submitted)}  # a cell pasted twice: its last copy
+    for n, cell in enumerate(submitted):
+        if nbgrader_id(cell) and final[nbgrader_id(cell)] == n:
             theirs[last := nbgrader_id(cell)] = cell
-        else:
-            after.setdefault(last, []).append(cell)  # a cell of their own, after the labelled one before it
+        else:  # a cell of their own (or an earlier copy of a labelled one, now theirs), after the labelled one before
+            cell.metadata.pop("nbgrader", None)
+            after.setdefault(last, []).append(cell)
     stubs = {nbgrader_id(cell): cell for cell in strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4)).cells}
     marks = {nbgrader_id(cell): cell.metadata.get("nbgrader", {}) for cell in key.cells}  # its checks, their points
     cells = list(after.get(None, []))
@@ -719,7 +736,10 @@ def grade(submission, folder, timeout=60):
         monkeypatch = stack.enter_context(pytest.MonkeyPatch.context())
         monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")  # exercise 5's experiment skips itself
         monkeypatch.setenv("PYTHONPATH", str(released))
-        NotebookClient(key, timeout=timeout, interrupt_on_timeout=True, kernel_name="python3", allow_errors=True,
+        # the kernel talks over files in folder where it can (not TCP, of which ipykernel warns at each start)
+        kernel = AsyncKernelManager(kernel_name="python3", **{"transport": "ipc", "ip": str(Path(folder) / "kernel")}
+                               if os.name == "posix" else {})
+        NotebookClient(key, km=kernel, timeout=timeout, interrupt_on_timeout=True, allow_errors=True,
                        resources={"metadata": {"path": str(released)}}).execute()
     missing = [i for i, cell in stubs.items() if cell.metadata.get("nbgrader", {}).get("solution") and i not in theirs]
     points, above = {}, ""  # above: the first error of a cell run since the last check (a student's answer, say)
@@ -741,15 +761,20 @@ def why(cell):
         return ""
     name, value = errors[0].get("ename", ""), errors[0].get("evalue", "").strip().splitlines()
     value = [re.sub(r"\(\d+\.py, (line \d+)\)", r"(\1)", line) for line in value]  # not the kernel's scratch file
-    return (f"{name}: {value[0]}" if value else name)[:200] + (" (interrupted: it ran too long)"
-                                                                if name == "KeyboardInterrupt" else "")
+    text = (f"{name}: {value[0]}" if value else name)[:200]
+    if name == "NotImplementedError":  # the released stub, still there
+        return f"unanswered ({text})"
+    return text + (" (interrupted: it ran too long)" if name == "KeyboardInterrupt" else "")
 
 
 def grade_all(files, csv_path=None, timeout=60):
     """--grade: each file graded in turn (grade), its points printed and then its written answer of exercise 5,
-    which is graded by hand; with csv_path, one row a file (each check's points, their sum), the CSV file written
-    whole after each file, so an interrupted grading keeps the files done. Returns [(file, points, missing)]."""
+    which is graded by hand; with csv_path, a row of the most points each column can hold, then one row a file
+    (each check's points, their sum, an empty column for the written answer), the CSV file written whole after
+    each file, so an interrupted grading keeps the files done. Returns [(file, points, missing)]."""
     graded_files, rows = [], []
+    written = next(cell.metadata.nbgrader.points for cell in nbformat.read(ROOT / "exercises.ipynb", as_version=4).cells
+                   if nbgrader_id(cell) == "answer_choose_units")  # the written answer's points, the key's
     for file in files:
         with tempfile.TemporaryDirectory() as scratch:
             points, missing = grade(file, scratch, timeout)
@@ -763,10 +788,14 @@ def grade_all(files, csv_path=None, timeout=60):
             print(f"{check}: {got} of {most}" + (f" ({reason})" if reason else ""))
         total = sum(p[0] for p in points.values())
         print(f"automatic points: {total} of {sum(p[1] for p in points.values())}; the written answer of exercise 5 "
-              "(3 points) is graded by hand (the rubric: docs/teaching.md):")
+              f"({written} points) is graded by hand (the rubric: docs/teaching.md):")
         answer = [c.source for c in nbformat.read(file, as_version=4).cells if nbgrader_id(c) == "answer_choose_units"]
         print(textwrap.indent(answer[0].strip() if answer else "(no answer cell found)", "    "))
-        rows.append({"file": str(file), **{check: got for check, (got, _, _) in points.items()}, "automatic": total})
+        if not rows:  # the first row: the most each column can hold
+            rows.append({"file": "(out of)", **{check: most for check, (_, most, _) in points.items()},
+                         "automatic": sum(p[1] for p in points.values()), "written_answer": written})
+        rows.append({"file": str(file), **{check: got for check, (got, _, _) in points.items()}, "automatic": total,
+                     "written_answer": ""})  # exercise 5's written answer: the grader's to fill in
         if csv_path:  # written whole: a temporary file, then renamed
             partial = Path(f"{csv_path}.partial")
             with open(partial, "w", newline="") as f:

@@ -364,6 +364,31 @@ def test_graphs_warm_up_on_a_spare_state_and_replay_on_their_own_inputs(monkeypa
     assert torch.equal(plain[0].out.weight, graphed[0].out.weight) and len(history) == 2
 
 
+class FailsToRecord(stacked.Graphs):
+    """Graphs whose recording fails as a CUDA capture does when an operation inside it is not allowed: the
+    operation's error, then capture_end's own in its place."""
+
+    def record(self, work):
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        except RuntimeError:  # noqa: B904 - as torch.cuda.graph's exit raises it: the first error its context
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+
+def test_a_block_that_cannot_be_recorded_runs_as_it_is_and_the_note_names_the_first_error(monkeypatch, caplog):
+    s, data = settings(), merge.sine_data(0, 200, 50, 50)
+    plain, graphed = fresh([3]), fresh([3])
+    stacked.fit_stacked(plain, [data], s, 2, seeds=[3], compile=False, steps_per_block=4)
+    monkeypatch.setattr(stacked, "Graphs", FailsToRecord)
+    monkeypatch.setattr(FailsToRecord, "failures", 0)
+    monkeypatch.setattr(stacked.log, "propagate", True)  # to caplog, whatever a Progress handler did
+    with caplog.at_level(logging.INFO, logger="merge"):
+        stacked.fit_stacked(graphed, [data], s, 2, seeds=[3], compile=False, steps_per_block=4, graphs=True)
+    assert torch.equal(plain[0].out.weight, graphed[0].out.weight) and FailsToRecord.failures == 1
+    assert caplog.text.count("CUDA graphs are unavailable here (RuntimeError: operation not permitted when stream "
+                             "is capturing, then RuntimeError: CUDA error: operation failed due to a previous") == 1
+
+
 @pytest.mark.parametrize("phase, use_compile", [("importance", 0), pytest.param("teacher", 1, marks=needs_compiler)])
 def test_a_stack_cut_short_goes_on_from_its_checkpoint_to_the_same_models(tmp_path, monkeypatch, caplog, phase,
                                                                           use_compile):
