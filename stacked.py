@@ -205,7 +205,7 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
         numbers = [total / N] + ([merge.l_half(gate_locs, share)] + [merge.p_open(loc) for loc in gate_locs]
                                  if lambdas is not None else [])
         del X_epoch, Y_epoch, order, x, y  # not kept while other stacks take their turns
-        if device.type != "cuda":
+        if not rows_behind(device):
             finish(epoch, numbers)
             keep(epoch)
             yield
@@ -227,6 +227,10 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
     for r, model in enumerate(models):
         model.load_state_dict({name: p[r] for name, p in params.items()})
     return history
+
+def rows_behind(device):
+    """Whether an epoch's numbers are read once the next epoch is queued: on a GPU, which trains on meanwhile."""
+    return device.type == "cuda"
 
 CHECKPOINT_SECONDS = 60  # a stack's state written at most this often (checkpoint): a kill loses a minute or less
 

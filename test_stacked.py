@@ -364,6 +364,50 @@ def test_graphs_warm_up_on_a_spare_state_and_replay_on_their_own_inputs(monkeypa
     assert torch.equal(plain[0].out.weight, graphed[0].out.weight) and len(history) == 2
 
 
+def test_on_a_gpu_an_epochs_row_comes_once_the_next_is_queued_and_before_its_checkpoint(tmp_path, monkeypatch):
+    """The GPU's way (rows_behind), run on the CPU with pinned memory and CUDA's event stood in: an epoch's
+    numbers are copied behind its steps and read once the next epoch is queued, the last at the end, with the
+    same models and rows as the CPU's way; a checkpoint due after an epoch comes after that epoch's row, so
+    that the state written and its rows agree."""
+    events, saved = [], []
+
+    class Event:  # torch.cuda.Event, the order of its calls
+        def record(self):
+            events.append("record")
+
+        def synchronize(self):
+            events.append("synchronize")
+
+    def train(checkpoint_seconds):  # the models, history, rows, and how many rows there were after each yield
+        monkeypatch.setattr(stacked, "CHECKPOINT_SECONDS", checkpoint_seconds)
+        models, rows, after_each = fresh([3, 4]), [], []
+        epochs = stacked.fit_stacked_epochs(models, [data, data], s, 4, seeds=[3, 4], compile=False,
+                                            checkpoint=tmp_path / "stack", after_epoch=lambda e, h: rows.append(e))
+        while True:
+            try:
+                next(epochs)
+            except StopIteration as end:
+                return models, end.value, rows, after_each
+            after_each.append(len(rows))
+
+    s, data, empty = settings(), merge.sine_data(0, 200, 50, 50), torch.empty
+    monkeypatch.setattr(stacked, "save_stack", lambda path, state: saved.append(len(state["history"])))
+    cpu, cpu_history, cpu_rows, cpu_after_each = train(float("inf"))
+    assert cpu_rows == [0, 1, 2, 3] and cpu_after_each == [1, 2, 3, 4]
+    monkeypatch.setattr(stacked, "rows_behind", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch, "empty", lambda *shape, pin_memory=False, **how: empty(*shape, **how))
+    gpu, gpu_history, gpu_rows, gpu_after_each = train(float("inf"))  # never a checkpoint: each row behind
+    assert gpu_history == cpu_history and gpu_rows == [0, 1, 2, 3] and gpu_after_each == [0, 1, 2, 3]
+    assert all(same(a, b, dict(rtol=0, atol=0)) for a, b in zip(cpu, gpu)) and saved == []
+    assert events == ["record", "record", "synchronize", "record", "synchronize", "record", "synchronize",
+                      "synchronize"]  # each epoch's numbers read after the next is queued, the last at the end
+    events.clear()
+    _, history, rows, after_each = train(0)  # a checkpoint after every epoch: each epoch's row first
+    assert history == cpu_history and after_each == [1, 2, 3, 4] and saved == [1, 2, 3, 4]
+    assert events == ["record", "synchronize"] * 4
+
+
 class FailsToRecord(stacked.Graphs):
     """Graphs whose recording fails as a CUDA capture does when an operation inside it is not allowed: the
     operation's error, then capture_end's own in its place."""
