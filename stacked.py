@@ -229,7 +229,8 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
     return history
 
 def rows_behind(device):
-    """Whether an epoch's numbers are read once the next epoch is queued: on a GPU, which trains on meanwhile."""
+    """Whether an epoch's numbers are read once the next epoch is queued (at once where a checkpoint is due): on
+    a GPU, which trains on meanwhile."""
     return device.type == "cuda"
 
 CHECKPOINT_SECONDS = 60  # a stack's state written at most this often (checkpoint): a kill loses a minute or less
@@ -302,7 +303,8 @@ class Graphs:
                 self.graphs[key] = self.record(lambda: self.block(self.state, *inputs)), inputs
             except Exception as e:  # noqa: BLE001 - any failure to record means: run the block as it is
                 # an error inside the capture surfaces as capture_end's "previous error": the first one named too
-                why = ", then ".join(f"{type(c).__name__}: {str(c)[:100]}" for c in (e.__context__, e) if c)
+                why = ", then ".join(f"{type(c).__name__}: {(str(c).splitlines() or [''])[0][:100]}"
+                                     for c in (e.__context__, e) if c)  # each in one line
                 log.warning(f"note: CUDA graphs are unavailable here ({why}); one launch a kernel")
                 self.failed, Graphs.failures = True, Graphs.failures + 1
                 return self.block(self.state, x, y)

@@ -226,8 +226,8 @@ class Streamed(merge.Data):
                 torch.cuda.synchronize(self._device)
             if not self.said_one_at_a_time:  # once: where every batch fails (no nvJPEG, say), each is slower
                 print(f"note: a batch's JPEGs could not be decoded in one call ({type(e).__name__}: {str(e)[:100]}); "
-                      "such a batch's are decoded one at a time, each on the GPU, else the CPU", file=sys.stderr,
-                      flush=True)
+                      "such batches' JPEGs are then decoded one at a time (on the GPU, else the CPU), slower; "
+                      "said once", file=sys.stderr, flush=True)
                 self.said_one_at_a_time = True
             images = iter([one(d) for d in jpegs])
         crops = []

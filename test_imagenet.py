@@ -464,8 +464,8 @@ def test_decoding_on_the_gpu_crops_as_the_workers_do(tmp_path, monkeypatch, caps
     assert torch.equal(y, y_raw[[0, 1, 3, 3, 4, 5, 6]]) and torch.equal(x[2], x[3])
     data.to_device(x_raw, y_raw)
     err = capsys.readouterr().err
-    assert err.count("1 JPEG(s) of a batch could not be decoded") == 2  # at each batch, and a note of the batch
-    assert err.count("decoded one at a time") == 1  # decoded one at a time, once
+    assert err.count("1 JPEG(s) of a batch could not be decoded") == 2  # the warning at each of the two batches
+    assert err.count("decoded one at a time") == 1  # the note, once
 
 
 def test_over_ranks_it_starts_itself_a_wrong_setting_is_the_last_line_and_nothing_is_written(folder, tmp_path):

@@ -520,9 +520,7 @@ def test_why_a_cell_failed_is_its_first_error_in_one_line_without_the_kernels_fi
     assert why(cell(("SyntaxError", "'(' was never closed (2795372471.py, line 2)"), ("NameError", "x"))) == \
         "SyntaxError: '(' was never closed (line 2)"
     assert why(cell(("AssertionError", "not the mean\nof 2 teachers"))) == "AssertionError: not the mean"
-    assert why(cell(("NotImplementedError", ""))) == "unanswered (NotImplementedError)"  # the stub, still there
-    assert why(cell(("NotImplementedError", "exercise 3 of exercises.ipynb"))) == \
-        "unanswered (NotImplementedError: exercise 3 of exercises.ipynb)"
+    assert why(cell(("NotImplementedError", ""))) == "NotImplementedError"
     assert why(cell(("KeyboardInterrupt", ""))) == "KeyboardInterrupt (interrupted: it ran too long)"
 
 
@@ -533,7 +531,7 @@ class InProcessKernel:
     def __init__(self, notebook, km, timeout, interrupt_on_timeout, allow_errors, resources):
         self.notebook, self.folder = notebook, Path(resources["metadata"]["path"])
 
-    def execute(self):
+    def execute(self, cleanup_kc):
         assert os.environ.get("NBGRADER_EXECUTION") == "autograde", "graded as nbgrader autogrades: no experiment"
         namespace = {}
         with stubbed_merge(self.folder):
@@ -594,8 +592,30 @@ def test_grading_puts_back_the_keys_checks_and_hidden_tests_and_keeps_the_studen
     assert points["check_p_open"][2].startswith("AssertionError: P[g > 0] at loc")  # the hidden values, put back
     assert points["check_p_open"][2].endswith("; a cell of the student's own above it raised SyntaxError: '(' was "
                                               "never closed (line 1)")  # the first error since the check before
-    assert points["check_l_half"][2] == points["check_choose_units"][2] == "unanswered (NotImplementedError)"
-    # the stubs, and no error of the cells above the check before them
+    assert points["check_l_half"][2] == points["check_choose_units"][2] == "unanswered: its answer cell is as " \
+        "released"  # l_half's deleted, choose_units' left a stub: no error of the cells above the check before
+
+
+def test_a_failed_check_names_a_pasted_copy_that_raised_and_an_answer_that_calls_another_exercises_stub(
+        tmp_path, monkeypatch, capsys):
+    """Exercise 1 answered wrongly below a pasted copy of its check, which raised: its check says so, naming the
+    copy; exercise 5 answered with a rule that calls p_open, left as released: a NotImplementedError, not
+    'unanswered'; the others, left as released, are unanswered."""
+    monkeypatch.setattr(sys.modules[__name__], "NotebookClient", InProcessKernel)
+    student = strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4))
+    cells = {nbgrader_id(cell): cell for cell in student.cells}
+    cells["concat_weight"].source = WRONG["concat_weight"][0]
+    cells["choose_units"].source = "def choose_units(big_student, seed):\n    return p_open(torch.zeros(4)).argsort()"
+    pasted = nbformat.v4.new_code_cell(cells["check_concat_weight"].source,
+                                       metadata=cells["check_concat_weight"].metadata)
+    student.cells = [c for cell in student.cells for c in ([pasted] if cell is cells["concat_weight"] else []) + [cell]]
+    nbformat.write(student, tmp_path / "returned.ipynb")
+    points, _ = grade(tmp_path / "returned.ipynb", tmp_path / "scratch")
+    assert points["check_concat_weight"][:2] == (0, 2) and points["check_concat_weight"][2].endswith(
+        "; a copy of 'check_concat_weight' above it raised NameError: name 'concat_weight' is not defined")
+    assert points["check_choose_units"] == (0, 1, "NotImplementedError")
+    assert {points[check][2] for check in ("check_p_open", "check_l_half", "check_lambda_schedule",
+                                           "check_compress_mlp")} == {"unanswered: its answer cell is as released"}
 
 
 def test_an_instructors_cells_without_nbgrader_marks_are_released_and_graded_as_the_students(tmp_path, monkeypatch,
@@ -648,7 +668,15 @@ def test_the_answer_key_passes_and_the_students_copy_fails_in_a_kernel_with_the_
     pasted.source, pasted.metadata = answers["l_half"].source, {}
     nbformat.write(student, tmp_path / "returned.ipynb")
     capfd.readouterr()
+    managers = []
+
+    class Managed(AsyncKernelManager):  # each grading kernel's manager, to see it shut down after its notebook
+        def __init__(self, **settings):
+            super().__init__(**settings)
+            managers.append(self)
+    monkeypatch.setattr(sys.modules[__name__], "AsyncKernelManager", Managed)
     [(_, points, missing)] = grade_all([tmp_path / "returned.ipynb"], tmp_path / "points.csv", timeout=10)
+    assert len(managers) == 1 and not managers[0].has_kernel  # no kernel left running
     printed, err = capfd.readouterr()  # --grade's printout: each check, the total, the written answer
     assert "TCP" not in err  # the kernel's warning of plain TCP: the grading kernel talks over files
     assert "check_concat_weight: 2 of 2\n" in printed and "automatic points: 2 of 12;" in printed
@@ -707,11 +735,12 @@ def nbgrader_id(cell, default=None):
 def grade(submission, folder, timeout=60):
     """The automatic points of a returned exercises notebook, as nbgrader's autograde gives them. The answer
     key's locked cells (setup, texts, checks) replace the student's, by grade id; the student's solution cells
-    and cells of their own stay where they were. It runs in a fresh kernel in folder, beside the released
-    merge.py and stacked.py, exercise 5's experiment skipped; a cell running past timeout seconds is interrupted
-    and fails. Returns {check: (points, out of, why it failed or "")}, where a failed check's why adds the first
-    error of the cells run since the check before (a student's answer that raised), and the solution cells the
-    submission lacks (an answer pasted into a fresh notebook loses its grade id), which count as unanswered."""
+    and cells of their own stay where they were (of a cell there twice, the last copy; an earlier one is theirs).
+    It runs in a fresh kernel in folder, beside the released merge.py and stacked.py, exercise 5's experiment
+    skipped; a cell running past timeout seconds is interrupted and fails. Returns {check: (points, out of, why
+    it failed or "")}, where a failed check's why adds the first error of the cells run since the check before
+    (a student's answer that raised), or says it is unanswered (its answer cell as released), and the solution
+    cells the submission lacks (an answer pasted into a fresh notebook loses its grade id), graded as released."""
     key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
     theirs, after, last = {}, {}, None
     submitted = nbformat.read(submission, as_version=4).cells
@@ -720,7 +749,8 @@ def grade(submission, folder, timeout=60):
         if nbgrader_id(cell) and final[nbgrader_id(cell)] == n:
             theirs[last := nbgrader_id(cell)] = cell
         else:  # a cell of their own (or an earlier copy of a labelled one, now theirs), after the labelled one before
-            cell.metadata.pop("nbgrader", None)
+            if nbgrader_id(cell):  # an earlier copy: named as such where it raised
+                cell.metadata["copy_of"] = cell.metadata.pop("nbgrader")["grade_id"]
             after.setdefault(last, []).append(cell)
     stubs = {nbgrader_id(cell): cell for cell in strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4)).cells}
     marks = {nbgrader_id(cell): cell.metadata.get("nbgrader", {}) for cell in key.cells}  # its checks, their points
@@ -740,16 +770,25 @@ def grade(submission, folder, timeout=60):
         kernel = AsyncKernelManager(kernel_name="python3", **{"transport": "ipc", "ip": str(Path(folder) / "kernel")}
                                if os.name == "posix" else {})
         NotebookClient(key, km=kernel, timeout=timeout, interrupt_on_timeout=True, allow_errors=True,
-                       resources={"metadata": {"path": str(released)}}).execute()
+                       resources={"metadata": {"path": str(released)}}).execute(cleanup_kc=True)  # then shut down
     missing = [i for i, cell in stubs.items() if cell.metadata.get("nbgrader", {}).get("solution") and i not in theirs]
     points, above = {}, ""  # above: the first error of a cell run since the last check (a student's answer, say)
+    answered = True  # whether the last answer cell is other than the released stub
     for cell in (c for c in key.cells if c.cell_type == "code"):
         check = marks.get(nbgrader_id(cell), {})  # not what a student's cell says of itself (edited metadata)
+        if check.get("solution"):
+            answered = cell.source.strip() != stubs[nbgrader_id(cell)].source.strip()
+        elif not nbgrader_id(cell):  # a cell of their own: maybe the answer, written below the stub
+            answered = True
         if not check.get("grade"):
-            name = f"the answer cell {nbgrader_id(cell)!r}" if nbgrader_id(cell) else "a cell of the student's own"
+            name = (f"the answer cell {nbgrader_id(cell)!r}" if nbgrader_id(cell) else
+                    f"a copy of {cell.metadata['copy_of']!r}" if "copy_of" in cell.metadata else
+                    "a cell of the student's own")
             above = above or (why(cell) and f"{name} above it raised {why(cell)}")
             continue
         reason = why(cell) + (f"; {above}" if failed(cell) and above else "")
+        if failed(cell) and not answered:  # the stub raised in the check
+            reason = "unanswered: its answer cell is as released"
         points[nbgrader_id(cell)], above = (0 if failed(cell) else check.points, check.points, reason), ""
     return points, missing
 
@@ -761,10 +800,8 @@ def why(cell):
         return ""
     name, value = errors[0].get("ename", ""), errors[0].get("evalue", "").strip().splitlines()
     value = [re.sub(r"\(\d+\.py, (line \d+)\)", r"(\1)", line) for line in value]  # not the kernel's scratch file
-    text = (f"{name}: {value[0]}" if value else name)[:200]
-    if name == "NotImplementedError":  # the released stub, still there
-        return f"unanswered ({text})"
-    return text + (" (interrupted: it ran too long)" if name == "KeyboardInterrupt" else "")
+    return (f"{name}: {value[0]}" if value else name)[:200] + (" (interrupted: it ran too long)"
+                                                                if name == "KeyboardInterrupt" else "")
 
 
 def grade_all(files, csv_path=None, timeout=60):
@@ -773,8 +810,9 @@ def grade_all(files, csv_path=None, timeout=60):
     (each check's points, their sum, an empty column for the written answer), the CSV file written whole after
     each file, so an interrupted grading keeps the files done. Returns [(file, points, missing)]."""
     graded_files, rows = [], []
-    written = next(cell.metadata.nbgrader.points for cell in nbformat.read(ROOT / "exercises.ipynb", as_version=4).cells
-                   if nbgrader_id(cell) == "answer_choose_units")  # the written answer's points, the key's
+    written = next((cell.metadata.nbgrader.get("points", 0) for cell in nbformat.read(
+        ROOT / "exercises.ipynb", as_version=4).cells if nbgrader_id(cell) == "answer_choose_units"), None)
+    hand = {} if written is None else {"written_answer": ""}  # its column (None: a key without a written answer)
     for file in files:
         with tempfile.TemporaryDirectory() as scratch:
             points, missing = grade(file, scratch, timeout)
@@ -787,15 +825,17 @@ def grade_all(files, csv_path=None, timeout=60):
         for check, (got, most, reason) in points.items():
             print(f"{check}: {got} of {most}" + (f" ({reason})" if reason else ""))
         total = sum(p[0] for p in points.values())
-        print(f"automatic points: {total} of {sum(p[1] for p in points.values())}; the written answer of exercise 5 "
-              f"({written} points) is graded by hand (the rubric: docs/teaching.md):")
+        print(f"automatic points: {total} of {sum(p[1] for p in points.values())}" + ("" if written is None else
+              f"; the written answer of exercise 5 ({written} points) is graded by hand "
+              "(the rubric: docs/teaching.md):"))
         answer = [c.source for c in nbformat.read(file, as_version=4).cells if nbgrader_id(c) == "answer_choose_units"]
-        print(textwrap.indent(answer[0].strip() if answer else "(no answer cell found)", "    "))
+        if written is not None:  # the last copy, as grade() takes a cell pasted twice
+            print(textwrap.indent(answer[-1].strip() if answer else "(no answer cell found)", "    "))
         if not rows:  # the first row: the most each column can hold
             rows.append({"file": "(out of)", **{check: most for check, (_, most, _) in points.items()},
-                         "automatic": sum(p[1] for p in points.values()), "written_answer": written})
+                         "automatic": sum(p[1] for p in points.values()), **{k: written for k in hand}})
         rows.append({"file": str(file), **{check: got for check, (got, _, _) in points.items()}, "automatic": total,
-                     "written_answer": ""})  # exercise 5's written answer: the grader's to fill in
+                     **hand})  # exercise 5's written answer: the grader's to fill in
         if csv_path:  # written whole: a temporary file, then renamed
             partial = Path(f"{csv_path}.partial")
             with open(partial, "w", newline="") as f:

@@ -416,7 +416,8 @@ class FailsToRecord(stacked.Graphs):
         try:
             raise RuntimeError("operation not permitted when stream is capturing")
         except RuntimeError:  # noqa: B904 - as torch.cuda.graph's exit raises it: the first error its context
-            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture\n"
+                               "CUDA kernel errors might be asynchronously reported at some other API call")
 
 
 def test_a_block_that_cannot_be_recorded_runs_as_it_is_and_the_note_names_the_first_error(monkeypatch, caplog):
@@ -431,6 +432,7 @@ def test_a_block_that_cannot_be_recorded_runs_as_it_is_and_the_note_names_the_fi
     assert torch.equal(plain[0].out.weight, graphed[0].out.weight) and FailsToRecord.failures == 1
     assert caplog.text.count("CUDA graphs are unavailable here (RuntimeError: operation not permitted when stream "
                              "is capturing, then RuntimeError: CUDA error: operation failed due to a previous") == 1
+    assert "asynchronously" not in caplog.text  # each error in one line
 
 
 @pytest.mark.parametrize("phase, use_compile", [("importance", 0), pytest.param("teacher", 1, marks=needs_compiler)])
