@@ -37,6 +37,7 @@ import images
 import lenet_imagewoof
 import sine
 from gpu_timings import imagenet_epoch, imagenet_throughput, run, sine_graphs, sine_kernels, write_cifar, write_images
+from report import write_whole
 
 STEPS = ("graphs", "sine", "lenet", "imagenet-cpu", "imagenet-gpu", "lenet-cached", "kernels", "sine-cpu",
          "small-runs")
@@ -93,7 +94,7 @@ def main(argv=None):
     lines = [f"# GPU check: {name}, torch {torch.__version__}, {os.cpu_count()} CPU cores", ""]
     try:
         logs.mkdir(parents=True, exist_ok=True)
-        report.write_text("\n".join(lines) + "\n")
+        write_whole(report, "\n".join(lines) + "\n")
         (logs / "failed.log").unlink(missing_ok=True)  # an earlier check's
     except OSError as e:
         parser.error(f"cannot write the report {report} ({e.strerror or e})")
@@ -101,7 +102,7 @@ def main(argv=None):
     def say(*new):
         lines.extend(new)
         print("\n".join(new), flush=True)
-        report.write_text("\n".join(lines) + "\n")
+        write_whole(report, "\n".join(lines) + "\n")  # the whole report, or the one before where a kill stops it
 
     failed = []  # the steps that failed, named at the report's end; the check then exits with 1
 
