@@ -600,7 +600,7 @@ def test_a_failed_check_names_a_pasted_copy_that_raised_and_an_answer_that_calls
         tmp_path, monkeypatch, capsys):
     """Exercise 1 answered wrongly below a pasted copy of its check, which raised: its check says so, naming the
     copy; exercise 5 answered with a rule that calls p_open, left as released: a NotImplementedError, not
-    'unanswered'; the others, left as released, are unanswered."""
+    'unanswered'; the others, left as released (an empty cell of their own below one too), are unanswered."""
     monkeypatch.setattr(sys.modules[__name__], "NotebookClient", InProcessKernel)
     student = strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4))
     cells = {nbgrader_id(cell): cell for cell in student.cells}
@@ -608,7 +608,9 @@ def test_a_failed_check_names_a_pasted_copy_that_raised_and_an_answer_that_calls
     cells["choose_units"].source = "def choose_units(big_student, seed):\n    return p_open(torch.zeros(4)).argsort()"
     pasted = nbformat.v4.new_code_cell(cells["check_concat_weight"].source,
                                        metadata=cells["check_concat_weight"].metadata)
-    student.cells = [c for cell in student.cells for c in ([pasted] if cell is cells["concat_weight"] else []) + [cell]]
+    empty = nbformat.v4.new_code_cell("")  # left under l_half's stub: it stays unanswered
+    student.cells = [c for cell in student.cells for c in ([pasted] if cell is cells["concat_weight"] else []) + [cell]
+                     + ([empty] if cell is cells["l_half"] else [])]
     nbformat.write(student, tmp_path / "returned.ipynb")
     points, _ = grade(tmp_path / "returned.ipynb", tmp_path / "scratch")
     assert points["check_concat_weight"][:2] == (0, 2) and points["check_concat_weight"][2].endswith(
@@ -778,8 +780,8 @@ def grade(submission, folder, timeout=60):
         check = marks.get(nbgrader_id(cell), {})  # not what a student's cell says of itself (edited metadata)
         if check.get("solution"):
             answered = cell.source.strip() != stubs[nbgrader_id(cell)].source.strip()
-        elif not nbgrader_id(cell):  # a cell of their own: maybe the answer, written below the stub
-            answered = True
+        elif not nbgrader_id(cell) and cell.source.strip():  # a cell of their own: maybe the answer, written
+            answered = True  # below the stub (an empty one is not)
         if not check.get("grade"):
             name = (f"the answer cell {nbgrader_id(cell)!r}" if nbgrader_id(cell) else
                     f"a copy of {cell.metadata['copy_of']!r}" if "copy_of" in cell.metadata else
