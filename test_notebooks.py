@@ -754,14 +754,16 @@ def grade(submission, folder, timeout=60):
             if nbgrader_id(cell):  # an earlier copy: named as such where it raised
                 cell.metadata["copy_of"] = cell.metadata.pop("nbgrader")["grade_id"]
             after.setdefault(last, []).append(cell)
-    stubs = {nbgrader_id(cell): cell for cell in strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4)).cells}
+    stubs = {nbgrader_id(cell): cell
+             for cell in strip_solutions(nbformat.read(ROOT / "exercises.ipynb", as_version=4)).cells}
     marks = {nbgrader_id(cell): cell.metadata.get("nbgrader", {}) for cell in key.cells}  # its checks, their points
     cells = list(after.get(None, []))
     for cell in key.cells:
         if not nbgrader_id(cell):  # a cell nbgrader does not mark (a note of the instructor's) is the student's:
             continue  # their copy of it comes with their own cells
         locked = cell.metadata.nbgrader.get("locked")
-        cells += [cell if locked else theirs.get(nbgrader_id(cell), stubs[nbgrader_id(cell)]), *after.get(nbgrader_id(cell), [])]
+        cells += [cell if locked else theirs.get(nbgrader_id(cell), stubs[nbgrader_id(cell)]),
+                  *after.get(nbgrader_id(cell), [])]
     key.cells = cells
     released = release(Path(folder) / "handout")
     with contextlib.ExitStack() as stack:
