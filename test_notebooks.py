@@ -816,7 +816,7 @@ def grade_all(files, csv_path=None, timeout=60):
     graded_files, rows = [], []
     written = next((cell.metadata.nbgrader.get("points", 0) for cell in nbformat.read(
         ROOT / "exercises.ipynb", as_version=4).cells if nbgrader_id(cell) == "answer_choose_units"), None)
-    hand = {} if written is None else {"written_answer": ""}  # its column (None: a key without a written answer)
+    column = (lambda value: {} if written is None else {"written_answer": value})  # None: a key without one
     for file in files:
         with tempfile.TemporaryDirectory() as scratch:
             points, missing = grade(file, scratch, timeout)
@@ -837,9 +837,9 @@ def grade_all(files, csv_path=None, timeout=60):
             print(textwrap.indent(answer[-1].strip() if answer else "(no answer cell found)", "    "))
         if not rows:  # the first row: the most each column can hold
             rows.append({"file": "(out of)", **{check: most for check, (_, most, _) in points.items()},
-                         "automatic": sum(p[1] for p in points.values()), **{k: written for k in hand}})
+                         "automatic": sum(p[1] for p in points.values()), **column(written)})
         rows.append({"file": str(file), **{check: got for check, (got, _, _) in points.items()}, "automatic": total,
-                     **hand})  # exercise 5's written answer: the grader's to fill in
+                     **column("")})  # exercise 5's written answer: the grader's to fill in
         if csv_path:  # written whole: a temporary file, then renamed
             partial = Path(f"{csv_path}.partial")
             with open(partial, "w", newline="") as f:
