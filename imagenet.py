@@ -150,8 +150,9 @@ def run(s):
         with experiment.locked(settings):
             rows.append(experiment.run_experiment(settings, what, lambda seed, device: data, make_teacher,
                                                   images.accuracy_result, wrap=data.wrap, replicas=True))
-    shorter = [f"one, {s.short} epochs"] * (len(rows) - 1)  # its label, where it ran
     b = merge.budget(s)
+    # its label, where it ran; a test budget may give it the long one's epochs, and its rows stay apart all the same
+    shorter = [f"one, {s.short} epochs" + (" (one_short)" if s.short == b["one"] else "")] * (len(rows) - 1)
     label = {"one": f"one, {b['one']} epochs"}
     rows = [dict(r, strategy=label.get(r["strategy"], r["strategy"])) for r in rows[0]] + \
         [dict(r, strategy=shorter[0]) for part in rows[1:] for r in part]

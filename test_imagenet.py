@@ -274,7 +274,8 @@ def test_an_image_cut_short_is_replaced_by_the_next_with_a_warning(tmp_path, cap
                                     "--short", 1, "--strategies", "one"]])
     output = capsys.readouterr().err
     assert "3.JPEG" in output and "the next image takes its place" in output
-    assert (tmp_path / "out" / "summary.md").exists()
+    summary = (tmp_path / "out" / "summary.md").read_text()  # the two one models of 1 epoch, each its own row:
+    assert "| one, 1 epochs | 1 |" in summary and "| one, 1 epochs (one_short) | 1 |" in summary, summary
 
 
 def test_its_own_settings_never_meet_the_shared_checks(monkeypatch):
