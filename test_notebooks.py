@@ -476,6 +476,24 @@ def test_grading_many_notebooks_prints_each_and_writes_one_csv_row_a_notebook(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ipynb", "b.ipynb", "points.csv"]  # no .partial left
 
 
+def test_a_key_without_the_written_answer_grades_without_its_column(tmp_path, monkeypatch, capsys):
+    """An instructor's key with exercise 5's written answer taken out: no written_answer column, no line
+    asking to grade it by hand, the automatic points as before."""
+    key = nbformat.read(ROOT / "exercises.ipynb", as_version=4)
+    key.cells = [cell for cell in key.cells if nbgrader_id(cell) != "answer_choose_units"]
+    (tmp_path / "key").mkdir()
+    nbformat.write(key, tmp_path / "key" / "exercises.ipynb")
+    nbformat.write(key, tmp_path / "a.ipynb")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path / "key")
+    monkeypatch.setattr(sys.modules[__name__], "grade", lambda file, folder, timeout: ({"check_x": (1, 2, "")}, []))
+    monkeypatch.chdir(tmp_path)
+    grade_all(["a.ipynb"], "points.csv")
+    out = capsys.readouterr().out
+    assert "automatic points: 1 of 2\n" in out and "written answer" not in out and "no answer cell" not in out
+    assert (tmp_path / "points.csv").read_text().splitlines() == ["file,check_x,automatic", "(out of),2,2",
+                                                                  "a.ipynb,1,1"]
+
+
 def test_an_interrupted_grading_keeps_the_csv_rows_of_the_notebooks_graded_before(tmp_path, monkeypatch, capsys):
     """The CSV file is rewritten whole after each notebook: Ctrl-C while grading the second, or a write that
     fails halfway, leaves the first notebook's row as it was."""
