@@ -319,7 +319,7 @@ class Settings:
     lr: float = setting(0.01, "SGD learning rate, divided by 10 at each drop (sine: 3.2)")
     momentum: float = setting(0.9, "SGD momentum (sine: 3.2)")
     weight_decay: float = setting(0.0, "SGD weight decay (sine: none named by the paper or the scripts, SGD's default)")
-    # lr / 10 at these fractions (3.2: teachers, bo3 250/300, fine-tune 100/150, one 800/900; importance none: 3.3.1)
+    # lr / 10 at these fractions (3.2: teachers, bo3 250/300, fine-tune 100/150, one 800/900; importance: none named)
     drops_teacher: tuple = (5 / 6,)
     drops_importance: tuple = ()
     drops_finetune: tuple = (2 / 3,)
@@ -371,7 +371,7 @@ def predict(model, x, prepare=None, batch=256):
     return torch.cat([model(prepare(xb) if prepare else xb) for xb in x.split(batch)])
 
 def lr_at(s, epoch, epochs, drops, warmup=0):
-    """s.lr divided by 10 at each fraction of the phase in drops, after `warmup` epochs of linear warm-up."""
+    """s.lr / 10 at each fraction of the phase in drops (two may round to one epoch), after `warmup` warm-up epochs."""
     return s.lr * 0.1 ** sum(epoch >= round(f * epochs) for f in drops) * min(1, (epoch + 1) / (warmup + 1))
 
 def epoch_seed(seed, epoch):
