@@ -82,7 +82,7 @@ class Gate(nn.Module):
     beta, gamma, zeta = 2 / 3, -0.1, 1.1  # temperature and stretch, fixed as in the authors' scripts
     def __init__(self, n):
         super().__init__()
-        self.loc = nn.Parameter(1 + 0.01 * torch.randn(n))  # log alpha (Louizos); the scripts': P[g > 0] ~ 0.93
+        self.loc = nn.Parameter(1 + 0.01 * torch.randn(n))  # log alpha (Louizos); the scripts' start: P[g > 0] ~ 0.93
     def noise(self, B, n):
         """u ~ U(0, 1), (B, n), from torch's generator. A trainer may put another source in its
         place (gate.noise = f): the run machinery uses a counter-based one (stacked.py)."""
@@ -121,7 +121,7 @@ def lambda_schedule(epochs, start, step, tuned_epochs=None):
     def schedule(step, n):
         lam, lambdas = start, []
         for _ in range(n):
-            lam += step * math.sqrt(lam)
+            lam += step * math.sqrt(lam)  # before every epoch, the first too, as the scripts do: epoch 0 at lambda_1
             lambdas.append(lam)
         return lambdas
 
@@ -147,7 +147,7 @@ def compress(big_student, keep=None, fold=False):
     """The teachers' architecture holding the kept units of every unit group (section 2.3; keep: one index
     tensor per group, top_units() by default). The gates are dropped (Fig. 7, the authors' scripts): the gated
     function is kept exactly where kept gates are 1 and dropped ones 0. DEVIATION, fold (ours): each kept unit's
-    outgoing weights times its test-time gate value (exact but for a ResNet stage's, which gates its stream too)."""
+    outgoing weights times its gate's test-time value (exact where dropped gates are 0, not a ResNet stage's)."""
     keep = top_units(big_student) if keep is None else keep
     out_units, in_features, scale = {}, {}, {}
     for (gate, producers, consumers), units in zip(big_student.unit_groups(), keep):
@@ -313,7 +313,7 @@ def setting(default, help):
 class Settings:
     """The method's settings, with the sine problem's values (section 3.2); each experiment extends them."""
     epochs: int = setting(900, "epochs per strategy, the whole budget; every phase and lr drop scales with it (3.1)")
-    teachers: int = setting(2, "k, the number of teachers merged into one student (paper: 2)")
+    teachers: int = setting(2, "k, the number of teachers merged into one student (paper: 2; at most 10, PHASE_SEEDS)")
     phase_epochs: tuple = ()  # (teacher, importance, fine-tune, bo3, one) epochs given, not from epochs (3.3.5)
     batch: int = setting(32, "examples per SGD step (sine: the authors' scripts)")
     lr: float = setting(0.01, "SGD learning rate, divided by 10 at each drop (sine: 3.2)")
@@ -484,7 +484,7 @@ def random(data, s, make_teacher, seed, train=train):
     return student(data, s, make_teacher, seed, train, control=True)
 
 def bo3(data, s, make_teacher, seed, train=train):
-    """The best of three models of 1/3 of the budget each, chosen on the validation set.
+    """The best of three models of 1/3 of the budget each, chosen on the validation set (section 1).
     DEVIATION: the authors' scripts choose on the test set, which flatters bo3."""
     three = trained(make_teacher, data, s, seed, train, "bo3", budget(s)["bo3"], s.drops_teacher, 3)
     val = [data.evaluate(m, "val") for m in three]
