@@ -136,12 +136,12 @@ def load_teacher(path, model):
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no code runs
     except FileNotFoundError:
         raise InputError(f"--teacher-files: no such file {path}") from None
-    except pickle.UnpicklingError:
-        raise InputError(f"--teacher-files: {path} holds Python objects besides tensors; save its state dict "
-                         "alone (torch.save(checkpoint['model_state_dict'], path)) and pass that") from None
     except OSError as e:  # a folder, a file not readable
         raise InputError(f"--teacher-files: cannot read {path} ({e.strerror})") from None
-    except Exception as e:  # noqa: BLE001 - truncated, not a torch file: all one line
+    except Exception as e:  # noqa: BLE001 - truncated, not a torch file, objects: all one line
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):  # weights_only refused an object
+            raise InputError(f"--teacher-files: {path} holds Python objects besides tensors; save its state dict "
+                             "alone (torch.save(checkpoint['model_state_dict'], path)) and pass that") from None
         raise InputError(f"--teacher-files: {path} is not a file torch.save wrote, or one cut short "
                          f"({type(e).__name__} while reading it)") from None
     for key in ("model_state_dict", "state_dict"):

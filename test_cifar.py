@@ -274,6 +274,8 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     ("wrong teacher", "holds 10 tensors where a VGG's state dict has 9"),
     ("wider teacher", "another --width"),
     ("broken teacher", "is not a file torch.save wrote"),
+    ("text teacher", "is not a file torch.save wrote"),
+    ("whole model teacher", "holds Python objects besides tensors; save its state dict alone"),
     ("one teacher", "pass 2 files"),
     ("teachers for two runs", "of one run: pass 2 files and use --runs 1"),
     ("cuda with teachers", "no GPU"),
@@ -342,11 +344,14 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
         folder = make_cifar(tmp_path, "cifar10")
         files = {"missing teacher": ["missing.pt"] * 2, "wrong teacher": ["lenet.pt"] * 2, "one teacher": ["vgg.pt"],
                  "wider teacher": ["vgg.pt", "wide.pt"], "broken teacher": ["vgg.pt", "broken.pt"],
+                 "text teacher": ["vgg.pt", "text.pt"], "whole model teacher": ["vgg.pt", "model.pt"],
                  "cuda with teachers": ["vgg.pt"] * 2, "teachers for two runs": ["vgg.pt"] * 2}[damage]
         torch.save(merge.LeNet().state_dict(), tmp_path / "lenet.pt")
         torch.save(merge.vgg11(10, width=2).state_dict(), tmp_path / "vgg.pt")
         torch.save(merge.vgg11(10, width=4).state_dict(), tmp_path / "wide.pt")
         (tmp_path / "broken.pt").write_bytes((tmp_path / "vgg.pt").read_bytes()[:300])
+        (tmp_path / "text.pt").write_text("# not a checkpoint\n")
+        torch.save({"model": merge.vgg11(10, width=2)}, tmp_path / "model.pt")  # the module itself, not its state dict
         args += ["--data", folder, "--experiment", "vgg11-cifar10", "--teacher-files", *[tmp_path / f for f in files]]
         args += ["--device", "cuda"] if damage == "cuda with teachers" else []
         args += ["--runs", "2"] if damage == "teachers for two runs" else []
