@@ -115,8 +115,9 @@ def resolve_device(s):  # --device as cpu or cuda
         raise InputError("--device cuda, but torch sees no GPU here; use --device cpu or auto")
     return ("cuda" if torch.cuda.is_available() and s.gpu_pays else "cpu") if s.device == "auto" else s.device
 
-def parse_settings(argv, defaults, description):
-    """Settings from the command line: one flag per documented field of `defaults`."""
+def parse_settings(argv, defaults, description, hidden=()):
+    """Settings from the command line: one flag per documented field of `defaults` (those in hidden taken, to be
+    refused with a reason, but not shown by --help)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = fail  # one line and exit code 2, not a usage dump
     flags = [f for f in dataclasses.fields(defaults) if "help" in f.metadata]
@@ -125,7 +126,7 @@ def parse_settings(argv, defaults, description):
         value, text = getattr(defaults, f.name), f.metadata["help"]
         if text.endswith(")") and not f.metadata.get("run_only") and (value != f.default or image and "sine: " in text):
             text = text.rsplit(" (", 1)[0] + " (this experiment's: docs/settings.md)"
-        name, text = flag(f), f"{text} [{value}]"
+        name, text = flag(f), argparse.SUPPRESS if f.name in hidden else f"{text} [{value}]"
         if isinstance(value, bool):
             parser.add_argument(name, dest=f.name, action="store_true", help=text)
         elif isinstance(value, tuple):  # file names, epochs

@@ -34,7 +34,8 @@ class BudgetSettings(sine.SineSettings):
 
 
 def parse(argv=None):
-    return experiment.parse_settings(argv, BudgetSettings(out="runs/sine_budgets", strategies=",".join(NAMES)), __doc__)
+    return experiment.parse_settings(argv, BudgetSettings(out="runs/sine_budgets", strategies=",".join(NAMES)), __doc__,
+                                     hidden=("strategies", "workers", "bench", "task"))  # the study sets
 
 
 def settings_of(s, share):

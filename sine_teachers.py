@@ -31,7 +31,8 @@ class TeachersSettings(sine.SineSettings):
 
 
 def parse(argv=None):
-    return experiment.parse_settings(argv, TeachersSettings(out="runs/sine_teachers"), __doc__)
+    return experiment.parse_settings(argv, TeachersSettings(out="runs/sine_teachers"), __doc__,
+                                     hidden=("teachers", "strategies", "workers", "bench", "task"))  # the study sets
 
 
 def settings_of(s, k):

@@ -918,6 +918,19 @@ def test_workers_0_is_a_process_per_core_the_quota_allows_at_most_8_and_runs(mon
         assert sine.workers(sine.parse(["--runs", str(runs), "--device", "cpu"])) == expected
 
 
+@pytest.mark.parametrize("study, fixed", [("sine_teachers", ["--teachers", "--strategies", "--workers", "--bench"]),
+                                          ("sine_budgets", ["--strategies", "--workers", "--bench"])])
+def test_a_studys_help_leaves_out_the_flags_it_fixes_and_still_refuses_them(study, fixed, capsys):
+    """A flag the study sets itself is taken only to be refused with its reason (the cases above): --help leaves
+    it out, and shows the rest."""
+    module = __import__(study)
+    with pytest.raises(SystemExit):
+        module.parse(["--help"])
+    shown = capsys.readouterr().out
+    assert "--epochs" in shown and "--runs" in shown and not [f for f in fixed + ["--task"] if f in shown], shown
+    assert module.parse(["--workers", "2"]).workers == 2  # still parsed, for the run's one line
+
+
 def test_a_studys_experiments_are_its_k_or_budget_each_in_a_folder_of_its_own():
     """k teachers share the teachers' 2/3 of the budget, and only k = 2 runs bo3 and one model; a budget scales
     --epochs, and the lambda step is rescaled so that lambda ends where the paper's 150 importance epochs end."""
