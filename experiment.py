@@ -384,8 +384,8 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
     trainer = phase_trainer(out / "phases", rank if replicas else 0, wrap)
     for chunk in [todo[i:i + STACK_RUNS * world] for i in range(0, len(todo), STACK_RUNS * world)]:
         chunk = chunk[rank::world] if split else chunk  # every rank goes through as many chunks, some maybe empty
-        log.info(f"runs {', '.join(str(run + 1) for run in chunk[:3])}{', ...' if len(chunk) > 3 else ''} of {s.runs}"
-                 f"{f' (this process: {len(chunk)})' if split else ''}, in lockstep")
+        log.info(f"runs {', '.join(map(str, chunk[:3]))}{', ...' if len(chunk) > 3 else ''} of 0 to {s.runs - 1} (as "
+                 f"the rows number them{f'; {len(chunk)} in this process' if split else ''}), in lockstep")
         datas, rows = {run: make_data(run_seed(s.seed, run), device) for run in chunk}, []
         jobs = [dict(run=run, strategy=name, work=lambda train, run=run, name=name: STRATEGIES[name](
             datas[run], s, make_teacher, run_seed(s.seed, run), train)) for name in names for run in chunk

@@ -358,6 +358,9 @@ def compiled(step, use_compile):
         try:
             return fast(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+            if "skip_guard_eval_unsafe" in str(e):  # a guard upset (Ctrl-C in it: report.on_interrupt), not the
+                with torch.compiler.set_stance("eager_on_recompile"):  # compiler: checked again, never recompiled
+                    return fast(*args)
             if fast is step or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise  # a failure to record a CUDA graph is Graphs' to handle
             log.warning(f"note: torch.compile is unavailable here ({type(e).__name__}: {str(e)[:200]}); training "

@@ -217,6 +217,21 @@ def test_guards_skipped_in_a_phase_count_again_after_it(monkeypatch):
     assert double(torch.ones(3, dtype=torch.int64)).dtype == torch.int64  # a guard chose a new graph
 
 
+def test_a_guard_upset_in_a_phase_is_checked_again_not_taken_for_a_compiler_failure(monkeypatch, caplog):
+    """Where a step's guards are skipped (a phase past its first epoch), one that fails (Ctrl-C inside it, which
+    torch takes for a failed check; here an input of a dtype never compiled) makes torch refuse to recompile:
+    the step is checked again and run eagerly that once, with no note that compiling is unavailable (graph
+    capture only, as above)."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real_compile(fn, backend="eager"))
+    call = stacked.compiled(lambda x: x * 2, True)
+    assert call(torch.ones(3, dtype=torch.float32)).tolist() == [2] * 3
+    with caplog.at_level(logging.WARNING), torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+        assert call(torch.ones(3, dtype=torch.int64)).tolist() == [2] * 3  # torch alone: a RuntimeError
+        assert call(torch.ones(3, dtype=torch.float32)).tolist() == [2] * 3
+    assert caplog.text == ""  # not "torch.compile is unavailable here (RuntimeError: ...); training eagerly"
+
+
 def test_lockstep_stacks_the_phases_of_all_runs_and_changes_no_model():
     """Every strategy of merge.py, two runs, in Lockstep with a trainer that stacks alike phases,
     gives the models of the plain strategies, one run after another, with the same noise."""
