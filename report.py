@@ -57,8 +57,8 @@ def kept(out, count_rows):
         count = None
     if not (out / "settings.json").exists() or count == 0 and not any((out / "phases").glob("*")):
         return "nothing had finished; the same command starts again"
-    return f"kept {'the' if count is None else count} results in {out / 'results.jsonl'} and every finished phase " \
-        f"and checkpoint in {out / 'phases'}; the same command resumes from there"
+    rows = "" if count == 0 else f"{'the' if count is None else count} results in {out / 'results.jsonl'} and "
+    return f"kept {rows}every finished phase and checkpoint in {out / 'phases'}; the same command resumes from there"
 
 # == Files written whole, and locks ===============================================================
 

@@ -717,7 +717,8 @@ def test_an_interrupted_commands_line_says_what_it_kept(tmp_path):
     assert report.kept(out, lambda: 0) == "nothing had finished; the same command starts again"
     (out / "phases").mkdir()
     (out / "phases" / "teacher-0.stack").write_text("")  # a phase's checkpoint
-    assert report.kept(out, lambda: 0).startswith("kept 0 results in")
+    assert report.kept(out, lambda: 0) == f"kept every finished phase and checkpoint in {out / 'phases'}; the same " \
+        "command resumes from there"  # no rows yet: results.jsonl not named
     (out / "study.json").write_text("{}")
     assert report.kept(out, lambda: 3).startswith(f"kept every finished phase and row in the folders below {out};")
 
@@ -736,7 +737,7 @@ def test_ctrl_c_ends_with_one_line_saying_what_was_kept(tmp_path, workers):
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130 and err.count("\n") == 1, err
     if any((out / "phases").glob("*")):  # a phase, or a stack's checkpoint, kept
-        assert f"interrupted: kept 0 results in {out / 'results.jsonl'}" in err and "same command resumes" in err
+        assert f"interrupted: kept every finished phase and checkpoint in {out / 'phases'}" in err, err
     else:
         assert err == "interrupted: nothing had finished; the same command starts again\n"
 
