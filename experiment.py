@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import errno
 import json
 import math
@@ -351,8 +352,7 @@ def ranks():  # (this process's rank, the number of processes): torchrun's (or l
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 def start_ranks(s):
-    """The process group of torchrun's processes (or launcher.py's): NCCL between GPUs (a rank each),
-    else gloo. A rank ends itself within a second of its launcher's end, so that none trains on alone."""
+    """The ranks' process group (NCCL between GPUs, else gloo); a rank ends within a second of its launcher's end."""
     launcher = int(os.environ.get("MERGE_LAUNCHER", 0)) or os.getppid()
 
     def watch():
@@ -362,7 +362,8 @@ def start_ranks(s):
     threading.Thread(target=watch, daemon=True).start()
     if cuda := resolve_device(s) == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    # a week: a rank whose share of the runs is done waits for the others' rows that long (NCCL's default: 10 min)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=7))
 
 def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wrap=lambda model: model):
     """The loop of every experiment, inside `with locked(s)`: the (run, strategy) pairs not yet in results.jsonl

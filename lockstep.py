@@ -38,7 +38,11 @@ class Lockstep:
 
     def run(self, jobs, done):
         """jobs: dicts holding work(train) -> its result; done(job, result) for each as it finishes."""
+        gpu = torch.cuda.current_device() if torch.cuda.is_initialized() else None  # this rank's GPU
+
         def turn(job):
+            if gpu is not None:  # a thread starts on GPU 0, and a DataLoader's pinning thread would open a context
+                torch.cuda.set_device(gpu)  # there for every rank of a machine: the jobs' evaluations make them
             job["go"].wait()
             job["go"].clear()
             try:

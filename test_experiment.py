@@ -5,6 +5,7 @@ presets are docs/settings.md's. Most bad inputs share this process through main(
 import ast
 import copy
 import dataclasses
+import datetime
 import errno
 import itertools
 import json
@@ -909,6 +910,15 @@ def test_the_sines_figures_draw_its_test_mse_its_own_lambdas_and_run_0s_data(mon
     ours, papers = drawn["plot_lambda"][:2]  # 2 importance epochs, rescaled to end where the paper's 150 end
     assert len(ours) == 2 and len(papers) == 150 and ours[-1] == pytest.approx(papers[-1])
     assert torch.equal(drawn["plot_sine_data"][0].x_train, sine.data(s, experiment.run_seed(s.seed, 0)).x_train)
+
+
+def test_the_ranks_wait_a_week_for_one_another_not_nccls_ten_minutes(monkeypatch):
+    """A rank whose share of the runs is done waits in all_gather_object for the others' rows (cifar.py's 5 runs
+    on 8 GPUs: three ranks have none), hours at the paper's budgets: the process group's timeout allows it."""
+    groups = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kwargs: groups.append(kwargs))
+    experiment.start_ranks(experiment.Settings(device="cpu"))
+    assert groups[0]["timeout"] >= datetime.timedelta(days=7)
 
 
 def test_workers_0_is_a_process_per_core_the_quota_allows_at_most_8_and_runs(monkeypatch):

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -276,6 +277,19 @@ def test_lockstep_ends_with_a_jobs_own_error_and_hands_on_no_result_for_it():
         lockstep.Lockstep(lambda asked: None).run([dict(work=failing), dict(work=lambda train: "done")],
                                                   lambda job, result: finished.append(result))
     assert finished == ["done"]
+
+
+def test_lockstep_jobs_run_on_the_ranks_gpu_not_gpu_0(monkeypatch):
+    """A job's thread starts on GPU 0; where CUDA is in use (rank 3's GPU, stood in), each job sets the rank's
+    GPU first, so that what it starts there (a DataLoader's pinning thread) opens no context on GPU 0."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    devices = {}
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: devices.setdefault(threading.get_ident(), d))
+    ran = []
+    lockstep.Lockstep(lambda asked: None).run([dict(work=lambda train: ran.append(threading.get_ident()))
+                                               for _ in range(2)], lambda job, result: None)
+    assert len(ran) == 2 and all(devices.get(ident) == 3 for ident in ran)
 
 
 def test_lockstep_by_turns_gives_each_stack_a_cuda_stream_and_lets_jobs_go_on_when_theirs_is_over(monkeypatch):
