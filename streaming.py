@@ -2,6 +2,7 @@
 crops, each batch jittered and normalised on the device; each rank its own shard of an epoch, under
 DistributedDataParallel across GPUs and machines. The crops, jitter and checks are images.py's."""
 import contextlib
+import hashlib
 import os
 import sys
 import time
@@ -305,10 +306,14 @@ def streamed_folder(s, rank, world, device):
         problem = None
     except InputError as e:
         problem = str(e)
-    if world > 1:  # and every rank learns the first problem any found
+    if world > 1:  # and every rank learns the first problem any found, or that they list other images
+        names = "\n".join(f"{p.relative_to(s.data)} {y}" for p, y in zip(paths + test_paths, labels + test_labels))
         found = [None] * world
-        dist.all_gather_object(found, problem)
-        problem = next((p for p in found if p), None)
+        dist.all_gather_object(found, (problem, len(paths + test_paths), hashlib.sha1(names.encode()).hexdigest()))
+        other = next(((r, n) for r, (_, n, digest) in enumerate(found) if digest != found[0][2]), None)
+        problem = next((p for p, _, _ in found if p), None) or other and (
+            f"--data {s.data}: rank {other[0]} lists {other[1]} images where rank 0 lists {found[0][1]}, or other "
+            "ones; every machine needs the same copy of the data set")
     if problem:
         raise InputError(problem)
     if s.val_images + s.batch > len(paths):
@@ -323,6 +328,28 @@ def streamed_folder(s, rank, world, device):
              f"images; {world} rank(s), batch {s.batch // world} each on {device}, {loader_workers(s)} loader "
              "workers")
     return Streamed(splits, s, rank, world, device), len(classes)
+
+def same_out_on_every_rank(out, rank, world, patience=60):
+    """One line unless every rank sees what rank 0 writes in --out, as a file system that every machine shares
+    shows it (a rank that does not waits up to `patience` seconds: NFS may show a new file late)."""
+    made, token = not out.exists(), f"{os.getpid()} {time.time_ns()}"  # this job's, no earlier one's
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".ranks").write_text(token)
+    dist.broadcast_object_list(sent := [token])  # rank 0's, written before
+    seen, start = False, time.monotonic()
+    while not seen and time.monotonic() - start < patience:
+        with contextlib.suppress(OSError):
+            seen = (out / ".ranks").read_text() == sent[0]
+        time.sleep(0 if seen else 1)
+    dist.all_gather_object(found := [None] * world, seen)
+    if rank == 0:
+        (out / ".ranks").unlink()
+        if made and not all(found):
+            out.rmdir()  # nothing written, as for any bad input
+    if not all(found):
+        raise InputError(f"--out {out}: rank {found.index(False)} does not see the files rank 0 writes there; put "
+                         "--out on a file system that every machine shares")
 
 def loader_workers(s):
     """--workers, or with -1 the CPU cores this process may use (startup.cpu_cores: a container's quota counts)

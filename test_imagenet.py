@@ -241,14 +241,55 @@ def test_the_ranks_share_the_check_of_the_headers_and_each_learns_a_problem_any_
         monkeypatch.setattr(streaming, "check_images", lambda share, total, rank=rank: (
             shares.update({rank: share}), real_check(share, total=total)))
 
-        def all_gather_object(found, problem, rank=rank):  # the process group's part: the other rank's answer
-            found[:] = [problem if r == rank else f"cannot read image {bad}" if r == owner else None for r in (0, 1)]
+        def all_gather_object(found, mine, rank=rank):  # the process group's part: the other rank's answer
+            found[:] = [mine if r == rank else (f"cannot read image {bad}" if r == owner else None, *mine[1:])
+                        for r in (0, 1)]  # (its problem, and its listing as this rank's)
         monkeypatch.setattr(streaming.dist, "all_gather_object", all_gather_object)
         with pytest.raises(experiment.InputError, match="bad.JPEG"):
             streaming.streamed_folder(s, rank, 2, torch.device("cpu"))
     assert sorted(shares[0] + shares[1]) == sorted(paths) and not set(shares[0]) & set(shares[1])
     printed = capsys.readouterr()
     assert f"checking {len(shares[0])} of {len(paths)} images, this process's share" in printed.out + printed.err
+
+
+def test_ranks_that_list_other_images_stop_with_one_line(tmp_path, monkeypatch):
+    """Machines with copies of --data of their own: one that lacks an image (or holds another) would draw another
+    validation split and count other batches; every rank stops with one line instead."""
+    data = write_folder(tmp_path / "data")
+    s = imagenet.parse(["--data", str(data), *map(str, TINY)])
+    monkeypatch.setattr(streaming.dist, "all_gather_object", lambda found, mine: found.__setitem__(
+        slice(None), [mine, (None, mine[1] - 1, "another listing")]))  # rank 1's copy lacks an image
+    with pytest.raises(experiment.InputError, match=r"rank 1 lists 47 images where rank 0 lists 48, or other ones; "
+                                                    "every machine needs the same copy"):
+        streaming.streamed_folder(s, 0, 2, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("seen_by_rank_1", [True, False])
+def test_every_rank_must_see_the_out_that_rank_0_writes(tmp_path, monkeypatch, seen_by_rank_1):
+    """--out on a disk of each machine's own: rank 0's files unseen by another rank, which would train again
+    what rank 0 kept. Rank 0 writes a token there, each rank reads it, and it is gone after; where a rank did
+    not see it, every rank stops with one line and --out is left as it was (here: not made)."""
+    out, gathered = tmp_path / "out", []
+    monkeypatch.setattr(streaming.dist, "broadcast_object_list", lambda objects: None)  # rank 0: its own token
+
+    def all_gather_object(found, seen):
+        gathered.append(seen)
+        found[:] = [seen, seen_by_rank_1]
+    monkeypatch.setattr(streaming.dist, "all_gather_object", all_gather_object)
+    if seen_by_rank_1:
+        streaming.same_out_on_every_rank(out, 0, 2)
+        assert gathered == [True] and sorted(out.iterdir()) == []
+    else:
+        with pytest.raises(experiment.InputError, match=f"--out {out}: rank 1 does not see the files rank 0 writes "
+                                                        "there; put --out on a file system that every machine shares"):
+            streaming.same_out_on_every_rank(out, 0, 2)
+        assert gathered == [True] and not out.exists()
+    monkeypatch.setattr(streaming.dist, "broadcast_object_list", lambda objects: objects.__setitem__(0, "rank 0's"))
+    monkeypatch.setattr(streaming.dist, "all_gather_object", lambda found, seen: (
+        gathered.append(seen), found.__setitem__(slice(None), [True, seen])))
+    with pytest.raises(experiment.InputError, match="rank 1 does not see"):  # as rank 1 on a disk of its own
+        streaming.same_out_on_every_rank(out, 1, 2, patience=0.2)
+    assert gathered[-1] is False
 
 
 @pytest.mark.slow
