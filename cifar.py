@@ -32,6 +32,7 @@ import torch
 import downloads
 import experiment
 import images
+import launcher
 import merge
 import report
 from experiment import AT_LEAST_1, FRACTION, InputError, setting
@@ -196,6 +197,7 @@ def run(s):
 
 
 def main(argv=None):
+    launcher.guard()  # a rank under torchrun ends quietly on SIGTERM
     experiment.main(argv, parse, run)
 
 

@@ -80,9 +80,11 @@ def stop(procs, patience=5):
             p.wait()
 
 def guard():
-    """In a rank that launch() started, SIGTERM ends it quietly: the launcher says what happened. (Its
-    launcher's end ends it too: experiment.start_ranks.)"""
-    if os.environ.get("MERGE_LAUNCHER"):
+    """In a rank that launch() or torchrun started, SIGTERM (launch()'s stop, torchrun's, a scheduler's) ends it
+    quietly, and a file being written goes (a rank killed outright leaves its temporary file, of a phase up to
+    some 350 MB for ImageNet); the launcher says what happened. (Its launcher's end ends it too:
+    experiment.start_ranks.)"""
+    if os.environ.get("MERGE_LAUNCHER") or int(os.environ.get("WORLD_SIZE", 1)) > 1:
         signal.signal(signal.SIGTERM, end_rank)
 
 def end_rank(*_):

@@ -30,6 +30,7 @@ if __name__ == "__main__":  # a command: Ctrl-C while torch loads gives one line
 import downloads
 import experiment
 import images
+import launcher
 import merge
 from experiment import AT_LEAST_1, FRACTION, setting
 
@@ -126,6 +127,7 @@ def run(s):
 
 
 def main(argv=None):
+    launcher.guard()  # a rank under torchrun ends quietly on SIGTERM
     experiment.main(argv, parse, run)
 
 

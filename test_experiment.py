@@ -758,7 +758,7 @@ def test_ctrl_c_while_torch_loads_is_one_line_too(tmp_path):
 
 RANK_TERMINATED = """
 import logging, os, signal, sys, time, torch, launcher
-os.environ["MERGE_LAUNCHER"] = str(os.getppid())
+os.environ.update(MERGE_LAUNCHER=str(os.getppid())) if sys.argv[2] == "launcher" else os.environ.update(WORLD_SIZE="2")
 launcher.guard()
 if sys.argv[1] == "connected":
     torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
@@ -773,13 +773,14 @@ time.sleep(30)
 """
 
 
-@pytest.mark.parametrize("state", ["connecting", "connected"])
-def test_sigterm_ends_a_rank_with_exit_code_130_and_nothing_printed_wherever_it_comes(state):
-    """launcher.py stops its ranks by SIGTERM (Ctrl-C, a failed rank): each ends with 130 and prints nothing, also
-    when SIGTERM comes in a callback, where SystemExit is printed and ignored (a second later there; nothing
-    logged in that second)."""
-    run = subprocess.run([sys.executable, "-c", RANK_TERMINATED, state], capture_output=True, text=True, timeout=60,
-                         cwd=ROOT)
+@pytest.mark.parametrize("state, started_by", [("connecting", "launcher"), ("connected", "launcher"),
+                                               ("connected", "torchrun")])
+def test_sigterm_ends_a_rank_with_exit_code_130_and_nothing_printed_wherever_it_comes(state, started_by):
+    """launcher.py stops its ranks by SIGTERM (Ctrl-C, a failed rank), as torchrun and schedulers do theirs:
+    each ends with 130 and prints nothing, also when SIGTERM comes in a callback, where SystemExit is printed
+    and ignored (a second later there; nothing logged in that second)."""
+    run = subprocess.run([sys.executable, "-c", RANK_TERMINATED, state, started_by], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
     assert run.returncode == 130 and run.stderr == "", run.stderr
     assert run.stdout == ("still running\n" if state == "connected" else "")
 
