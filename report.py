@@ -126,25 +126,38 @@ def append_row(path, row):
 
 class Progress(logging.Handler):
     """Shows log's reports stamped with the seconds since the command began; a phase's epochs as a bar on a
-    terminal (epochs done, training error, time left), in a file or a pipe a line at each fifth of a phase of 20
-    or more epochs, and at an epoch's end whenever QUIET seconds have passed with no line (slow epochs)."""
+    terminal (epochs done, training error, time left; other lines above it), in a file or a pipe a line at each
+    fifth of a phase of 20 or more epochs, and at an epoch's end whenever QUIET seconds have passed since the
+    last epoch's line (slow epochs: each), with the time left in the phase."""
     QUIET = 30
 
     def __init__(self):
         super().__init__()
-        self.start = self.last = time.time()
+        self.start = self.last = time.time()  # last: when an epoch's line was last printed
+        self.bar = ""  # a phase's bar on a terminal, until its last epoch
 
     def emit(self, record):
         done, epochs, error = record.args if hasattr(record, "epochs") else (0, 0, 0)
+        pace = epochs and (time.time() - record.began) / (done - record.first)  # this process's, an epoch
+        left = epochs and duration(pace * (epochs - done))
         if epochs and sys.stdout.isatty():
-            left = (time.time() - record.began) / (done - record.first) * (epochs - done)  # this process's pace
             phase = f"{record.phase}: " if getattr(record, "phase", "") else ""
-            print(f"\r    {phase}[{'#' * (30 * done // epochs):<30}] {done}/{epochs} epochs, training error "
-                  f"{error:.4f}, {left:.0f} s left\x1b[K",  # \x1b[K clears the rest of the line: a longer bar's
+            self.bar = f"    {phase}[{'#' * (30 * done // epochs):<30}] {done}/{epochs} epochs, training error " \
+                f"{error:.4f}, {left} left"
+            print(f"\r{self.bar}\x1b[K",  # \x1b[K clears the rest of the line: a longer bar's
                   end="\n" if done == epochs else "", flush=True)
+            self.bar = "" if done == epochs else self.bar
         elif not epochs or done % max(1, epochs // 5) == 0 and epochs >= 20 or time.time() - self.last > self.QUIET:
-            print(f"[{time.time() - self.start:7.1f}s] {record.getMessage()}", flush=True)
-            self.last = time.time()
+            above = "\r\x1b[K" if self.bar and sys.stdout.isatty() else ""  # a line above the bar, then the bar
+            print(f"{above}[{time.time() - self.start:7.1f}s] {record.getMessage()}"
+                  f"{f', {left} left in the phase' if done < epochs else ''}", flush=True)
+            print(self.bar if above else "", end="", flush=True)
+            self.last = time.time() if epochs else self.last
+
+def duration(seconds):
+    """Seconds as a person reads them: 45 s, 12 min, 3.5 h."""
+    return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
 
 def show_progress(quiet=False):
     """log's reports on stdout, timed from now (one Progress handler); quiet: warnings only (ranks > 0)."""

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import merge
+import report
 import startup
 from experiment import InputError, log
 from images import (centre_crop, check_folder, check_images, color_jitter, crop_box, jitter_factors, opened,
@@ -143,8 +144,8 @@ class Streamed(merge.Data):
             yield x, y
             if self.rank == 0 and (i + 1) % max(1, len(loader) // 10) == 0:
                 seconds = time.time() - started
-                log.info(f"    {i + 1}/{len(loader)} batches, {(i + 1) * size / seconds:.0f} "
-                         f"images/s, {seconds / (i + 1) * (len(loader) - i - 1):.0f} s left in the epoch")
+                log.info(f"    {i + 1}/{len(loader)} batches, {(i + 1) * size / seconds:.0f} images/s, "
+                         f"{report.duration(seconds / (i + 1) * (len(loader) - i - 1))} left in the epoch")
         # DEVIATION: BatchNorm's statistics are rank 0's on every rank (torchvision's recipe saves rank 0's); the
         # authors' timm configuration averaged them over the ranks
         if self.world > 1:

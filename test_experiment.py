@@ -861,6 +861,26 @@ def test_a_log_gets_a_line_at_each_fifth_of_a_long_phase_and_after_each_quiet_sp
         now[0] += 10
         report.progress(12, began=0)(epoch, [dict(error=0.25)])
     assert said() == ["4/12", "8/12", "12/12"]
+    after_epoch = report.progress(150, "one", began=now[0])  # ImageNet's: 18 minutes an epoch, lines within it
+    for epoch in range(3):
+        for batch in range(10):
+            now[0] += 108
+            report.log.info(f"    {batch + 1}/10 batches")
+        after_epoch(epoch, [dict(error=0.25)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if "epoch" in line] == [  # each epoch's line, however many came between
+        f"[{now:7.1f}s]     one: epoch {e}/150, training error 0.2500, {left} left in the phase"
+        for e, now, left in ((1, 1200, "44.7 h"), (2, 2280, "44.4 h"), (3, 3360, "44.1 h"))] and len(lines) == 33
+
+
+def test_a_line_on_a_terminal_goes_above_the_bar_which_is_drawn_again(monkeypatch, capsys):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    report.show_progress()
+    report.progress(20, "one", began=time.time() - 5)(9, [dict(error=0.25)])
+    report.log.info("    5/10 batches")
+    out = capsys.readouterr().out
+    bar = "    one: [###############               ] 10/20 epochs, training error 0.2500, 5 s left"
+    assert out.startswith(f"\r{bar}\x1b[K\r\x1b[K[") and out.endswith(f"s]     5/10 batches\n{bar}"), repr(out)
 
 
 def test_a_file_or_figure_whose_write_fails_keeps_what_it_held_and_leaves_no_part(tmp_path, monkeypatch):
@@ -1040,7 +1060,7 @@ def test_a_resumed_phases_bar_tells_the_time_left_at_this_processs_pace(monkeypa
     after_epoch = report.progress(600, "teacher")  # made as the phase resumes
     now[0] += 2
     after_epoch(500, [dict(error=0.25)])
-    assert "501/600 epochs, training error 0.2500, 198 s left" in capsys.readouterr().out
+    assert "501/600 epochs, training error 0.2500, 3 min left" in capsys.readouterr().out  # 198 s
 
 
 def test_the_study_of_k_teachers_of_one_run_shows_no_spread():
