@@ -362,8 +362,7 @@ def start_ranks(s):
     threading.Thread(target=watch, daemon=True).start()
     if cuda := resolve_device(s) == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    # a week: a rank whose share of the runs is done waits for the others' rows that long (NCCL's default: 10 min)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(days=7))
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
 
 def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wrap=lambda model: model):
     """The loop of every experiment, inside `with locked(s)`: the (run, strategy) pairs not yet in results.jsonl
@@ -378,6 +377,7 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
         report.write_whole(out / "results.jsonl", "".join(json.dumps(row) + "\n" for row in results))
         log.info(f"repaired {out / 'results.jsonl'}: a cut or repeated line removed")
     names, split = s.strategies.split(","), world > 1 and not replicas
+    waiting = split and torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=7))  # NCCL: 10 min
     done = {(r["run"], r["strategy"]) for r in results}
     log.info(f"{title}: {s.runs} runs x {len(names)} strategies, {merge.budget(s)['one']} epochs each, on {device}"
              f"{f' in {world} processes' if world > 1 else ''}; {len(done)} results already in {out}")
@@ -400,7 +400,7 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
         lockstep.Lockstep(trainer, overlap=device == "cuda" and OVERLAP_ON_GPU).run(jobs, finished)
         if split:  # every rank's rows, to rank 0
             log.info("  waiting for the other processes' runs of this chunk")
-            torch.distributed.all_gather_object(gathered := [None] * world, rows)
+            torch.distributed.all_gather_object(gathered := [None] * world, rows, group=waiting)  # for hours maybe
             rows = sorted((row for part in gathered for row in part), key=lambda row: (row["run"], row["strategy"]))
             for row in rows if rank == 0 else ():
                 report.append_row(out / "results.jsonl", row)

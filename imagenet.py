@@ -142,9 +142,9 @@ def run(s):
     check(s, world)
     cuda = experiment.resolve_device(s) == "cuda"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    if world > 1:
-        streaming.same_out_on_every_rank(Path(s.out), rank, world)
     data, classes = streaming.streamed_folder(s, rank, world, device)
+    if world > 1:  # after --data's checks: they write nothing
+        streaming.same_out_on_every_rank(Path(s.out), rank, world)
     make_teacher = lambda: merge.resnet18(classes, s.width)
     title = f"ResNet18 on {Path(s.data).name}"  # titled by the data it ran on
     rows = []

@@ -301,20 +301,22 @@ def same_on_every_rank(model):
 def streamed_folder(s, rank, world, device):
     """(Streamed train / validation / test splits of the folder --data, its number of classes), or one line
     saying what is wrong: --val-images training images, fixed by --seed, validate; val/ is the test set."""
-    (paths, labels, classes), (test_paths, test_labels, _) = check_folder(Path(s.data))
-    try:
+    paths, labels, classes, test_paths, test_labels = [], [], [], [], []
+    try:  # a rank's folder missing or amiss on its machine alone is its problem, said by every rank
+        (paths, labels, classes), (test_paths, test_labels, _) = check_folder(Path(s.data))
         check_images((paths + test_paths)[rank::world], total=len(paths + test_paths))  # each rank reads a share
         problem = None
     except InputError as e:
         problem = str(e)
     if world > 1:  # and every rank learns the first problem any found, or that they list other images
-        names = "\n".join(f"{p.relative_to(s.data)} {y}" for p, y in zip(paths + test_paths, labels + test_labels))
+        start = len(str(Path(s.data))) + 1  # the names below --data, as every machine should list them
+        names = "\n".join(f"{str(p)[start:]} {y}" for p, y in zip(paths + test_paths, labels + test_labels))
         found = [None] * world
         dist.all_gather_object(found, (problem, len(paths + test_paths), hashlib.sha1(names.encode()).hexdigest()))
         other = next(((r, n) for r, (_, n, digest) in enumerate(found) if digest != found[0][2]), None)
-        problem = next((p for p, _, _ in found if p), None) or other and (
-            f"--data {s.data}: rank {other[0]} lists {other[1]} images where rank 0 lists {found[0][1]}, or other "
-            "ones; every machine needs the same copy of the data set")
+        problem = next((f"rank {r}: {p}" for r, (p, _, _) in enumerate(found) if p), None) or other and (
+            f"--data {s.data}: rank {other[0]} lists other images than rank 0 ({other[1]} and {found[0][1]}); every "
+            "machine needs the same copy of the data set")
     if problem:
         raise InputError(problem)
     if s.val_images + s.batch > len(paths):
@@ -330,24 +332,27 @@ def streamed_folder(s, rank, world, device):
              "workers")
     return Streamed(splits, s, rank, world, device), len(classes)
 
-def same_out_on_every_rank(out, rank, world, patience=60):
+def same_out_on_every_rank(out, rank, world, patience=120):
     """One line unless every rank sees what rank 0 writes in --out, as a file system that every machine shares
     shows it (a rank that does not waits up to `patience` seconds: NFS may show a new file late)."""
-    made, token = not out.exists(), f"{os.getpid()} {time.time_ns()}"  # this job's, no earlier one's
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".ranks").write_text(token)
-    dist.broadcast_object_list(sent := [token])  # rank 0's, written before
-    seen, start = False, time.monotonic()
-    while not seen and time.monotonic() - start < patience:
-        with contextlib.suppress(OSError):
-            seen = (out / ".ranks").read_text() == sent[0]
-        time.sleep(0 if seen else 1)
-    dist.all_gather_object(found := [None] * world, seen)
-    if rank == 0:
-        (out / ".ranks").unlink()
-        if made and not all(found):
-            out.rmdir()  # nothing written, as for any bad input
+    made, token, found = not out.exists(), f"{os.getpid()} {time.time_ns()}", []  # this job's, no earlier one's
+    try:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".ranks").write_text(token)
+        dist.broadcast_object_list(sent := [token])  # rank 0's, written before
+        seen, start = False, time.monotonic()
+        while not seen and time.monotonic() - start < patience:
+            with contextlib.suppress(OSError):
+                os.listdir(out)  # NFS: a fresh look at the folder, not a cached one
+                seen = (out / ".ranks").read_text() == sent[0]
+            time.sleep(0 if seen else 1)
+        dist.all_gather_object(found := [None] * world, seen)
+    finally:  # also where a signal or a failed collective ends it
+        if rank == 0:
+            (out / ".ranks").unlink(missing_ok=True)
+            if made and not (found and all(found)):
+                out.rmdir()  # nothing written, as for any bad input
     if not all(found):
         raise InputError(f"--out {out}: rank {found.index(False)} does not see the files rank 0 writes there; put "
                          "--out on a file system that every machine shares")

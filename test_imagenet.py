@@ -5,6 +5,7 @@ over torchrun's ranks give the rows of a plain run, each once; the loader's draf
 import atexit
 import dataclasses
 import gc
+import hashlib
 import json
 import os
 import runpy
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -259,9 +261,20 @@ def test_ranks_that_list_other_images_stop_with_one_line(tmp_path, monkeypatch):
     s = imagenet.parse(["--data", str(data), *map(str, TINY)])
     monkeypatch.setattr(streaming.dist, "all_gather_object", lambda found, mine: found.__setitem__(
         slice(None), [mine, (None, mine[1] - 1, "another listing")]))  # rank 1's copy lacks an image
-    with pytest.raises(experiment.InputError, match=r"rank 1 lists 47 images where rank 0 lists 48, or other ones; "
-                                                    "every machine needs the same copy"):
+    with pytest.raises(experiment.InputError, match=r"rank 1 lists other images than rank 0 \(47 and 48\); every "
+                                                    "machine needs the same copy"):
         streaming.streamed_folder(s, 0, 2, torch.device("cpu"))
+    monkeypatch.setattr(streaming.dist, "all_gather_object", lambda found, mine: found.__setitem__(
+        slice(None), [mine, ("--data x: no such folder", 0, "")]))  # rank 1's machine lacks the folder
+    with pytest.raises(experiment.InputError, match="rank 1: --data x: no such folder"):
+        streaming.streamed_folder(s, 0, 2, torch.device("cpu"))
+    shared = []  # and as rank 1 there: its problem is said by every rank, not alone by an exit with nothing said
+    monkeypatch.setattr(streaming.dist, "all_gather_object", lambda found, mine: (
+        shared.append(mine), found.__setitem__(slice(None), [(None, 48, "rank 0's"), mine])))
+    with pytest.raises(experiment.InputError, match=f"rank 1: --data {tmp_path / 'gone'}: "):
+        streaming.streamed_folder(imagenet.parse(["--data", str(tmp_path / "gone"), *map(str, TINY)]), 1, 2,
+                                  torch.device("cpu"))
+    assert shared[0][1:] == (0, hashlib.sha1(b"").hexdigest())
 
 
 @pytest.mark.parametrize("seen_by_rank_1", [True, False])
@@ -287,9 +300,15 @@ def test_every_rank_must_see_the_out_that_rank_0_writes(tmp_path, monkeypatch, s
     monkeypatch.setattr(streaming.dist, "broadcast_object_list", lambda objects: objects.__setitem__(0, "rank 0's"))
     monkeypatch.setattr(streaming.dist, "all_gather_object", lambda found, seen: (
         gathered.append(seen), found.__setitem__(slice(None), [True, seen])))
-    with pytest.raises(experiment.InputError, match="rank 1 does not see"):  # as rank 1 on a disk of its own
+    out.mkdir(exist_ok=True)
+    (out / ".ranks").write_text("an earlier job's")  # as rank 1 on a disk of its own, an earlier job's token there
+    with pytest.raises(experiment.InputError, match="rank 1 does not see"):
         streaming.same_out_on_every_rank(out, 1, 2, patience=0.2)
     assert gathered[-1] is False
+    later = threading.Timer(0.5, (out / ".ranks").write_text, ["rank 0's"])  # NFS shows rank 0's file late
+    later.start()
+    streaming.same_out_on_every_rank(out, 1, 2, patience=5)
+    assert gathered[-1] is True
 
 
 @pytest.mark.slow
