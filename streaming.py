@@ -352,7 +352,8 @@ def same_out_on_every_rank(out, rank, world, patience=120):
         if rank == 0:
             (out / ".ranks").unlink(missing_ok=True)
             if made and not (found and all(found)):
-                out.rmdir()  # nothing written, as for any bad input
+                with contextlib.suppress(OSError):  # made, if rank 0 got so far
+                    out.rmdir()  # nothing written, as for any bad input
     if not all(found):
         raise InputError(f"--out {out}: rank {found.index(False)} does not see the files rank 0 writes there; put "
                          "--out on a file system that every machine shares")
