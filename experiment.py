@@ -379,8 +379,8 @@ def run_experiment(s, title, make_data, make_teacher, result, replicas=False, wr
     names, split = s.strategies.split(","), world > 1 and not replicas
     waiting = split and torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=7))  # NCCL: 10 min
     done = {(r["run"], r["strategy"]) for r in results}
-    log.info(f"{title}: {s.runs} runs x {len(names)} strategies, {merge.budget(s)['one']} epochs each, on {device}"
-             f"{f' in {world} processes' if world > 1 else ''}; {len(done)} results already in {out}")
+    log.info(f"{title}: {report.count(s.runs, 'run')} x {len(names)} strategies, {merge.budget(s)['one']} epochs each, "
+             f"on {device}{f' in {world} processes' if world > 1 else ''}; {len(done)} results already in {out}")
     todo = [run for run in range(s.runs) if any((run, name) not in done for name in names)]
     trainer = phase_trainer(out / "phases", rank if replicas else 0, wrap)
     for chunk in [todo[i:i + STACK_RUNS * world] for i in range(0, len(todo), STACK_RUNS * world)]:

@@ -362,14 +362,14 @@ def report_accuracy(s, rows, strategies, heading, figure, title, note=""):
         return  # rank 0 writes
     import matplotlib
     matplotlib.use("Agg")
-    out = Path(s.out)
-    text = f"# {heading}: test accuracy over {s.runs} run(s)\n\n{accuracy_table(rows, strategies)}\n{note}"
+    out, runs = Path(s.out), report.count(s.runs, "run")
+    text = f"# {heading}: test accuracy over {runs}\n\n{accuracy_table(rows, strategies)}\n{note}"
     if any(r["strategy"] in ("student", "random") for r in rows):
         text += f"\nTest accuracy at each stage (per run in stages.md):\n\n{report.stage_table(rows, 'test_accuracy')}\n"
         report.write_whole(out / "stages.md", report.stage_table(rows, "test_accuracy", per_run=True) + "\n")
     report.write_whole(out / "summary.md", text)
     print(text)
-    report.plot_box(rows, "test_accuracy", strategies, out / figure, f"{title}, test accuracy over {s.runs} run(s)")
+    report.plot_box(rows, "test_accuracy", strategies, out / figure, f"{title}, test accuracy over {runs}")
     if any(r["strategy"] == "student" for r in rows):
         report.plot_kept_share(rows, out / "fig2_kept_share.png")
     log.info(f"wrote {out}/summary.md and figures")

@@ -138,19 +138,19 @@ class Progress(logging.Handler):
 
     def emit(self, record):
         done, epochs, error = record.args if hasattr(record, "epochs") else (0, 0, 0)
-        pace = epochs and (time.time() - record.began) / (done - record.first)  # this process's, an epoch
-        left = epochs and duration(pace * (epochs - done))
+        first, began = getattr(record, "clock", (0, 0))  # this process's pace, an epoch, from the clock's start
+        left = done > first and f", {duration((time.time() - began) / (done - first) * (epochs - done))} left"
         if epochs and sys.stdout.isatty():
             phase = f"{record.phase}: " if getattr(record, "phase", "") else ""
             self.bar = f"    {phase}[{'#' * (30 * done // epochs):<30}] {done}/{epochs} epochs, training error " \
-                f"{error:.4f}, {left} left"
+                f"{error:.4f}{left or ''}"
             print(f"\r{self.bar}\x1b[K",  # \x1b[K clears the rest of the line: a longer bar's
                   end="\n" if done == epochs else "", flush=True)
             self.bar = "" if done == epochs else self.bar
         elif not epochs or done % max(1, epochs // 5) == 0 and epochs >= 20 or time.time() - self.last > self.QUIET:
             above = "\r\x1b[K" if self.bar and sys.stdout.isatty() else ""  # a line above the bar, then the bar
             print(f"{above}[{time.time() - self.start:7.1f}s] {record.getMessage()}"
-                  f"{f', {left} left in the phase' if done < epochs else ''}", flush=True)
+                  f"{f'{left} in the phase' if left and done < epochs else ''}", flush=True)
             print(self.bar if above else "", end="", flush=True)
             self.last = time.time() if epochs else self.last
 
@@ -158,6 +158,10 @@ def duration(seconds):
     """Seconds as a person reads them: 45 s, 12 min, 3.5 h."""
     return f"{seconds:.0f} s" if seconds < 100 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
         f"{seconds / 3600:.1f} h"
+
+def count(n, noun):
+    """1 run, 50 runs."""
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 def show_progress(quiet=False):
     """log's reports on stdout, timed from now (one Progress handler); quiet: warnings only (ranks > 0)."""
@@ -167,15 +171,15 @@ def show_progress(quiet=False):
 
 def progress(epochs, name="", began=None):
     """after_epoch that reports each epoch of a phase (its name) to log (Progress: a bar, or a line now and then).
-    began: when its epoch 0 began; by default now, before the first epoch reported (later than 0 when resumed)."""
-    first = [] if began is None else [0]  # the epochs done when the clock started
-    began = began or time.time()
+    The time left is paced from the end of the first epoch reported, whose compiling and warming up would make it
+    seem hours (a resumed phase's first is later than 0); began: from when epoch 0 began instead."""
+    clock = [] if began is None else [0, began]  # (epochs done, time) the pace is counted from
 
     def report(epoch, history):
-        first[:] = first or [epoch]
+        clock[:] = clock or [epoch + 1, time.time()]
         error = np.mean(history[-1]["error"])
         log.info(f"    {name}{': ' if name else ''}epoch %d/%d, training error %.4f", epoch + 1, epochs, error,
-                 extra=dict(epochs=epochs, began=began, phase=name, first=first[0]))
+                 extra=dict(epochs=epochs, clock=tuple(clock), phase=name))
     return report
 
 

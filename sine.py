@@ -95,7 +95,7 @@ def write_report(s, rows, out):
         return  # rank 0 writes
     import matplotlib
     matplotlib.use("Agg")
-    names = s.strategies.split(",")
+    names, runs = s.strategies.split(","), report.count(s.runs, "run")
     shares = lambda mine: " / ".join(f"{v:.2f}" for v in np.mean([r["kept_from_teacher"] for r in mine], 0))
     student = {r["run"]: r["test_mse"] for r in rows if r["strategy"] == "student"}  # to compare run by run
     beaten = lambda mine: f"{sum(student[r['run']] < r['test_mse'] for r in mine)}/{len(mine)}"
@@ -104,7 +104,7 @@ def write_report(s, rows, out):
         "kept from teachers": lambda mine: shares(mine) if "kept_from_teacher" in mine[0] else "",
         "student lower": lambda mine: beaten(mine) if mine[0]["strategy"] != "student" and student.keys() >= {
             r["run"] for r in mine} else ""})
-    text = (f"# Sine problem, Table 1: test MSE over {s.runs} runs, {s.epochs} epochs per strategy, "
+    text = (f"# Sine problem, Table 1: test MSE over {runs}, {s.epochs} epochs per strategy, "
             f"k = {s.teachers}\n\n{table}\n")
     if any(r["strategy"] in ("student", "random") for r in rows):
         text += f"\nTest MSE at each stage (per run in stages.md):\n\n{report.stage_table(rows, 'test_mse')}\n"
@@ -116,7 +116,7 @@ def write_report(s, rows, out):
                        merge.lambda_schedule(round(s.paper_epochs / 6), s.lambda_start, s.lambda_step),
                        out / "fig5_lambda.png")
     report.plot_sine_data(data(s, experiment.run_seed(s.seed, 0)), out / "fig8a_data.png")
-    report.plot_box(rows, "test_mse", names, out / "fig9_box.png", f"Fig. 9: test MSE over {s.runs} runs")
+    report.plot_box(rows, "test_mse", names, out / "fig9_box.png", f"Fig. 9: test MSE over {runs}")
     report.plot_curves(rows, names, out / "fig10_curves.png")
     if any(r["strategy"] == "student" for r in rows):
         report.plot_kept_share(rows, out / "fig2_kept_share.png")

@@ -85,8 +85,8 @@ def run(s):
                                     f"{' '.join(map(str, epochs))} epochs: each budget once")
     studies = [(settings_of(s, share).epochs, f"sine, {share} x --epochs {s.epochs} = {settings_of(s, share).epochs} "
                 "epochs", settings_of(s, share)) for share in s.shares]
-    sine.run_study(s, studies, f"Where merging starts to pay: sine, test MSE over {s.runs} runs at each budget",
-                   budget_table, plot_budgets, "fig_budget.png")
+    sine.run_study(s, studies, f"Where merging starts to pay: sine, test MSE over {report.count(s.runs, 'run')} at "
+                   "each budget", budget_table, plot_budgets, "fig_budget.png")
 
 
 def main(argv=None):

@@ -90,8 +90,8 @@ def run(s):
         raise experiment.InputError("--strategies is not used: the study runs the student for every k, bo3 and one "
                                     "model for k = 2")
     studies = [(k, f"sine, k = {k}", settings_of(s, k)) for k in range(2, s.most + 1)]
-    sine.run_study(s, studies, f"Merging k teachers on the sine problem: test MSE over {s.runs} runs, {s.epochs} "
-                   "epochs per strategy", teachers_table, plot_teachers, "fig_teachers.png")
+    sine.run_study(s, studies, f"Merging k teachers on the sine problem: test MSE over {report.count(s.runs, 'run')}, "
+                   f"{s.epochs} epochs per strategy", teachers_table, plot_teachers, "fig_teachers.png")
 
 
 def main(argv=None):

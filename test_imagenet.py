@@ -84,10 +84,10 @@ def protocol_ran(out, output, student_epochs, one, short):
     student, = [r for r in main if r["strategy"] == "student"]
     assert sum(epochs for epochs, _ in student["compute"].values()) == student_epochs
     summary = (out / "summary.md").read_text()
-    assert "Table 4" in summary and f"| one, {one} epochs | 1 |" in summary
+    assert "Table 4" in summary and "test accuracy over 1 run\n" in summary and f"| one, {one} epochs | 1 |" in summary
     assert summary.count(f"| one, {short} epochs | 1 |") == 1  # its row, once
     assert "images/s" in output and (out / "box_imagenet.png").exists()
-    assert f"strategies, {one} epochs each" in output and f"one model of {short} epochs: 1 runs x 1 strategies, " \
+    assert f"strategies, {one} epochs each" in output and f"one model of {short} epochs: 1 run x 1 strategies, " \
         f"{short} epochs each" in output  # the budget --phase-epochs gives, not --epochs
     assert not list(out.glob("phases/*.epochs"))  # the epoch checkpoints go once their phase is done
 
