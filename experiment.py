@@ -38,12 +38,12 @@ MAX_RUNS, MAX_SEED = 1000, 10 ** 9  # run seeds 1000 * seed + run; phase seeds s
 MAX_TEACHERS, LARGEST = 10, 10 ** 9  # merge.PHASE_SEEDS' teacher offsets 0 to 9; any number (1e300 overflows float32)
 AT_LEAST_1, NOT_NEGATIVE = (lambda v: v >= 1, "at least 1"), (lambda v: v >= 0, "0 or more")
 POSITIVE, FRACTION = (lambda v: v > 0, "above 0"), (lambda v: 0 < v < 1, "between 0 and 1")
-VALID = dict(  # what the numbers of merge.Settings and Settings must be, checked before anything runs
+VALID = dict(  # what the numbers of merge.Settings and Settings must be (a tuple's: each), checked before anything runs
     epochs=AT_LEAST_1, batch=AT_LEAST_1, lr=POSITIVE, momentum=(lambda v: 0 <= v < 1, "from 0 to below 1"),
     weight_decay=NOT_NEGATIVE, gate_lr=POSITIVE, lambda_start=POSITIVE, lambda_step=NOT_NEGATIVE,
-    paper_epochs=AT_LEAST_1, finetune_lr=NOT_NEGATIVE, finetune_warmup=NOT_NEGATIVE,
-    fold=(lambda v: v in (0, 1), "0 or 1"), phase_epochs=AT_LEAST_1,  # each of a tuple
-    teachers=(lambda v: 2 <= v <= MAX_TEACHERS, f"from 2 to {MAX_TEACHERS}"),
+    paper_epochs=(lambda v: v >= 4, "at least 4 (its sixth, the importance phase the lambda step fits: an epoch)"),
+    finetune_lr=NOT_NEGATIVE, finetune_warmup=NOT_NEGATIVE, fold=(lambda v: v in (0, 1), "0 or 1"),
+    phase_epochs=AT_LEAST_1, teachers=(lambda v: 2 <= v <= MAX_TEACHERS, f"from 2 to {MAX_TEACHERS}"),
     runs=(lambda v: 1 <= v <= MAX_RUNS, f"from 1 to {MAX_RUNS}"),
     seed=(lambda v: 0 <= v <= MAX_SEED, f"from 0 to {MAX_SEED}"))
 

@@ -149,8 +149,9 @@ class Streamed(merge.Data):
         # DEVIATION: BatchNorm's statistics are rank 0's on every rank (torchvision's recipe saves rank 0's); the
         # authors' timm configuration averaged them over the ranks
         if self.world > 1:
-            for buffer in self.trained.buffers():
-                dist.broadcast(buffer, 0)
+            with torch.no_grad():  # a pruning mask, a buffer that learns a gradient, stays a leaf (its hook runs)
+                for buffer in self.trained.buffers():
+                    dist.broadcast(buffer, 0)
 
     def prepared(self, loader, jitter=False):
         """(x, y) of each of the loader's batches, on the device (to_device; colour-jittered with jitter): the
@@ -256,6 +257,8 @@ class Streamed(merge.Data):
             model = model.to(memory_format=torch.channels_last)
         if self.world > 1:
             same_on_every_rank(model)
+            for mask in (buffer for buffer in model.buffers() if buffer.requires_grad):  # pruning's (merge.Mask)
+                mask.register_hook(averaged_over_ranks)  # DDP averages the parameters' gradients, not a buffer's
             model = nn.parallel.DistributedDataParallel(model, [self._device] if self._device.type == "cuda" else None)
         # DEVIATION: bf16 autocast, the authors' float16 (bf16 has float32's range: no loss scaling to tune)
         return Autocast(model) if self._device.type == "cuda" else model
@@ -286,6 +289,13 @@ class Autocast(nn.Module):
     def forward(self, x):
         with torch.autocast("cuda", torch.bfloat16):
             return self.model(x).float()
+
+def averaged_over_ranks(grad):
+    """A gradient averaged over the ranks, as DDP averages the parameters': channel pruning's (dL/dm)^2 of the
+    whole batch, the same on every rank (each rank's own had pruned other units on each, and compression failed)."""
+    grad = grad.clone()
+    dist.all_reduce(grad)
+    return grad / dist.get_world_size()
 
 def same_on_every_rank(model):
     """Fail loudly unless every rank holds the same weights: concatenation and compression run on every rank

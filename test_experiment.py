@@ -92,7 +92,7 @@ def copy_of(finished, tmp_path):
 # -- bad input: one line, exit code 2, nothing written ----------------------------------------
 
 @pytest.mark.parametrize("args, message", [
-    (["--paper-epochs", "0"], "--paper-epochs must be at least 1, got 0"),
+    (["--paper-epochs", "3"], "--paper-epochs must be at least 4 (its sixth"),  # rounds to 0: crashed in training
     (["--lambda-start", "-1"], "--lambda-start must be above 0"),
     (["--lambda-step", "-1"], "--lambda-step must be 0 or more"),
     (["--seed", "100000000000000000"], "--seed must be from 0 to"),

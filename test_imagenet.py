@@ -115,7 +115,8 @@ def test_without_one_the_shorter_one_model_is_not_trained_either(folder, tmp_pat
 @pytest.mark.slow
 def test_ddp_averages_the_gradients_of_the_ranks(folder, tmp_path):
     """From the same weights, one epoch on 2 processes with 4 images a rank gives the weights of one
-    process with 8 (LeNet: no BatchNorm, whose statistics are each rank's own)."""
+    process with 8 (LeNet: no BatchNorm, whose statistics are each rank's own); channel pruning's masks, whose
+    gradients DDP leaves alone, drop the same units as one process does (each rank's own had failed compression)."""
     script = tmp_path / "one_epoch.py"
     script.write_text(f"""
 import torch, torch.distributed as dist
@@ -129,7 +130,13 @@ torch.manual_seed(0)
 model = merge.LeNet(classes)
 torch.save(model.state_dict(), f"{tmp_path}/start.pt")
 merge.fit(data.wrap(model), data, s, 2, drops=(0.5,), seed=3)  # DDP over the ranks, as the runs do
-torch.save(model.state_dict(), f"{tmp_path}/rank{{rank}}-of-{{world}}.pt")
+masked = merge.variant(model, k=2, gated=True)  # as merge.prune: a wide network, masks in its gates' place
+masks = merge.with_masks(masked)
+merge.fit(data.wrap(masked), data, s, 2, seed=4, **merge.taylor_pruning(masks, 2))
+pruned = merge.compress(masked, [mask.m.detach().nonzero().flatten() for mask in masks])
+torch.save(dict(model.state_dict(), **{{f"pruned.{{k}}": v for k, v in pruned.state_dict().items()}},
+                **{{f"mask{{i}}": mask.m.detach() for i, mask in enumerate(masks)}}),
+           f"{tmp_path}/rank{{rank}}-of-{{world}}.pt")
 if world > 1:  # as experiment.main does: no rank leaves while another still talks to it
     dist.barrier()
     dist.destroy_process_group()
@@ -138,8 +145,11 @@ if world > 1:  # as experiment.main does: no rank leaves while another still tal
     finished(launch(script, processes=2))
     alone, *ranks = (torch.load(tmp_path / name) for name in ("rank0-of-1.pt", "rank0-of-2.pt", "rank1-of-2.pt"))
     for name, value in alone.items():
-        assert torch.allclose(ranks[0][name], value, atol=1e-6), name
-        assert torch.equal(ranks[0][name], ranks[1][name])  # every rank holds the same weights
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # every rank holds the same weights and masks
+        if name.startswith("mask"):  # half of each group kept (which half may differ from one process's: units
+            assert value.sum() == ranks[0][name].sum() == len(value) // 2  # whose gradients were 0 tie)
+        elif not name.startswith("pruned"):
+            assert torch.allclose(ranks[0][name], value, atol=1e-6), name
     start = torch.load(tmp_path / "start.pt")
     assert not torch.allclose(alone["fc3.weight"], start["fc3.weight"], atol=1e-3)  # it did train
 
