@@ -55,10 +55,11 @@ def load_cifar(folder, dataset, val_fraction=0.1, seed=0):
     images.check_data(folder)
     if (folder / spec["folder"]).is_dir():  # the folder the archive was extracted into, as torchvision's root
         folder = folder / spec["folder"]
-    others = [d["folder"] for d in DATASETS.values() if d is not spec and (folder / d["train"][0]).is_file()]
+    others = [d["folder"] for d in DATASETS.values() if d is not spec and any(  # it, or the folder above it
+        (place / d["train"][0]).is_file() for place in (folder, folder / d["folder"]))]
     if others and not (folder / spec["train"][0]).is_file():
         other = next(name for name, network in NETWORKS.items() if DATASETS[network[0]]["folder"] == others[0])
-        raise InputError(f"--data {folder}: no {spec['train'][0]}; this looks like {others[0]}, the other data set: "
+        raise InputError(f"--data {folder}: no {spec['train'][0]}; this is or holds {others[0]}, the other data set: "
                          f"use --experiment {other}, or name the {spec['folder']} folder")
     if not (folder / spec["train"][0]).is_file():  # neither data set's files
         raise InputError(f"--data {folder}: no CIFAR pickle {spec['train'][0]}; name the extracted {spec['folder']} "

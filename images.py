@@ -140,7 +140,7 @@ def split(n, val_fraction, seed):
     n_val = max(1, round(val_fraction * n)) if val_fraction < 1 else int(val_fraction)  # a share, or a count
     if n_val >= n:
         raise InputError(f"{n} training images leave none to train on after holding out {n_val} to validate; "
-                         "lower --val-fraction (--val-images) or add images")
+                         "lower --val-fraction or add images")
     order = np.random.default_rng(seed).permutation(n)
     return order[n_val:], order[:n_val]
 

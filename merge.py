@@ -118,10 +118,10 @@ def lambda_schedule(epochs, start, step, tuned_epochs=None):
     """lambda for each epoch of the importance phase, lambda += step sqrt(lambda) before each (Fig. 5).
     DEVIATION: a step is given for one budget only (Fig. 5's 0.05 for the sine's, the scripts' for the images);
     a phase of another length than `tuned_epochs` gets the step, found by bisection, that ends at that lambda."""
-    def schedule(step, n):
+    def schedule(rate, n):  # n epochs' lambdas, stepping by rate
         lam, lambdas = start, []
         for _ in range(n):
-            lam += step * math.sqrt(lam)  # before every epoch, the first too, as the scripts do: epoch 0 at lambda_1
+            lam += rate * math.sqrt(lam)  # before every epoch, the first too, as the scripts do: epoch 0 at lambda_1
             lambdas.append(lam)
         return lambdas
 
@@ -426,8 +426,8 @@ def train(models, data, s, epochs, drops, seeds, phase, lambdas=None, share=0.5,
 
 # == 3.1  Strategies ===============================================================================
 # Plain functions of one run: (data, settings, teacher constructor, run seed, train) -> (model, info). A phase trains
-# from the seed 100 * run seed + its offset here (+ i for its i-th model: phase_seed). Phases that strategies share
-# (teachers, importance) each asks for, the run machinery trains once. random differs from student in the kept only.
+# from the seed 100 * run seed + its offset here (+ i for its i-th model: phase_seed). Each strategy asks for every
+# phase it needs; the run machinery trains a shared one (teachers, importance) once.
 PHASE_SEEDS = dict(teacher=0, importance=10, finetune=11, random=12, bo3=20, one=30, one_compute=31,  # teacher i: + i
                    wide=40, pruning=41, prune_finetune=42, fusion_finetune=50)
 

@@ -5,8 +5,8 @@ merge.fit draws its gates' u from torch's generator, which a stack cannot share 
 Here u is a hash of (seed, layer, step, index), a counter-based generator like Philox: a model
 drawing it alone (counter_noise, given to merge.fit) and the same model inside a stack (KeyedGate)
 see the same u, and take the same data orders (merge.epoch_seed), so the stack trains what merge.fit
-trains one model at a time: to the last digit in float64, up to rounding in float32 (test_stacked.py
-checks it, teacher and importance phases). Data that is augmented is not for a stack: its draws would
+trains one model at a time: to rounding (1e-12 in float64; test_stacked.py checks it, teacher and
+importance phases). Data that is augmented is not for a stack: its draws would
 be the stack's, not each model's (experiment.py trains such phases one at a time).
 """
 import contextlib
@@ -343,6 +343,7 @@ def compiles(compile, device, model, epochs):
     return compile not in (0, "0")
 
 COMPILED_STEPS = itertools.count()  # numbers the compiled steps of a process: a name each
+COMPILER = dict(works=True)  # False once torch.compile failed in this process: later steps run eagerly, unnoted
 
 def compiled(step, use_compile):
     """torch.compile(step), or where that fails (no C++ compiler) the eager step, with a notice. The step gets a
@@ -351,20 +352,21 @@ def compiled(step, use_compile):
     piling up recompiles on one, and phases trained by turns (Lockstep on a GPU) keep theirs."""
     code = step.__code__.replace(co_name=f"{step.__name__}_{next(COMPILED_STEPS)}")
     step = types.FunctionType(code, step.__globals__, step.__name__, step.__defaults__, step.__closure__)
-    fast = torch.compile(step) if use_compile else step
+    fast = torch.compile(step) if use_compile and COMPILER["works"] else step
 
     def call(*args):
         nonlocal fast
         try:
             return fast(*args)
-        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eagerly
+        except Exception as e:  # noqa: BLE001 - a compiler's failure (torch wraps it in a dynamo error): eagerly
             if "skip_guard_eval_unsafe" in str(e):  # a guard upset (Ctrl-C in it: report.on_interrupt), not the
                 with torch.compiler.set_stance("eager_on_recompile"):  # compiler: checked again, never recompiled
                     return fast(*args)
-            if fast is step or torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise  # a failure to record a CUDA graph is Graphs' to handle
+            if fast is step or not isinstance(e, torch._dynamo.exc.TorchDynamoException) or \
+                    torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise  # the step's own error (out of memory: not the compiler's); a CUDA graph's is Graphs' to handle
             log.warning(f"note: torch.compile is unavailable here ({type(e).__name__}: {str(e)[:200]}); training "
                         "eagerly")
-            fast = step
+            fast, COMPILER["works"] = step, False
             return step(*args)
     return call

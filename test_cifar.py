@@ -264,8 +264,9 @@ def test_the_archive_is_downloaded_checked_and_extracted_once(tmp_path, monkeypa
     ("corrupt archive", "not a readable archive"),
     ("missing archive", "cannot download"),
     ("missing folder", "no such folder"),
-    ("other data set", "looks like cifar-100-python, the other data set: use --experiment resnet20-cifar100, or name "
-                       "the cifar-10-batches-py folder"),
+    ("other data set", "is or holds cifar-100-python, the other data set: use --experiment resnet20-cifar100, or "
+                       "name the cifar-10-batches-py folder"),
+    ("other data set, above", "is or holds cifar-100-python, the other data set: use --experiment resnet20-cifar100"),
     ("stacked vgg", "VGG-11 trains one model at a time (its random crops are drawn for each model)"),
     ("not a data set", "no CIFAR pickle train; name the extracted cifar-100-python folder (of the archive"),
     ("corrupt pickle", "cannot read"),
@@ -307,8 +308,9 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys,
     elif damage == "not a data set":  # a folder of something else, such as Imagewoof's
         (tmp_path / "woof" / "train").mkdir(parents=True)
         args += ["--data", tmp_path / "woof"]
-    elif damage == "other data set":
-        args += ["--data", make_cifar(tmp_path, "cifar100"), "--experiment", "vgg11-cifar10"]
+    elif damage.startswith("other data set"):  # the extracted folder, or the one above it
+        folder = make_cifar(tmp_path, "cifar100")
+        args += ["--data", folder.parent if damage.endswith("above") else folder, "--experiment", "vgg11-cifar10"]
     elif damage == "corrupt pickle":
         folder = make_cifar(tmp_path, "cifar100")
         (folder / "train").write_bytes((folder / "train").read_bytes()[:500])

@@ -178,19 +178,33 @@ def test_counter_noise_is_uniform_and_another_for_every_seed_layer_and_step():
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_one_notice(monkeypatch, caplog):
-    def broken_compile(fn, **kwargs):
+    def broken_compile(fn, **kwargs):  # as torch.compile fails without a C++ compiler
         def call(*args):
-            raise RuntimeError("no C++ compiler")
+            raise torch._inductor.exc.InductorError(RuntimeError("InvalidCxxCompiler: No working C++ compiler"), None)
         return call
     monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setitem(stacked.COMPILER, "works", True)  # as a process starts; restored after the test
     monkeypatch.setattr(stacked.log, "propagate", True)  # to caplog, whatever a Progress handler did
     s, data = settings(), merge.sine_data(0, 200, 50, 50)
     compiled, eager = fresh([3]), fresh([3])
     with caplog.at_level(logging.WARNING, logger=stacked.log.name):
         stacked.fit_stacked(compiled, [data], s, 2, seeds=[3])
+        monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("a later phase tried compiling again"))
+        stacked.fit_stacked(fresh([4]), [data], s, 1, seeds=[4])  # the next phase: eagerly, no second notice
     stacked.fit_stacked(eager, [data], s, 2, seeds=[3], compile=False)
     assert torch.equal(compiled[0].out.weight, eager[0].out.weight)
     assert sum("torch.compile is unavailable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_compiled_steps_own_error_is_raised_not_taken_for_a_compiler_failure(monkeypatch, caplog):
+    """Out of memory in a compiled step is the step's: raised, with no note that compiling is unavailable."""
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: out_of_memory)
+    call = stacked.compiled(lambda x: x * 2, True)
+    with caplog.at_level(logging.WARNING), pytest.raises(torch.OutOfMemoryError):
+        call(torch.ones(3))
+    assert caplog.text == ""
 
 
 def test_compile_auto_compiles_but_a_short_phase_of_convolutions_on_a_gpu(monkeypatch):
