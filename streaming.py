@@ -130,7 +130,7 @@ class Streamed(merge.Data):
         return torch.utils.data.DataLoader(self.splits[split], batch, sampler=sampler,
                                            num_workers=loader_workers(self.s),
                                            pin_memory=self._device.type == "cuda" and not self.splits[split].raw,
-                                           drop_last=sampler is not None,
+                                           drop_last=split == "train",  # validation and test: every image
                                            collate_fn=collate_raw if self.splits[split].raw else None)
 
     def batches(self, size):
@@ -265,15 +265,19 @@ class Streamed(merge.Data):
 
     @torch.no_grad()
     def accuracies(self, model, split, top=(1, 5)):
-        """Top-1 and top-5 accuracy of the model on a whole split, here on every rank alike."""
+        """Top-1 and top-5 accuracy of the model on a whole split: each rank counts every world-th image, and the
+        counts are summed over the ranks (every rank calls this alike, and gets the same numbers)."""
         model.eval()
-        right, count = torch.zeros(len(top), device=self._device), 0
-        for x, y in self.prepared(self.loader(split, self.s.batch // self.world)):
+        right, count = torch.zeros(len(top), device=self._device), torch.zeros((), device=self._device)
+        share = range(self.rank, len(self.splits[split]), self.world)
+        for x, y in self.prepared(self.loader(split, self.s.batch // self.world, share)):
             with torch.autocast(self._device.type, torch.bfloat16, enabled=self._device.type == "cuda"):
                 logits = model(x)
             best = logits.topk(min(max(top), logits.shape[1]), 1).indices  # top-5 of fewer classes: all of them
             right += torch.stack([(best[:, :k] == y[:, None]).any(1).sum() for k in top])
             count += len(y)
+        if self.world > 1:
+            dist.all_reduce(right), dist.all_reduce(count)
         return (right / count).tolist()
 
     def evaluate(self, model, split="test"):
