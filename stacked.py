@@ -365,8 +365,9 @@ def compiled(step, use_compile):
             if fast is step or not isinstance(e, torch._dynamo.exc.TorchDynamoException) or \
                     torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise  # the step's own error (out of memory: not the compiler's); a CUDA graph's is Graphs' to handle
+            out = step(*args)  # eagerly: an error here is the step's own (a student's function), raised, no note
             log.warning(f"note: torch.compile is unavailable here ({type(e).__name__}: {str(e)[:200]}); training "
                         "eagerly")
             fast, COMPILER["works"] = step, False
-            return step(*args)
+            return out
     return call

@@ -540,6 +540,9 @@ def test_why_a_cell_failed_is_its_first_error_in_one_line_without_the_kernels_fi
     assert why(cell(("AssertionError", "not the mean\nof 2 teachers"))) == "AssertionError: not the mean"
     assert why(cell(("NotImplementedError", ""))) == "NotImplementedError"
     assert why(cell(("KeyboardInterrupt", ""))) == "KeyboardInterrupt (interrupted: it ran too long)"
+    assert why(cell(("RuntimeError", "Error(s) in loading state_dict for SineMLP:\n\n\tsize mismatch for hidden.weight: "
+                     "copying a param with shape [8, 1]\n\tsize mismatch for out.weight"))) == "RuntimeError: Error(s) " \
+        "in loading state_dict for SineMLP: size mismatch for hidden.weight: copying a param with shape [8, 1]"
 
 
 class InProcessKernel:
@@ -633,7 +636,8 @@ def test_a_failed_check_names_a_pasted_copy_that_raised_and_an_answer_that_calls
     points, _ = grade(tmp_path / "returned.ipynb", tmp_path / "scratch")
     assert points["check_concat_weight"][:2] == (0, 2) and points["check_concat_weight"][2].endswith(
         "; a copy of 'check_concat_weight' above it raised NameError: name 'concat_weight' is not defined")
-    assert points["check_choose_units"] == (0, 1, "NotImplementedError")
+    assert points["check_choose_units"] == (0, 1, "NotImplementedError (a stub's raise NotImplementedError() left in "
+                                                  "an answer?)")
     assert {points[check][2] for check in ("check_p_open", "check_l_half", "check_lambda_schedule",
                                            "check_compress_mlp")} == {"unanswered: its answer cell is as released"}
 
@@ -811,19 +815,23 @@ def grade(submission, folder, timeout=60):
         reason = why(cell) + (f"; {above}" if failed(cell) and above else "")
         if failed(cell) and not answered:  # the stub raised in the check
             reason = "unanswered: its answer cell is as released"
+        elif reason.startswith("NotImplementedError"):
+            reason += " (a stub's raise NotImplementedError() left in an answer?)"
         points[nbgrader_id(cell)], above = (0 if failed(cell) else check.points, check.points, reason), ""
     return points, missing
 
 
 def why(cell):
-    """The error a cell ended with, in one line ("" if none): a check's message says what it found wrong."""
+    """The error a cell ended with, in one line ("" if none): a check's message says what it found wrong; a first
+    line that ends in ":" gets its next (torch's "Error(s) in loading state_dict ...:" and which sizes differ)."""
     errors = [o for o in cell.outputs if o.get("output_type") == "error"]
     if not errors:
         return ""
-    name, value = errors[0].get("ename", ""), errors[0].get("evalue", "").strip().splitlines()
-    value = [re.sub(r"\(\d+\.py, (line \d+)\)", r"(\1)", line) for line in value]  # not the kernel's scratch file
-    return (f"{name}: {value[0]}" if value else name)[:200] + (" (interrupted: it ran too long)"
-                                                                if name == "KeyboardInterrupt" else "")
+    name, value = errors[0].get("ename", ""), [line.strip() for line in errors[0].get("evalue", "").splitlines()]
+    value = [re.sub(r"\(\d+\.py, (line \d+)\)", r"(\1)", line) for line in value if line]  # not the kernel's file
+    first = " ".join(value[:2]) if value[:1] and value[0].endswith(":") else " ".join(value[:1])
+    return (f"{name}: {first}" if value else name)[:200] + (" (interrupted: it ran too long)"
+                                                            if name == "KeyboardInterrupt" else "")
 
 
 def grade_all(files, csv_path=None, timeout=60):

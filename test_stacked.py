@@ -196,13 +196,21 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_notice(monkeypatch, cap
     assert sum("torch.compile is unavailable" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_the_compiled_steps_own_error_is_raised_not_taken_for_a_compiler_failure(monkeypatch, caplog):
-    """Out of memory in a compiled step is the step's: raised, with no note that compiling is unavailable."""
-    def out_of_memory(*args):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: out_of_memory)
-    call = stacked.compiled(lambda x: x * 2, True)
-    with caplog.at_level(logging.WARNING), pytest.raises(torch.OutOfMemoryError):
+@pytest.mark.parametrize("compiled_error", ["out of memory", "a student's bug, traced"])
+def test_the_steps_own_error_is_raised_not_taken_for_a_compiler_failure(monkeypatch, caplog, compiled_error):
+    """Out of memory in a compiled step is the step's. A student's function that fails (exercises.ipynb) fails
+    under torch.compile's tracing too, as a dynamo error; run eagerly, it fails again. Either is raised as the
+    step's, with no note that compiling is unavailable."""
+    def compiled_step(*args):
+        if compiled_error == "out of memory":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise torch._dynamo.exc.TorchRuntimeError("Dynamo failed to run FX node with fake tensors")
+    def step(x):
+        raise ValueError("the student's l_half: mean of an empty list")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled_step)
+    call = stacked.compiled(step, True)
+    with caplog.at_level(logging.WARNING), pytest.raises(
+            torch.OutOfMemoryError if compiled_error == "out of memory" else ValueError):
         call(torch.ones(3))
     assert caplog.text == ""
 
