@@ -1,7 +1,7 @@
 """What every test leaves as it found it, so that the suite passes in any order: the project's logger
-(the command line installs its Progress handler), torch's default dtype and random state; and one torch
-thread a test. Tests marked slow start first in each worker's share, so that pytest -n 2 ends its two workers
-together; -m "not slow" leaves them out."""
+(the command line installs its Progress handler), torch's default dtype and random state, whether torch.compile
+failed in this process (stacked.COMPILER); and one torch thread a test. Tests marked slow start first in each
+worker's share, so that pytest -n 2 ends its two workers together; -m "not slow" leaves them out."""
 import logging
 import os
 
@@ -11,6 +11,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import stacked  # noqa: E402
 
 
 def pytest_configure(config):
@@ -38,8 +40,9 @@ def pytest_collection_modifyitems(config, items):
 def isolated():
     log = logging.getLogger("merge")
     handlers, level, propagate, dtype = list(log.handlers), log.level, log.propagate, torch.get_default_dtype()
-    rng = torch.get_rng_state()
+    rng, compiler = torch.get_rng_state(), dict(stacked.COMPILER)
     yield
+    stacked.COMPILER.update(compiler)  # a test whose compiler failed (stood in) does not stop the next compiling
     log.handlers, log.propagate = handlers, propagate
     log.setLevel(level)
     torch.set_default_dtype(dtype)

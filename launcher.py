@@ -93,7 +93,7 @@ def end_rank(*_):
     exception"); later by SystemExit, which lets a file being written go (report.written_whole). Where that
     cannot end it (raised in a callback, such as an import's, whose exceptions Python prints and ignores),
     os._exit ends it a second later, without the print; and it logs nothing more in that second (a compiled
-    step cut short would say that torch.compile is unavailable)."""
+    step cut short would say that torch.compile failed)."""
     if not torch.distributed.is_initialized():
         os._exit(130)
     sys.unraisablehook = lambda unraisable: None

@@ -153,7 +153,7 @@ def fit_stacked_epochs(models, datas, s, epochs, drops=(), seeds=(0,), lambdas=N
         step.add_(1)
 
     update, history = compiled(update, compile), []
-    if compile:
+    if compile and COMPILER["works"]:
         log.info("    compiling the stacked step (torch keeps it for later runs)")
 
     def block(state, x, y):  # steps_per_block steps, or the epoch's last few; x, y (R, steps x batch, ...)
@@ -366,8 +366,8 @@ def compiled(step, use_compile):
                     torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise  # the step's own error (out of memory: not the compiler's); a CUDA graph's is Graphs' to handle
             out = step(*args)  # eagerly: an error here is the step's own (a student's function), raised, no note
-            log.warning(f"note: torch.compile is unavailable here ({type(e).__name__}: {str(e)[:200]}); training "
-                        "eagerly")
+            log.warning(f"note: torch.compile failed here ({type(e).__name__}: {str(e)[:200]}); this process trains "
+                        "eagerly from now on")
             fast, COMPILER["works"] = step, False
             return out
     return call

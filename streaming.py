@@ -114,7 +114,8 @@ def has_torchvision():
 
 class Streamed(merge.Data):
     """merge.Data whose batches stream from disk through DataLoaders: each rank reads its own shard of
-    every training epoch (DistributedSampler, reshuffled from the seed), and evaluates whole splits."""
+    every training epoch (DistributedSampler, reshuffled from the seed), and evaluates every world-th image of a
+    split, the counts summed over the ranks."""
 
     def __init__(self, splits, s, rank, world, device):
         self.splits, self.s, self.rank, self.world, self._device = splits, s, rank, world, device

@@ -768,7 +768,7 @@ class Callback:  # SIGTERM while Python runs a callback whose exceptions it prin
         sum(range(1000))  # the handler runs here
 Callback()
 print("still running", flush=True)
-logging.getLogger("merge").warning("note: torch.compile is unavailable here")  # a compiled step cut short's
+logging.getLogger("merge").warning("note: torch.compile failed here")  # a compiled step cut short's
 time.sleep(30)
 """
 

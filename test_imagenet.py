@@ -116,8 +116,9 @@ def test_without_one_the_shorter_one_model_is_not_trained_either(folder, tmp_pat
 def test_ddp_averages_the_gradients_of_the_ranks(folder, tmp_path):
     """From the same weights, one epoch on 2 processes with 4 images a rank gives the weights of one
     process with 8 (LeNet: no BatchNorm, whose statistics are each rank's own); each rank evaluates its share of
-    the test and validation images, to one process's accuracies; channel pruning's masks, whose
-    gradients DDP leaves alone, drop the same units as one process does (each rank's own had failed compression)."""
+    the test and validation images, and the counts summed give one process's accuracies (a rank's share alone
+    gives others); channel pruning's masks, whose gradients DDP leaves alone, are the same on every rank, half of
+    each group kept (each rank's own had failed compression)."""
     script = tmp_path / "one_epoch.py"
     script.write_text(f"""
 import torch, torch.distributed as dist
@@ -130,18 +131,24 @@ data, classes = streaming.streamed_folder(s, rank, world, torch.device("cpu"))
 torch.manual_seed(0)
 model = merge.LeNet(classes)
 torch.save(model.state_dict(), f"{tmp_path}/start.pt")
-seen = torch.zeros(())  # images this rank evaluates: its share
-def count(module, inputs, output):
-    seen.add_(len(inputs[0]))
-hook = model.register_forward_hook(count)
-evaluated = [data.accuracies(model, split) for split in ("test", "val")] + [seen.clone()]
-hook.remove()
+class Brightest(torch.nn.Module):  # the brightest channel's class, or the next one for about half the images
+    seen = torch.zeros(())  # images this rank evaluates: its share
+    def forward(self, x):
+        self.seen += len(x)
+        means = x.mean((2, 3))
+        return torch.where((means.sum(1) * 10).floor()[:, None] % 2 == 1, means.roll(1, 1), means)
+evaluated = [data.accuracies(Brightest(), split) for split in ("test", "val")]
+if world > 1:  # a rank's share alone: its counts not summed
+    summed, dist.all_reduce = dist.all_reduce, lambda *args: None
+    evaluated += [data.accuracies(Brightest(), split) for split in ("test", "val")]
+    dist.all_reduce = summed
 merge.fit(data.wrap(model), data, s, 2, drops=(0.5,), seed=3)  # DDP over the ranks, as the runs do
 masked = merge.variant(model, k=2, gated=True)  # as merge.prune: a wide network, masks in its gates' place
 masks = merge.with_masks(masked)
 merge.fit(data.wrap(masked), data, s, 2, seed=4, **merge.taylor_pruning(masks, 2))
 pruned = merge.compress(masked, [mask.m.detach().nonzero().flatten() for mask in masks])
-torch.save(dict(model.state_dict(), evaluated=torch.tensor(evaluated[:2]), seen=evaluated[2],
+torch.save(dict(model.state_dict(), evaluated=torch.tensor(evaluated[:2]), seen=Brightest.seen / len(evaluated) * 2,
+                share=torch.tensor(evaluated[2:] or evaluated),
                 **{{f"pruned.{{k}}": v for k, v in pruned.state_dict().items()}},
                 **{{f"mask{{i}}": mask.m.detach() for i, mask in enumerate(masks)}}),
            f"{tmp_path}/rank{{rank}}-of-{{world}}.pt")
@@ -153,6 +160,7 @@ if world > 1:  # as experiment.main does: no rank leaves while another still tal
     finished(launch(script, processes=2))
     alone, *ranks = (torch.load(tmp_path / name) for name in ("rank0-of-1.pt", "rank0-of-2.pt", "rank1-of-2.pt"))
     assert ranks[0]["seen"] + ranks[1]["seen"] == alone.pop("seen") == 12 + 4 and ranks[0].pop("seen") < 16
+    assert not torch.equal(alone.pop("share"), ranks[0].pop("share"))  # a share's accuracies: not the split's
     for name, value in alone.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # every rank holds the same weights and masks
         if name.startswith("mask"):  # half of each group kept (which half may differ from one process's: units
