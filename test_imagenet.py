@@ -138,6 +138,7 @@ class Brightest(torch.nn.Module):  # the brightest channel's class, or the next 
         means = x.mean((2, 3))
         return torch.where((means.sum(1) * 10).floor()[:, None] % 2 == 1, means.roll(1, 1), means)
 evaluated = [data.accuracies(Brightest(), split) for split in ("test", "val")]
+seen = Brightest.seen.clone()
 if world > 1:  # a rank's share alone: its counts not summed
     summed, dist.all_reduce = dist.all_reduce, lambda *args: None
     evaluated += [data.accuracies(Brightest(), split) for split in ("test", "val")]
@@ -147,7 +148,7 @@ masked = merge.variant(model, k=2, gated=True)  # as merge.prune: a wide network
 masks = merge.with_masks(masked)
 merge.fit(data.wrap(masked), data, s, 2, seed=4, **merge.taylor_pruning(masks, 2))
 pruned = merge.compress(masked, [mask.m.detach().nonzero().flatten() for mask in masks])
-torch.save(dict(model.state_dict(), evaluated=torch.tensor(evaluated[:2]), seen=Brightest.seen / len(evaluated) * 2,
+torch.save(dict(model.state_dict(), evaluated=torch.tensor(evaluated[:2]), seen=seen,
                 share=torch.tensor(evaluated[2:] or evaluated),
                 **{{f"pruned.{{k}}": v for k, v in pruned.state_dict().items()}},
                 **{{f"mask{{i}}": mask.m.detach() for i, mask in enumerate(masks)}}),
